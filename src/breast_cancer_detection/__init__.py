@@ -1,0 +1,51 @@
+"""Benign vs malignant breast histopathology (BreakHis), split by patient.
+
+``import breast_cancer_detection as bcd`` gives the functions the notebook, the CLI and the
+web app share; submodules load on first use so that importing the package stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public name -> submodule that defines it; loaded lazily (PEP 562) to keep torch out of
+# `import breast_cancer_detection` and `bcd --help`.
+_EXPORTS = {
+    "CLASSES": "data.breakhis",
+    "DatasetError": "data.breakhis",
+    "build_index": "data.breakhis",
+    "read_index": "data.breakhis",
+    "write_index": "data.breakhis",
+    "summarize_index": "data.breakhis",
+    "check_breakhis_complete": "data.breakhis",
+    "parse_breakhis_name": "data.breakhis",
+    "verify_images": "data.breakhis",
+    "download_breakhis": "data.download",
+    "DownloadError": "data.download",
+    "make_split": "data.splits",
+    "make_folds": "data.splits",
+    "fold_split": "data.splits",
+    "load_split": "data.splits",
+    "write_split": "data.splits",
+    "check_split": "data.splits",
+    "summarize_split": "data.splits",
+    "LeakageError": "data.splits",
+    "UserError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

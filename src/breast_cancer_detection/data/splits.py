@@ -1,0 +1,260 @@
+"""Patient-disjoint splits and folds, written once as CSV and checked whenever loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .breakhis import DatasetError, read_index
+
+SUBSETS = ("train", "val", "test")
+SPLIT_COLUMNS = ["path", "patient", "label", "target", "magnification", "subtype", "slide",
+                 "split"]
+
+
+class LeakageError(DatasetError):
+    """A patient appears in more than one subset of a split."""
+
+
+def _groups(index: pd.DataFrame) -> pd.Series:
+    """The grouping key of each row: the patient, or the image itself when none is known."""
+    if index["patient"].eq("").all():
+        warnings.warn(
+            "The data carries no patient ids, so this split groups by image. If several images "
+            "come from one patient, accuracy on it will be optimistic.",
+            stacklevel=3,
+        )
+        return index["path"]
+    if index["patient"].eq("").any():
+        raise DatasetError("Some rows have a patient id and some do not; cannot split by patient.")
+    return index["patient"]
+
+
+def _patient_table(index: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient: its class (0/1) and image count, in a stable order."""
+    keys = _groups(index)
+    per = index.assign(_g=keys).groupby("_g").agg(target=("target", "max"),
+                                                   n_classes=("target", "nunique"),
+                                                   images=("path", "size"))
+    mixed = per.index[per["n_classes"] > 1].tolist()
+    if mixed:
+        # Such a patient still goes to one subset as a whole; its class for stratification
+        # is malignant, since any malignant tissue makes the case malignant.
+        warnings.warn(f"Patients with images of both classes: {mixed[:5]}", stacklevel=3)
+    return per.sort_index()
+
+
+def _filter_magnification(index: pd.DataFrame, magnification: list[str] | None) -> pd.DataFrame:
+    if not magnification:
+        return index
+    mags = {m.upper() if m.upper().endswith("X") else f"{m}X" for m in magnification}
+    out = index[index["magnification"].isin(mags)]
+    if out.empty:
+        raise DatasetError(f"No images at magnification {', '.join(sorted(mags))}; the index has "
+                           f"{', '.join(sorted(index['magnification'].unique()))}.")
+    return out
+
+
+def _deal_once(patients: pd.DataFrame, bins: list[str], fractions: list[float],
+               rng: np.random.Generator) -> tuple[dict[str, str], float]:
+    """Deals each class's patients, in random order, to the bin furthest below its target.
+
+    Returns:
+        The assignment and its cost: how far, summed over bins and classes, each bin's image
+        count is from its target, as a share of the class's images.
+    """
+    out: dict[str, str] = {}
+    cost = 0.0
+    for _, cls in patients.groupby("target"):
+        order = rng.permutation(cls.index.to_numpy())
+        total = cls["images"].sum()
+        filled = dict.fromkeys(bins, 0)
+        for pid in order:
+            deficit = [f * total - filled[b] for b, f in zip(bins, fractions)]
+            b = bins[int(np.argmax(deficit))]
+            out[pid] = b
+            filled[b] += cls.at[pid, "images"]
+        cost += sum(abs(filled[b] - f * total) for b, f in zip(bins, fractions)) / total
+    return out, cost
+
+
+def _assign(patients: pd.DataFrame, bins: list[str], fractions: list[float], seed: int,
+            trials: int = 200) -> dict[str, str]:
+    """The best of ``trials`` seeded deals: whole patients per bin, class shares kept.
+
+    Targets count images, not patients, because BreakHis patients hold 10 to 300+ images, so
+    one deal can overshoot; trying many and keeping the closest is cheap and deterministic.
+    """
+    rng = np.random.default_rng(seed)
+    best, best_cost = None, np.inf
+    for _ in range(trials):
+        where, cost = _deal_once(patients, bins, fractions, rng)
+        if cost < best_cost:
+            best, best_cost = where, cost
+    return best
+
+
+def make_split(index: pd.DataFrame, *, val: float = 0.15, test: float = 0.15, seed: int = 0,
+               magnification: list[str] | None = None) -> pd.DataFrame:
+    """Splits an index into train/val/test with no patient in two subsets.
+
+    Stratified by class and deterministic for a seed. An index that is already split on disk
+    (``root/{train,val,test}/...``) keeps its split.
+
+    Args:
+        index: Table from :func:`build_index`.
+        val: Share of each class's images for validation.
+        test: Share of each class's images for test.
+        seed: Random seed; the same seed and index give the same split.
+        magnification: Keep only these magnifications (e.g. ``["40X"]``).
+
+    Returns:
+        The split table (``SPLIT_COLUMNS``).
+    """
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"val ({val}) and test ({test}) must be in [0, 1) and sum to under 1.")
+    index = _filter_magnification(index, magnification).copy()
+    if index["split"].ne("").all():
+        out = index
+    else:
+        patients = _patient_table(index)
+        where = _assign(patients, ["train", "val", "test"], [1 - val - test, val, test], seed)
+        out = index.assign(split=_groups(index).map(where))
+    out = out[SPLIT_COLUMNS].reset_index(drop=True)
+    check_split(out)
+    return out
+
+
+def make_folds(index: pd.DataFrame, *, folds: int = 5, seed: int = 0,
+               magnification: list[str] | None = None) -> pd.DataFrame:
+    """Assigns each patient to one of ``folds`` folds, stratified by class.
+
+    Returns:
+        The split table with a ``fold`` column (0..folds-1); ``split`` is empty. Use
+        :func:`fold_split` to turn fold k into train/val/test.
+    """
+    if folds < 2:
+        raise ValueError("folds must be at least 2")
+    index = _filter_magnification(index, magnification).copy()
+    patients = _patient_table(index)
+    if len(patients) < folds:
+        raise DatasetError(f"{len(patients)} patients cannot fill {folds} folds.")
+    names = [str(k) for k in range(folds)]
+    where = _assign(patients, names, [1 / folds] * folds, seed)
+    out = index.assign(split="", fold=_groups(index).map(where).astype(int))
+    return out[SPLIT_COLUMNS + ["fold"]].reset_index(drop=True)
+
+
+def fold_split(folds_table: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Fold ``k`` is test, fold ``k+1`` is validation, the rest is train."""
+    n = int(folds_table["fold"].astype(int).max()) + 1
+    fold = folds_table["fold"].astype(int)
+    split = np.where(fold == k, "test", np.where(fold == (k + 1) % n, "val", "train"))
+    out = folds_table.assign(split=split)
+    check_split(out)
+    return out
+
+
+def read_protocol_folds(path: str | Path, index: pd.DataFrame, fold: int,
+                        magnification: list[str] | None = None) -> pd.DataFrame:
+    """Reads the official BreakHis 5-fold protocol (Spanhol et al. 2016) for one fold.
+
+    Accepts the ``Folds.csv`` layout (columns ``fold, mag, filename, grp``) or the original
+    ``dsfoldN.txt`` lines (``SOB_...png|mag|fold|train``). Files are matched by name, so any
+    copy of BreakHis works. In the protocol each fold has only train and test; validation is
+    carved from train by patient.
+
+    Returns:
+        The split table for that fold.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such fold file.")
+    if path.suffix.lower() == ".csv":
+        table = pd.read_csv(path, dtype=str)
+        table = table[table["fold"].astype(int) == fold]
+        names = table["filename"].map(lambda s: Path(s).name)
+        grp = table["grp"].str.lower()
+    else:
+        rows = [line.strip().split("|") for line in path.read_text().splitlines() if line.strip()]
+        names = pd.Series([r[0] for r in rows])
+        grp = pd.Series([r[-1].lower() for r in rows])
+    where = dict(zip(names, grp))
+    index = _filter_magnification(index, magnification)
+    base = index["path"].map(lambda s: Path(s).name)
+    kept = index[base.isin(where)].copy()
+    if kept.empty:
+        raise DatasetError(f"{path}: none of its file names match the indexed images.")
+    kept["split"] = base[kept.index].map(where).replace({"tst": "test", "trn": "train"})
+    train = kept[kept["split"] == "train"]
+    inner = make_split(train.assign(split=""), val=0.15, test=0.0, seed=fold)
+    kept.loc[kept["path"].isin(inner.loc[inner["split"] == "val", "path"]), "split"] = "val"
+    out = kept[SPLIT_COLUMNS].reset_index(drop=True)
+    check_split(out)
+    return out
+
+
+def check_split(split: pd.DataFrame) -> None:
+    """Raises LeakageError naming the patients found in more than one subset."""
+    bad_values = set(split["split"]) - set(SUBSETS)
+    if bad_values:
+        raise DatasetError(f"Unknown subset name(s) {sorted(bad_values)}; use {SUBSETS}.")
+    known = split[split["patient"] != ""]
+    per = known.groupby("patient")["split"].nunique()
+    leaked = per[per > 1].index.tolist()
+    if leaked:
+        raise LeakageError(
+            f"{len(leaked)} patient(s) appear in more than one subset: "
+            f"{', '.join(leaked[:10])}. Make the split with `bcd split` so each patient lands in "
+            "one subset."
+        )
+
+
+def write_split(split: pd.DataFrame, path: str | Path) -> Path:
+    """Writes a split CSV (after checking it) and returns the path."""
+    if split["split"].ne("").all():
+        check_split(split)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    split.to_csv(path, index=False)
+    return path
+
+
+def load_split(path: str | Path) -> pd.DataFrame:
+    """Reads a split CSV and checks that no patient is in two subsets."""
+    split = read_index(path)
+    if "split" not in split.columns:
+        raise DatasetError(f"{path}: no 'split' column; make one with `bcd split`.")
+    if "fold" in split.columns and split["split"].eq("").all():
+        return split
+    check_split(split)
+    return split
+
+
+def split_hash(split: pd.DataFrame) -> str:
+    """A short hash of (path, split) pairs, to tie a checkpoint to the split it was trained on."""
+    h = hashlib.sha256()
+    for p, s in sorted(zip(split["path"], split["split"])):
+        h.update(f"{p}\t{s}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def summarize_split(split: pd.DataFrame) -> str:
+    """Images, patients and malignant share per subset, as a printable table."""
+    rows = []
+    for name in SUBSETS:
+        part = split[split["split"] == name]
+        if part.empty:
+            continue
+        rows.append({
+            "subset": name, "images": len(part),
+            "patients": part["patient"].nunique() if part["patient"].ne("").any() else 0,
+            "benign": int((part["target"] == 0).sum()),
+            "malignant": int((part["target"] == 1).sum()),
+            "malignant %": round(100 * part["target"].mean(), 1),
+        })
+    return pd.DataFrame(rows).to_string(index=False)

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny fake data sets in the real on-disk layouts, and the real-data marker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# (subtype code, subtype folder, class, slide id, magnifications, images per magnification)
+FAKE_SLIDES = [
+    ("A", "adenosis", "benign", "14-22549AB", ("40", "100"), 3),
+    ("A", "adenosis", "benign", "14-22549CD", ("40",), 2),
+    ("F", "fibroadenoma", "benign", "14-25197", ("40", "400"), 3),
+    ("PT", "phyllodes_tumor", "benign", "14-21998CD", ("40",), 3),
+    ("TA", "tubular_adenoma", "benign", "14-3411F", ("40", "200"), 3),
+    ("DC", "ductal_carcinoma", "malignant", "14-2523", ("40", "400"), 3),
+    ("DC", "ductal_carcinoma", "malignant", "14-10926", ("40",), 3),
+    ("LC", "lobular_carcinoma", "malignant", "14-12204", ("40", "100"), 3),
+    ("MC", "mucinous_carcinoma", "malignant", "14-10147", ("40",), 3),
+    ("PC", "papillary_carcinoma", "malignant", "14-9146", ("40", "400"), 3),
+    ("DC", "ductal_carcinoma", "malignant", "14-17614", ("200",), 3),
+    ("LC", "lobular_carcinoma", "malignant", "14-15570", ("40",), 3),
+]
+
+
+def breakhis_relpath(code: str, folder: str, cls: str, slide: str, mag: str, seq: int) -> str:
+    """The path of one image inside the BreakHis tarball, as the real data set names it."""
+    letter = "M" if cls == "malignant" else "B"
+    return (f"BreaKHis_v1/histology_slides/breast/{cls}/SOB/{folder}/SOB_{letter}_{code}_{slide}/"
+            f"{mag}X/SOB_{letter}_{code}-{slide}-{mag}-{seq:03d}.png")
+
+
+def write_tissue_png(path: Path, malignant: bool, rng: np.random.Generator,
+                     size: tuple[int, int] = (70, 46)) -> None:
+    """A small pink/purple image; malignant ones are darker so a model can learn the classes."""
+    base = np.array([120, 60, 140]) if malignant else np.array([230, 170, 210])
+    arr = base + rng.integers(-25, 25, size=(size[1], size[0], 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="session")
+def fake_breakhis(tmp_path_factory) -> Path:
+    """A fake BreakHis tree: 12 slide folders (11 patients), 8 subtypes, 4 magnifications."""
+    root = tmp_path_factory.mktemp("breakhis")
+    rng = np.random.default_rng(0)
+    for code, folder, cls, slide, mags, n in FAKE_SLIDES:
+        for mag in mags:
+            for seq in range(1, n + 1):
+                rel = breakhis_relpath(code, folder, cls, slide, mag, seq)
+                write_tissue_png(root / rel, cls == "malignant", rng)
+    return root / "BreaKHis_v1"
+
+
+@pytest.fixture(scope="session")
+def fake_imagefolder(tmp_path_factory) -> Path:
+    """A pre-split ImageFolder (train/valid with 0/1 class folders), like the PCam subset."""
+    root = tmp_path_factory.mktemp("pcam")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 16), ("valid", 8)):
+        for cls in ("0", "1"):
+            for k in range(n):
+                write_tissue_png(root / split / cls / f"p{k:04d}.png", cls == "1", rng, (32, 32))
+    return root
+
+
+def _has_shared_data() -> bool:
+    return (SHARED_DATA / "breakhis-filelist.txt").is_file()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_data = pytest.mark.skip(reason=f"real data not found at {SHARED_DATA}")
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "real_data" in item.keywords and not _has_shared_data():
+            item.add_marker(skip_data)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+def _materialise_filelist(root: Path, filelist: Path) -> int:
+    """Builds the full BreakHis tree with empty placeholders (indexing reads names only)."""
+    n = 0
+    for line in filelist.read_text().splitlines():
+        if line.strip():
+            p = root / line.strip()
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.touch()
+            n += 1
+    return n
+
+
+@pytest.fixture(scope="session")
+def full_breakhis_index(tmp_path_factory):
+    """The index of the whole 7,909-file BreakHis tree, made from the shared file list."""
+    from breast_cancer_detection.data.breakhis import build_index
+
+    root = tmp_path_factory.mktemp("full")
+    n = _materialise_filelist(root, SHARED_DATA / "breakhis-filelist.txt")
+    assert n == 7909
+    return build_index(root)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED_DATA
+
+
+# Progress bars would only clutter the test log.
+os.environ.setdefault("TQDM_DISABLE", "1")

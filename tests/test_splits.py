@@ -1,0 +1,155 @@
+"""Patient-disjoint splits, folds, the official protocol file and the leakage check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from breast_cancer_detection.cli import main
+from breast_cancer_detection.data.breakhis import build_index
+from breast_cancer_detection.data.splits import (
+    LeakageError,
+    check_split,
+    fold_split,
+    load_split,
+    make_folds,
+    make_split,
+    read_protocol_folds,
+    split_hash,
+    write_split,
+)
+
+
+def _patients_per_subset(split: pd.DataFrame) -> dict[str, set[str]]:
+    return {s: set(g["patient"]) for s, g in split.groupby("split")}
+
+
+def test_split_is_patient_disjoint_and_deterministic(fake_breakhis):
+    index = build_index(fake_breakhis)
+    a = make_split(index, val=0.2, test=0.2, seed=3)
+    b = make_split(index, val=0.2, test=0.2, seed=3)
+    c = make_split(index, val=0.2, test=0.2, seed=4)
+    assert a.equals(b)
+    assert not a["split"].equals(c["split"])
+    sets = _patients_per_subset(a)
+    assert set(sets) == {"train", "val", "test"}
+    assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"]
+                or sets["val"] & sets["test"])
+    # Every image kept, and the two slide folders of patient 14-22549 stay together.
+    assert len(a) == len(index)
+    assert a.loc[a["patient"] == "14-22549", "split"].nunique() == 1
+    # Stratified: every subset holds both classes.
+    assert (a.groupby("split")["target"].nunique() == 2).all()
+
+
+def test_split_magnification_filter(fake_breakhis):
+    index = build_index(fake_breakhis)
+    split = make_split(index, magnification=["400x"], val=0.2, test=0.2)
+    assert set(split["magnification"]) == {"400X"}
+    assert len(split) == (index["magnification"] == "400X").sum()
+
+
+def test_presplit_folder_keeps_its_split(fake_imagefolder):
+    split = make_split(build_index(fake_imagefolder))
+    assert split.groupby("split").size().to_dict() == {"train": 32, "val": 16}
+
+
+def test_leakage_is_an_error(tmp_path, fake_breakhis):
+    split = make_split(build_index(fake_breakhis), val=0.2, test=0.2)
+    victim = split[split["split"] == "test"]["patient"].iloc[0]
+    row = split.index[(split["patient"] == victim)][0]
+    split.loc[row, "split"] = "train"
+    with pytest.raises(LeakageError, match=victim):
+        check_split(split)
+    path = tmp_path / "leaky.csv"
+    split.to_csv(path, index=False)
+    with pytest.raises(LeakageError):
+        load_split(path)
+
+
+def test_split_roundtrip_and_hash(tmp_path, fake_breakhis):
+    split = make_split(build_index(fake_breakhis), val=0.2, test=0.2)
+    back = load_split(write_split(split, tmp_path / "s.csv"))
+    assert list(back["path"]) == list(split["path"])
+    assert split_hash(back) == split_hash(split)
+    moved = split.copy()
+    moved.loc[0, "split"] = "test" if moved.loc[0, "split"] != "test" else "train"
+    assert split_hash(moved) != split_hash(split)
+
+
+def test_folds_cover_every_patient_once(fake_breakhis):
+    index = build_index(fake_breakhis)
+    folds = make_folds(index, folds=3, seed=0)
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    assert (folds.groupby("patient")["fold"].nunique() == 1).all()
+    for k in range(3):
+        s = fold_split(folds, k)
+        assert set(s.loc[s["split"] == "test", "fold"]) == {k}
+        assert set(s.loc[s["split"] == "val", "fold"]) == {(k + 1) % 3}
+    with pytest.raises(Exception, match="cannot fill"):
+        make_folds(index, folds=50)
+
+
+def test_protocol_fold_file(tmp_path, fake_breakhis):
+    index = build_index(fake_breakhis)
+    split = make_split(index, val=0.0, test=0.3, seed=1)
+    names = split["path"].map(lambda p: Path(p).name)
+    lines = [f"{n}|{m[:-1]}|1|{'test' if s == 'test' else 'train'}"
+             for n, m, s in zip(names, split["magnification"], split["split"])]
+    txt = tmp_path / "dsfold1.txt"
+    txt.write_text("\n".join(lines) + "\n")
+    out = read_protocol_folds(txt, index, fold=1)
+    assert set(out["split"]) == {"train", "val", "test"}
+    assert set(out.loc[out["split"] == "test", "path"]) == set(
+        split.loc[split["split"] == "test", "path"])
+    csv = tmp_path / "Folds.csv"
+    pd.DataFrame({"fold": 1, "mag": split["magnification"].str[:-1],
+                  "filename": "BreaKHis_v1/" + split["path"],
+                  "grp": ["test" if s == "test" else "train" for s in split["split"]]}
+                 ).to_csv(csv, index=False)
+    assert set(read_protocol_folds(csv, index, fold=1)["path"]) == set(index["path"])
+
+
+def test_protocol_fold_file_that_leaks_is_refused(tmp_path, fake_breakhis):
+    index = build_index(fake_breakhis)
+    names = index["path"].map(lambda p: Path(p).name)
+    # Image-level alternation puts every patient in both train and test.
+    lines = [f"{n}|40|1|{'test' if i % 2 else 'train'}" for i, n in enumerate(names)]
+    (tmp_path / "f.txt").write_text("\n".join(lines))
+    with pytest.raises(LeakageError):
+        read_protocol_folds(tmp_path / "f.txt", index, fold=1)
+
+
+def test_cli_split(tmp_path, fake_breakhis, capsys):
+    out = tmp_path / "split.csv"
+    assert main(["split", str(fake_breakhis), "--out", str(out), "--val", "0.2",
+                 "--test", "0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "No patient is in more than one subset" in printed
+    assert "malignant %" in printed
+    assert set(load_split(out)["split"]) == {"train", "val", "test"}
+    folds = tmp_path / "folds.csv"
+    assert main(["split", str(fake_breakhis), "--out", str(folds), "--folds", "3"]) == 0
+    assert sorted(load_split(folds)["fold"].astype(int).unique()) == [0, 1, 2]
+
+
+@pytest.mark.real_data
+def test_full_breakhis_split(full_breakhis_index):
+    index = full_breakhis_index
+    for seed in range(3):
+        split = make_split(index, val=0.15, test=0.15, seed=seed)
+        sets = _patients_per_subset(split)
+        assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"]
+                    or sets["val"] & sets["test"])
+        assert sum(len(v) for v in sets.values()) == 70
+        share = split.groupby("split")["target"].mean()
+        for subset, s in share.items():
+            assert abs(s - 5429 / 7909) <= 0.05, (seed, subset, s)
+        sizes = split["split"].value_counts(normalize=True)
+        assert abs(sizes["test"] - 0.15) < 0.05 and abs(sizes["val"] - 0.15) < 0.05
+    folds = make_folds(index, folds=5)
+    assert (folds.groupby("patient")["fold"].nunique() == 1).all()
+    for k in range(5):
+        assert abs(folds.loc[folds["fold"] == k, "target"].mean() - 0.686) <= 0.05
