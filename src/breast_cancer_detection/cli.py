@@ -87,6 +87,105 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_settings(args: argparse.Namespace) -> dict:
+    """Preset values, overridden by the options given on the command line."""
+    import yaml
+
+    from .config import load_preset
+
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "func", "preset", "resume", "quiet", "aug")}
+    settings = load_preset(args.preset) if getattr(args, "preset", None) else {}
+    augment = dict(settings.get("augment") or {})
+    for item in getattr(args, "aug", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--aug takes KEY=VALUE (e.g. hed=0.1), not {item!r}")
+        augment[key.strip()] = yaml.safe_load(value)
+    settings.update(given)
+    if augment:
+        settings["augment"] = augment
+    return settings
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .engine import fit
+
+    settings = _train_settings(args)
+    try:
+        if args.resume:
+            fit(TrainConfig(), resume=args.resume, progress=not args.quiet, overrides=settings)
+        else:
+            fit(TrainConfig.from_dict(settings), progress=not args.quiet)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _add_train_options(t: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    d = TrainConfig.__dataclass_fields__
+
+    def default(name: str) -> str:
+        return f" (default: {d[name].default})"
+
+    S = argparse.SUPPRESS  # only options actually given override the preset
+    t.add_argument("--preset", help="bundled preset (cpu-smoke, breakhis-gpu, pcam-cpu) or a "
+                   "YAML file; options given here override it")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last.pt")
+    g = t.add_argument_group("data")
+    g.add_argument("--data", default=S, help="data folder; omitted: download BreakHis to data/")
+    g.add_argument("--split", default=S, help="split CSV from `bcd split`; omitted: a "
+                   "patient-disjoint split is made and saved in the run folder")
+    g.add_argument("--val", type=float, default=S, help="validation share" + default("val"))
+    g.add_argument("--test", type=float, default=S, help="test share" + default("test"))
+    g.add_argument("--magnification", nargs="+", default=S, metavar="MAG")
+    g.add_argument("--group-by", choices=["patient", "slide"], default=S)
+    g = t.add_argument_group("model")
+    g.add_argument("--model", default=S, help="architecture" + default("model")
+                   + "; see `bcd models`")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=S,
+                   help="random initial weights instead of ImageNet's")
+    g.add_argument("--weights", default=S, help="local state dict or checkpoint to start from")
+    g.add_argument("--freeze-backbone", action="store_true", default=S,
+                   help="train only the head (the original notebook's choice)")
+    g.add_argument("--size", type=int, default=S, help="input side in pixels" + default("size"))
+    g.add_argument("--resize", type=int, default=S, help="eval resize before the centre crop")
+    g.add_argument("--aug", action="append", metavar="KEY=VALUE",
+                   help="augmentation setting, e.g. --aug hed=0.1 --aug rot90=false")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=S, help=default("epochs").strip())
+    g.add_argument("--batch-size", type=int, default=S, help=default("batch_size").strip())
+    g.add_argument("--lr", type=float, default=S, help=default("lr").strip())
+    g.add_argument("--weight-decay", type=float, default=S)
+    g.add_argument("--warmup-epochs", type=float, default=S)
+    g.add_argument("--label-smoothing", type=float, default=S)
+    g.add_argument("--balance", choices=["loss", "sampler", "none"], default=S,
+                   help="class imbalance handling" + default("balance"))
+    g.add_argument("--early-stop", type=int, default=S, metavar="EPOCHS")
+    g.add_argument("--seed", type=int, default=S)
+    g = t.add_argument_group("machine and output")
+    g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1" + default("device"))
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=S)
+    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    g.add_argument("--workers", type=int, default=S, help=default("workers").strip())
+    g.add_argument("--max-bad-fraction", type=float, default=S)
+    g.add_argument("--runs-dir", default=S, help=default("runs_dir").strip())
+    g.add_argument("--name", default=S, help="run folder name (default: MODEL-DATE-TIME)")
+    g.add_argument("--tensorboard", action="store_true", default=S)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    print("\n".join(list_models()))
+    print("(any timm model name also works when timm is installed)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `bcd` and all its subcommands."""
     p = argparse.ArgumentParser(
@@ -132,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="official BreakHis fold file (Folds.csv or dsfoldN.txt)")
     s.add_argument("--fold", type=int, default=1, help="which protocol fold (with --protocol)")
     s.set_defaults(func=_cmd_split)
+
+    t = sub.add_parser("train", help="train a model (the main job)",
+                       description="Train on a data folder with a patient-disjoint split; "
+                       "writes runs/NAME/{config.yaml,split.csv,metrics.csv,last.pt,best.pt}. "
+                       "Under torchrun it trains with DistributedDataParallel.")
+    _add_train_options(t)
+    t.set_defaults(func=_cmd_train)
+
+    m = sub.add_parser("models", help="list the architectures create_model knows")
+    m.set_defaults(func=_cmd_models)
     return p
 
 

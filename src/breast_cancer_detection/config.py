@@ -1,0 +1,165 @@
+"""The training run's settings: one typed dataclass, YAML presets, and checks with fixes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(UserError, ValueError):
+    """A setting, or a combination of settings, that cannot work; the message says the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; written to ``runs/NAME/config.yaml`` and checkpoints."""
+
+    # Data
+    data: str | None = None
+    """Data folder (BreakHis tree or ImageFolder); None downloads BreakHis into ``data/``."""
+    split: str | None = None
+    """Split CSV from ``bcd split``; None makes a patient-disjoint one and saves it in the run."""
+    val: float = 0.15
+    """Validation share when the split is made here."""
+    test: float = 0.15
+    """Test share when the split is made here (never trained or selected on)."""
+    magnification: list[str] | None = None
+    """Keep only these magnifications, e.g. ``[40X]``."""
+    group_by: str = "patient"
+    """What a split keeps together: ``patient`` (numeric BreakHis id) or ``slide``."""
+
+    # Model
+    model: str = "densenet121"
+    """Architecture name from ``bcd.list_models()`` (torchvision, or timm when installed)."""
+    pretrained: bool = True
+    """Start from ImageNet weights (downloaded once and cached)."""
+    weights: str | None = None
+    """Local state dict or checkpoint to start from instead of downloading."""
+    freeze_backbone: bool = False
+    """Train only the new head, as the original notebook did."""
+    size: int = 224
+    """Side of the square the model sees."""
+    resize: int | None = 256
+    """Evaluation: short side resized to this, then centre-cropped to ``size``."""
+    augment: dict[str, Any] = field(default_factory=dict)
+    """Overrides of :class:`bcd.data.transforms.Augmentation` (scale, flips, rot90, hed...)."""
+
+    # Optimisation
+    epochs: int = 20
+    batch_size: int = 32
+    """Per process (per GPU under torchrun)."""
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    """Linear warm-up before the cosine decay, in epochs (fractions allowed)."""
+    label_smoothing: float = 0.0
+    balance: str = "loss"
+    """Class imbalance: ``loss`` (weighted loss), ``sampler`` (balanced sampling), ``none``."""
+    early_stop: int | None = None
+    """Stop after this many epochs without a better validation AUC; None never stops early."""
+    seed: int = 0
+
+    # Machine
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cuda``, ``cuda:1``, ``cpu``."""
+    amp: str = "auto"
+    """Mixed precision on CUDA: ``auto`` (bf16 if supported, else fp16), ``bf16``, ``fp16``,
+    ``off``. Ignored on CPU."""
+    channels_last: bool = True
+    compile: bool = False
+    """``torch.compile`` the model (CUDA; slower start, faster steps)."""
+    workers: int = 2
+    """DataLoader worker processes."""
+    max_bad_fraction: float = 0.01
+    """Unreadable images are skipped; the run fails when more than this share is bad."""
+
+    # Output
+    runs_dir: str = "runs"
+    name: str | None = None
+    """Run folder name under ``runs_dir``; None makes ``MODEL-YYYYmmdd-HHMMSS``."""
+    tensorboard: bool = False
+    log_every: int = 10
+    """Steps between progress-bar updates (each one waits for the GPU)."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
+            raise ConfigError(f"val={self.val} and test={self.test}: each must be in [0, 1) and "
+                              "their sum under 1.")
+        if self.group_by not in ("patient", "slide"):
+            raise ConfigError(f"group_by={self.group_by!r}: use 'patient' or 'slide'.")
+        if self.balance not in ("loss", "sampler", "none"):
+            raise ConfigError(f"balance={self.balance!r}: use 'loss', 'sampler' or 'none'.")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ConfigError(f"amp={self.amp!r}: use 'auto', 'bf16', 'fp16' or 'off'.")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be at least 1.")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be positive.")
+        if self.weights and self.pretrained:
+            # Local weights replace the download; say so rather than guess which one was meant.
+            self.pretrained = False
+        if self.freeze_backbone and not (self.pretrained or self.weights):
+            raise ConfigError("freeze_backbone trains only the head, which needs a pretrained "
+                              "backbone: drop --freeze-backbone or give --weights PATH.")
+        if self.resize is not None and self.resize < self.size:
+            raise ConfigError(f"resize={self.resize} is smaller than size={self.size}; set "
+                              f"resize >= size, or resize: null to resize straight to size.")
+        if self.size < 32:
+            raise ConfigError(f"size={self.size} is too small for these networks; use >= 32.")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError("max_bad_fraction must be between 0 and 1.")
+        if self.magnification:
+            self.magnification = [str(m).upper() if str(m).upper().endswith("X")
+                                  else f"{m}X" for m in self.magnification]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, for YAML and for ``torch.load(weights_only=True)``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Builds a config, naming any unknown key instead of ignoring it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}.")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the settings as YAML."""
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """Reads a preset by name (``cpu-smoke``) or from a YAML file path."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = PRESET_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"no preset {name_or_path!r}; bundled: {', '.join(list_presets())}, "
+                          "or give a path to a YAML file.")
+    d = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: a preset must be a mapping of setting: value.")
+    return d
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Reads a ``config.yaml`` written by a run."""
+    return TrainConfig.from_dict(yaml.safe_load(Path(path).read_text()) or {})

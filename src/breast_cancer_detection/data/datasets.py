@@ -1,0 +1,179 @@
+"""Reading images safely, and the Dataset that serves an index or split table."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from ..errors import UserError
+
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Images with more pixels are refused before decoding (decompression-bomb guard)."""
+
+
+class ImageError(UserError, ValueError):
+    """A file that cannot be used as an image; the message says why."""
+
+
+def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Opens an image as 8-bit RGB.
+
+    Grayscale, 16-bit, palette, RGBA/LA (composited on white, like a slide's background) and
+    CMYK images are converted. The pixel count is checked from the header, before decoding.
+
+    Args:
+        source: Path, file object, PIL image or HxW / HxWxC array.
+        max_pixels: Refuse larger images; None disables the check.
+
+    Raises:
+        ImageError: unreadable, truncated, too large, or not an image.
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        im = source
+    else:
+        try:
+            with warnings.catch_warnings():
+                # PIL's own bomb warning fires at a fixed size; our limit is the one that counts.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(source)
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{_name(source)}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            raise ImageError(f"{_name(source)}: not a readable image ({type(e).__name__}: {e})"
+                             ) from e
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(
+            f"{_name(source)}: {w}x{h} pixels is over the limit of {max_pixels:,} (a possible "
+            "decompression bomb); raise the limit (max_pixels / --max-pixels) if it is genuine."
+        )
+    try:
+        im.load()
+    except Exception as e:  # noqa: BLE001
+        raise ImageError(f"{_name(source)}: cannot decode ({type(e).__name__}: {e})") from e
+    return _to_rgb(im)
+
+
+def _name(source) -> str:
+    return str(getattr(source, "name", source))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return _array_to_rgb(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def _array_to_rgb(arr: np.ndarray) -> Image.Image:
+    if arr.dtype == np.uint16:
+        arr = (arr / 257.0).round().astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        # Float arrays are taken as [0, 1] images, as matplotlib and torchvision treat them.
+        arr = (np.clip(arr, 0, 1) * 255.0).round().astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        return Image.fromarray(arr, "L").convert("RGB")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return _to_rgb(Image.fromarray(arr, "RGB" if arr.shape[2] == 3 else "RGBA"))
+    raise ImageError(f"array of shape {arr.shape} is not an HxW or HxWx3/4 image")
+
+
+class ImageTableDataset(torch.utils.data.Dataset):
+    """Serves ``(image, target, row)`` for the rows of an index or split table.
+
+    An unreadable image yields ``None`` instead of raising, so one bad file does not end a
+    long run: :func:`collate_skip_bad` drops it and reports its path to the training loop.
+    """
+
+    def __init__(self, root: str | Path, table: pd.DataFrame, transform: Callable,
+                 *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.root = Path(root)
+        self.paths = table["path"].tolist()
+        self.targets = [int(t) for t in table["target"]]
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        # EpochSampler hands out (row, seed): the augmentation of a sample then depends on
+        # (seed, epoch, position) only, not on worker count, rank, or where a run resumed.
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        try:
+            image = open_rgb(self.root / self.paths[i], max_pixels=self.max_pixels)
+        except (ImageError, OSError) as e:
+            return None, i, str(e)
+        if seed is None:
+            return self.transform(image), self.targets[i], i
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), self.targets[i], i
+
+
+def collate_skip_bad(batch: list) -> dict:
+    """Stacks the good samples of a batch and lists the bad ones as ``(row, reason)``."""
+    good = [b for b in batch if b[0] is not None]
+    bad = [(b[1], b[2]) for b in batch if b[0] is None]
+    if not good:
+        return {"x": None, "y": None, "rows": None, "bad": bad}
+    return {
+        "x": torch.stack([b[0] for b in good]),
+        "y": torch.tensor([b[1] for b in good], dtype=torch.long),
+        "rows": torch.tensor([b[2] for b in good], dtype=torch.long),
+        "bad": bad,
+    }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The sample order of one epoch, fixed by (seed, epoch), sharded over ranks.
+
+    Yields ``(row, sample_seed)``. Fixing order and augmentation seeds by epoch number and
+    position (rather than by a generator's running state) is what lets a resumed run see
+    exactly the batches, augmented exactly as, an uninterrupted one would have. ``start``
+    skips the samples already trained in an interrupted epoch. Shards are padded to equal
+    length and interleaved, as DistributedSampler does.
+    """
+
+    def __init__(self, n: int, *, seed: int, epoch: int, shuffle: bool = True,
+                 weights: torch.Tensor | None = None, rank: int = 0, world: int = 1,
+                 start: int = 0):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        if weights is not None:
+            order = torch.multinomial(weights, n, replacement=True, generator=g)
+        elif shuffle:
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if world > 1 and shuffle:
+            pad = (-n) % world
+            order = torch.cat([order, order[:pad]])
+        base = (seed * 1_000_003 + epoch) * 10_000_019
+        seeds = base + torch.arange(len(order))
+        self.indices = list(zip(order[rank::world][start:].tolist(),
+                                seeds[rank::world][start:].tolist()))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

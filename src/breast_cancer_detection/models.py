@@ -1,0 +1,190 @@
+"""Models by name: one registry for torchvision, our small CPU networks, and timm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+TORCHVISION_MODELS = (
+    "densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0",
+    "mobilenet_v3_large", "mobilenet_v3_small", "convnext_tiny",
+)
+
+
+class WeightsError(UserError, RuntimeError):
+    """Pretrained weights could not be fetched or do not fit the architecture."""
+
+
+class SmallCNN(nn.Module):
+    """A compact VGG-style network for small patches on a CPU, and for tests.
+
+    GroupNorm instead of BatchNorm keeps its gradients independent of how a batch is split,
+    so one process and two data-parallel processes train it to the same weights.
+    """
+
+    def __init__(self, num_classes: int = 2, width: int = 16, depth: int = 4):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i in range(depth):
+            c_out = width * 2**i
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.GroupNorm(min(8, c_out // 4), c_out),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                nn.GroupNorm(min(8, c_out // 4), c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# Our own architectures: name -> constructor(num_classes). No pretrained weights exist for them.
+_LOCAL: dict[str, Callable[[int], nn.Module]] = {
+    "tiny": lambda n: SmallCNN(n, width=8, depth=2),
+    "small_cnn": lambda n: SmallCNN(n, width=32, depth=4),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model` (plus any timm name when timm is installed)."""
+    return sorted(_LOCAL) + list(TORCHVISION_MODELS)
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = (name, m)
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no Linear layer to use as the head")
+    return last
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swaps the final Linear layer for a new one with ``num_classes`` outputs.
+
+    Returns:
+        The head's module name (its parameters are what a frozen backbone still trains).
+    """
+    name, old = _last_linear(model)
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], nn.Linear(old.in_features, num_classes))
+    return name
+
+
+def head_name(model: nn.Module) -> str:
+    """The module name of the model's classification head."""
+    return _last_linear(model)[0]
+
+
+def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # noqa: BLE001 - any fetch failure gets the same advice
+        raise WeightsError(
+            f"Could not fetch ImageNet weights for {name} ({type(e).__name__}: {e}). Pass "
+            f"--weights PATH (a local state dict or checkpoint) or --no-pretrained."
+        ) from e
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a plain state dict, or the ``model`` entry of one of our checkpoints."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"{path}: not a loadable state dict ({type(e).__name__}: {e}).") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict (name -> tensor).")
+    # Weights saved from a DDP or compiled model carry a prefix on every key.
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Loads every tensor whose name and shape fit; the head may differ, nothing else may."""
+    own = model.state_dict()
+    head = head_name(model)
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in fitting and not k.startswith(head + ".")]
+    if missing:
+        raise WeightsError(
+            f"{source} does not fit {type(model).__name__}: {len(missing)} tensors missing or of "
+            f"another shape (first: {missing[0]}). Was it saved from another architecture?"
+        )
+    model.load_state_dict(fitting, strict=False)
+
+
+def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bool = False,
+                 weights: str | Path | None = None, freeze_backbone: bool = False,
+                 **kwargs) -> nn.Module:
+    """Creates a classifier by name with a fresh ``num_classes`` head.
+
+    Args:
+        name: One of :func:`list_models`, or a timm model name when timm is installed.
+        num_classes: Outputs of the new head.
+        pretrained: Start from ImageNet weights (torchvision downloads and caches them).
+        weights: A local state dict or checkpoint to start from instead (e.g. offline).
+        freeze_backbone: Train only the head.
+        **kwargs: Passed to the architecture; ``None`` values are dropped so a CLI default
+            never overrides the architecture's own.
+
+    Raises:
+        WeightsError: the weights cannot be fetched or do not fit; the message names
+            ``--weights PATH`` and ``--no-pretrained``.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if name in _LOCAL:
+        if pretrained:
+            raise WeightsError(f"{name} has no pretrained weights; use --no-pretrained.")
+        model = _LOCAL[name](num_classes)
+    elif name in TORCHVISION_MODELS:
+        from torchvision.models import get_model
+
+        model = get_model(name, weights=None, **kwargs)
+        if pretrained:
+            model.load_state_dict(_imagenet_state_dict(name))
+        _replace_head(model, num_classes)
+    else:
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"unknown model {name!r}; choose from {', '.join(list_models())}, "
+                            "or `pip install timm` for timm's models.") from None
+        if not timm.is_model(name):
+            raise UserError(f"unknown model {name!r} (neither torchvision's nor timm's).")
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if weights is not None:
+        load_backbone_weights(model, read_state_dict(weights), str(weights))
+    if freeze_backbone:
+        head = head_name(model)
+        for pname, p in model.named_parameters():
+            p.requires_grad = pname.startswith(head + ".")
+    return model
+
+
+def model_preprocessing(model: nn.Module) -> dict | None:
+    """Mean/std a timm model was pretrained with, or None for the ImageNet defaults."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not cfg:
+        return None
+    return {"mean": tuple(cfg.get("mean", ())), "std": tuple(cfg.get("std", ()))}

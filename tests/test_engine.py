@@ -1,0 +1,258 @@
+"""Training end to end on the fake BreakHis tree: files, resume, atomic saves, bad input, DDP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from breast_cancer_detection.cli import main
+from breast_cancer_detection.config import ConfigError, TrainConfig, load_preset
+from breast_cancer_detection.engine import (
+    CheckpointError,
+    TrainingError,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def _cfg(data: Path, tmp_path: Path, **kw) -> TrainConfig:
+    settings = {**load_preset("cpu-smoke"), "data": str(data), "runs_dir": str(tmp_path / "runs"),
+                "name": "r", "val": 0.25, "test": 0.2, "size": 32, "resize": 40}
+    settings.update(kw)
+    return TrainConfig.from_dict(settings)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_one_epoch_writes_every_file(fake_breakhis, tmp_path):
+    result = fit(_cfg(fake_breakhis, tmp_path), progress=False)
+    run = result.run_dir
+    for name in ("config.yaml", "split.csv", "metrics.csv", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*tmp*"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"] == "tiny" and cfg["data"] == str(fake_breakhis)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == [1]
+    assert {"train_loss", "val_loss", "val_acc", "val_auc", "lr"} <= set(metrics.columns)
+    split = pd.read_csv(run / "split.csv", dtype=str)
+    assert set(split["split"]) == {"train", "val", "test"}
+    ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["arch"] == "tiny" and ckpt["classes"] == ["benign", "malignant"]
+    assert ckpt["preprocessing"]["size"] == 32
+    assert ckpt["config"]["epochs"] == 1 and len(ckpt["split_hash"]) == 16
+    assert set(ckpt["split_patients"]) == {"train", "val", "test"}
+    assert "torch" in ckpt["versions"] and "optimizer" not in ckpt
+    assert "optimizer" in load_checkpoint(run / "last.pt")
+    assert ckpt["metrics"]["val_auc"] == pytest.approx(metrics["val_auc"].iloc[0])
+    assert result.best_epoch == 1
+
+
+def _interrupt_in_epoch(monkeypatch, epoch: int, after_batches: int):
+    """Makes the next fit raise KeyboardInterrupt after some real batches of one epoch."""
+    import breast_cancer_detection.engine as engine
+
+    real = engine.train_one_epoch
+    seen = {"epochs": 0}
+
+    def wrapped(model, loader, *args, **kwargs):
+        seen["epochs"] += 1
+        if seen["epochs"] != epoch:
+            return real(model, loader, *args, **kwargs)
+
+        def cut():
+            for k, batch in enumerate(loader):
+                if k == after_batches:
+                    raise KeyboardInterrupt
+                yield batch
+
+        return real(model, cut(), *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", wrapped)
+    return real
+
+
+@pytest.mark.parametrize("after_batches", [0, 2])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(
+        fake_breakhis, tmp_path, monkeypatch, capsys, after_batches):
+    import breast_cancer_detection.engine as engine
+
+    straight = fit(_cfg(fake_breakhis, tmp_path / "a", epochs=3), progress=False)
+    real = _interrupt_in_epoch(monkeypatch, epoch=2, after_batches=after_batches)
+    run = tmp_path / "b" / "runs" / "r"
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(fake_breakhis, tmp_path / "b", epochs=3), progress=False)
+    assert f"bcd train --resume {run}" in capsys.readouterr().err
+    ckpt = load_checkpoint(run / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, after_batches)
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    resumed = fit(TrainConfig(), resume=run, progress=False)
+    a, b = _weights(straight.run_dir / "last.pt"), _weights(resumed.run_dir / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2, 3]
+    # A finished run asked to resume with no more epochs says what to do.
+    with pytest.raises(Exception, match="larger --epochs"):
+        fit(TrainConfig(), resume=run, progress=False)
+    # ... and one given more epochs trains on.
+    more = fit(TrainConfig(), resume=run, overrides={"epochs": 4}, progress=False)
+    assert load_checkpoint(more.run_dir / "last.pt")["epoch"] == 4
+
+
+def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format": "bcd-checkpoint/1", "v": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint({"format": "bcd-checkpoint/1", "v": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "bcd-checkpoint/1", "x": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_trained_on_gpu_loads_on_cpu(fake_breakhis, tmp_path):
+    result = fit(_cfg(fake_breakhis, tmp_path), progress=False)
+    ckpt = load_checkpoint(result.run_dir / "best.pt", map_location="cpu")
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+
+
+def _copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_images_are_skipped_then_fail_past_the_limit(fake_breakhis, tmp_path, capsys):
+    root = _copy_tree(fake_breakhis, tmp_path / "data")
+    victim = sorted(root.rglob("*DC-14-2523-40-00*.png"))[0]
+    victim.write_bytes(b"garbage")
+    cfg = _cfg(root, tmp_path, val=0.0, test=0.0, max_bad_fraction=0.1)
+    result = fit(cfg, progress=False)
+    bad = list(result.bad_images)
+    assert bad == [victim.relative_to(root).as_posix()]
+    assert victim.name in capsys.readouterr().out
+    with pytest.raises(TrainingError, match="unreadable.*--verify"):
+        fit(_cfg(root, tmp_path, val=0.0, test=0.0, max_bad_fraction=0.0, name="r2"),
+            progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_breakhis, tmp_path, monkeypatch):
+    cfg = _cfg(fake_breakhis, tmp_path, epochs=2)
+    real_forward = torch.nn.CrossEntropyLoss.forward
+    state = {"epoch2": False}
+    import breast_cancer_detection.engine as engine
+
+    real_epoch = engine.train_one_epoch
+
+    def epoch(*a, **k):
+        if k["state"].step == 0 and state.get("done1"):
+            state["epoch2"] = True
+        out = real_epoch(*a, **k)
+        state["done1"] = True
+        return out
+
+    def forward(self, input, target):
+        loss = real_forward(self, input, target)
+        return loss * float("nan") if state["epoch2"] and self.training else loss
+
+    monkeypatch.setattr(engine, "train_one_epoch", epoch)
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+    with pytest.raises(TrainingError, match="loss became nan"):
+        fit(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "runs" / "r" / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_config_rejects_bad_combinations():
+    with pytest.raises(ConfigError, match="sum under 1"):
+        TrainConfig(val=0.6, test=0.5)
+    with pytest.raises(ConfigError, match="--weights PATH"):
+        TrainConfig(pretrained=False, freeze_backbone=True)
+    with pytest.raises(ConfigError, match="unknown setting"):
+        TrainConfig.from_dict({"epocs": 3})
+    with pytest.raises(ConfigError, match="resize"):
+        TrainConfig(size=224, resize=200)
+
+
+def test_cli_train_with_preset_and_overrides(fake_breakhis, tmp_path, capsys):
+    code = main(["train", "--preset", "cpu-smoke", "--data", str(fake_breakhis), "--size", "32",
+                 "--resize", "36", "--runs-dir", str(tmp_path), "--name", "cli", "--quiet",
+                 "--aug", "rot90=false"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Done. Best epoch 1: validation accuracy" in out and "AUC" in out
+    cfg = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    assert cfg["size"] == 32 and cfg["model"] == "tiny" and cfg["augment"]["rot90"] is False
+    # Starting a new run over an existing one is refused with the resume command.
+    assert main(["train", "--preset", "cpu-smoke", "--data", str(fake_breakhis),
+                 "--runs-dir", str(tmp_path), "--name", "cli", "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_imagefolder_presplit_trains(fake_imagefolder, tmp_path):
+    result = fit(_cfg(fake_imagefolder, tmp_path, size=32, resize=None), progress=False)
+    assert result.best["val_acc"] >= 0.0
+    split = pd.read_csv(result.run_dir / "split.csv", dtype=str)
+    assert split.groupby("split").size().to_dict() == {"train": 32, "val": 16}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(fake_breakhis, tmp_path):
+    common = ["--preset", "cpu-smoke", "--data", str(fake_breakhis), "--size", "32",
+              "--resize", "36", "--balance", "none", "--epochs", "2", "--quiet",
+              "--aug", "flips=false", "--aug", "rot90=false", "--aug", "crop=false",
+              "--runs-dir", str(tmp_path), "--device", "cpu", "--val", "0.25", "--test", "0.2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "breast_cancer_detection.train", *common,
+                          "--batch-size", "8", "--name", "one"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29513", "-m", "breast_cancer_detection.train",
+                          *common, "--batch-size", "4", "--name", "two"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "x2" in two.stdout
+    a, b = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
+    for k in a:
+        # Adam amplifies float summation-order noise to ~1e-5; wrong sharding gives ~1e-2.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+    ma = pd.read_csv(tmp_path / "one" / "metrics.csv")
+    mb = pd.read_csv(tmp_path / "two" / "metrics.csv")
+    # Validation metrics are reduced over both ranks: the same images, the same numbers.
+    assert ma["val_auc"].tolist() == pytest.approx(mb["val_auc"].tolist(), abs=1e-4)
+    assert ma["val_loss"].tolist() == pytest.approx(mb["val_loss"].tolist(), abs=1e-4)

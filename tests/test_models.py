@@ -1,0 +1,77 @@
+"""The model registry: names, heads, local weights, offline advice, frozen backbones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from breast_cancer_detection.models import (
+    TORCHVISION_MODELS,
+    WeightsError,
+    create_model,
+    head_name,
+    list_models,
+)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_MODELS + ("tiny", "small_cnn"))
+def test_every_model_builds_with_two_outputs(name):
+    model = create_model(name, num_classes=2).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 2)
+    assert name in list_models()
+
+
+def test_local_weights_load_into_backbone(tmp_path):
+    torch.manual_seed(1)
+    source = create_model("resnet18", num_classes=1000)  # an ImageNet-shaped state dict
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model("resnet18", num_classes=2, weights=path)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_mean, source.layer4[1].bn2.running_mean)
+    assert model.fc.out_features == 2
+    fresh = create_model("resnet18", num_classes=2)
+    assert not torch.equal(fresh.conv1.weight, source.conv1.weight)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(create_model("tiny").state_dict(), path)
+    with pytest.raises(WeightsError, match="does not fit"):
+        create_model("resnet18", weights=path)
+
+
+def test_offline_pretrained_names_the_way_out(monkeypatch):
+    from torchvision.models import get_model_weights
+
+    weights_cls = type(get_model_weights("resnet18").DEFAULT)
+
+    def offline(self, *a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(weights_cls, "get_state_dict", offline)
+    with pytest.raises(WeightsError) as e:
+        create_model("resnet18", pretrained=True)
+    assert "--weights PATH" in str(e.value) and "--no-pretrained" in str(e.value)
+
+
+def test_freeze_backbone_trains_only_the_head(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(create_model("densenet121", num_classes=1000).state_dict(), path)
+    model = create_model("densenet121", weights=path, freeze_backbone=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["classifier.weight", "classifier.bias"]
+    assert head_name(model) == "classifier"
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(Exception, match="unknown model 'resnet9000'"):
+        create_model("resnet9000")
+
+
+def test_none_kwargs_are_dropped():
+    # A CLI default of None must not override the architecture's own default.
+    model = create_model("efficientnet_b0", dropout=None)
+    assert model.classifier[0].p == pytest.approx(0.2)
