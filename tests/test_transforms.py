@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pickle
 
@@ -374,6 +375,18 @@ def test_crop_boxes_follow_random_resized_crop():
     # A ratio range the image cannot fit falls back to the centre crop at the nearest ratio.
     boxes = _crop_boxes(4, 20, 100, (0.9, 1.0), (1.0, 1.0), torch.empty(0), g)
     torch.testing.assert_close(boxes, torch.tensor([[40.0, 0.0, 60.0, 20.0]]).expand(4, 4))
+
+
+def test_batch_augment_flips_and_turns_reach_all_eight_symmetries():
+    x = _uint8_batch(1, 32, 32)
+    aug = dataclasses.replace(NO_AUG, flips=True, rot90=True)
+    out = BatchAugment(pre=PRE, aug=aug)(x.expand(64, 3, 32, 32), torch.Generator().manual_seed(0))
+    upright = BatchEval(pre=Preprocessing(size=32, resize=None))(x)[0]
+    symmetries = [dihedral(upright, k) for k in range(8)]
+    which = [min(range(8), key=lambda k, o=o: (o - symmetries[k]).abs().max()) for o in out]
+    for o, k in zip(out, which):
+        torch.testing.assert_close(o, symmetries[k], atol=1e-5, rtol=0)
+    assert set(which) == set(range(8))
 
 
 def test_batch_augment_with_augmentation_off_is_a_resize():

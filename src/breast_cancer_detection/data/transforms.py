@@ -191,7 +191,7 @@ def build_train_transform(*, pre: Preprocessing,
     # Colour work on uint8 tensors rather than PIL: the same code path as everything after it.
     steps.append(T.ToImage())
     if aug.rot90:
-        pass
+        steps.append(RandomRot90())
     if aug.color_jitter > 0 or aug.hue > 0:
         cj = aug.color_jitter or None
         steps.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj,
