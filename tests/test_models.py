@@ -14,7 +14,7 @@ from breast_cancer_detection.models import (
 )
 
 
-@pytest.mark.parametrize("name", TORCHVISION_MODELS + ("tiny", "small_cnn"))
+@pytest.mark.parametrize("name", TORCHVISION_MODELS + ("tiny", "small_cnn", "patch_cnn"))
 def test_every_model_builds_with_two_outputs(name):
     model = create_model(name, num_classes=2).eval()
     with torch.no_grad():
