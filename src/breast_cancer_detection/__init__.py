@@ -33,6 +33,18 @@ _EXPORTS = {
     "summarize_split": "data.splits",
     "LeakageError": "data.splits",
     "UserError": "errors",
+    "TrainConfig": "config",
+    "load_preset": "config",
+    "list_presets": "config",
+    "create_model": "models",
+    "list_models": "models",
+    "fit": "engine",
+    "TrainResult": "engine",
+    "load_checkpoint": "engine",
+    "save_checkpoint": "engine",
+    "resolve_device": "engine",
+    "Predictor": "inference",
+    "Prediction": "inference",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
