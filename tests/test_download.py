@@ -339,6 +339,7 @@ def test_auto_reports_both_sources(
     closed_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(download, "BREAKHIS_URL", closed_url)
+    monkeypatch.setattr(download, "BREAKHIS_GDRIVE_ID", "mirror-id")
     monkeypatch.setitem(sys.modules, "gdown", None)  # makes `import gdown` fail
     with pytest.raises(DownloadError) as excinfo:
         download_breakhis(tmp_path, "auto", progress=False, timeout=5)
@@ -360,6 +361,7 @@ def test_auto_falls_back_to_gdrive(
         return output
 
     monkeypatch.setattr(download, "BREAKHIS_URL", closed_url)
+    monkeypatch.setattr(download, "BREAKHIS_GDRIVE_ID", "mirror-id")
     monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=fake_download))
     root = download_breakhis(tmp_path, "auto", progress=False, timeout=5)
     _assert_complete(root, tmp_path)
@@ -466,3 +468,27 @@ def test_unsafe_member_is_refused(
     _assert_nothing_extracted(dest)
     assert not (dest / "evil.png").exists()
     assert not (tmp_path / "evil.png").exists()
+
+
+def test_gdrive_without_a_mirror_id_says_how_to_set_one(
+    closed_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(download, "BREAKHIS_URL", closed_url)
+    monkeypatch.setattr(download, "BREAKHIS_GDRIVE_ID", None)
+    with pytest.raises(DownloadError, match="BCD_BREAKHIS_GDRIVE_ID"):
+        download_breakhis(tmp_path, "auto", progress=False, timeout=5)
+
+
+def test_gdrive_id_on_the_command_line(
+    tarball: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+
+    def fake_download(*, id: str, output: str, quiet: bool, resume: bool) -> str:  # noqa: A002
+        seen.append(id)
+        Path(output).write_bytes(tarball)
+        return output
+
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=fake_download))
+    download_breakhis(tmp_path, "gdrive:abc123", progress=False)
+    assert seen == ["abc123"]

@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Download BreaKHis_v1.tar.gz (resumable), check and extract it.")
     d.add_argument("--dest", default="data", help="folder to put BreaKHis_v1 in (default: data)")
     d.add_argument("--source", default="auto",
-                   help="ufpr (official site), gdrive (mirror via gdown), auto (both, in that "
-                   "order), or a URL")
+                   help="ufpr (official site), gdrive:FILE_ID (a Google Drive mirror via gdown; "
+                   "or set BCD_BREAKHIS_GDRIVE_ID), auto (ufpr, then the mirror), or a URL")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_download)
 

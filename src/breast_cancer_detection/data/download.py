@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     import requests
 
 BREAKHIS_URL = "http://www.inf.ufpr.br/vri/databases/BreaKHis_v1.tar.gz"
-# Public Google Drive mirror, tried when the UFPR server cannot be reached.
-BREAKHIS_GDRIVE_ID = "1-8fN2HFyZqFz0oWx5gMKNYsOIu8ehs3M"
+# Google Drive mirror, tried when the UFPR server cannot be reached. We ship no file id: none
+# has been verified against an official copy, and a wrong one would fetch the wrong bytes.
+# Set BCD_BREAKHIS_GDRIVE_ID, or pass --source gdrive:ID, with a mirror you trust.
+BREAKHIS_GDRIVE_ID: str | None = os.environ.get("BCD_BREAKHIS_GDRIVE_ID") or None
 # Unset until verified against an official copy; None turns the check off.
 BREAKHIS_SIZE: int | None = None
 BREAKHIS_SHA256: str | None = None
@@ -143,15 +145,18 @@ def _say(message: str, progress: bool) -> None:
 def _resolve_sources(source: str) -> list[tuple[str, str]]:
     # Module globals are read at call time so that a patched URL or mirror id is honoured.
     if source == "auto":
-        return [("ufpr", BREAKHIS_URL), ("gdrive", BREAKHIS_GDRIVE_ID)]
+        return [("ufpr", BREAKHIS_URL), ("gdrive", BREAKHIS_GDRIVE_ID or "")]
     if source == "ufpr":
         return [("ufpr", BREAKHIS_URL)]
     if source == "gdrive":
-        return [("gdrive", BREAKHIS_GDRIVE_ID)]
+        return [("gdrive", BREAKHIS_GDRIVE_ID or "")]
+    if source.startswith("gdrive:"):
+        return [("gdrive", source.removeprefix("gdrive:"))]
     if source.startswith(("http://", "https://")):
         return [(source, source)]
     raise ValueError(
-        f"Unknown BreakHis source {source!r}; use 'auto', 'ufpr', 'gdrive' or an http(s) URL."
+        f"Unknown BreakHis source {source!r}; use 'auto', 'ufpr', 'gdrive', 'gdrive:FILE_ID' "
+        "or an http(s) URL."
     )
 
 
@@ -224,6 +229,9 @@ def _download(
 
 
 def _download_gdrive(file_id: str, output: Path, *, progress: bool) -> None:
+    if not file_id:
+        raise _SourceFailed("no Google Drive mirror id is set (BCD_BREAKHIS_GDRIVE_ID, or "
+                            "--source gdrive:FILE_ID)")
     try:
         import gdown
     except ImportError:
