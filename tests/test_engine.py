@@ -256,3 +256,25 @@ def test_ddp_two_processes_match_one(fake_breakhis, tmp_path):
     # Validation metrics are reduced over both ranks: the same images, the same numbers.
     assert ma["val_auc"].tolist() == pytest.approx(mb["val_auc"].tolist(), abs=1e-4)
     assert ma["val_loss"].tolist() == pytest.approx(mb["val_loss"].tolist(), abs=1e-4)
+
+
+def test_training_reads_the_prepared_cache(fake_breakhis, tmp_path, monkeypatch, capsys):
+    from breast_cancer_detection.data.breakhis import build_index
+    from breast_cancer_detection.data.cache import prepare_cache
+    from breast_cancer_detection.errors import UserError
+
+    monkeypatch.chdir(tmp_path)  # the default cache folder is under the working directory
+    with pytest.raises(UserError, match="bcd prepare"):
+        fit(_cfg(fake_breakhis, tmp_path, name="nocache", batch_augment="on"), progress=False)
+    prepare_cache(fake_breakhis, build_index(fake_breakhis), 40, progress=False, workers=0)
+    files = fit(_cfg(fake_breakhis, tmp_path, name="files", cache="off"), progress=False)
+    assert "from the cache" not in capsys.readouterr().out
+    cached = fit(_cfg(fake_breakhis, tmp_path, name="cached"), progress=False)
+    out = capsys.readouterr().out
+    assert "Reading decoded images from the cache" in out and "whole batches" not in out
+    # Training from resized copies draws other crops, so only the shapes of results compare.
+    assert cached.last.keys() == files.last.keys()
+    batched = fit(_cfg(fake_breakhis, tmp_path, name="batched", batch_augment="on"),
+                  progress=False)
+    assert "augmenting whole batches on cpu" in capsys.readouterr().out
+    assert batched.last["val_loss"] > 0 and (tmp_path / "runs" / "batched" / "best.pt").is_file()

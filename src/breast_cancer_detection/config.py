@@ -78,6 +78,12 @@ class TrainConfig:
     """``torch.compile`` the model (CUDA; slower start, faster steps)."""
     workers: int = 2
     """DataLoader worker processes."""
+    cache: str = "auto"
+    """Decoded-image cache from ``bcd prepare``: ``auto`` (use it when present and fresh),
+    ``off``, or a cache folder (then a stale cache is an error)."""
+    batch_augment: str = "auto"
+    """Augment whole batches on the device instead of per image in the workers: ``auto`` (on
+    with CUDA and a cache), ``on``, ``off``. Needs a prepared cache."""
     max_bad_fraction: float = 0.01
     """Unreadable images are skipped; the run fails when more than this share is bad."""
 
@@ -99,6 +105,11 @@ class TrainConfig:
             raise ConfigError(f"balance={self.balance!r}: use 'loss', 'sampler' or 'none'.")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r}: use 'auto', 'bf16', 'fp16' or 'off'.")
+        if self.batch_augment not in ("auto", "on", "off"):
+            raise ConfigError(f"batch_augment={self.batch_augment!r}: use 'auto', 'on' or 'off'.")
+        if self.batch_augment == "on" and self.cache == "off":
+            raise ConfigError("batch_augment=on reads fixed-size images from the prepared "
+                              "cache: drop cache=off, or set batch_augment=off.")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1.")
         if self.lr <= 0:

@@ -210,7 +210,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                     *, dtype: torch.dtype | None = None, scaler=None, channels_last: bool = False,
                     state: EpochState | None = None, bad: dict[str, str] | None = None,
                     paths: list[str] | None = None, log_every: int = 10, progress=None,
-                    log=print) -> EpochState:
+                    log=print, batch_transform: nn.Module | None = None,
+                    aug_seed: int = 0) -> EpochState:
     """Trains over ``loader`` once.
 
     Args:
@@ -218,6 +219,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
             how far the epoch got.
         bad: Unreadable images seen so far (path -> reason), added to in place.
         progress: A tqdm bar to advance, or None.
+        batch_transform: Augmentation applied to whole uint8 batches on the device (e.g.
+            :class:`bcd.data.transforms.BatchAugment`); None when the loader already did it.
+        aug_seed: With ``batch_transform``, batch k is augmented with seed ``aug_seed + k``
+            (k counted from the start of the epoch, so a resumed epoch draws the same).
 
     Raises:
         TrainingError: the loss became NaN or infinite.
@@ -233,6 +238,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
             continue
         x = batch["x"].to(device, non_blocking=True)
         y = batch["y"].to(device, non_blocking=True)
+        if batch_transform is not None:
+            g = torch.Generator(device=device).manual_seed(aug_seed + state.step)
+            x = batch_transform(x, generator=g)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -273,7 +281,8 @@ def _sync_running(state: EpochState, running: torch.Tensor) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: torch.dtype | None = None,
-             channels_last: bool = False, loss_fn=None, progress=None) -> dict[str, np.ndarray]:
+             channels_last: bool = False, loss_fn=None, progress=None,
+             batch_transform: nn.Module | None = None) -> dict[str, np.ndarray]:
     """Runs the model over ``loader`` without gradients.
 
     Returns:
@@ -286,6 +295,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: torch.dty
         if batch["x"] is None:
             continue
         x = batch["x"].to(device, non_blocking=True)
+        if batch_transform is not None:
+            x = batch_transform(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -362,6 +373,51 @@ def _loader(ds, sampler, cfg: TrainConfig, device: torch.device, *, seed: int, d
         generator=torch.Generator().manual_seed(seed), **kw)
 
 
+def _datasets(cfg: TrainConfig, root: Path, train_tab: pd.DataFrame, val_tab: pd.DataFrame,
+              pre, aug, device: torch.device, log):
+    """Train and val datasets, from the prepared cache when there is a fresh one.
+
+    Returns:
+        ``(train_ds, val_ds, batch_augment, batch_eval)``; the last two are device-side batch
+        transforms when batch augmentation is on, else None.
+    """
+    from .data.transforms import (
+        BatchAugment,
+        BatchEval,
+        build_eval_transform,
+        build_train_transform,
+    )
+
+    train_tf, eval_tf = build_train_transform(pre=pre, aug=aug), build_eval_transform(pre=pre)
+    cache = None
+    if cfg.cache != "off":
+        from .data.cache import find_cache, open_cache
+
+        both = pd.concat([train_tab, val_tab])
+        size = cfg.resize or cfg.size
+        cache = (find_cache(root, both, size) if cfg.cache == "auto"
+                 else open_cache(cfg.cache, root, both))
+    on_batches = cfg.batch_augment == "on" or (
+        cfg.batch_augment == "auto" and device.type == "cuda" and cache is not None)
+    if on_batches and cache is None:
+        raise UserError(f"batch augmentation reads the prepared cache, and {root} has none at "
+                        f"{cfg.resize or cfg.size} px: run `bcd prepare {root} --size "
+                        f"{cfg.resize or cfg.size}` first, or pass --batch-augment off.")
+    if cache is None:
+        return (ImageTableDataset(root, train_tab, train_tf),
+                ImageTableDataset(root, val_tab, eval_tf), None, None)
+    from .data.cache import CachedImageDataset
+
+    log(f"Reading decoded images from the cache ({cache.shape[1]}x{cache.shape[2]} px)"
+        + (", augmenting whole batches on " + str(device) if on_batches else ""))
+    if not on_batches:
+        return (CachedImageDataset(cache, train_tab, train_tf),
+                CachedImageDataset(cache, val_tab, eval_tf), None, None)
+    return (CachedImageDataset(cache, train_tab, as_uint8=True),
+            CachedImageDataset(cache, val_tab, as_uint8=True),
+            BatchAugment(pre=pre, aug=aug).to(device), BatchEval(pre=pre).to(device))
+
+
 def _gather(obj, dist_info: DistInfo) -> list:
     if dist_info.world == 1:
         return [obj]
@@ -412,12 +468,7 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = 
     """
     from tqdm.auto import tqdm
 
-    from .data.transforms import (
-        Augmentation,
-        Preprocessing,
-        build_eval_transform,
-        build_train_transform,
-    )
+    from .data.transforms import Augmentation, Preprocessing
 
     ckpt = None
     if resume is not None:
@@ -449,8 +500,8 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = 
 
     pre = Preprocessing(size=cfg.size, resize=cfg.resize)
     aug = Augmentation.from_dict(cfg.augment)
-    train_ds = ImageTableDataset(root, train_tab, build_train_transform(pre=pre, aug=aug))
-    val_ds = ImageTableDataset(root, val_tab, build_eval_transform(pre=pre))
+    train_ds, val_ds, batch_aug, batch_eval = _datasets(cfg, root, train_tab, val_tab, pre, aug,
+                                                        device, log)
     counts = np.bincount(train_tab["target"].to_numpy(dtype=int), minlength=2)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every retry
@@ -561,7 +612,8 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = 
             train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, dtype=dtype,
                             scaler=scaler, channels_last=channels_last, state=state, bad=bad,
                             paths=train_ds.paths, log_every=cfg.log_every, progress=bar,
-                            log=log)
+                            log=log, batch_transform=batch_aug,
+                            aug_seed=(cfg.seed * 1_000_003 + epoch) * 100_003)
             bar.close()
             totals = sum(np.array(x) for x in _gather(
                 [state.loss_sum, state.correct, state.seen], dist_info))
@@ -582,7 +634,7 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = 
                 out = evaluate(model, _loader(val_ds, val_sampler, cfg, device, seed=0,
                                               drop_last=False),
                                device, dtype=dtype, channels_last=channels_last,
-                               loss_fn=eval_loss, progress=vbar)
+                               loss_fn=eval_loss, progress=vbar, batch_transform=batch_eval)
                 vbar.close()
                 parts = _gather(out, dist_info)
                 prob = np.concatenate([p["prob"] for p in parts])
