@@ -278,3 +278,25 @@ def test_training_reads_the_prepared_cache(fake_breakhis, tmp_path, monkeypatch,
                   progress=False)
     assert "augmenting whole batches on cpu" in capsys.readouterr().out
     assert batched.last["val_loss"] > 0 and (tmp_path / "runs" / "batched" / "best.pt").is_file()
+
+
+def test_sigterm_saves_last_like_ctrl_c(fake_breakhis, tmp_path, monkeypatch):
+    import signal
+
+    import breast_cancer_detection.engine as engine
+
+    real = engine.train_one_epoch
+    seen = {"n": 0}
+
+    def terminated(*args, **kwargs):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(fake_breakhis, tmp_path, epochs=3), progress=False)
+    assert load_checkpoint(tmp_path / "runs" / "r" / "last.pt")["epoch"] == 1
+    assert signal.getsignal(signal.SIGTERM) == before

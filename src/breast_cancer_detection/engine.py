@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -418,6 +421,26 @@ def _datasets(cfg: TrainConfig, root: Path, train_tab: pd.DataFrame, val_tab: pd
             BatchAugment(pre=pre, aug=aug).to(device), BatchEval(pre=pre).to(device))
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Turns SIGTERM (a cluster's preemption, a closed Colab runtime) into Ctrl-C.
+
+    So a terminated run also saves ``last.pt`` and can be resumed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _gather(obj, dist_info: DistInfo) -> list:
     if dist_info.world == 1:
         return [obj]
@@ -594,95 +617,96 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = 
     stopped_early = False
     epoch = start_epoch
     state = EpochState()
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            step0 = start_step if epoch == start_epoch else 0
-            state = EpochState(step=step0)
-            # Augmentation draws depend only on (seed, epoch), in the workers and out of them.
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-            sampler = EpochSampler(len(train_ds), seed=cfg.seed, epoch=epoch,
-                                   weights=sample_weights, rank=dist_info.rank,
-                                   world=dist_info.world, start=step0 * cfg.batch_size)
-            loader = _loader(train_ds, sampler, cfg, device, seed=cfg.seed * 7919 + epoch,
-                             drop_last=drop_last)
-            bar = tqdm(total=steps_per_epoch, initial=step0, desc=f"epoch {epoch + 1}/"
-                       f"{cfg.epochs}", unit="batch", leave=False,
-                       disable=not (progress and dist_info.is_main))
-            train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, dtype=dtype,
-                            scaler=scaler, channels_last=channels_last, state=state, bad=bad,
-                            paths=train_ds.paths, log_every=cfg.log_every, progress=bar,
-                            log=log, batch_transform=batch_aug,
-                            aug_seed=(cfg.seed * 1_000_003 + epoch) * 100_003)
-            bar.close()
-            totals = sum(np.array(x) for x in _gather(
-                [state.loss_sum, state.correct, state.seen], dist_info))
-            train_loss, train_acc = totals[0] / max(1, totals[2]), totals[1] / max(1, totals[2])
-            if len(bad) > cfg.max_bad_fraction * len(train_ds):
-                raise TrainingError(
-                    f"{len(bad)} of {len(train_ds)} training images are unreadable (limit "
-                    f"{cfg.max_bad_fraction:.0%}); run `bcd index {root} --verify` to list them, "
-                    "fix or remove them, or raise max_bad_fraction.")
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-                   "lr": optimizer.param_groups[0]["lr"]}
-            if len(val_ds):
-                val_sampler = EpochSampler(len(val_ds), seed=0, epoch=0, shuffle=False,
-                                           rank=dist_info.rank, world=dist_info.world)
-                vbar = tqdm(total=math.ceil(len(val_sampler) / cfg.batch_size), desc="val",
-                            unit="batch", leave=False,
-                            disable=not (progress and dist_info.is_main))
-                out = evaluate(model, _loader(val_ds, val_sampler, cfg, device, seed=0,
-                                              drop_last=False),
-                               device, dtype=dtype, channels_last=channels_last,
-                               loss_fn=eval_loss, progress=vbar, batch_transform=batch_eval)
-                vbar.close()
-                parts = _gather(out, dist_info)
-                prob = np.concatenate([p["prob"] for p in parts])
-                target = np.concatenate([p["target"] for p in parts])
-                n_val = sum(len(p["target"]) for p in parts)
-                val_loss = sum(p["loss"] * len(p["target"]) for p in parts) / max(1, n_val)
-                row.update(val_loss=val_loss, val_acc=accuracy(target, prob),
-                           val_auc=roc_auc(target, prob))
-                score = row["val_auc"] if math.isfinite(row["val_auc"]) else -val_loss
-            else:
-                score = -train_loss
-            seconds = time.perf_counter() - t0
-            row.update(seconds=seconds, images_per_s=totals[2] / seconds)
-            row = _plain(row)
-            improved = score > best_score
-            if improved:
-                best_score, best_epoch, since_best = score, epoch + 1, 0
-                best_metrics = dict(row)
-            else:
-                since_best += 1
-            if dist_info.is_main:
-                save_checkpoint(state_dict_for(epoch + 1, 0, full=True), run_dir / "last.pt")
+    with _sigterm_as_interrupt():
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                t0 = time.perf_counter()
+                step0 = start_step if epoch == start_epoch else 0
+                state = EpochState(step=step0)
+                # Augmentation draws depend only on (seed, epoch), in the workers and out of them.
+                torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+                sampler = EpochSampler(len(train_ds), seed=cfg.seed, epoch=epoch,
+                                       weights=sample_weights, rank=dist_info.rank,
+                                       world=dist_info.world, start=step0 * cfg.batch_size)
+                loader = _loader(train_ds, sampler, cfg, device, seed=cfg.seed * 7919 + epoch,
+                                 drop_last=drop_last)
+                bar = tqdm(total=steps_per_epoch, initial=step0, desc=f"epoch {epoch + 1}/"
+                           f"{cfg.epochs}", unit="batch", leave=False,
+                           disable=not (progress and dist_info.is_main))
+                train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, dtype=dtype,
+                                scaler=scaler, channels_last=channels_last, state=state, bad=bad,
+                                paths=train_ds.paths, log_every=cfg.log_every, progress=bar,
+                                log=log, batch_transform=batch_aug,
+                                aug_seed=(cfg.seed * 1_000_003 + epoch) * 100_003)
+                bar.close()
+                totals = sum(np.array(x) for x in _gather(
+                    [state.loss_sum, state.correct, state.seen], dist_info))
+                train_loss, train_acc = totals[0] / max(1, totals[2]), totals[1] / max(1, totals[2])
+                if len(bad) > cfg.max_bad_fraction * len(train_ds):
+                    raise TrainingError(
+                        f"{len(bad)} of {len(train_ds)} training images are unreadable (limit "
+                        f"{cfg.max_bad_fraction:.0%}); run `bcd index {root} --verify` to list "
+                        "them, fix or remove them, or raise max_bad_fraction.")
+                row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                       "lr": optimizer.param_groups[0]["lr"]}
+                if len(val_ds):
+                    val_sampler = EpochSampler(len(val_ds), seed=0, epoch=0, shuffle=False,
+                                               rank=dist_info.rank, world=dist_info.world)
+                    vbar = tqdm(total=math.ceil(len(val_sampler) / cfg.batch_size), desc="val",
+                                unit="batch", leave=False,
+                                disable=not (progress and dist_info.is_main))
+                    out = evaluate(model, _loader(val_ds, val_sampler, cfg, device, seed=0,
+                                                  drop_last=False),
+                                   device, dtype=dtype, channels_last=channels_last,
+                                   loss_fn=eval_loss, progress=vbar, batch_transform=batch_eval)
+                    vbar.close()
+                    parts = _gather(out, dist_info)
+                    prob = np.concatenate([p["prob"] for p in parts])
+                    target = np.concatenate([p["target"] for p in parts])
+                    n_val = sum(len(p["target"]) for p in parts)
+                    val_loss = sum(p["loss"] * len(p["target"]) for p in parts) / max(1, n_val)
+                    row.update(val_loss=val_loss, val_acc=accuracy(target, prob),
+                               val_auc=roc_auc(target, prob))
+                    score = row["val_auc"] if math.isfinite(row["val_auc"]) else -val_loss
+                else:
+                    score = -train_loss
+                seconds = time.perf_counter() - t0
+                row.update(seconds=seconds, images_per_s=totals[2] / seconds)
+                row = _plain(row)
+                improved = score > best_score
                 if improved:
-                    save_checkpoint(state_dict_for(epoch + 1, 0, full=False),
-                                    run_dir / "best.pt")
-                history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-                history.to_csv(metrics_path, index=False)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "epoch":
-                            tb.add_scalar(k, v, epoch + 1)
-            last_row = row
-            log(_epoch_line(row, cfg.epochs, improved))
-            if cfg.early_stop and since_best >= cfg.early_stop:
-                log(f"Early stop: no better validation AUC for {since_best} epochs.")
-                stopped_early = True
-                break
-    except KeyboardInterrupt:
-        if dist_info.is_main:
-            # Completed steps of this epoch are kept; resuming continues with the next batch.
-            save_checkpoint(state_dict_for(epoch, state.step, full=True), run_dir / "last.pt")
-            print(f"\nInterrupted at epoch {epoch + 1}, step {state.step}. Saved "
-                  f"{run_dir / 'last.pt'}. Resume with: bcd train --resume {run_dir}",
-                  file=sys.stderr)
-        raise
-    finally:
-        if tb is not None:
-            tb.close()
+                    best_score, best_epoch, since_best = score, epoch + 1, 0
+                    best_metrics = dict(row)
+                else:
+                    since_best += 1
+                if dist_info.is_main:
+                    save_checkpoint(state_dict_for(epoch + 1, 0, full=True), run_dir / "last.pt")
+                    if improved:
+                        save_checkpoint(state_dict_for(epoch + 1, 0, full=False),
+                                        run_dir / "best.pt")
+                    history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
+                    history.to_csv(metrics_path, index=False)
+                    if tb is not None:
+                        for k, v in row.items():
+                            if k != "epoch":
+                                tb.add_scalar(k, v, epoch + 1)
+                last_row = row
+                log(_epoch_line(row, cfg.epochs, improved))
+                if cfg.early_stop and since_best >= cfg.early_stop:
+                    log(f"Early stop: no better validation AUC for {since_best} epochs.")
+                    stopped_early = True
+                    break
+        except KeyboardInterrupt:
+            if dist_info.is_main:
+                # Completed steps of this epoch are kept; resuming continues with the next batch.
+                save_checkpoint(state_dict_for(epoch, state.step, full=True), run_dir / "last.pt")
+                print(f"\nInterrupted at epoch {epoch + 1}, step {state.step}. Saved "
+                      f"{run_dir / 'last.pt'}. Resume with: bcd train --resume {run_dir}",
+                      file=sys.stderr)
+            raise
+        finally:
+            if tb is not None:
+                tb.close()
     if bad:
         log(f"{len(bad)} unreadable training image(s) were skipped: "
             + ", ".join(list(bad)[:5]) + (" ..." if len(bad) > 5 else ""))
