@@ -115,3 +115,20 @@ def shared_data() -> Path:
 
 # Progress bars would only clutter the test log.
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def trained_run(fake_breakhis, tmp_path_factory) -> Path:
+    """A run folder (config.yaml, split.csv, best.pt...) of the tiny model, 3 epochs at 32 px.
+
+    Shared by the session: copy it before writing into it (``bcd evaluate`` stores the
+    threshold in ``best.pt``).
+    """
+    from breast_cancer_detection.config import TrainConfig, load_preset
+    from breast_cancer_detection.engine import fit
+
+    cfg = TrainConfig.from_dict({**load_preset("cpu-smoke"), "data": str(fake_breakhis),
+                                 "runs_dir": str(tmp_path_factory.mktemp("runs")), "name": "r",
+                                 "size": 32, "resize": 40, "epochs": 3, "val": 0.25,
+                                 "test": 0.2})
+    return fit(cfg, progress=False).run_dir

@@ -59,6 +59,39 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .data.breakhis import build_index
+    from .data.cache import default_cache_dir, prepare_cache
+
+    index = build_index(args.root)
+    start = time.perf_counter()
+    out = prepare_cache(args.root, index, args.size, args.out, progress=not args.quiet,
+                        workers=args.workers)
+    seconds = time.perf_counter() - start
+    n = index["path"].nunique()
+    megabytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
+    manifest = json.loads((out / "manifest.json").read_text())
+    h, w = manifest["shape"][1:3]
+    print(f"Cache of {n} images at {w}x{h} px written to {out}")
+    print(f"{megabytes:,.0f} MB on disk; built in {seconds:.1f} s ({n / seconds:,.0f} images/s)")
+    for path, reason in manifest["bad"].items():
+        print(f"BAD IMAGE {path}: {reason}", file=sys.stderr)
+    if manifest["bad"]:
+        print(f"{len(manifest['bad'])} image(s) could not be decoded; training skips them.",
+              file=sys.stderr)
+    if out.resolve() == default_cache_dir(args.root, args.size).resolve():
+        print(f"Training uses it automatically while it is fresh: `bcd train --data {args.root} "
+              "...` run from this folder. Changing, adding or removing images makes it stale; "
+              f"then run `bcd prepare {args.root} --size {args.size}` again.")
+    else:
+        print(f"Not the default location {default_cache_dir(args.root, args.size)}: training "
+              "looks only there, so move it there or prepare without --out.")
+    return 0
+
+
 def _cmd_split(args: argparse.Namespace) -> int:
     from .data.splits import (
         make_folds,
@@ -165,12 +198,19 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--balance", choices=["loss", "sampler", "none"], default=S,
                    help="class imbalance handling" + default("balance"))
     g.add_argument("--early-stop", type=int, default=S, metavar="EPOCHS")
+    g.add_argument("--tta", action="store_true", default=S,
+                   help="validate with the 8 flips/rotations averaged")
     g.add_argument("--seed", type=int, default=S)
     g = t.add_argument_group("machine and output")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1" + default("device"))
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=S)
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--workers", type=int, default=S, help=default("workers").strip())
+    g.add_argument("--cache", default=S, help="decoded-image cache from `bcd prepare`: auto "
+                   "(use when present and fresh), off, or a folder" + default("cache"))
+    g.add_argument("--batch-augment", choices=["auto", "on", "off"], default=S,
+                   help="augment whole batches on the GPU (needs the cache)"
+                   + default("batch_augment"))
     g.add_argument("--max-bad-fraction", type=float, default=S)
     g.add_argument("--runs-dir", default=S, help=default("runs_dir").strip())
     g.add_argument("--name", default=S, help="run folder name (default: MODEL-DATE-TIME)")
@@ -183,6 +223,195 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     print("\n".join(list_models()))
     print("(any timm model name also works when timm is installed)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import LEAKAGE_EXIT_CODE, evaluate_checkpoint
+
+    ev = evaluate_checkpoint(
+        args.checkpoint, args.data, split=args.split, subset=args.subset, out=args.out,
+        target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, seed=args.seed,
+        allow_leakage=args.allow_leakage, device=args.device, batch_size=args.batch_size,
+        workers=args.workers, progress=not args.quiet)
+    m = ev.metrics
+    img, pat, ci = m["image"], m["patient"], m["ci"]
+
+    def show(section: str, key: str) -> str:
+        value = m[section].get(key)
+        if value is None or value != value:
+            return "n/a"
+        low_high = ci.get(section, {}).get(key)
+        return f"{value:.4f}" + (f" (95% CI {low_high[0]:.4f}-{low_high[1]:.4f})"
+                                 if low_high and low_high[0] == low_high[0] else "")
+
+    for line in m["caveats"]:
+        print(f"CAVEAT: {line}", file=sys.stderr)
+    print(f"{m['subset']}: {img['images']} images"
+          + (f", {pat['patients']} patients" if "patients" in pat else ", no patient ids")
+          + f"; threshold {m['threshold']['value']:.4f} ({m['threshold']['source']})")
+    print(f"  accuracy {show('image', 'accuracy')}, AUC {show('image', 'roc_auc')}, "
+          f"sensitivity {show('image', 'sensitivity')}, specificity "
+          f"{show('image', 'specificity')}")
+    if "recognition_rate" in pat:
+        print(f"  patient recognition rate {show('patient', 'recognition_rate')}, "
+              f"patient AUC {show('patient', 'roc_auc')}")
+    print(f"Report: {ev.report}")
+    if ev.leaked:
+        print("LEAKAGE: " + " ".join(ev.leakage)
+              + ("" if args.allow_leakage else " Exit code "
+                 f"{LEAKAGE_EXIT_CODE}; pass --allow-leakage to accept it."), file=sys.stderr)
+        if not args.allow_leakage:
+            return LEAKAGE_EXIT_CODE
+    return 0
+
+
+_CV_TRAIN_KEYS = ("model", "epochs", "size", "batch_size", "lr", "pretrained", "device",
+                  "workers", "magnification", "seed")
+
+
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from .config import load_preset
+    from .evaluation import run_cv
+
+    settings = load_preset(args.preset) if args.preset else {}
+    settings.update({k: getattr(args, k) for k in _CV_TRAIN_KEYS if hasattr(args, k)})
+    out = args.out or f"reports/cv-{settings.get('model', 'densenet121')}-{args.folds}fold"
+    try:
+        result = run_cv(args.data, folds=args.folds, settings=settings, out=out,
+                        bootstrap=args.bootstrap, target_sensitivity=args.target_sensitivity,
+                        progress=not args.quiet)
+    except KeyboardInterrupt:
+        return 130
+    overall = result.summary[result.summary["scope"] == "all"].set_index("metric")
+    for key in ("image.accuracy", "image.roc_auc", "patient.recognition_rate"):
+        if key in overall.index:
+            print(f"  {key}: {overall.at[key, 'mean']:.4f} +- {overall.at[key, 'std']:.4f}")
+    print(f"Report: {result.out_dir / 'report.md'}")
+    return 0
+
+
+def _unique_stems(files: list[Path]) -> list[str]:
+    """A file name per input for figures: the stem, numbered when two inputs share one."""
+    seen: dict[str, int] = {}
+    out = []
+    for f in files:
+        stem = f.stem or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return out
+
+
+def _prediction_lines(files: list[Path], table, limit: int) -> str:
+    """file, label, P(malignant) as left-aligned columns; files relative to their common
+    folder, as the full paths are in the CSV."""
+    import os
+
+    parents = [str(f.parent) for f in files]
+    base = Path(os.path.commonpath(parents)) if parents else Path()
+    names = []
+    for f in files[:limit]:
+        try:
+            names.append(str(f.relative_to(base)))
+        except ValueError:
+            names.append(str(f))
+    width = max([4, *map(len, names)])
+    lines = [f"{'file':<{width}}  {'label':<9}  P(malignant)"]
+    for name, label, p in zip(names, table["label"], table["p_malignant"]):
+        lines.append(f"{name:<{width}}  {label:<9}  " + ("-" if p != p else f"{p:.4f}"))
+    return "\n".join(lines)
+
+
+def _load_predictor(args: argparse.Namespace):
+    import urllib.parse
+
+    from .data.datasets import DEFAULT_MAX_PIXELS
+    from .inference import Predictor
+
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+    kw = dict(sha256=args.sha256, progress=not args.quiet, max_pixels=max_pixels)
+    if urllib.parse.urldefrag(str(args.checkpoint))[0].lower().endswith(".onnx"):
+        return Predictor.from_onnx(args.checkpoint, device=args.device, **kw)
+    return Predictor.from_checkpoint(args.checkpoint, device=args.device, **kw)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .data.breakhis import IMAGE_SUFFIXES
+    from .errors import UserError
+    from .inference import collect_images, predictions_frame, summarize_patients
+
+    files = collect_images(args.paths)
+    if not files:
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
+                        f"{', '.join(args.paths)}.")
+    predictor = _load_predictor(args)
+    if args.cam and predictor.backend != "torch":
+        raise UserError("--cam needs gradients: pass the PyTorch checkpoint (.pt), not the "
+                        "ONNX export.")
+    preds = predictor.predict(files, batch_size=args.batch_size, tta=args.tta,
+                              tile_factor=args.tile_factor or None, tile_size=args.tile_size,
+                              workers=args.workers, progress=not args.quiet)
+    table = predictions_frame(preds)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+
+    print(_prediction_lines(files, table, args.show))
+    if len(table) > args.show:
+        print(f"... and {len(table) - args.show} more in {out}")
+    failed = table[table["error"] != ""]
+    counts = table["label"].value_counts()
+    print(f"\n{len(table)} images: " + ", ".join(
+        f"{counts.get(c, 0)} {c}" for c in predictor.classes)
+        + f", {len(failed)} failed; threshold {predictor.threshold:.4f}, "
+        f"{predictor.threshold_source}{'; 8-view TTA' if args.tta else ''}. "
+        f"Predictions written to {out}")
+    for f, e in zip(failed["file"], failed["error"]):
+        print(f"FAILED {f}: {e}", file=sys.stderr)
+
+    if args.patients:
+        patients = summarize_patients(table)
+        if len(patients):
+            path = out.with_name(f"{out.stem}-patients.csv")
+            patients.to_csv(path, index=False)
+            print("\n" + patients.to_string(index=False, float_format="{:.4f}".format))
+            print(f"Patient summary written to {path}")
+        else:
+            print("\n--patients: no file name is a BreakHis name (SOB_M_DC-14-2523-400-012.png)"
+                  "; no patient summary.")
+
+    good = [(f, p, stem) for f, p, stem in zip(files, preds, _unique_stems(files))
+            if p.error is None]
+    if args.plot:
+        from .plots import plot_prediction
+
+        folder = Path(args.plot)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f, p, stem in good:
+            plot_prediction(f, p).savefig(folder / f"{stem}.png", dpi=100)
+        print(f"{len(good)} figure(s) written to {folder}")
+    if args.cam:
+        from .explain import explain, overlay
+
+        folder = Path(args.cam)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f, p, stem in good:
+            view, cam = explain(predictor, f, target=predictor.classes.index(p.label))
+            overlay(view, cam).save(folder / f"{stem}-cam.png")
+        print(f"{len(good)} Grad-CAM overlay(s) of the predicted class written to {folder}")
+    return 1 if len(failed) else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .inference import _local_file
+
+    ckpt = _local_file(args.checkpoint, sha256=args.sha256, cache=None, progress=not args.quiet)
+    out = export_onnx(ckpt, args.onnx, opset=args.opset, verify=not args.no_verify)
+    checked = "" if args.no_verify else "; matches PyTorch within 1e-4 on a test batch"
+    print(f"ONNX model written to {out} ({out.stat().st_size / 1e6:.1f} MB){checked}. Input: "
+          "normalised float32 (N, 3, size, size); preprocessing, classes and threshold are in "
+          f"its metadata. Run it with `bcd predict {out} IMAGES`.")
     return 0
 
 
@@ -216,6 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(func=_cmd_index)
 
+    pr = sub.add_parser("prepare", help="decode and resize every image once into a cache",
+                        description="Decode every image of ROOT once, resize it so its short "
+                        "side is SIZE, and store all of them in one memory-mapped array that "
+                        "training reads instead of the PNGs (BreakHis at 256 px: 2.4 GB).")
+    pr.add_argument("root", help="data folder (BreakHis tree or ImageFolder)")
+    pr.add_argument("--size", type=int, required=True,
+                    help="short side in pixels; use the eval resize (e.g. 256)")
+    pr.add_argument("--out", help="cache folder (default: data/cache/NAME-HASH-SIZEpx here)")
+    pr.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_prepare)
+
     s = sub.add_parser("split", help="patient-disjoint train/val/test split or k folds",
                        description="Write a split CSV (path,patient,label,magnification,split) "
                        "with no patient in two subsets.")
@@ -241,6 +482,103 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the architectures create_model knows")
     m.set_defaults(func=_cmd_models)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint: metrics, CIs, plots, report",
+                       description="Run a checkpoint over a subset of a split; choose the "
+                       "threshold on the split's val subset (stored in the checkpoint); write "
+                       "metrics.json, predictions.csv, PNG plots and report.md. Exits "
+                       "3 when the evaluated patients overlap the checkpoint's training data.")
+    e.add_argument("checkpoint", help="best.pt / last.pt from `bcd train`")
+    e.add_argument("--data", help="data folder the split's paths are relative to (default: the "
+                   "one in the checkpoint's config)")
+    e.add_argument("--split", help="split CSV (default: split.csv next to the checkpoint; "
+                   "without one, every image under --data is evaluated)")
+    e.add_argument("--subset", default="test", help="subset to evaluate (default: test)")
+    e.add_argument("--out", help="report folder (default: reports/<run name>-<subset>)")
+    e.add_argument("--target-sensitivity", type=float, metavar="S",
+                   help="choose the threshold reaching this sensitivity on val (e.g. 0.95) "
+                   "instead of Youden's J")
+    e.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples of patients for the 95%% CIs (0: none; "
+                   "default 1000)")
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    e.add_argument("--allow-leakage", action="store_true",
+                   help="exit 0 even when evaluated patients were in training (still reported)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_evaluate)
+
+    S = argparse.SUPPRESS  # only options actually given override the preset
+    c = sub.add_parser("cv", help="patient-disjoint k-fold cross-validation, end to end",
+                       description="Deal patients into K folds; for each fold train on K-2, "
+                       "pick epoch and threshold on one, evaluate on the held-out one; report "
+                       "mean +- std of every metric over folds, overall and per magnification.")
+    c.add_argument("--data", required=True, help="data folder (BreakHis tree)")
+    c.add_argument("--folds", type=int, default=5, help="number of folds, >= 3 (default 5)")
+    c.add_argument("--out", help="output folder (default: reports/cv-MODEL-Kfold)")
+    c.add_argument("--preset", help="training preset (cpu-smoke, breakhis-gpu, ...) or YAML")
+    c.add_argument("--model", default=S)
+    c.add_argument("--epochs", type=int, default=S)
+    c.add_argument("--size", type=int, default=S)
+    c.add_argument("--batch-size", type=int, default=S)
+    c.add_argument("--lr", type=float, default=S)
+    c.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=S)
+    c.add_argument("--device", default=S)
+    c.add_argument("--workers", type=int, default=S)
+    c.add_argument("--magnification", nargs="+", default=S, metavar="MAG")
+    c.add_argument("--seed", type=int, default=S, help="seed of the folds and the training")
+    c.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples per fold report (default 1000)")
+    c.add_argument("--target-sensitivity", type=float, metavar="S")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_cmd_cv)
+
+    pd_ = sub.add_parser("predict", help="predict images with a checkpoint (or ONNX export)",
+                         description="Predict image files and folders (searched recursively) "
+                         "with a checkpoint from `bcd train`, a URL of one, or an ONNX export. "
+                         "Prints file, label, P(malignant); writes a CSV. Exits 1 when any "
+                         "image could not be read (its CSV row says why).")
+    pd_.add_argument("checkpoint", help="best.pt, an https:// or Google Drive URL (downloaded "
+                     "once into ~/.cache/breast_cancer_detection or $BCD_CACHE), or model.onnx")
+    pd_.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    pd_.add_argument("--out", default="predictions.csv",
+                     help="CSV to write (default: predictions.csv)")
+    pd_.add_argument("--plot", metavar="DIR", help="write a figure per image (image titled with "
+                     "its class, above the class probabilities)")
+    pd_.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay per image")
+    pd_.add_argument("--tta", action="store_true",
+                     help="average over the 8 flips and quarter turns")
+    pd_.add_argument("--patients", action="store_true", help="also summarise per patient when "
+                     "the file names are BreakHis names (writes OUT-patients.csv)")
+    pd_.add_argument("--sha256", help="expected SHA-256 of the checkpoint (a URL may also end "
+                     "in #sha256=HEX)")
+    pd_.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    pd_.add_argument("--batch-size", type=int, default=32, help="(default 32)")
+    pd_.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0)")
+    pd_.add_argument("--max-pixels", type=int, metavar="N", help="refuse larger images before "
+                     "decoding (default 100000000; 0: no limit of ours)")
+    pd_.add_argument("--tile-factor", type=float, default=2.0, help="tile images whose short "
+                     "side exceeds this many tile sides (default 2; 0: never tile)")
+    pd_.add_argument("--tile-size", type=int, help="tile side in image pixels (default: the "
+                     "checkpoint's eval resize)")
+    pd_.add_argument("--show", type=int, default=50, help="rows to print (default 50)")
+    pd_.add_argument("--quiet", action="store_true", help="no progress bars")
+    pd_.set_defaults(func=_cmd_predict)
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX",
+                       description="Write the checkpoint's model as ONNX (dynamic batch size) "
+                       "with its preprocessing, classes and threshold as metadata, and check it "
+                       "against PyTorch with ONNX Runtime (pip install onnx onnxruntime).")
+    x.add_argument("checkpoint", help="best.pt from `bcd train` (or a URL of one)")
+    x.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    x.add_argument("--sha256", help="expected SHA-256 of the checkpoint")
+    x.add_argument("--no-verify", action="store_true",
+                   help="skip the ONNX Runtime comparison")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

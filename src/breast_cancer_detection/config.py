@@ -63,6 +63,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     balance: str = "loss"
     """Class imbalance: ``loss`` (weighted loss), ``sampler`` (balanced sampling), ``none``."""
+    tta: bool = False
+    """Validate with test-time augmentation (8 flips/rotations averaged)."""
     early_stop: int | None = None
     """Stop after this many epochs without a better validation AUC; None never stops early."""
     seed: int = 0

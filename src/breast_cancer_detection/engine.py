@@ -285,13 +285,20 @@ def _sync_running(state: EpochState, running: torch.Tensor) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: torch.dtype | None = None,
              channels_last: bool = False, loss_fn=None, progress=None,
-             batch_transform: nn.Module | None = None) -> dict[str, np.ndarray]:
+             batch_transform: nn.Module | None = None, tta: bool = False
+             ) -> dict[str, np.ndarray]:
     """Runs the model over ``loader`` without gradients.
+
+    Args:
+        tta: Average the probabilities over the 8 flips/rotations of each image (tissue has
+            no up or left, so all 8 are equally valid views).
 
     Returns:
         ``prob`` (P(malignant) per image), ``target``, ``row`` (the table row of each image),
         and ``loss`` (mean, when ``loss_fn`` is given).
     """
+    from .data.transforms import dihedral
+
     model.eval()
     probs, targets, rows, loss_sum = [], [], [], 0.0
     for batch in loader:
@@ -303,7 +310,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: torch.dty
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x).float()
+            if tta:
+                p = torch.stack([torch.softmax(model(dihedral(x, k)).float(), 1)
+                                 for k in range(8)]).mean(0)
+                logits = torch.log(p.clamp_min(1e-12))
+            else:
+                logits = model(x).float()
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, batch["y"].to(device))) * len(batch["y"])
         probs.append(torch.softmax(logits, 1)[:, 1].cpu())
@@ -658,7 +670,8 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = 
                     out = evaluate(model, _loader(val_ds, val_sampler, cfg, device, seed=0,
                                                   drop_last=False),
                                    device, dtype=dtype, channels_last=channels_last,
-                                   loss_fn=eval_loss, progress=vbar, batch_transform=batch_eval)
+                                   loss_fn=eval_loss, progress=vbar, batch_transform=batch_eval,
+                               tta=cfg.tta)
                     vbar.close()
                     parts = _gather(out, dist_info)
                     prob = np.concatenate([p["prob"] for p in parts])

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,57 +15,492 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.breakhis import CLASSES
-from .data.datasets import ImageTableDataset, collate_skip_bad
-from .data.transforms import Preprocessing, build_eval_transform
-from .engine import amp_dtype, evaluate, load_checkpoint, resolve_device
+from .data.breakhis import CLASSES, IMAGE_SUFFIXES, parse_breakhis_name
+from .data.datasets import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageTableDataset,
+    collate_skip_bad,
+    open_rgb,
+)
+from .data.transforms import Preprocessing, build_eval_transform, dihedral
+from .engine import CheckpointError, amp_dtype, evaluate, load_checkpoint, resolve_device
+from .errors import UserError
 from .models import create_model
+
+DEFAULT_TILE_FACTOR = 2.0
+"""Images whose short side exceeds this many tile sides are tiled instead of shrunk."""
+
+_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------- results
 
 
 @dataclass
 class Prediction:
-    """One image's answer."""
+    """One image's answer.
+
+    Attributes:
+        source: The file path, or ``<image N>`` for an image given in memory.
+        probabilities: Class name -> probability; NaN when the image could not be read.
+        label: The class at the stored threshold on P(malignant), or ``"error"``.
+        threshold: P(malignant) at or above which the label is malignant.
+        error: Why the image could not be read, or None.
+        tiles: How many tiles were averaged: 1 for an image predicted whole, 0 after an error.
+        heatmap: For a tiled image, P(malignant) of each tile as a ``(rows, cols)`` array in
+            image order (row 0 at the top); None otherwise.
+    """
 
     source: str
     probabilities: dict[str, float]
     label: str
     threshold: float
     error: str | None = None
+    tiles: int = 1
+    heatmap: np.ndarray | None = None
 
     @property
     def p_malignant(self) -> float:
+        """The probability of the malignant class (NaN after an error)."""
         return self.probabilities.get(CLASSES[1], float("nan"))
+
+    def to_row(self) -> dict[str, Any]:
+        """The prediction as one CSV row: file, label, p_<class>..., threshold, tiles, error."""
+        row: dict[str, Any] = {"file": self.source, "label": self.label}
+        row.update({f"p_{c}": p for c, p in self.probabilities.items()})
+        row.update(threshold=self.threshold, tiles=self.tiles, error=self.error or "")
+        return row
+
+
+def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
+    """The predictions as a table, one row per image (see :meth:`Prediction.to_row`)."""
+    return pd.DataFrame([p.to_row() for p in predictions])
+
+
+def summarize_patients(predictions: pd.DataFrame | list[Prediction],
+                       threshold: float | None = None) -> pd.DataFrame:
+    """Patient-level answers for images whose file names are BreakHis names.
+
+    A patient's P(malignant) is the mean over their readable images; the label applies the
+    same threshold as the images. Files whose names do not parse, and failed images, are left
+    out.
+
+    Args:
+        predictions: :func:`predictions_frame` output (or the CSV ``bcd predict`` writes), or
+            the Prediction list itself.
+        threshold: Decision threshold; None takes the table's ``threshold`` column.
+
+    Returns:
+        One row per patient: ``patient``, ``images``, ``p_malignant``, ``label``,
+        ``threshold`` and ``name_label`` (the class the BreakHis file names state). Empty
+        when no file name parses.
+    """
+    df = predictions if isinstance(predictions, pd.DataFrame) else predictions_frame(predictions)
+    columns = ["patient", "images", "p_malignant", "label", "threshold", "name_label"]
+    errors = df["error"].fillna("").astype(str) if "error" in df else pd.Series("", df.index)
+    names = [parse_breakhis_name(Path(str(f)).name) for f in df["file"]]
+    keep = [n is not None and e == "" and np.isfinite(p)
+            for n, e, p in zip(names, errors, df["p_malignant"])]
+    if not any(keep):
+        return pd.DataFrame(columns=columns)
+    sub = df[keep].assign(patient=[n.patient for n, k in zip(names, keep) if k],
+                          name_label=[n.label for n, k in zip(names, keep) if k])
+    if threshold is None:
+        threshold = float(sub["threshold"].iloc[0])
+    out = sub.groupby("patient", sort=True).agg(
+        images=("p_malignant", "size"), p_malignant=("p_malignant", "mean"),
+        name_label=("name_label", lambda s: "/".join(sorted(set(s))))).reset_index()
+    out["label"] = np.where(out["p_malignant"] >= threshold, CLASSES[1], CLASSES[0])
+    out["threshold"] = threshold
+    return out[columns]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def collect_images(paths) -> list[Path]:
+    """The image files named by ``paths``: files as given, folders searched recursively.
+
+    A folder contributes its image files (by suffix, hidden files skipped) in sorted order.
+    A file is kept whatever its suffix, so a wrong or unreadable file named explicitly ends
+    up as an error row instead of being passed over silently.
+    """
+    out: list[Path] = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = Path(p)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                          and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def _tile_starts(length: int, tile: int) -> list[int]:
+    """Offsets of tiles of side ``tile`` with half-tile overlap; the last one ends flush."""
+    stride = max(1, tile // 2)
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+@dataclass
+class _Prepared:
+    """One input made ready for the model, or the reason it could not be."""
+
+    index: int
+    x: torch.Tensor | None = None          # (1, 3, size, size), an image predicted whole
+    image: torch.Tensor | None = None      # (3, H, W) uint8, an image to be tiled
+    boxes: list[tuple[int, int]] | None = None  # top-left corners of the tiles
+    grid: tuple[int, int] | None = None
+    error: str | None = None
+
+
+class _Preparer:
+    """Reads one input and applies the evaluation transform, tiling large images.
+
+    A plain object rather than a method of Predictor, so that DataLoader workers can pickle
+    it without the model.
+    """
+
+    def __init__(self, pre: Preprocessing, transform, *, max_pixels: int | None,
+                 tile_factor: float | None, tile_size: int | None):
+        self.transform = transform
+        self.max_pixels = max_pixels
+        if tile_factor is not None and tile_factor < 1:
+            raise UserError(f"tile_factor={tile_factor} must be at least 1 (an image is tiled "
+                            "when its short side exceeds that many tiles), or None to never "
+                            "tile.")
+        if tile_size is not None and tile_size < 1:
+            raise UserError(f"tile_size={tile_size} must be a positive number of pixels.")
+        self.tile_factor = tile_factor
+        self.tile = int(tile_size or pre.resize or pre.size)
+
+    def __call__(self, index: int, item) -> _Prepared:
+        try:
+            image = open_rgb(item, max_pixels=self.max_pixels)
+        except (ImageError, OSError) as e:
+            return _Prepared(index, error=str(e))
+        w, h = image.size
+        if self.tile_factor is None or min(w, h) <= self.tile_factor * self.tile:
+            return _Prepared(index, x=self.transform(image).unsqueeze(0))
+        ys, xs = _tile_starts(h, self.tile), _tile_starts(w, self.tile)
+        tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        return _Prepared(index, image=tensor, boxes=[(y, x) for y in ys for x in xs],
+                         grid=(len(ys), len(xs)))
+
+    def tiles(self, prepared: _Prepared, chunk: int) -> Iterator[torch.Tensor]:
+        """The model inputs of one prepared image, at most ``chunk`` at a time."""
+        if prepared.x is not None:
+            yield prepared.x
+            return
+        t = self.tile
+        boxes = prepared.boxes or []
+        for start in range(0, len(boxes), chunk):
+            # Transformed lazily: a 10k x 10k image has thousands of tiles.
+            yield torch.stack([self.transform(prepared.image[:, y:y + t, x:x + t])
+                               for y, x in boxes[start:start + chunk]])
+
+
+class _ItemDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list, preparer: _Preparer):
+        self.items, self.preparer = items, preparer
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> _Prepared:
+        return self.preparer(i, self.items[i])
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def _cache_root(path: str | Path | None = None) -> Path:
+    """Where downloads are kept: ``path``, else ``$BCD_CACHE``, else
+    ``~/.cache/breast_cancer_detection``."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("BCD_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "breast_cancer_detection"
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+def _is_gdrive(url: str) -> bool:
+    return urllib.parse.urlparse(url).netloc.endswith("drive.google.com")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expected_sha256(url: str, sha256: str | None) -> tuple[str, str | None]:
+    """The URL without its fragment, and the hash to check (argument or ``#sha256=``)."""
+    bare, fragment = urllib.parse.urldefrag(url)
+    in_url = urllib.parse.parse_qs(fragment).get("sha256", [None])[0]
+    given = [_hex_digest(h) for h in (sha256, in_url) if h]
+    if len(set(given)) > 1:
+        raise CheckpointError(f"two different hashes for {bare}: --sha256 {given[0]} and "
+                              f"#sha256={given[1]} in the URL; keep the right one.")
+    return bare, given[0] if given else None
+
+
+def _hex_digest(h: str) -> str:
+    h = h.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", h):
+        raise CheckpointError(f"{h!r} is not a SHA-256 hex digest (64 hex digits).")
+    return h
+
+
+def _cache_name(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    key = hashlib.sha256(url.encode()).hexdigest()[:12]
+    if _is_gdrive(url):
+        m = re.search(r"/d/([\w-]+)", parsed.path)
+        file_id = m[1] if m else urllib.parse.parse_qs(parsed.query).get("id", ["file"])[0]
+        return f"{key}-gdrive-{file_id}.pt"
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urllib.parse.unquote(parsed.path)).name)
+    return f"{key}-{base or 'checkpoint.pt'}"
+
+
+def _download_http(url: str, out: Path, *, progress: bool, timeout: float) -> None:
+    import requests
+    from tqdm.auto import tqdm
+
+    advice = "check the link, or download the file by hand and pass its path"
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as resp:
+            if resp.status_code >= 400:
+                raise CheckpointError(f"{url}: HTTP {resp.status_code} {resp.reason}; {advice}.")
+            if resp.headers.get("Content-Type", "").lower().startswith("text/html"):
+                raise CheckpointError(f"{url} sent a web page, not a checkpoint; {advice} "
+                                      "(Google Drive: use the drive.google.com share link).")
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with open(out, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
+                                             unit_divisor=1024, desc=_cache_name(url)[13:],
+                                             disable=not progress) as bar:
+                for chunk in resp.iter_content(_CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+    except requests.RequestException as e:
+        raise CheckpointError(f"could not download {url} ({type(e).__name__}: {e}); "
+                              f"{advice}.") from e
+    if total is not None and out.stat().st_size != total:
+        raise CheckpointError(f"{url}: the connection closed after {out.stat().st_size} of "
+                              f"{total} bytes; run again.")
+
+
+def _download_gdrive(url: str, out: Path, *, progress: bool) -> None:
+    try:
+        import gdown
+    except ImportError:
+        raise CheckpointError(f"{url} is a Google Drive link, which needs gdown: "
+                              "pip install gdown (or download the file by hand and pass its "
+                              "path).") from None
+    try:
+        result = gdown.download(url=url, output=str(out), quiet=not progress, fuzzy=True)
+    except Exception as e:  # noqa: BLE001 - gdown raises many types for quota and link errors
+        raise CheckpointError(f"gdown could not fetch {url} ({type(e).__name__}: {e}); check "
+                              "that the file is shared with 'anyone with the link'.") from e
+    if result is None or not out.is_file():
+        raise CheckpointError(f"gdown could not fetch {url} (quota exceeded or link gone?).")
+
+
+def fetch_checkpoint(url: str, *, sha256: str | None = None, cache: str | Path | None = None,
+                     progress: bool = True, timeout: float = 30.0) -> Path:
+    """Downloads a checkpoint once into the cache and returns its local path.
+
+    The file is written to a temporary name and renamed when complete and verified, so an
+    interrupted download never leaves a file that looks usable. A cached copy is reused
+    without a request; one that fails the hash check is fetched again.
+
+    Args:
+        url: An ``http(s)://`` URL, or a Google Drive link (fetched with gdown). A
+            ``#sha256=HEX`` fragment gives the expected hash.
+        sha256: Expected SHA-256 hex digest; checked before the file is used.
+        cache: Cache folder; default ``$BCD_CACHE``, else ``~/.cache/breast_cancer_detection``.
+        progress: Show a progress bar.
+        timeout: Seconds to wait for the server to connect or send data.
+
+    Raises:
+        CheckpointError: the download failed, or the file does not match the hash (it is
+            then deleted).
+    """
+    bare, expected = _expected_sha256(url, sha256)
+    folder = _cache_root(cache) / "checkpoints"
+    target = folder / _cache_name(bare)
+    if target.is_file():
+        if expected is None or _sha256_of(target) == expected:
+            return target
+        target.unlink()  # a stale or damaged copy: fetch it again
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        if _is_gdrive(bare):
+            _download_gdrive(bare, tmp, progress=progress)
+        else:
+            _download_http(bare, tmp, progress=progress, timeout=timeout)
+        if expected is not None:
+            actual = _sha256_of(tmp)
+            if actual != expected:
+                raise CheckpointError(f"{bare}: SHA-256 mismatch (expected {expected}, got "
+                                      f"{actual}); the download was deleted. Check the URL and "
+                                      "the hash, then run again.")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _local_file(path: str | Path, *, sha256: str | None, cache: str | Path | None,
+                progress: bool) -> Path:
+    """A local path for ``path``: downloaded when it is a URL, hash-checked when asked."""
+    if _is_url(str(path)):
+        return fetch_checkpoint(str(path), sha256=sha256, cache=cache, progress=progress)
+    local = Path(path)
+    if sha256 is not None and local.is_file():
+        expected = _hex_digest(sha256)
+        actual = _sha256_of(local)
+        if actual != expected:
+            raise CheckpointError(f"{local}: SHA-256 mismatch (expected {expected}, got "
+                                  f"{actual}); the file is not the one you meant to load.")
+    return local
+
+
+# ----------------------------------------------------------------------------- predictor
 
 
 class Predictor:
-    """A trained model with the preprocessing and decision threshold it was saved with."""
+    """A trained model with the preprocessing and decision threshold it was saved with.
 
-    def __init__(self, model: torch.nn.Module, pre: Preprocessing, *, threshold: float = 0.5,
+    Args:
+        model: The network (``backend="torch"``), or an ONNX file or ONNX Runtime session
+            (``backend="onnx"``).
+        pre: The preprocessing the model was trained with.
+        threshold: P(malignant) at or above which an image is called malignant.
+        classes: Class names in output order.
+        device: ``auto``, ``cpu``, ``cuda``...; ONNX models run where ONNX Runtime runs them.
+        checkpoint: The checkpoint dict the model came from, kept for reference.
+        max_pixels: Images with more pixels are refused before decoding; None disables.
+        backend: ``torch`` or ``onnx``.
+        channels_last: Run convolutions in channels-last layout (faster with oneDNN on CPUs
+            and with cuDNN); torch backend only.
+    """
+
+    def __init__(self, model, pre: Preprocessing, *, threshold: float = 0.5,
                  classes: list[str] | None = None, device: str | torch.device = "auto",
-                 checkpoint: dict[str, Any] | None = None):
-        self.device = resolve_device(device) if isinstance(device, str) else device
+                 checkpoint: dict[str, Any] | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "torch",
+                 channels_last: bool = True):
+        if backend not in ("torch", "onnx"):
+            raise UserError(f"backend={backend!r}: use 'torch' or 'onnx'.")
+        self.backend = backend
+        if backend == "onnx":
+            from .export import OnnxModel
+
+            if not isinstance(model, OnnxModel):
+                model = OnnxModel(model, device=str(device))
+            self.device = torch.device("cpu")  # ONNX Runtime moves data itself
+            channels_last = False
+        else:
+            self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.pre = pre
         self.threshold = float(threshold)
+        self.threshold_source = "given"
         self.classes = list(classes or CLASSES)
         self.checkpoint = checkpoint or {}
+        self.max_pixels = max_pixels
         self.transform = build_eval_transform(pre=pre)
         self.dtype = amp_dtype("auto", self.device)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Predictor:
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", *,
+                        sha256: str | None = None, cache_dir: str | Path | None = None,
+                        progress: bool = True, **kwargs) -> Predictor:
         """Loads a checkpoint written by ``bcd train`` (``weights_only=True``).
 
         The threshold is the one chosen on validation and stored by ``bcd evaluate``; a
         checkpoint that has none uses 0.5 and says so in ``threshold_source``.
+
+        Args:
+            path: A local file, an ``http(s)://`` URL or a Google Drive link. URLs are
+                downloaded once into the cache (see :func:`fetch_checkpoint`); a
+                ``#sha256=HEX`` fragment is checked like ``sha256``. A ``.onnx`` file is
+                handed to :meth:`from_onnx`.
+            device: ``auto``, ``cpu``, ``cuda``...
+            sha256: Expected SHA-256 of the file, checked before it is loaded.
+            cache_dir: Where downloads are kept (default ``$BCD_CACHE`` or
+                ``~/.cache/breast_cancer_detection``).
+            progress: Show a download progress bar.
+            **kwargs: Passed to :class:`Predictor` (``max_pixels``, ``channels_last``).
+
+        Raises:
+            CheckpointError: missing, damaged or wrong file, a failed download, or a file
+                holding pickled Python objects (refused: they could run code).
         """
-        ckpt = load_checkpoint(path)
+        if urllib.parse.urldefrag(str(path))[0].lower().endswith(".onnx"):
+            return cls.from_onnx(path, device=device, sha256=sha256, cache_dir=cache_dir,
+                                 progress=progress, **kwargs)
+        local = _local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
+        ckpt = load_checkpoint(local)
         model = create_model(ckpt["arch"], num_classes=ckpt["num_classes"])
         model.load_state_dict(ckpt["model"])
         threshold = ckpt.get("threshold")
         pred = cls(model, Preprocessing.from_dict(ckpt["preprocessing"]),
                    threshold=0.5 if threshold is None else threshold,
-                   classes=ckpt.get("classes"), device=device, checkpoint=ckpt)
+                   classes=ckpt.get("classes"), device=device, checkpoint=ckpt, **kwargs)
+        pred.threshold_source = "default 0.5 (none stored)" if threshold is None else (
+            "chosen on validation")
+        return pred
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, device: str = "cpu", *, sha256: str | None = None,
+                  cache_dir: str | Path | None = None, progress: bool = True,
+                  **kwargs) -> Predictor:
+        """Loads a model written by ``bcd export --onnx`` and runs it with ONNX Runtime.
+
+        The preprocessing, classes and threshold come from the file's metadata.
+
+        Args:
+            path: A local ``.onnx`` file or a URL, as for :meth:`from_checkpoint`.
+            device: ``cpu``, or ``cuda`` when onnxruntime-gpu is installed.
+            sha256: Expected SHA-256 of the file.
+            cache_dir: Where downloads are kept.
+            progress: Show a download progress bar.
+            **kwargs: Passed to :class:`Predictor` (``max_pixels``).
+
+        Raises:
+            UserError: onnxruntime is missing, or the file is not one of our exports.
+        """
+        from .export import OnnxModel
+
+        local = _local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
+        model = OnnxModel(local, device=device)
+        meta = model.metadata
+        threshold = meta.get("threshold")
+        pred = cls(model, Preprocessing(size=meta["size"], resize=meta["resize"],
+                                        mean=meta["mean"], std=meta["std"]),
+                   threshold=0.5 if threshold is None else threshold, classes=meta["classes"],
+                   backend="onnx", checkpoint={"arch": meta.get("arch")}, **kwargs)
         pred.threshold_source = "default 0.5 (none stored)" if threshold is None else (
             "chosen on validation")
         return pred
@@ -78,7 +518,7 @@ class Predictor:
         table = table.reset_index(drop=True)
         if "target" not in table.columns:
             table = table.assign(target=0)
-        ds = ImageTableDataset(root, table, self.transform)
+        ds = ImageTableDataset(root, table, self.transform, max_pixels=self.max_pixels)
         errors: dict[int, str] = {}
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
                                              collate_fn=collate_skip_bad)
@@ -91,7 +531,8 @@ class Predictor:
                 yield b
 
         source = batches()
-        out = evaluate(self.model, source, self.device, dtype=self.dtype, progress=bar)
+        out = evaluate(self.model, source, self.device, dtype=self.dtype,
+                       channels_last=self.channels_last, progress=bar)
         bar.close()
         prob = np.full(len(table), np.nan)
         prob[out["row"].astype(int)] = out["prob"]
@@ -101,36 +542,109 @@ class Predictor:
         result["error"] = [errors.get(i, "") for i in range(len(table))]
         return result
 
-    def predict(self, images, *, batch_size: int = 32) -> list[Prediction]:
-        """Predicts paths, PIL images or arrays (one, or a list).
+    def predict(self, images, *, batch_size: int = 32, tta: bool = False,
+                tile_factor: float | None = DEFAULT_TILE_FACTOR, tile_size: int | None = None,
+                workers: int = 0, progress: bool = False) -> list[Prediction]:
+        """Predicts paths, folders, PIL images or arrays (one, or a list).
 
-        A file that cannot be read gives a Prediction with ``error`` set and NaN probabilities;
-        the others carry on.
+        Inputs are read and prepared by a DataLoader (``workers`` processes) and run in
+        batches. A file that cannot be read gives a Prediction with ``error`` set and NaN
+        probabilities; the others carry on.
+
+        Large images are tiled rather than shrunk: when the short side is more than
+        ``tile_factor`` tile sides, the image is cut at its own resolution into square tiles
+        of side ``tile_size`` (default ``pre.resize``, or ``pre.size`` without a resize) that
+        overlap by half a tile, the last row and column flush with the edges. Each tile goes
+        through the evaluation transform, and the tile probabilities are averaged; the
+        per-tile P(malignant) is kept in ``heatmap``. This assumes the image's pixels are the
+        size of the pixels the model was fed; for BreakHis-trained models (700x460 images
+        shrunk to a 256 short side) ``tile_size=460`` matches the training field of view.
+
+        Args:
+            images: A path, folder (searched recursively), PIL image or HxW(xC) array, or a
+                list of them.
+            batch_size: Images read per step, and model inputs per forward pass.
+            tta: Average over the 8 flips and quarter turns of each (tile's) model input.
+            tile_factor: See above; None never tiles.
+            tile_size: Tile side in image pixels; None uses the training scale.
+            workers: DataLoader worker processes (0 reads in this process).
+            progress: Show a progress bar over the images.
         """
-        from .data.datasets import ImageError, open_rgb
+        from tqdm.auto import tqdm
 
-        items = images if isinstance(images, (list, tuple)) else [images]
-        tensors, keep, results = [], [], []
-        for i, item in enumerate(items):
-            name = str(item) if isinstance(item, (str, Path)) else f"<image {i}>"
-            try:
-                tensors.append(self.transform(open_rgb(item)))
-                keep.append(i)
-                results.append(Prediction(name, {}, "", self.threshold))
-            except (ImageError, OSError) as e:
-                results.append(Prediction(name, dict.fromkeys(self.classes, float("nan")),
-                                          "error", self.threshold, error=str(e)))
-        for start in range(0, len(tensors), batch_size):
-            probs = self._probabilities(torch.stack(tensors[start:start + batch_size]))
-            for j, p in zip(keep[start:start + batch_size], probs):
-                r = results[j]
-                r.probabilities = {c: float(v) for c, v in zip(self.classes, p)}
-                r.label = self.classes[int(p[1] >= self.threshold)]
-        return results
+        if isinstance(images, (list, tuple)):
+            items = [x for i in images for x in (collect_images([i]) if _is_path(i) else [i])]
+        else:
+            items = collect_images([images]) if _is_path(images) else [images]
+        names = [str(x) if isinstance(x, (str, Path)) else f"<image {i}>"
+                 for i, x in enumerate(items)]
+        preparer = _Preparer(self.pre, self.transform, max_pixels=self.max_pixels,
+                             tile_factor=tile_factor, tile_size=tile_size)
+        loader = torch.utils.data.DataLoader(_ItemDataset(items, preparer),
+                                             batch_size=batch_size, num_workers=workers,
+                                             collate_fn=_as_list)
+        tile_probs: dict[int, list[np.ndarray]] = {}
+        prepared: dict[int, _Prepared] = {}
+        buffer: list[torch.Tensor] = []
+        owners: list[int] = []
 
-    @torch.no_grad()
-    def _probabilities(self, x: torch.Tensor) -> np.ndarray:
+        def flush() -> None:
+            if buffer:
+                probs = self._probabilities(torch.cat(buffer), tta=tta, batch_size=batch_size)
+                for owner, p in zip(owners, probs):
+                    tile_probs.setdefault(owner, []).append(p)
+                buffer.clear()
+                owners.clear()
+
+        with tqdm(total=len(items), desc="predict", unit="image", disable=not progress) as bar:
+            for batch in loader:
+                for item in batch:
+                    prepared[item.index] = item
+                    if item.error is not None:
+                        continue
+                    for x in preparer.tiles(item, batch_size):
+                        buffer.append(x)
+                        owners.extend([item.index] * len(x))
+                        if len(owners) >= batch_size:
+                            flush()
+                    item.x = item.image = None  # keep only the answer, not the pixels
+                flush()
+                bar.update(len(batch))
+        return [self._result(names[i], prepared[i], tile_probs.get(i))
+                for i in range(len(items))]
+
+    def _result(self, name: str, item: _Prepared, probs: list[np.ndarray] | None) -> Prediction:
+        if item.error is not None or not probs:
+            return Prediction(name, dict.fromkeys(self.classes, float("nan")), "error",
+                              self.threshold, error=item.error or "no prediction", tiles=0)
+        p = np.stack(probs)
+        mean = p.mean(0)
+        heatmap = p[:, 1].reshape(item.grid) if item.grid is not None else None
+        return Prediction(name, {c: float(v) for c, v in zip(self.classes, mean)},
+                          self.classes[int(mean[1] >= self.threshold)], self.threshold,
+                          tiles=len(p), heatmap=heatmap)
+
+    @torch.inference_mode()
+    def _probabilities(self, x: torch.Tensor, *, tta: bool = False,
+                       batch_size: int = 32) -> np.ndarray:
+        """Softmax outputs for a batch of model inputs, averaged over the 8 views with TTA."""
+        views = range(8) if tta else range(1)
+        out = np.zeros((len(x), len(self.classes)))
+        for k in views:
+            xk = dihedral(x, k)
+            for start in range(0, len(x), batch_size):
+                out[start:start + batch_size] += self._forward(xk[start:start + batch_size])
+        return out / len(views)
+
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
         x = x.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             logits = self.model(x).float()
         return torch.softmax(logits, 1).cpu().numpy()
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, (str, Path))
+

@@ -45,7 +45,10 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = Image.open(source)
         except Image.DecompressionBombError as e:
-            raise ImageError(f"{_name(source)}: {e}") from e
+            raise ImageError(
+                f"{_name(source)}: refused before decoding, its header claims more pixels than "
+                f"Pillow will ever decode ({e}). A genuine image this large must be cut into "
+                "tiles first.") from e
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
             raise ImageError(f"{_name(source)}: not a readable image ({type(e).__name__}: {e})"
                              ) from e
@@ -63,7 +66,9 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
 
 
 def _name(source) -> str:
-    return str(getattr(source, "name", source))
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return str(getattr(source, "name", "<image>"))  # an open file knows its path
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -1,0 +1,106 @@
+"""ONNX export: metadata, dynamic batch, agreement with PyTorch, the ONNX-backed Predictor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from breast_cancer_detection.cli import main
+from breast_cancer_detection.data.breakhis import build_index
+from breast_cancer_detection.engine import load_checkpoint
+from breast_cancer_detection.errors import UserError
+from breast_cancer_detection.export import export_onnx, read_onnx_metadata
+from breast_cancer_detection.inference import Predictor
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run, tmp_path_factory) -> Path:
+    """The session's tiny checkpoint, with a threshold stored as `bcd evaluate` would."""
+    ckpt = load_checkpoint(trained_run / "best.pt")
+    ckpt["threshold"] = 0.4321
+    path = tmp_path_factory.mktemp("export") / "best.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_path(checkpoint) -> Path:
+    return export_onnx(checkpoint, checkpoint.with_name("model.onnx"))
+
+
+def test_export_carries_preprocessing_and_a_dynamic_batch(onnx_path, checkpoint):
+    meta = read_onnx_metadata(onnx_path)
+    ckpt = load_checkpoint(checkpoint)
+    assert meta["size"] == 32 and meta["resize"] == 40 and meta["arch"] == "tiny"
+    assert meta["mean"] == pytest.approx(ckpt["preprocessing"]["mean"])
+    assert meta["std"] == pytest.approx(ckpt["preprocessing"]["std"])
+    assert meta["classes"] == ["benign", "malignant"] and meta["threshold"] == 0.4321
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "image" and isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]
+    for n in (1, 3, 5):
+        (logits,) = session.run(None, {"image": np.zeros((n, 3, 32, 32), np.float32)})
+        assert logits.shape == (n, 2)
+
+
+def test_onnx_probabilities_match_pytorch(onnx_path, checkpoint, fake_breakhis):
+    torch_pred = Predictor.from_checkpoint(checkpoint, device="cpu")
+    onnx_pred = Predictor.from_onnx(onnx_path)
+    assert onnx_pred.backend == "onnx" and onnx_pred.threshold == 0.4321
+    assert Predictor.from_checkpoint(onnx_path).backend == "onnx"  # handed on by suffix
+    assert onnx_pred.pre == torch_pred.pre and onnx_pred.classes == torch_pred.classes
+    files = sorted(fake_breakhis.rglob("*.png"))[::9][:4]
+    for batch_size in (1, 3):
+        a = torch_pred.predict(files, batch_size=batch_size)
+        b = onnx_pred.predict(files, batch_size=batch_size)
+        pa = np.array([list(p.probabilities.values()) for p in a])
+        pb = np.array([list(p.probabilities.values()) for p in b])
+        np.testing.assert_allclose(pb, pa, atol=1e-4, rtol=0)
+        assert [p.label for p in a] == [p.label for p in b]
+    # Tiling and TTA run through the same backend-neutral path.
+    big = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    ta, tb = torch_pred.predict(big, tta=True)[0], onnx_pred.predict(big, tta=True)[0]
+    assert tb.heatmap.shape == ta.heatmap.shape
+    np.testing.assert_allclose(tb.heatmap, ta.heatmap, atol=1e-4, rtol=0)
+
+
+def test_onnx_backend_runs_predict_table(onnx_path, checkpoint, fake_breakhis):
+    index = build_index(fake_breakhis).iloc[:6]
+    a = Predictor.from_checkpoint(checkpoint).predict_table(fake_breakhis, index, progress=False)
+    b = Predictor(onnx_path, Predictor.from_onnx(onnx_path).pre, backend="onnx",
+                  threshold=0.4321).predict_table(fake_breakhis, index, batch_size=4,
+                                                  progress=False)
+    np.testing.assert_allclose(b["probability"], a["probability"], atol=1e-4, rtol=0)
+    assert (b["prediction"] == a["prediction"]).all()
+
+
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")
+def test_not_our_onnx_file_is_refused(tmp_path):
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), str(plain), dynamo=False)
+    with pytest.raises(UserError, match="not a model written by `bcd export"):
+        Predictor.from_onnx(plain)
+    with pytest.raises(UserError, match="no such ONNX model"):
+        Predictor.from_onnx(tmp_path / "missing.onnx")
+
+
+def test_cli_export_then_predict_with_the_onnx_model(checkpoint, fake_breakhis, tmp_path, capsys):
+    out = tmp_path / "m" / "model.onnx"
+    assert main(["export", str(checkpoint), "--onnx", str(out)]) == 0
+    assert "matches PyTorch within 1e-4" in capsys.readouterr().out
+    assert read_onnx_metadata(out)["threshold"] == 0.4321
+    image = sorted(fake_breakhis.rglob("*.png"))[0]
+    csv = tmp_path / "p.csv"
+    assert main(["predict", str(out), str(image), "--out", str(csv), "--quiet"]) == 0
+    row = csv.read_text().splitlines()[1].split(",")
+    expected = Predictor.from_checkpoint(checkpoint).predict(image)[0].p_malignant
+    assert float(row[3]) == pytest.approx(expected, abs=1e-4) and row[4] == "0.4321"
+    assert main(["predict", str(out), str(image), "--out", str(csv), "--cam",
+                 str(tmp_path / "c")]) == 2
+    assert "--cam needs gradients" in capsys.readouterr().err
