@@ -62,3 +62,66 @@ def plot_prediction(image, prediction: Prediction, ax: tuple[Axes, Axes] | None 
     bar_ax.set_xlabel("probability")
     bar_ax.invert_yaxis()  # classes read top to bottom in their own order
     return fig
+
+
+def plot_sample_grid(index, root, *, per_cell: int = 1, seed: int = 0) -> Figure:
+    """A grid of example images: one row per class, one column per magnification.
+
+    Args:
+        index: Table from ``build_index`` (its ``path`` relative to ``root``).
+        root: The data folder.
+        per_cell: Images per class x magnification cell, side by side.
+        seed: Which images are picked.
+    """
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    from .data.breakhis import CLASSES
+    from .data.datasets import open_rgb
+
+    mags = sorted((m for m in index["magnification"].unique() if m), key=lambda m: int(m[:-1]))
+    mags = mags or [""]
+    cols = len(mags) * per_cell
+    fig = Figure(figsize=(2.4 * cols, 2.0 * len(CLASSES) + 0.4), layout="constrained")
+    axes = fig.subplots(len(CLASSES), cols, squeeze=False)
+    for r, cls in enumerate(CLASSES):
+        for c, mag in enumerate(mags):
+            cell = index[(index["label"] == cls) & (index["magnification"] == mag)]
+            picks = cell.sample(min(per_cell, len(cell)), random_state=seed) if len(cell) else []
+            for k in range(per_cell):
+                ax = axes[r][c * per_cell + k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k < len(picks):
+                    row = picks.iloc[k]
+                    ax.imshow(open_rgb(Path(root) / row["path"], max_pixels=None))
+                    ax.set_title(f"{cls} {mag}".strip() + (f"\n{row['subtype']}"
+                                                             if row["subtype"] else ""),
+                                 fontsize=8)
+                else:
+                    ax.set_axis_off()
+    return fig
+
+
+def plot_history(metrics) -> Figure:
+    """Loss, accuracy and AUC per epoch, from a run's ``metrics.csv`` (path or table)."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    m = pd.read_csv(metrics) if not isinstance(metrics, pd.DataFrame) else metrics
+    fig = Figure(figsize=(11, 3.2), layout="constrained")
+    ax_loss, ax_acc, ax_auc = fig.subplots(1, 3)
+    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+        for subset in ("train", "val"):
+            col = f"{subset}_{key}"
+            if col in m:
+                ax.plot(m["epoch"], m[col], marker="o", label=subset)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    if "val_auc" in m:
+        ax_auc.plot(m["epoch"], m["val_auc"], marker="o", color="tab:green")
+    ax_auc.set_title("validation ROC AUC")
+    ax_auc.set_xlabel("epoch")
+    return fig

@@ -1,0 +1,216 @@
+"""The evaluation report's figures as PNG files: ROC, PR, confusion, reliability, magnification.
+
+Figures are drawn on matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot),
+so nothing opens a window or touches pyplot's global state, also from threads or servers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+MALIGNANT_COLOR = "#8e2c6b"
+BENIGN_COLOR = "#e39bc4"
+DPI = 120
+
+
+def _figure(width: float = 5.0, height: float = 4.2):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def plot_roc(y_true, p_malignant, path: str | Path, *, threshold: float | None = None,
+             patient_curve: tuple | None = None, title: str = "ROC curve") -> Path:
+    """ROC curve with its AUC, the chance diagonal and the operating point at ``threshold``.
+
+    Args:
+        patient_curve: Optional ``(y_patient, mean_p_patient)`` drawn as a second curve.
+    """
+    from sklearn.metrics import roc_curve
+
+    from .metrics import image_metrics, roc_auc
+
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(p_malignant, dtype=float)
+    fig = _figure()
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
+    if len(np.unique(y)) == 2:
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, color=MALIGNANT_COLOR, lw=2,
+                label=f"images (AUC {_fmt(roc_auc(y, p))})")
+        if threshold is not None:
+            m = image_metrics(y, p, threshold)
+            ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="black", ms=7,
+                    label=f"threshold {threshold:.3g}: sens {_fmt(m['sensitivity'])}, "
+                    f"spec {_fmt(m['specificity'])}")
+    else:
+        ax.text(0.5, 0.5, "one class only:\nROC undefined", ha="center", va="center")
+    if patient_curve is not None:
+        yp, pp = (np.asarray(a) for a in patient_curve)
+        if len(np.unique(yp)) == 2:
+            fpr, tpr, _ = roc_curve(yp.astype(int), pp.astype(float))
+            ax.plot(fpr, tpr, color="#2b6ca3", lw=1.5, ls="-.",
+                    label=f"patients, mean p (AUC {_fmt(roc_auc(yp, pp))})")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false positive rate)",
+           ylabel="sensitivity (true positive rate)", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=7.5)
+    return _save(fig, path)
+
+
+def plot_pr(y_true, p_malignant, path: str | Path, *, threshold: float | None = None,
+            title: str = "Precision-recall curve") -> Path:
+    """Precision against recall (malignant), with average precision and the prevalence line."""
+    from sklearn.metrics import precision_recall_curve
+
+    from .metrics import image_metrics, pr_auc
+
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(p_malignant, dtype=float)
+    fig = _figure()
+    ax = fig.subplots()
+    if y.sum() > 0:
+        precision, recall, _ = precision_recall_curve(y, p)
+        ax.step(recall, precision, where="post", color=MALIGNANT_COLOR, lw=2,
+                label=f"average precision {_fmt(pr_auc(y, p))}")
+        prevalence = y.mean()
+        ax.axhline(prevalence, ls="--", color="0.6", lw=1,
+                   label=f"chance (malignant share {prevalence:.2f})")
+        if threshold is not None:
+            m = image_metrics(y, p, threshold)
+            if np.isfinite(m["precision"]):
+                ax.plot(m["sensitivity"], m["precision"], "o", color="black", ms=7,
+                        label=f"threshold {threshold:.3g}")
+    else:
+        ax.text(0.5, 0.5, "no malignant images:\nPR curve undefined", ha="center", va="center")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.03), xlabel="recall (sensitivity)",
+           ylabel="precision (positive predictive value)", title=title)
+    ax.legend(loc="lower left", fontsize=7.5)
+    return _save(fig, path)
+
+
+def plot_confusion(matrix, path: str | Path, *, classes=("benign", "malignant"),
+                   title: str = "Confusion matrix") -> Path:
+    """The 2x2 matrix (rows true, columns predicted) with counts and row percentages."""
+    cm = np.asarray(matrix, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig = _figure(4.6, 4.0)
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Purples", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}\n{100 * share[i, j]:.1f}%", ha="center",
+                    va="center", fontsize=12, color="white" if share[i, j] > 0.55 else "black")
+    ax.set_xticks(range(len(classes)), [f"predicted\n{c}" for c in classes])
+    ax.set_yticks(range(len(classes)), [f"true\n{c}" for c in classes])
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    return _save(fig, path)
+
+
+def plot_reliability(curve: dict, path: str | Path, *, ece: float | None = None,
+                     brier: float | None = None, title: str = "Reliability diagram") -> Path:
+    """Observed malignant share against mean predicted P(malignant) per bin; counts below.
+
+    Args:
+        curve: :func:`bcd.metrics.reliability_curve` output.
+    """
+    lower = np.asarray(curve["bin_lower"], dtype=float)
+    upper = np.asarray(curve["bin_upper"], dtype=float)
+    count = np.asarray(curve["count"], dtype=float)
+    frac = np.asarray(curve["fraction_malignant"], dtype=float)
+    mean_p = np.asarray(curve["mean_predicted"], dtype=float)
+    width = upper - lower
+    fig = _figure(5.0, 5.2)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    filled = count > 0
+    top.bar(lower[filled], frac[filled], width=width[filled], align="edge",
+            color=BENIGN_COLOR, edgecolor=MALIGNANT_COLOR, label="observed malignant share")
+    top.plot(mean_p[filled], frac[filled], "o-", color=MALIGNANT_COLOR, ms=4,
+             label="at the bin's mean prediction")
+    top.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfect calibration")
+    label = ", ".join(s for s in (f"ECE {_fmt(ece)}" if ece is not None else "",
+                                  f"Brier {_fmt(brier)}" if brier is not None else "") if s)
+    top.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="observed malignant share",
+            title=title + (f" ({label})" if label else ""))
+    top.legend(loc="upper left", fontsize=7.5)
+    bottom.bar(lower, count, width=width, align="edge", color="0.6", edgecolor="0.3")
+    bottom.set(xlabel="predicted P(malignant)", ylabel="images")
+    bottom.yaxis.get_major_locator().set_params(integer=True)
+    if count.max(initial=0) > 0 and count[filled].min() * 50 < count.max():
+        bottom.set_yscale("log")  # otherwise the sparse middle bins vanish next to the ends
+    return _save(fig, path)
+
+
+def plot_per_magnification(by_magnification: dict[str, dict], path: str | Path, *,
+                           ci: dict[str, dict] | None = None,
+                           metrics=(("image", "accuracy", "image accuracy"),
+                                    ("image", "balanced_accuracy", "balanced accuracy"),
+                                    ("image", "roc_auc", "image AUC"),
+                                    ("patient", "recognition_rate",
+                                     "patient recognition rate")),
+                           title: str = "By magnification") -> Path:
+    """Grouped bars of a few metrics per magnification, with bootstrap intervals when given.
+
+    Args:
+        by_magnification: ``{magnification: evaluate_predictions(...)}``.
+        ci: ``{magnification: {"image": {"accuracy": (low, high)}, ...}}``.
+        metrics: ``(section, key, label)`` triples; a metric missing everywhere is left out.
+    """
+    mags = list(by_magnification)
+    shown = [m for m in metrics
+             if any(np.isfinite(_get(by_magnification[g], m[0], m[1])) for g in mags)]
+    fig = _figure(max(5.0, 1.4 * len(mags) + 2.5), 4.2)
+    ax = fig.subplots()
+    x = np.arange(len(mags))
+    width = 0.8 / max(1, len(shown))
+    colors = ["#8e2c6b", "#e39bc4", "#2b6ca3", "#9ac1e0", "#5a5a5a"]
+    for k, (section, key, label) in enumerate(shown):
+        values = np.array([_get(by_magnification[g], section, key) for g in mags])
+        pos = x - 0.4 + width * (k + 0.5)
+        err = None
+        if ci:
+            lows = np.array([_get_ci(ci.get(g, {}), section, key)[0] for g in mags])
+            highs = np.array([_get_ci(ci.get(g, {}), section, key)[1] for g in mags])
+            ok = np.isfinite(lows) & np.isfinite(highs) & np.isfinite(values)
+            err = np.vstack([np.where(ok, values - lows, 0), np.where(ok, highs - values, 0)])
+            err = np.clip(err, 0, None)
+        ax.bar(pos, np.nan_to_num(values), width=width, color=colors[k % len(colors)],
+               label=label, yerr=err, capsize=3 if err is not None else 0,
+               error_kw={"elinewidth": 1, "ecolor": "0.2"})
+        for xi, v in zip(pos, values):
+            # Values sit inside the bar's foot, clear of the error bars; undefined ones say so.
+            ax.text(xi, 0.02, _fmt(v), ha="center", va="bottom", fontsize=7, rotation=90,
+                    color="0.1" if not np.isfinite(v) or k % 2 else "white")
+    counts = [by_magnification[g]["image"]["images"] for g in mags]
+    ax.set_xticks(x, [f"{g}\n({n} images)" for g, n in zip(mags, counts)])
+    ax.set(ylim=(0, 1.3), yticks=np.linspace(0, 1, 6), ylabel="value", title=title)
+    ax.legend(loc="upper center", fontsize=7.5, ncols=2, frameon=False)
+    return _save(fig, path)
+
+
+def _get(metrics: dict, section: str, key: str) -> float:
+    value = metrics.get(section, {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and value is not None else float("nan")
+
+
+def _get_ci(ci: dict, section: str, key: str) -> tuple[float, float]:
+    value = ci.get(section, {}).get(key)
+    if value is None or value[0] is None:
+        return float("nan"), float("nan")
+    return float(value[0]), float(value[1])

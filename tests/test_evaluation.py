@@ -1,0 +1,261 @@
+"""`bcd evaluate` and `bcd cv` end to end on the fake data sets: files, threshold, leakage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from breast_cancer_detection.cli import main
+from breast_cancer_detection.data.splits import load_split
+from breast_cancer_detection.engine import load_checkpoint
+from breast_cancer_detection.evaluation import LEAKAGE_EXIT_CODE, PREDICTION_COLUMNS
+from breast_cancer_detection.metrics import image_metrics, patient_recognition_rate
+
+FAST = ["--bootstrap", "40", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture
+def run(trained_run, tmp_path) -> Path:
+    """A private copy of the trained run (evaluation writes the threshold into best.pt)."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def _evaluate(*args) -> int:
+    return main(["evaluate", *map(str, args), *FAST])
+
+
+def _ci_pairs(ci: dict):
+    for section, values in ci.items():
+        for key, pair in values.items():
+            yield section, key, pair
+
+
+def test_evaluate_writes_every_file_and_stores_the_threshold(run, fake_breakhis, tmp_path):
+    out = tmp_path / "report"
+    assert load_checkpoint(run / "best.pt")["threshold"] is None
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--out", out) == 0
+    for name in ("metrics.json", "predictions.csv", "report.md", "roc.png", "pr.png",
+                 "confusion.png", "reliability.png", "per_magnification.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        with Image.open(png) as im:
+            im.load()
+            assert im.format == "PNG" and 400 <= im.width <= 2000 and 300 <= im.height <= 1500
+
+    m = json.loads((out / "metrics.json").read_text())
+    split = load_split(run / "split.csv")
+    test = split[split["split"] == "test"]
+    assert m["subset"] == "test" and m["counts"]["images"] == len(test)
+    assert m["counts"]["patients"] == test["patient"].nunique()
+    assert m["same_split_as_training"] is True and m["leakage"] == []
+    assert m["bootstrap"]["unit"] == "patient" and m["bootstrap"]["n"] == 40
+    pairs = list(_ci_pairs(m["ci"]))
+    assert {("image", "accuracy"), ("patient", "recognition_rate"), ("calibration", "ece")} <= {
+        (s, k) for s, k, _ in pairs}
+    for section, key, (low, high) in pairs:
+        if low is not None:
+            assert low <= m[section][key] + 1e-9 and m[section][key] <= high + 1e-9, (section, key)
+    assert set(m["by_magnification"]) == set(test["magnification"])
+
+    # The threshold was chosen on val, stored in the checkpoint, and used for the predictions.
+    info = m["threshold"]
+    assert info["chosen_on"] == "val" and info["method"] == "youden"
+    assert info["val_images"] == int((split["split"] == "val").sum())
+    ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["threshold"] == pytest.approx(info["value"])
+    assert {"method", "value", "chosen_on", "val_images"} <= set(ckpt["threshold_info"])
+    assert ckpt["threshold_info"]["chosen_on"] == "val"
+
+    preds = pd.read_csv(out / "predictions.csv", dtype={"patient": str})
+    assert list(preds.columns) == PREDICTION_COLUMNS
+    assert sorted(preds["path"]) == sorted(test["path"])
+    assert (preds["prediction"] == preds["probability"].ge(info["value"]).map(
+        {True: "malignant", False: "benign"})).all()
+    y = (preds["label"] == "malignant").astype(int)
+    assert m["image"]["accuracy"] == pytest.approx(
+        image_metrics(y, preds["probability"], info["value"])["accuracy"])
+    assert m["patient"]["recognition_rate"] == pytest.approx(patient_recognition_rate(
+        y, preds["probability"] >= info["value"], preds["patient"]))
+
+    report = (out / "report.md").read_text().splitlines()
+    assert report[0].startswith("# Evaluation") and "test subset" in report[0]
+    text = "\n".join(report)
+    assert "patient-disjoint" in text and "Youden" in text
+    assert f"by this evaluation; stored in `{run / 'best.pt'}`" in text
+    for png in ("roc.png", "pr.png", "confusion.png", "reliability.png", "per_magnification.png"):
+        assert f"]({png})" in text
+    assert "| test (evaluated) |" in text and "```yaml" in text and "model: tiny" in text
+
+
+def test_leakage_guard_fires_and_allow_leakage_overrides(run, fake_breakhis, tmp_path):
+    split = load_split(run / "split.csv")
+    leaked = sorted(set(split.loc[split["split"] == "train", "patient"]))[0]
+    split.loc[split["patient"] == leaked, "split"] = "test"  # still one subset per patient
+    bad = tmp_path / "leaky.csv"
+    split.to_csv(bad, index=False)
+
+    out = tmp_path / "leak"
+    args = [run / "best.pt", "--data", fake_breakhis, "--split", bad, "--out", out]
+    assert _evaluate(*args) == LEAKAGE_EXIT_CODE
+    first = (out / "report.md").read_text().splitlines()[0]
+    assert first.startswith("**LEAKAGE:") and leaked in first and "1 of the" in first
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["leakage"] and m["protocol"].startswith("LEAKED")
+
+    assert _evaluate(*args, "--allow-leakage") == 0
+    first = (out / "report.md").read_text().splitlines()[0]
+    assert first.startswith("**LEAKAGE:") and "--allow-leakage was given" in first
+
+
+def test_evaluating_a_folder_without_split_flags_every_training_patient(run, fake_breakhis,
+                                                                         tmp_path, capsys):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(run / "best.pt", lone / "model.pt")  # no split.csv next to it
+    out = tmp_path / "all"
+    assert _evaluate(lone / "model.pt", "--data", fake_breakhis, "--out", out) == (
+        LEAKAGE_EXIT_CODE)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["subset"] == "all" and any("EVERY image" in n for n in m["notes"])
+    n_train = len(load_checkpoint(run / "best.pt")["split_patients"]["train"])
+    assert f"{n_train} of the 11 evaluated patients" in m["leakage"][0]
+    assert "LEAKAGE" in capsys.readouterr().err
+
+
+def test_without_val_or_stored_threshold_05_is_used_loudly(run, fake_breakhis, tmp_path):
+    split = load_split(run / "split.csv")
+    split.loc[split["split"] == "val", "split"] = "train"
+    no_val = tmp_path / "no_val.csv"
+    split.to_csv(no_val, index=False)
+    out = tmp_path / "r"
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--split", no_val, "--out",
+                     out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["threshold"]["value"] == 0.5 and m["threshold"]["chosen_on"] is None
+    assert any(c.startswith("NO THRESHOLD WAS CHOSEN") for c in m["caveats"])
+    assert "NO THRESHOLD WAS CHOSEN" in (out / "report.md").read_text()
+    assert load_checkpoint(run / "best.pt")["threshold"] is None  # nothing stored
+
+    # Once a threshold is stored (by evaluating with val), a val-less split uses it.
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--out", tmp_path / "v") == 0
+    stored = load_checkpoint(run / "best.pt")["threshold"]
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--split", no_val, "--out",
+                     out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["threshold"]["value"] == pytest.approx(stored) and stored != 0.5
+    assert m["threshold"]["source"] == "stored in the checkpoint"
+    assert "by an earlier evaluation; read from the checkpoint" in (out / "report.md").read_text()
+    assert not any("NO THRESHOLD" in c for c in m["caveats"])
+
+
+def test_target_sensitivity_and_val_subset_caveat(run, fake_breakhis, tmp_path):
+    out = tmp_path / "val"
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--subset", "val",
+                     "--target-sensitivity", "1.0", "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    info = m["threshold"]
+    assert info["method"] == "target_sensitivity" and info["target_sensitivity"] == 1.0
+    assert info["val_sensitivity"] == 1.0 and m["image"]["sensitivity"] == 1.0
+    assert m["leakage"] == []  # val on val is a caveat, not leakage
+    assert "chosen on the same subset" in m["caveats"][0]
+    assert "chosen on the same subset" in (out / "report.md").read_text()
+    assert load_checkpoint(run / "best.pt")["threshold_info"]["method"] == "target_sensitivity"
+
+
+def test_data_without_patient_ids_bootstraps_images(run, fake_imagefolder, tmp_path, capsys):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(run / "best.pt", lone / "model.pt")
+    out = tmp_path / "pcam"
+    assert _evaluate(lone / "model.pt", "--data", fake_imagefolder, "--subset", "val",
+                     "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["bootstrap"]["unit"] == "image" and m["bootstrap"]["units"] == 16
+    assert m["patient"] == {"note": "no patient ids"} and m["counts"]["patients"] is None
+    assert m["protocol"].startswith("image-level")
+    assert not (out / "per_magnification.png").exists() and m["by_magnification"] == {}
+    text = (out / "report.md").read_text()
+    assert "no patient ids" in text and "resamples images" in text
+    low, high = m["ci"]["image"]["accuracy"]
+    assert low <= m["image"]["accuracy"] <= high
+
+    assert _evaluate(lone / "model.pt", "--data", fake_imagefolder, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "no 'test' subset" in err and "train, val" in err
+
+
+def test_without_patient_ids_leakage_is_caught_by_image_path(run, fake_breakhis, tmp_path):
+    split = load_split(run / "split.csv").assign(patient="")  # the split hash is unchanged
+    split.to_csv(run / "split.csv", index=False)
+    out = tmp_path / "train"
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--subset", "train", "--out",
+                     out) == LEAKAGE_EXIT_CODE
+    m = json.loads((out / "metrics.json").read_text())
+    n = int((split["split"] == "train").sum())
+    assert m["leakage"] == [m["leakage"][0]] and m["leakage"][0].startswith(
+        f"{n} of the {n} evaluated images were in the checkpoint's training subset")
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--out", out) == 0
+
+
+def test_unreadable_images_are_left_out_and_listed(run, fake_breakhis, tmp_path):
+    data = Path(shutil.copytree(fake_breakhis, tmp_path / "data"))
+    split = load_split(run / "split.csv")
+    broken = split.loc[split["split"] == "test", "path"].iloc[0]
+    (data / broken).write_bytes(b"")
+    out = tmp_path / "r"
+    assert _evaluate(run / "best.pt", "--data", data, "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["counts"]["unreadable"] == [broken]
+    assert m["counts"]["images"] == int((split["split"] == "test").sum()) - 1
+    assert any("could not be read" in c and broken in c for c in m["caveats"])
+    assert broken not in set(pd.read_csv(out / "predictions.csv")["path"])
+
+
+def test_evaluate_names_a_missing_data_folder(run, tmp_path, capsys):
+    assert _evaluate(run / "best.pt", "--data", tmp_path / "nowhere") == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "--data" in err
+
+
+@pytest.mark.slow
+def test_cv_runs_every_fold_and_summarises(fake_breakhis, tmp_path):
+    out = tmp_path / "cv"
+    assert main(["cv", "--data", str(fake_breakhis), "--folds", "3", "--preset", "cpu-smoke",
+                 "--size", "32", "--batch-size", "16", "--bootstrap", "20", "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    for name in ("folds.csv", "cv_summary.csv", "cv_summary.json", "cv_folds.csv", "report.md"):
+        assert (out / name).is_file(), name
+    tested = []
+    accs = []
+    for k in range(3):
+        m = json.loads((out / f"fold-{k}" / "metrics.json").read_text())
+        assert m["leakage"] == [] and m["threshold"]["chosen_on"] == "val"
+        assert (out / "runs" / f"fold-{k}" / "best.pt").is_file()
+        preds = pd.read_csv(out / f"fold-{k}" / "predictions.csv", dtype={"patient": str})
+        tested.append(set(preds["patient"]))
+        accs.append(m["image"]["accuracy"])
+    assert not (tested[0] & tested[1] or tested[0] & tested[2] or tested[1] & tested[2])
+    assert len(set().union(*tested)) == 11  # every patient is tested exactly once
+
+    summary = pd.read_csv(out / "cv_summary.csv")
+    row = summary[(summary["scope"] == "all") & (summary["metric"] == "image.accuracy")].iloc[0]
+    assert row["mean"] == pytest.approx(sum(accs) / 3) and row["folds"] == 3
+    assert row["std"] == pytest.approx(pd.Series(accs).std())
+    assert {"40X", "400X"} <= set(summary["scope"])
+    js = json.loads((out / "cv_summary.json").read_text())
+    assert js["overall"]["image.accuracy"]["values"] == pytest.approx(accs)
+    assert "40X" in js["by_magnification"] and len(js["per_fold"]) == 3
+    text = (out / "report.md").read_text()
+    assert "Patient-disjoint 3-fold" in text and "By magnification" in text and "+-" in text
+
+
+def test_cv_needs_three_folds(fake_breakhis, tmp_path, capsys):
+    assert main(["cv", "--data", str(fake_breakhis), "--folds", "2", "--out",
+                 str(tmp_path / "cv")]) == 2
+    assert "at least 3 folds" in capsys.readouterr().err

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+# ruff: noqa: E501  (cell sources below are notebook code, shown as written)
+"""Writes Breast_Cancer_Detection.ipynb from the cells below (outputs cleared).
+
+Edit the cells here, run `python tools/make_notebook.py`, and commit both files: the
+notebook stays a thin door into the package, reviewable as plain Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat as nbf
+
+COLAB = ("https://colab.research.google.com/github/OWNER/Breast-Cancer-Detection/blob/main/"
+         "Breast_Cancer_Detection.ipynb")
+
+CELLS: list[tuple[str, str, list[str]]] = [
+    ("md", f"""# Breast cancer detection in histopathology images (BreakHis)
+
+[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({COLAB})
+
+This notebook fine-tunes an ImageNet DenseNet-121 to tell **benign from malignant** breast
+tissue in H&E microscopy images of the BreakHis data set (Spanhol et al., 2016: 7,909 images
+of 700x460 px from 82 patient folders, at 40X, 100X, 200X and 400X; 2,480 benign and 5,429
+malignant). It calls the `breast_cancer_detection` package for everything; the same steps
+run from the `bcd` command line.
+
+**Split by patient.** One patient's images are near-duplicates of each other, so a split that
+puts a patient on both sides inflates accuracy by 5-15 points. Every split here is
+patient-disjoint, and results are reported per image and per patient, with 95% confidence
+intervals from a bootstrap over patients.
+
+*Only want predictions?* Set `CHECKPOINT` below and run cells 1, 2 and 9.
+
+A research tool, not a medical device.""", []),
+    ("code", """# 1. Parameters (papermill/nbclient can override this cell)
+DATA = None          # a BreakHis folder or any benign/malignant ImageFolder; None downloads BreakHis
+PRESET = "breakhis-gpu"  # bcd presets: breakhis-gpu (the recipe), cpu-smoke (seconds), pcam-cpu
+MODEL = None         # None keeps the preset's model (densenet121)
+EPOCHS = None        # None keeps the preset's epochs
+PRETRAINED = True    # ImageNet weights (downloaded once)
+VAL, TEST, SEED = 0.15, 0.15, 0   # patient-disjoint shares of images, and the split's seed
+RUNS = "runs"        # run folders go here
+CHECKPOINT = None    # inference only: a path or URL (https, Google Drive) of a trained checkpoint
+MY_IMAGES = []       # inference only: your own image files
+REPO = "https://github.com/OWNER/Breast-Cancer-Detection.git"  # what Colab clones""",
+     ["parameters"]),
+    ("code", """# 2. Set-up: on Colab clone and install the package; anywhere, show the machine
+import os
+import subprocess
+import sys
+
+if "google.colab" in sys.modules and not os.path.isdir("Breast-Cancer-Detection"):
+    subprocess.run(["git", "clone", "--depth", "1", REPO, "Breast-Cancer-Detection"], check=True)
+    # Colab keeps its own torch: our requirements are ranges that admit it.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "Breast-Cancer-Detection"],
+                   check=True)
+    sys.path.insert(0, os.path.abspath("Breast-Cancer-Detection/src"))
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from IPython.display import Image, Markdown, display
+
+import breast_cancer_detection as bcd
+from breast_cancer_detection.plots import plot_history, plot_prediction, plot_sample_grid
+
+device = bcd.resolve_device("auto")
+print(f"bcd {bcd.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda}, device: {device}")
+if device.type == "cuda":
+    print(torch.cuda.get_device_name(0))
+else:
+    print("No GPU: training the full recipe will be slow. On Colab: Runtime > Change runtime type > GPU.")""",
+     []),
+    ("code", """# 3. Data: download (skipped when present), index, counts, examples
+root = Path(DATA) if DATA else bcd.download_breakhis("data")
+index = bcd.build_index(root)
+print(bcd.summarize_index(index))
+for problem in bcd.check_breakhis_complete(index):
+    print("incomplete BreakHis copy:", problem)
+display(plot_sample_grid(index, root))""", []),
+    ("code", """# 4. Split by patient and show that no patient is in two subsets
+split = bcd.make_split(index, val=VAL, test=TEST, seed=SEED)
+bcd.check_split(split)  # raises LeakageError naming any patient found in two subsets
+patients = split[split["patient"] != ""].groupby("split")["patient"].apply(set)
+for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+    if a in patients and b in patients:
+        print(f"patients in both {a} and {b}: {len(patients[a] & patients[b])}")
+print(bcd.summarize_split(split))
+split_path = bcd.write_split(split, Path(RUNS) / "notebook-split.csv")""", []),
+    ("code", """# 5. Train (progress bars per epoch), then the learning curves
+settings = {**bcd.load_preset(PRESET), "data": str(root), "split": str(split_path), "runs_dir": RUNS}
+settings.update({k: v for k, v in {"model": MODEL, "epochs": EPOCHS}.items() if v is not None})
+if not PRETRAINED:
+    settings["pretrained"] = False
+result = bcd.fit(bcd.TrainConfig.from_dict(settings))
+best = result.run_dir / "best.pt"
+display(plot_history(result.run_dir / "metrics.csv"))""", []),
+    ("code", """# 6. Evaluate on the held-out test patients: metrics with 95% CIs, ROC, confusion, calibration
+from breast_cancer_detection.evaluation import evaluate_checkpoint
+
+ev = evaluate_checkpoint(best, root, split=split_path, subset="test", bootstrap=200)
+m = ev.metrics
+print(m["protocol"])
+rows = []
+for level in ("image", "patient"):
+    for name, value in (m.get(level) or {}).items():
+        if isinstance(value, (int, float)):
+            low, high = (m["ci"].get(level, {}).get(name) or [float("nan")] * 2)
+            rows.append({"level": level, "metric": name, "value": value, "95% CI low": low, "95% CI high": high})
+display(pd.DataFrame(rows).round(3))
+for png in ("roc.png", "confusion.png", "reliability.png", "per_magnification.png"):
+    if (ev.out_dir / png).exists():
+        display(Image(filename=str(ev.out_dir / png)))
+print(f"Full report: {ev.report}")""", []),
+    ("code", """# 7. Save and reload: the reloaded checkpoint gives the same predictions
+predictor = bcd.Predictor.from_checkpoint(best)
+test = split[split["split"] == "test"]
+again = predictor.predict_table(root, test)
+before = ev.predictions.set_index("path")["probability"]
+diff = (again.set_index("path")["probability"] - before.reindex(again["path"]).to_numpy()).abs().max()
+print(f"threshold {predictor.threshold:.3f} ({predictor.threshold_source}); largest difference after reloading: {diff:.2e}")
+assert diff < 1e-4""", []),
+    ("code", """# 8. Predict test images: class probabilities (as the original notebook plotted them) and Grad-CAM
+import matplotlib.pyplot as plt
+from breast_cancer_detection.explain import explain, overlay
+
+picks = [root / p for p in test.groupby("label").head(2)["path"]]
+for path, pred in zip(picks, predictor.predict(picks)):
+    display(plot_prediction(path, pred))
+    view, cam = explain(predictor, path)
+    fig, ax = plt.subplots(1, 2, figsize=(7, 3.5))
+    ax[0].imshow(view); ax[0].set_title("what the model sees")
+    ax[1].imshow(overlay(view, cam)); ax[1].set_title(f"Grad-CAM: {pred.label}")
+    for a in ax:
+        a.axis("off")
+    plt.show()""", []),
+    ("md", """## 9. Inference only
+
+Run cells 1 and 2, set `CHECKPOINT` (a local `best.pt`, an https URL, optionally with
+`#sha256=...`, or a Google Drive link) and `MY_IMAGES`, then run this cell. Nothing above
+needs to have run.""", []),
+    ("code", """# 9. Load a checkpoint from a path or URL and predict your own images
+ckpt = CHECKPOINT or (str(best) if "best" in globals() else None)
+if ckpt is None:
+    print("Set CHECKPOINT in cell 1 to a trained checkpoint (path or URL), then run this cell.")
+else:
+    predictor = bcd.Predictor.from_checkpoint(ckpt)
+    images = MY_IMAGES or ([root / p for p in index["path"][:2]] if "index" in globals() else [])
+    if not images:
+        print("Set MY_IMAGES in cell 1 to a list of image files.")
+    for pred in predictor.predict(images):
+        if pred.error:
+            print(pred.source, "->", pred.error)
+        else:
+            print(f"{pred.source}: {pred.label} (P(malignant) {pred.p_malignant:.3f}, threshold {pred.threshold:.3f})")
+            display(plot_prediction(pred.source, pred))""", []),
+]
+
+
+def build() -> nbf.NotebookNode:
+    """The notebook, outputs empty."""
+    nb = nbf.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
+                                 "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["accelerator"] = "GPU"
+    nb.metadata["colab"] = {"provenance": [], "gpuType": "T4"}
+    for kind, source, tags in CELLS:
+        cell = nbf.v4.new_markdown_cell(source) if kind == "md" else nbf.v4.new_code_cell(source)
+        if tags:
+            cell.metadata["tags"] = tags
+        nb.cells.append(cell)
+    return nb
+
+
+if __name__ == "__main__":
+    out = Path(__file__).resolve().parents[1] / "Breast_Cancer_Detection.ipynb"
+    nbf.write(build(), out)
+    print(f"wrote {out}")
