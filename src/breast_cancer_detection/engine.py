@@ -380,10 +380,12 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
 
 def _loader(ds, sampler, cfg: TrainConfig, device: torch.device, *, seed: int, drop_last: bool):
     kw: dict[str, Any] = {}
-    if cfg.workers > 0:
+    # More workers than cores only adds switching (and a warning from PyTorch).
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    if workers > 0:
         kw["prefetch_factor"] = 4 if device.type == "cuda" else 2
     return torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+        ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
         collate_fn=collate_skip_bad, pin_memory=device.type == "cuda", drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed), **kw)
 
