@@ -12,8 +12,9 @@ are counted after one warm-up batch, as the seed's own benchmark does.
   (``ImageTableDataset``).
 - ``ours_cache_pil``: the prepared cache (``bcd prepare --size 256``) + the same transform.
 - ``ours_cache_batch``: the cache served as uint8, ``BatchAugment`` on whole batches in the
-  main process (on the CPU here, one torch thread so it does not fight the two workers for two
-  cores; on a GPU it runs on the device, off the CPU's budget).
+  main process: on the CPU with ``--device cpu`` (the default; one torch thread so it does not
+  fight the two workers for two cores), or with ``--device cuda`` on the GPU, each batch moved
+  there from pinned memory, off the CPU's budget.
 - ``ours_cache_batch_in_workers``: the same, but each worker runs ``BatchAugment`` on its own
   batch in its collate function: the CPU-only arrangement of the batched path.
 
@@ -22,10 +23,13 @@ swing with other people's load, so each pipeline's CPU cost per image is also me
 thread with ``time.process_time`` (which does not count time spent waiting for a core): its
 inverse is the images/s one dedicated core sustains. The ``uint8_feed_only`` cost is what the
 CPU still does per image when ``BatchAugment`` runs on a GPU (fetch + collate, no
-augmentation); it is reported apart, not ranked against augmented pipelines. Prints JSON
+augmentation); it is reported apart, not ranked against augmented pipelines. With
+``--device cuda`` the ``ours_cache_batch`` cost row is instead the CPU's share of the GPU
+pipeline: fetch, collate, copy to the device and launching ``BatchAugment`` there. Prints JSON
 lines, then the ratios.
 
     python benchmarks/loader.py [--data ../shared/data/breakhis-samples] [--batches 15]
+                                [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -76,8 +80,11 @@ class _AugmentingCollate:
         return batch
 
 
-def _time_loader(loader, batches: int, on_batch=None) -> tuple[int, float]:
-    """Images delivered (and augmented, with ``on_batch``) per second after one warm-up batch."""
+def _time_loader(loader, batches: int, on_batch=None, sync=None) -> tuple[int, float]:
+    """Images delivered (and augmented, with ``on_batch``) per second after one warm-up batch.
+
+    ``sync`` waits for work still queued on a device, so the clock stops when it is done.
+    """
     it = iter(loader)
     first = next(it)  # warm-up: worker start
     if on_batch is not None:
@@ -91,6 +98,8 @@ def _time_loader(loader, batches: int, on_batch=None) -> tuple[int, float]:
             batch = next(it)
         x = on_batch(batch) if on_batch is not None else batch["x"]
         n += x.shape[0]
+    if sync is not None:
+        sync()
     return n, time.perf_counter() - t0
 
 
@@ -122,10 +131,10 @@ def measure_ours(root: Path, args) -> list[dict]:
     pre, aug = Preprocessing(size=224, resize=256), Augmentation()
     train_tf = build_train_transform(pre=pre, aug=aug)
 
-    def loader(ds):
+    def loader(ds, pin_memory=False):
         return torch.utils.data.DataLoader(
             ds, batch_size=args.batch_size, sampler=EpochSampler(len(ds), seed=0, epoch=0),
-            num_workers=args.workers, collate_fn=collate_skip_bad)
+            num_workers=args.workers, collate_fn=collate_skip_bad, pin_memory=pin_memory)
 
     results = []
     n, dt = _time_loader(loader(ImageTableDataset(root, index, train_tf)), args.batches)
@@ -145,11 +154,13 @@ def measure_ours(root: Path, args) -> list[dict]:
 
     batch_aug = BatchAugment(pre=pre, aug=aug)
     augment_s = [0.0]
+    on_gpu = args.device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else None
 
     def augment(batch):
         t = time.perf_counter()
-        x = batch_aug(batch["x"])
-        augment_s[0] += time.perf_counter() - t
+        x = batch_aug(batch["x"].to(args.device, non_blocking=True))
+        augment_s[0] += time.perf_counter() - t  # on a GPU: launching it, not running it
         assert x.shape[1:] == (3, 224, 224) and x.dtype == torch.float32
         return x
 
@@ -157,10 +168,10 @@ def measure_ours(root: Path, args) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        n, dt = _time_loader(loader(ds), args.batches, augment)
+        n, dt = _time_loader(loader(ds, pin_memory=on_gpu), args.batches, augment, sync)
     finally:
         torch.set_num_threads(threads)
-    results.append(_result("ours_cache_batch", n, dt, workers=args.workers,
+    results.append(_result("ours_cache_batch", n, dt, workers=args.workers, device=args.device,
                            main_batch_augment_s=round(augment_s[0], 3), main_torch_threads=1))
 
     in_workers = torch.utils.data.DataLoader(
@@ -216,11 +227,17 @@ def measure_cpu_cost(root: Path, args) -> list[dict]:
     batch_aug = BatchAugment(pre=pre, aug=aug)
 
     def batched() -> float:
-        batch_aug(collate_skip_bad([uint8_ds[i] for i in range(args.batch_size)])["x"])
+        # On a GPU: the CPU time to fetch, collate, copy over and launch the augmentation.
+        batch_aug(collate_skip_bad([uint8_ds[i] for i in range(args.batch_size)])["x"]
+                  .to(args.device))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         t = time.process_time()
         for start in range(0, n, args.batch_size):
             batch = collate_skip_bad([uint8_ds[i] for i in range(start, start + args.batch_size)])
-            batch_aug(batch["x"])
+            batch_aug(batch["x"].to(args.device))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         return (time.process_time() - t) / n * 1e3
 
     def feed_only() -> float:
@@ -244,7 +261,9 @@ def measure_cpu_cost(root: Path, args) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
     rows = [{"what": f"cpu_cost_{k}", "images": n, "cpu_ms_per_image": round(v, 2),
-             "images_per_s_per_core": round(1e3 / v, 1)} for k, v in costs.items()]
+             "images_per_s_per_core": round(1e3 / v, 1),
+             **({"device": args.device} if k == "ours_cache_batch" else {})}
+            for k, v in costs.items()]
     rows.append({"what": "cpu_cost_ours_cache_uint8_feed_only", "images": n,
                  "cpu_ms_per_image": round(feed, 3), "images_per_s_per_core": round(1e3 / feed),
                  "note": "no augmentation on the CPU: BatchAugment runs on the GPU in training; "
@@ -272,7 +291,13 @@ def main() -> int:
     ap.add_argument("--cache-size", type=int, default=256)
     ap.add_argument("--cpu-images", type=int, default=64,
                     help="images per pipeline for the one-thread CPU cost")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where ours_cache_batch runs BatchAugment")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here (torch.cuda.is_available() is False); "
+              "run without it to measure BatchAugment on the CPU.")
+        return 2
     if not args.data.is_dir():
         print(f"{args.data}: no such folder; pass --data with BreakHis PNGs.")
         return 2
@@ -282,7 +307,8 @@ def main() -> int:
         distinct = make_cycled_folder(args.data, root, args.samples)
         print(json.dumps({"what": "setup", "samples": args.samples, "distinct_pngs": distinct,
                           "batches": args.batches, "batch_size": args.batch_size,
-                          "workers": args.workers, "cpus": torch.multiprocessing.cpu_count()}))
+                          "workers": args.workers, "cpus": torch.multiprocessing.cpu_count(),
+                          "device": args.device}))
         seeds = [measure_seed(root, args, "seed_loader")]
         print(json.dumps(seeds[0]), flush=True)
         ours = measure_ours(root, args)

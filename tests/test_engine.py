@@ -202,7 +202,7 @@ def test_config_rejects_bad_combinations():
         TrainConfig(val=0.6, test=0.5)
     with pytest.raises(ConfigError, match="--weights PATH"):
         TrainConfig(pretrained=False, freeze_backbone=True)
-    with pytest.raises(ConfigError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="unknown TrainConfig setting"):
         TrainConfig.from_dict({"epocs": 3})
     with pytest.raises(ConfigError, match="resize"):
         TrainConfig(size=224, resize=200)

@@ -132,6 +132,18 @@ def test_tta_averages_the_eight_flips_and_turns(predictor):
     assert abs(predictor.predict(turned)[0].p_malignant - plain.p_malignant) > 1e-6
 
 
+def test_table_tta_agrees_with_single_image_tta(predictor, fake_breakhis):
+    from breast_cancer_detection.data.breakhis import build_index
+
+    index = build_index(fake_breakhis).iloc[:6]
+    table = predictor.predict_table(fake_breakhis, index, tta=True, progress=False)
+    singles = predictor.predict([fake_breakhis / p for p in index["path"]], tta=True)
+    np.testing.assert_allclose(table["probability"], [p.p_malignant for p in singles],
+                               atol=1e-5)
+    plain = predictor.predict_table(fake_breakhis, index, progress=False)
+    assert np.abs(plain["probability"] - table["probability"]).max() > 1e-6
+
+
 def test_large_images_are_tiled_with_a_heat_map(predictor):
     # Left half malignant-looking, right half benign; the tile side is the eval resize (40).
     big = np.concatenate([np.asarray(_tissue(110, 85, True, 1)),

@@ -9,9 +9,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 import yaml
 from PIL import Image
+from torchvision.ops import roi_align
 
+import breast_cancer_detection.data.transforms as transforms_module
 from breast_cancer_detection.data.stain import (
     _RGB_FROM_HED,
     HEDJitter,
@@ -28,6 +32,7 @@ from breast_cancer_detection.data.transforms import (
     Preprocessing,
     RandomRot90,
     TransformConfigError,
+    _affine_grid,
     _crop_boxes,
     build_eval_transform,
     build_train_transform,
@@ -351,8 +356,14 @@ def test_batch_augment_shape_dtype_device_and_randomness():
         assert not torch.allclose(out[i], out[j], atol=1e-3), (i, j)
     raw = _unnormalize(out, PRE)
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
-    again = BatchAugment(pre=PRE, aug=Augmentation())(x, torch.Generator().manual_seed(0))
+    # .to() as the engine moves it (nn.Module.to must still find its own _apply).
+    again = BatchAugment(pre=PRE, aug=Augmentation()).to("cpu")(
+        x, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+
+
+def _normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    return (x - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
 
 
 def test_batch_augment_crops_differ_per_sample():
@@ -361,6 +372,164 @@ def test_batch_augment_crops_differ_per_sample():
     out = BatchAugment(pre=PRE, aug=aug)(x, torch.Generator().manual_seed(0))
     for i, j in itertools.combinations(range(5), 2):
         assert not torch.allclose(out[i], out[j], atol=1e-3), (i, j)
+
+
+@pytest.mark.parametrize("hw", [(60, 80), (24, 30)])  # shrinking, and enlarging to the edges
+def test_batch_augment_crop_is_each_images_own_box_resampled(hw):
+    x = _uint8_batch(6, *hw)
+    aug = Augmentation(flips=False, rot90=False, color_jitter=0.0, hue=0.0, hed=0.0)
+    out = BatchAugment(pre=PRE, aug=aug)(x, torch.Generator().manual_seed(3))
+    # The crop boxes are the first draws, so the same seed gives the same boxes.
+    boxes = _crop_boxes(6, *hw, aug.scale, aug.ratio, x, torch.Generator().manual_seed(3))
+    assert len({tuple(b.tolist()) for b in boxes}) == 6
+    # An independent resampler: roi_align with one sample per bin is bilinear interpolation
+    # at each output pixel's centre inside the box, edge pixels repeated outwards.
+    index = torch.arange(6, dtype=torch.float32)[:, None]
+    ref = roi_align(x.float() / 255, torch.cat([index, boxes], 1), output_size=(32, 32),
+                    spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    torch.testing.assert_close(out, _normalize(ref, PRE), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("flips", "rot90", "reached"), [
+    (True, True, set(range(8))),
+    (True, False, {0, 2, 4, 6}),  # identity, half turn, left-right and up-down mirrors
+    (False, True, {0, 1, 2, 3}),  # the quarter turns
+])
+def test_batch_augment_geometry_is_a_dihedral_image_of_the_resized_input(flips, rot90, reached):
+    # scale 1 and the image's own aspect ratio: every crop is the whole 48 x 64 image.
+    x = _uint8_batch(1, 48, 64)
+    aug = dataclasses.replace(NO_AUG, ratio=(64 / 48, 64 / 48), flips=flips, rot90=rot90)
+    out = BatchAugment(pre=PRE, aug=aug)(x.expand(48, 3, 48, 64),
+                                         torch.Generator().manual_seed(1))
+    resized = F.interpolate(x.float() / 255, size=(32, 32), mode="bilinear",
+                            align_corners=False, antialias=False)
+    symmetries = [_normalize(dihedral(resized[0], k), PRE) for k in range(8)]
+    which = []
+    for o in out:
+        errors = [float((o - s).abs().max()) for s in symmetries]
+        k = min(range(8), key=errors.__getitem__)
+        assert errors[k] < 1e-4, errors  # float rounding of the sampling grid only
+        which.append(k)
+    assert set(which) == reached
+
+
+def test_batch_augment_is_deterministic_for_a_seed_and_chunk_size(monkeypatch):
+    x = _uint8_batch(5, 60, 80)
+    batch_aug = BatchAugment(pre=PRE, aug=Augmentation())
+    a = batch_aug(x, torch.Generator().manual_seed(7))
+    assert torch.equal(a, batch_aug(x, torch.Generator().manual_seed(7)))
+    assert not torch.allclose(a, batch_aug(x, torch.Generator().manual_seed(8)), atol=1e-3)
+    # The CPU works through a batch a few images at a time; how many must not matter.
+    monkeypatch.setattr(transforms_module, "_CPU_CHUNK_ELEMENTS", 2 * 3 * 60 * 80)
+    torch.testing.assert_close(batch_aug(x, torch.Generator().manual_seed(7)), a,
+                               atol=1e-6, rtol=0)
+    # None draws from the global generator.
+    torch.manual_seed(7)
+    b = batch_aug(x)
+    torch.manual_seed(7)
+    assert torch.equal(b, batch_aug(x))
+
+
+def test_batch_augment_uint8_and_float_input_agree():
+    x = _uint8_batch(4, 60, 80)
+    batch_aug = BatchAugment(pre=PRE, aug=Augmentation())
+    from_uint8 = batch_aug(x, torch.Generator().manual_seed(0))
+    from_float = batch_aug(x.float() / 255, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(from_uint8, from_float, atol=1e-4, rtol=0)
+    with pytest.raises(TypeError):
+        batch_aug(x.to(torch.int32))
+    with pytest.raises(ValueError):
+        batch_aug(x[:, :2])
+
+
+def test_batch_augment_output_statistics_are_sane():
+    x = _uint8_batch(1, 60, 80).expand(64, 3, 60, 80)
+    out = BatchAugment(pre=PRE, aug=Augmentation())(x, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
+    raw = _unnormalize(out, PRE)
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    # Jitter moves each image's colour a little around the source's, not away from it.
+    source = x[0].float().mean(dim=(1, 2)) / 255
+    per_image = raw.mean(dim=(2, 3))
+    assert (per_image.mean(0) - source).abs().max() < 0.03
+    assert 0.005 < per_image.std(0).min() and per_image.std(0).max() < 0.1
+    # Texture survives: the geometry resamples, it does not blur everything flat.
+    source_texture = (x[0].float() / 255).std(dim=(1, 2))
+    assert (raw.std(dim=(2, 3)).mean(0) > 0.5 * source_texture).all()
+
+
+def test_batch_colour_jitter_matches_torchvision_per_image():
+    x = _uint8_batch(4, 32, 32)
+    aug = dataclasses.replace(NO_AUG, color_jitter=0.4)
+    batch_aug = BatchAugment(pre=PRE, aug=aug)
+    out = batch_aug(x, torch.Generator().manual_seed(0))
+    draws = batch_aug._draw(x, torch.Generator().manual_seed(0))
+    for img, gain, contrast, saturation, o in zip(x, draws.gain, draws.contrast,
+                                                  draws.saturation, out):
+        ref = img.float() / 255
+        ref = TF.adjust_brightness(ref, float(gain * 255))
+        ref = TF.adjust_contrast(ref, float(contrast))
+        ref = TF.adjust_saturation(ref, float(saturation))
+        # torchvision's grey weighs red 0.2989 rather than 0.299.
+        torch.testing.assert_close(o, _normalize(ref, PRE), atol=2e-3, rtol=0)
+
+
+def test_batch_hed_jitter_matches_stain_hed_jitter():
+    x = _uint8_batch(4, 32, 32)
+    aug = dataclasses.replace(NO_AUG, crop=False, hed=0.2)
+    out = BatchAugment(pre=PRE, aug=aug)(x, torch.Generator().manual_seed(0))
+    # With every other augmentation off, the HED draws are the only draws, made in
+    # hed_jitter's order.
+    ref = hed_jitter(x.float() / 255, sigma=0.2, bias=0.2,
+                     generator=torch.Generator().manual_seed(0))
+    assert (ref - x.float() / 255).abs().mean() > 1e-2
+    torch.testing.assert_close(out, _normalize(ref, PRE), atol=1e-4, rtol=0)
+
+
+class _AugmentInWorker:
+    """A collate function that augments the batch in the DataLoader worker, as a CPU-only
+    training run can."""
+
+    def __init__(self, batch_aug: BatchAugment):
+        self.batch_aug = batch_aug
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, bool]:
+        out = self.batch_aug(torch.stack(items), torch.Generator().manual_seed(0))
+        return out, out.is_shared()
+
+
+def test_batch_augment_in_a_dataloader_worker():
+    x = _uint8_batch(4, 60, 80)
+    batch_aug = BatchAugment(pre=PRE, aug=Augmentation())
+    loader = torch.utils.data.DataLoader(list(x), batch_size=4, num_workers=1,
+                                         collate_fn=_AugmentInWorker(batch_aug))
+    (out, shared), = list(loader)
+    # Made in shared memory, so the trip to the main process copies nothing; same result.
+    assert shared
+    assert torch.equal(out, batch_aug(x, torch.Generator().manual_seed(0)))
+
+
+def test_affine_grid_matches_torch():
+    theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_affine_grid(theta, 7),
+                               F.affine_grid(theta, (3, 3, 7, 7), align_corners=False))
+
+
+@pytest.mark.gpu
+def test_batch_augment_on_cuda_matches_cpu():
+    x = _uint8_batch(4, 60, 80)
+    batch_aug = BatchAugment(pre=PRE, aug=Augmentation())
+    on_gpu = batch_aug(x.cuda(), torch.Generator(device="cuda").manual_seed(0))
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == (4, 3, 32, 32)
+    assert torch.equal(on_gpu, batch_aug(x.cuda(), torch.Generator(device="cuda").manual_seed(0)))
+    # The same draws give the same images on either device.
+    draws = batch_aug._draw(x, torch.Generator().manual_seed(0))
+    cpu = torch.empty(4, 3, 32, 32)
+    batch_aug._augment(x, draws, cpu)
+    gpu = torch.empty(4, 3, 32, 32, device="cuda")
+    batch_aug._augment(x.cuda(), type(draws)(*(None if t is None else t.cuda() for t in draws)),
+                     gpu)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
 
 
 def test_crop_boxes_follow_random_resized_crop():

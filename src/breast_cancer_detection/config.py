@@ -18,6 +18,17 @@ class ConfigError(UserError, ValueError):
     """A setting, or a combination of settings, that cannot work; the message says the fix."""
 
 
+def dataclass_from_dict(cls: type, d: dict[str, Any], error: type[Exception] = ConfigError):
+    """``cls(**d)``, naming any unknown key instead of ignoring it; missing keys keep defaults
+    (so settings saved before a field existed still load)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise error(f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; known: "
+                    f"{', '.join(sorted(known))}.")
+    return cls(**d)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; written to ``runs/NAME/config.yaml`` and checkpoints."""
@@ -140,12 +151,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Builds a config, naming any unknown key instead of ignoring it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted(known))}.")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def save(self, path: str | Path) -> Path:
         """Writes the settings as YAML."""

@@ -272,7 +272,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                         bootstrap: int = 1000, seed: int = 0, alpha: float = 0.05,
                         allow_leakage: bool = False, store_threshold: bool = True,
                         device: str = "auto", batch_size: int = 64, workers: int = 0,
-                        progress: bool = True) -> Evaluation:
+                        progress: bool = True, tta: bool = False) -> Evaluation:
     """Evaluates a checkpoint on one subset and writes the report folder.
 
     Args:
@@ -293,6 +293,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         batch_size: Images per forward pass.
         workers: DataLoader workers.
         progress: Show a progress bar.
+        tta: Average each image's prediction over its 8 flips/rotations.
 
     Returns:
         The :class:`Evaluation`; ``leaked`` is true when the evaluated images overlap the
@@ -347,7 +348,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     # One pass over the images of both subsets.
     wanted = evaluated if subset == "val" else pd.concat([evaluated, val], ignore_index=True)
     predicted = predictor.predict_table(root, wanted, batch_size=batch_size, workers=workers,
-                                        progress=progress)
+                                        progress=progress, tta=tta)
     bad = predicted[predicted["error"] != ""]
     predicted = predicted[predicted["error"] == ""]
     ev_pred = predicted[predicted["split"] == subset].reset_index(drop=True)
@@ -412,6 +413,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         "data": str(root), "split": source, "split_hash": this_hash,
         "same_split_as_training": (this_hash == ckpt.get("split_hash")) if this_hash else None,
         "subset": subset,
+        "tta": tta,
         "protocol": _protocol(has_patients, leakage),
         "leakage": leakage, "allow_leakage": allow_leakage,
         "notes": notes, "caveats": caveats,
@@ -540,6 +542,8 @@ def _report_md(r: dict, has_mag: bool) -> str:
               "",
               f"- **Protocol:** {r['protocol']}",
               f"- **Threshold:** {_threshold_line(r['threshold'])}",
+              "- **Test-time augmentation:** " + ("the 8 flips/rotations averaged per image"
+                                                  if r.get("tta") else "none"),
               f"- **Data:** `{r['data']}`; split: {r['split']}"
               + ("" if r["same_split_as_training"] is None else
                  " (the split the checkpoint was trained with)" if r["same_split_as_training"]

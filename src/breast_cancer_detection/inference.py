@@ -506,8 +506,12 @@ class Predictor:
         return pred
 
     def predict_table(self, root: str | Path, table: pd.DataFrame, *, batch_size: int = 32,
-                      workers: int = 0, progress: bool = True) -> pd.DataFrame:
+                      workers: int = 0, progress: bool = True, tta: bool = False
+                      ) -> pd.DataFrame:
         """P(malignant) for every row of an index or split table, batched.
+
+        Args:
+            tta: Average over the 8 flips/rotations of each image.
 
         Returns:
             The table with ``probability``, ``prediction`` (0/1 at the stored threshold) and
@@ -532,7 +536,7 @@ class Predictor:
 
         source = batches()
         out = evaluate(self.model, source, self.device, dtype=self.dtype,
-                       channels_last=self.channels_last, progress=bar)
+                       channels_last=self.channels_last, progress=bar, tta=tta)
         bar.close()
         prob = np.full(len(table), np.nan)
         prob[out["row"].astype(int)] = out["prob"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .breakhis import DatasetError, read_index
+from .breakhis import DatasetError, read_index, write_index
 
 SUBSETS = ("train", "val", "test")
 SPLIT_COLUMNS = ["path", "patient", "label", "target", "magnification", "subtype", "slide",
@@ -218,10 +218,7 @@ def write_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Writes a split CSV (after checking it) and returns the path."""
     if split["split"].ne("").all():
         check_split(split)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    split.to_csv(path, index=False)
-    return path
+    return write_index(split, path)
 
 
 def load_split(path: str | Path) -> pd.DataFrame:
