@@ -233,7 +233,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, split=args.split, subset=args.subset, out=args.out,
         target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, seed=args.seed,
         allow_leakage=args.allow_leakage, device=args.device, batch_size=args.batch_size,
-        workers=args.workers, progress=not args.quiet)
+        workers=args.workers, progress=not args.quiet, tta=args.tta)
     m = ev.metrics
     img, pat, ci = m["image"], m["patient"], m["ci"]
 
@@ -415,6 +415,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app.server import create_app
+
+    predictor = _load_predictor(args)  # loaded before serving, so a bad file fails here
+    app = create_app(predictor, report=args.report, max_upload_mb=args.max_upload_mb,
+                     max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: --host {args.host} makes the app reachable from other machines; it "
+              "has no authentication.", file=sys.stderr)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Serving {predictor.checkpoint.get('arch') or 'the model'} at "
+          f"http://{host}:{args.port}/ (API documentation at /docs); Ctrl-C stops it.")
+    uvicorn.run(app, host=args.host, port=args.port,
+                log_level="warning" if args.quiet else "info")
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `bcd` and all its subcommands."""
     p = argparse.ArgumentParser(
@@ -502,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples of patients for the 95%% CIs (0: none; "
                    "default 1000)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    e.add_argument("--tta", action="store_true",
+                   help="average each image over its 8 flips/rotations")
     e.add_argument("--allow-leakage", action="store_true",
                    help="exit 0 even when evaluated patients were in training (still reported)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
@@ -579,6 +599,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the ONNX Runtime comparison")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     x.set_defaults(func=_cmd_export)
+
+    sv = sub.add_parser("serve", help="the web app: upload images, see the answer and why",
+                        description="Serve the page and the API (POST /api/predict, GET "
+                        "/api/health, GET /api/model; OpenAPI at /docs) for one checkpoint, "
+                        "loaded once. A research tool, not a medical device.")
+    sv.add_argument("checkpoint", help="best.pt from `bcd train`, a URL of one, or model.onnx "
+                    "(no Grad-CAM)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
+                    "this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    sv.add_argument("--report", metavar="METRICS_JSON", help="metrics.json of `bcd evaluate` "
+                    "for this checkpoint: the model card then shows test metrics with CIs")
+    sv.add_argument("--max-upload-mb", type=float, default=20,
+                    help="largest upload per request, in MB (default 20; 413 beyond)")
+    sv.add_argument("--max-concurrency", type=int, default=1,
+                    help="requests processed at once (default 1)")
+    sv.add_argument("--max-queue", type=int, default=8,
+                    help="requests allowed to wait (default 8; 503 with Retry-After beyond)")
+    sv.add_argument("--max-pixels", type=int, metavar="N", help="refuse larger images before "
+                    "decoding (default 100000000; 0: no limit of ours)")
+    sv.add_argument("--sha256", help="expected SHA-256 of the checkpoint")
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    sv.add_argument("--quiet", action="store_true", help="no progress bar or request log")
+    sv.set_defaults(func=_cmd_serve)
     return p
 
 

@@ -1,0 +1,131 @@
+"""The page in a real browser: headless Chromium (Debian's) driven by Playwright.
+
+Needs ``/usr/bin/chromium`` (``apt-get install chromium``; ``.ci/run`` installs it) and the
+playwright Python package; no browser is downloaded. Saves ``test-artifacts/app.png``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA, write_tissue_png
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no browser at {CHROMIUM}: install "
+                       "Debian's chromium (apt-get install chromium), as .ci/run does"),
+]
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="playwright is not installed: pip install playwright")
+uvicorn = pytest.importorskip("uvicorn", reason="the web app needs uvicorn")
+httpx = pytest.importorskip("httpx", reason="the test reads the API with httpx")
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    """The app on 127.0.0.1 at a free port, in a background thread; yields its base URL."""
+    from breast_cancer_detection.app import create_app
+    from breast_cancer_detection.inference import Predictor
+
+    app = create_app(Predictor.from_checkpoint(trained_run / "best.pt", device="cpu"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start on 127.0.0.1")
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    """A real BreakHis image from ../shared/data, or a synthetic one of the same size."""
+    real = sorted((SHARED_DATA / "breakhis-samples").rglob("*.png"))
+    if real:
+        return real[0]
+    path = tmp_path_factory.mktemp("sample") / "SOB_M_DC-14-2523-400-001.png"
+    write_tissue_png(path, True, np.random.default_rng(0), size=(700, 460))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_upload_shows_label_bar_and_overlay(server, sample, tmp_path):
+    expected = httpx.post(f"{server}/api/predict", timeout=120,
+                          files=[("files", (sample.name, sample.read_bytes(), "image/png"))])
+    assert expected.status_code == 200, expected.text
+    answer = expected.json()["results"][0]
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("not an image")
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            elsewhere, problems = [], []
+            page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:"))
+                    else elsewhere.append(r.url))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+
+            page.goto(f"{server}/")
+            notice = page.get_by_role("note")
+            assert notice.is_visible()
+            assert "Research tool, not a medical device." in notice.inner_text()
+            page.wait_for_selector("#model-summary dl.facts", timeout=30_000)
+            assert "tiny" in page.inner_text("#model-summary")
+
+            page.set_input_files("#files", str(sample))
+            card = page.locator("li.card.done")
+            card.wait_for(timeout=120_000)
+            assert card.locator("h3").inner_text() == sample.name
+            assert card.locator(".label").inner_text().lower() == answer["label"]
+            assert card.locator(".p-value").inner_text() == f"{answer['p_malignant']:.3f}"
+
+            bar = card.locator(".bar").bounding_box()
+            fill = card.locator(".fill").bounding_box()
+            assert fill["width"] > 0
+            assert fill["width"] / bar["width"] == pytest.approx(
+                max(answer["p_malignant"], 3 / bar["width"]), abs=0.02)
+            marker = card.locator(".marker").bounding_box()
+            assert marker["x"] - bar["x"] == pytest.approx(answer["threshold"] * bar["width"],
+                                                           abs=3)
+
+            natural = "img => img.complete ? img.naturalWidth : 0"
+            assert card.locator("img.cam").evaluate(natural) == 32  # the model's 32 px view
+            assert card.locator("img.original").evaluate(natural) == answer["width"]
+            if answer["tile_heatmap"]:
+                assert card.locator("img.tiles").evaluate(natural) > 0
+            for alt in card.locator("img").evaluate_all("imgs => imgs.map(i => i.alt)"):
+                assert alt.strip(), "every image needs alt text"
+
+            # A bad file gets its own card with the server's message; the good one stays.
+            page.set_input_files("#files", str(not_image))
+            failed = page.locator("li.card.failed")
+            failed.wait_for(timeout=30_000)
+            assert "415" in failed.inner_text() and "notes.txt" in failed.inner_text()
+            assert page.locator("li.card.done").count() == 1
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+        finally:
+            browser.close()
+    # The failed upload's 415 is logged by the browser as a console error; nothing else may be.
+    assert [p for p in problems if "415" not in p] == []
+    assert elsewhere == [], f"the page fetched from elsewhere: {elsewhere}"
+    assert (ARTIFACTS / "app.png").stat().st_size > 10_000
