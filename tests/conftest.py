@@ -69,6 +69,22 @@ def fake_imagefolder(tmp_path_factory) -> Path:
     return root
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 8x8 PNG whose header then claims another size (CRC fixed, data unchanged):
+    a decompression bomb's header without the bomb."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 150)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"IHDR"
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
 def _has_shared_data() -> bool:
     return (SHARED_DATA / "breakhis-filelist.txt").is_file()
 

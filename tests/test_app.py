@@ -7,17 +7,17 @@ import base64
 import io
 import json
 import shutil
-import struct
 import threading
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from conftest import png_claiming
 
 pytest.importorskip("fastapi", reason="the web app needs fastapi: pip install -e '.[app]'")
 pytest.importorskip("multipart", reason="the web app needs python-multipart")
@@ -75,14 +75,7 @@ def _noise_png(side: int) -> bytes:
 
 
 def _png_claiming(width: int, height: int) -> bytes:
-    """A valid 8x8 PNG whose header then claims another size (CRC fixed, data unchanged)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 100, 150)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    assert data[12:16] == b"IHDR"
-    struct.pack_into(">II", data, 16, width, height)
-    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
+    return png_claiming(width, height)
 
 
 def _files(*named: tuple[str, bytes]) -> list:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
-import struct
 import sys
 import threading
 import types
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,6 +30,8 @@ from breast_cancer_detection.inference import (
     summarize_patients,
 )
 from breast_cancer_detection.plots import plot_prediction
+
+from conftest import png_claiming
 
 
 @pytest.fixture(scope="module")
@@ -194,14 +193,7 @@ def test_folders_are_searched_and_batched(predictor, fake_breakhis, tmp_path):
 
 
 def _png_claiming(path: Path, width: int, height: int) -> Path:
-    """A small valid PNG whose header then claims another size (CRC fixed, data unchanged)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 100, 150)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    assert data[12:16] == b"IHDR"
-    struct.pack_into(">II", data, 16, width, height)
-    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
+    path.write_bytes(png_claiming(width, height))
     return path
 
 
