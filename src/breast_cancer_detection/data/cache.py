@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..errors import UserError
 from .breakhis import DatasetError
-from .datasets import DEFAULT_MAX_PIXELS, ImageError, open_rgb
+from .datasets import DEFAULT_MAX_PIXELS, ImageError, open_rgb, split_key, transform_seeded
 
 CACHE_VERSION = 1
 """Bumped whenever the layout or the resize rule changes; older caches then count as stale."""
@@ -439,7 +439,7 @@ class CachedImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, key: int | tuple[int, int]):
-        i, seed = key if isinstance(key, tuple) else (key, None)
+        i, seed = split_key(key)
         path = self.paths[i]
         if path in self.cache.bad:
             return None, i, self.cache.bad[path]
@@ -447,9 +447,4 @@ class CachedImageDataset(torch.utils.data.Dataset):
         if self.as_uint8:
             # Copied out of the read-only mapping: torch must own writable memory.
             return torch.from_numpy(pixels.copy()).permute(2, 0, 1), self.targets[i], i
-        image = Image.fromarray(pixels)
-        if seed is None:
-            return self.transform(image), self.targets[i], i
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), self.targets[i], i
+        return transform_seeded(self.transform, Image.fromarray(pixels), seed), self.targets[i], i

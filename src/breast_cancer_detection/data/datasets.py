@@ -102,6 +102,24 @@ def _array_to_rgb(arr: np.ndarray) -> Image.Image:
     raise ImageError(f"array of shape {arr.shape} is not an HxW or HxWx3/4 image")
 
 
+def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """A dataset key as ``(row, seed)``: EpochSampler hands out pairs, plain loaders rows."""
+    return key if isinstance(key, tuple) else (key, None)
+
+
+def transform_seeded(transform: Callable, image, seed: int | None):
+    """``transform(image)``, drawing its randomness from ``seed`` when one is given.
+
+    The augmentation of a sample then depends on (seed, epoch, position) only, not on the
+    worker count, the rank, or where a run resumed; the caller's RNG is left untouched.
+    """
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
+
+
 class ImageTableDataset(torch.utils.data.Dataset):
     """Serves ``(image, target, row)`` for the rows of an index or split table.
 
@@ -121,18 +139,12 @@ class ImageTableDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, key: int | tuple[int, int]):
-        # EpochSampler hands out (row, seed): the augmentation of a sample then depends on
-        # (seed, epoch, position) only, not on worker count, rank, or where a run resumed.
-        i, seed = key if isinstance(key, tuple) else (key, None)
+        i, seed = split_key(key)
         try:
             image = open_rgb(self.root / self.paths[i], max_pixels=self.max_pixels)
         except (ImageError, OSError) as e:
             return None, i, str(e)
-        if seed is None:
-            return self.transform(image), self.targets[i], i
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), self.targets[i], i
+        return transform_seeded(self.transform, image, seed), self.targets[i], i
 
 
 def collate_skip_bad(batch: list) -> dict:
