@@ -270,6 +270,20 @@ def test_bad_images_recorded_and_served_as_none(tree):
     assert [r for r, _ in batch["bad"]] == [i, ds.paths.index(empty)]
 
 
+def test_uint8_batches_collate_channels_last_with_the_same_pixels(tree):
+    index = _prepared(tree)
+    ds = CachedImageDataset(find_cache(tree, index, SIZE), index, as_uint8=True)
+    items = [ds[k] for k in range(4)]
+    batch = collate_skip_bad(items)["x"]
+    # Stacked as the HWC rows they are: channels-last, the layout the CPU resize reads fastest.
+    assert batch.shape == (4, 3, 32, 48) and batch.dtype == torch.uint8
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([item[0].contiguous() for item in items]))
+    # Anything else stacks as torch.stack does.
+    plain = collate_skip_bad([(torch.ones(3, 4, 5), 0, 0), (torch.zeros(3, 4, 5), 1, 1)])["x"]
+    assert plain.is_contiguous() and plain.shape == (2, 3, 4, 5)
+
+
 def test_interrupted_build_leaves_no_valid_cache(tree, monkeypatch):
     index = _prepared(tree)  # an older, valid cache is there too
     d = default_cache_dir(tree, SIZE)

@@ -18,6 +18,7 @@ from breast_cancer_detection.config import ConfigError, TrainConfig, load_preset
 from breast_cancer_detection.engine import (
     CheckpointError,
     TrainingError,
+    amp_dtype,
     fit,
     load_checkpoint,
     save_checkpoint,
@@ -221,6 +222,27 @@ def test_cli_train_with_preset_and_overrides(fake_breakhis, tmp_path, capsys):
     assert main(["train", "--preset", "cpu-smoke", "--data", str(fake_breakhis),
                  "--runs-dir", str(tmp_path), "--name", "cli", "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_amp_settings_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("fp16", cpu) is None
+    assert amp_dtype("bf16", cpu) == torch.bfloat16
+    assert amp_dtype("off", cuda) is None and amp_dtype("fp16", cuda) == torch.float16
+    assert amp_dtype("bf16", cuda) == torch.bfloat16
+
+
+def test_cpu_bf16_training_runs_and_says_so(fake_breakhis, tmp_path, capsys):
+    code = main(["train", "--preset", "cpu-smoke", "--data", str(fake_breakhis), "--size", "32",
+                 "--resize", "36", "--runs-dir", str(tmp_path), "--name", "bf16", "--quiet",
+                 "--amp", "bf16", "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 autocast" in out and "Done. Best epoch" in out
+    ckpt = load_checkpoint(tmp_path / "bf16" / "last.pt")
+    weights = [v for v in ckpt["model"].values() if v.is_floating_point()]
+    # Autocast computes in bf16; the weights it trains stay float32.
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
 
 
 def test_imagefolder_presplit_trains(fake_imagefolder, tmp_path):

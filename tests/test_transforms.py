@@ -375,10 +375,10 @@ def test_batch_augment_crops_differ_per_sample():
 
 
 @pytest.mark.parametrize("hw", [(60, 80), (24, 30)])  # shrinking, and enlarging to the edges
-def test_batch_augment_crop_is_each_images_own_box_resampled(hw):
+def test_batch_augment_grid_crop_is_each_images_own_box_resampled(hw):
     x = _uint8_batch(6, *hw)
     aug = Augmentation(flips=False, rot90=False, color_jitter=0.0, hue=0.0, hed=0.0)
-    out = BatchAugment(pre=PRE, aug=aug)(x, torch.Generator().manual_seed(3))
+    out = BatchAugment(pre=PRE, aug=aug, resample="grid")(x, torch.Generator().manual_seed(3))
     # The crop boxes are the first draws, so the same seed gives the same boxes.
     boxes = _crop_boxes(6, *hw, aug.scale, aug.ratio, x, torch.Generator().manual_seed(3))
     assert len({tuple(b.tolist()) for b in boxes}) == 6
@@ -390,19 +390,64 @@ def test_batch_augment_crop_is_each_images_own_box_resampled(hw):
     torch.testing.assert_close(out, _normalize(ref, PRE), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("hw", [(60, 80), (24, 30)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_batch_augment_cpu_crop_is_torchvisions_resized_crop_of_the_rounded_box(hw, layout):
+    x = _uint8_batch(6, *hw)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    aug = Augmentation(flips=False, rot90=False, color_jitter=0.0, hue=0.0, hed=0.0)
+    out = BatchAugment(pre=PRE, aug=aug, resample="crop")(x, torch.Generator().manual_seed(3))
+    boxes = _crop_boxes(6, *hw, aug.scale, aug.ratio, x, torch.Generator().manual_seed(3))
+    ref = []
+    for img, (x1, y1, x2, y2) in zip(x, boxes.round().long().tolist()):
+        ref.append(TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [32, 32], antialias=True))
+    ref = torch.stack(ref).float() / 255
+    # Both round the same antialiased resize to uint8: at most one level apart.
+    torch.testing.assert_close(out, _normalize(ref, PRE), atol=1.01 / 255 / min(PRE.std),
+                               rtol=0)
+
+
+def test_batch_augment_cpu_crop_and_grid_give_the_same_symmetry_for_the_same_draws():
+    # Same-size source, no crop: both resamplers copy pixels, so any difference would be a
+    # flip or a turn applied differently.
+    x = _uint8_batch(16, 32, 32)
+    aug = dataclasses.replace(NO_AUG, flips=True, rot90=True, color_jitter=0.2, hue=0.05,
+                              hed=0.05)
+    grid = BatchAugment(pre=PRE, aug=aug, resample="grid")(x, torch.Generator().manual_seed(5))
+    crop = BatchAugment(pre=PRE, aug=aug, resample="crop")(x, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(crop, grid, atol=1e-4, rtol=0)
+    with pytest.raises(TransformConfigError, match="resample"):
+        BatchAugment(pre=PRE, aug=aug, resample="nearest")
+
+
+def test_batch_augment_picks_the_resampler_by_device():
+    batch_aug = BatchAugment(pre=PRE, aug=Augmentation())
+    assert batch_aug._resampler(torch.empty(1, 3, 4, 4)) == "crop"
+    assert batch_aug._resampler(torch.empty(1, 3, 4, 4, device="meta")) == "grid"
+    assert BatchAugment(pre=PRE, aug=Augmentation(), resample="grid")._resampler(
+        torch.empty(1, 3, 4, 4)) == "grid"
+
+
+@pytest.mark.parametrize("resample", ["grid", "crop"])
 @pytest.mark.parametrize(("flips", "rot90", "reached"), [
     (True, True, set(range(8))),
     (True, False, {0, 2, 4, 6}),  # identity, half turn, left-right and up-down mirrors
     (False, True, {0, 1, 2, 3}),  # the quarter turns
 ])
-def test_batch_augment_geometry_is_a_dihedral_image_of_the_resized_input(flips, rot90, reached):
+def test_batch_augment_geometry_is_a_dihedral_image_of_the_resized_input(flips, rot90, reached,
+                                                                         resample):
     # scale 1 and the image's own aspect ratio: every crop is the whole 48 x 64 image.
     x = _uint8_batch(1, 48, 64)
     aug = dataclasses.replace(NO_AUG, ratio=(64 / 48, 64 / 48), flips=flips, rot90=rot90)
-    out = BatchAugment(pre=PRE, aug=aug)(x.expand(48, 3, 48, 64),
-                                         torch.Generator().manual_seed(1))
-    resized = F.interpolate(x.float() / 255, size=(32, 32), mode="bilinear",
-                            align_corners=False, antialias=False)
+    out = BatchAugment(pre=PRE, aug=aug, resample=resample)(x.expand(48, 3, 48, 64),
+                                                            torch.Generator().manual_seed(1))
+    if resample == "grid":  # plain bilinear taps
+        resized = F.interpolate(x.float() / 255, size=(32, 32), mode="bilinear",
+                                align_corners=False, antialias=False)
+    else:  # the antialiased resize of the uint8 pixels
+        resized = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False,
+                                antialias=True).float() / 255
     symmetries = [_normalize(dihedral(resized[0], k), PRE) for k in range(8)]
     which = []
     for o in out:
@@ -430,12 +475,16 @@ def test_batch_augment_is_deterministic_for_a_seed_and_chunk_size(monkeypatch):
     assert torch.equal(b, batch_aug(x))
 
 
-def test_batch_augment_uint8_and_float_input_agree():
+@pytest.mark.parametrize("resample", ["grid", "crop"])
+def test_batch_augment_uint8_and_float_input_agree(resample):
     x = _uint8_batch(4, 60, 80)
-    batch_aug = BatchAugment(pre=PRE, aug=Augmentation())
+    batch_aug = BatchAugment(pre=PRE, aug=Augmentation(), resample=resample)
     from_uint8 = batch_aug(x, torch.Generator().manual_seed(0))
     from_float = batch_aug(x.float() / 255, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(from_uint8, from_float, atol=1e-4, rtol=0)
+    # The CPU crop path resizes uint8 input in uint8 (one level of rounding), which colour
+    # jitter's gains of up to 1.1 can stretch a little.
+    atol = 1e-4 if resample == "grid" else 1.5 / 255 / min(PRE.std)
+    torch.testing.assert_close(from_uint8, from_float, atol=atol, rtol=0)
     with pytest.raises(TypeError):
         batch_aug(x.to(torch.int32))
     with pytest.raises(ValueError):
@@ -518,7 +567,8 @@ def test_affine_grid_matches_torch():
 @pytest.mark.gpu
 def test_batch_augment_on_cuda_matches_cpu():
     x = _uint8_batch(4, 60, 80)
-    batch_aug = BatchAugment(pre=PRE, aug=Augmentation())
+    # The GPU's default resampler, also on the CPU for the comparison.
+    batch_aug = BatchAugment(pre=PRE, aug=Augmentation(), resample="grid")
     on_gpu = batch_aug(x.cuda(), torch.Generator(device="cuda").manual_seed(0))
     assert on_gpu.device.type == "cuda" and on_gpu.shape == (4, 3, 32, 32)
     assert torch.equal(on_gpu, batch_aug(x.cuda(), torch.Generator(device="cuda").manual_seed(0)))

@@ -84,8 +84,9 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (CUDA when present), ``cuda``, ``cuda:1``, ``cpu``."""
     amp: str = "auto"
-    """Mixed precision on CUDA: ``auto`` (bf16 if supported, else fp16), ``bf16``, ``fp16``,
-    ``off``. Ignored on CPU."""
+    """Mixed precision: ``auto`` (on CUDA bf16 if supported, else fp16; on the CPU off),
+    ``bf16`` (CUDA or CPU: about 2x faster on CPUs with AVX512-BF16 or AMX), ``fp16`` (CUDA),
+    ``off``."""
     channels_last: bool = True
     compile: bool = False
     """``torch.compile`` the model (CUDA; slower start, faster steps)."""

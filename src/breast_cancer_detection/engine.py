@@ -87,12 +87,29 @@ def _init_distributed(cfg: TrainConfig) -> DistInfo:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this setting and device; None means full precision."""
-    if device.type != "cuda" or amp == "off":
+    """The autocast dtype for this setting and device; None means full precision.
+
+    On CUDA ``auto`` picks bf16 where the card has it, else fp16. On the CPU only an explicit
+    ``bf16`` turns autocast on (``auto`` and ``fp16`` stay in float32): CPUs with native bf16
+    (AVX512-BF16 or AMX) train convolutions about twice as fast in it, others emulate it slowly.
+    """
+    if amp == "off":
         return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cuda":
+        if amp == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cpu" and amp == "bf16":
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (oneDNN's own check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -557,6 +574,9 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = 
         model = torch.compile(model)
 
     dtype = amp_dtype(cfg.amp, device)
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        log("Note: amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated "
+            "and slower than float32; pass --amp off.")
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     class_weights = None
     if cfg.balance == "loss":

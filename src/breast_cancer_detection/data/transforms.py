@@ -378,6 +378,14 @@ class _Draws(NamedTuple):
     """(N, 3, 3): log RGB to log RGB, the HED jitter (see :func:`_hed_maps`)."""
     hed_bias: Tensor | None
     """(N, 3, 1): its stain offset in log2 RGB."""
+    boxes: Tensor
+    """(N, 4): crop boxes ``x1, y1, x2, y2`` in source pixels (what ``theta`` was built from)."""
+    flip_x: Tensor | None
+    """(N,) bool: mirror left-right after the crop; None for never."""
+    flip_y: Tensor | None
+    """(N,) bool: then mirror up-down; None for never."""
+    turns: Tensor | None
+    """(N,) int: then this many quarter turns counter-clockwise; None for none."""
 
     def rows(self, part: slice) -> _Draws:
         """The draws of the images in ``part``."""
@@ -476,17 +484,56 @@ def _hed_maps(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     return to_rgb @ (alpha[:, :, None] * to_hed), -(to_rgb @ beta[:, :, None]) / math.log(2)
 
 
-def _new_output(shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """An uninitialised float32 tensor for a batch transform's result.
+_RESAMPLERS = ("auto", "grid", "crop")
 
-    In a DataLoader worker the result travels to the main process through shared memory:
-    allocated there to begin with, as default_collate allocates its batches, it is not copied
-    over on the way out (a 19 MB copy per batch of 32 at 224 px).
+
+def _crop_resample(x: Tensor, d: _Draws, size: int) -> Tensor:
+    """Crop, resize, flip and turn each image on its own: ``BatchAugment``'s CPU resampler.
+
+    Args:
+        x: ``(N, 3, H, W)`` uint8 (fastest in channels-last layout, as the cache's collate
+            makes it) or float.
+        d: The draws; uses ``boxes``, ``flip_x``, ``flip_y`` and ``turns``.
+        size: Output side in pixels.
+
+    Returns:
+        ``(N, 3, size, size)`` contiguous float32, in ``x``'s value range (0..255 for uint8).
     """
+    n, _, height, width = x.shape
+    resized = torch.empty((n, 3, size, size), dtype=x.dtype, device=x.device)
+    boxes = d.boxes.round().to(torch.int64).tolist()
+    flip_x = d.flip_x.tolist() if d.flip_x is not None else [False] * n
+    flip_y = d.flip_y.tolist() if d.flip_y is not None else [False] * n
+    turns = d.turns.tolist() if d.turns is not None else [0] * n
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        x1, y1 = min(max(x1, 0), width - 1), min(max(y1, 0), height - 1)
+        x2, y2 = min(max(x2, x1 + 1), width), min(max(y2, y1 + 1), height)
+        crop = x[i:i + 1, :, y1:y2, x1:x2].contiguous(memory_format=torch.channels_last)
+        img = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                            align_corners=False)
+        dims = [3] * flip_x[i] + [2] * flip_y[i]
+        if dims:
+            img = img.flip(dims)
+        if turns[i]:
+            img = img.rot90(turns[i], dims=(2, 3))
+        resized[i] = img[0]
+    return resized.to(torch.float32)
+
+
+def new_batch_tensor(shape: tuple[int, ...], device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """An uninitialised tensor for a batch that a DataLoader worker may be building.
+
+    In a DataLoader worker the batch travels to the main process through shared memory:
+    allocated there to begin with, as default_collate allocates its batches, it is not copied
+    over on the way out (a 19 MB copy per float32 batch of 32 at 224 px).
+    """
+    device = torch.device(device)
     if device.type == "cpu" and get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-    return torch.empty(shape, device=device, dtype=torch.float32)
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return torch.empty(shape, device=device, dtype=dtype)
 
 
 class BatchAugment(torch.nn.Module):
@@ -497,17 +544,37 @@ class BatchAugment(torch.nn.Module):
     jitter and normalisation. Hue uses a YIQ rotation rather than HSV, and colour jitter applies
     in a fixed order; the distributions otherwise match the per-image pipeline.
 
-    Crop, flips and turns are one bilinear resampling per image (``grid_sample``), without the
-    antialiasing filter of the per-image ``RandomResizedCrop``: from the prepared cache (short
-    side 256) to 224 px a crop shrinks by less than 2x (at most 1.52x, a full-height 4:3 crop),
-    where bilinear taps, two source pixels wide, still touch every source pixel. Much larger
-    images, or a much smaller ``size``, would alias; resize them first (``bcd prepare``).
+    Crop, flips and turns are resampled one of two ways (``resample``):
+
+    - ``grid``, the default on GPUs: one bilinear ``grid_sample`` per batch through each
+      image's composed affine map, at sub-pixel crop boxes, without the antialiasing filter of
+      the per-image ``RandomResizedCrop``: from the prepared cache (short side 256) to 224 px a
+      crop shrinks by less than 2x (at most 1.52x, a full-height 4:3 crop), where bilinear
+      taps, two source pixels wide, still touch every source pixel. Much larger images, or a
+      much smaller ``size``, would alias; resize them first (``bcd prepare``).
+    - ``crop``, the default on the CPU: each image's box rounded to whole pixels (as
+      ``RandomResizedCrop`` does), resized with antialiasing straight from uint8, then flipped
+      and turned. It never converts whole source images to float, and uses torch's vectorised
+      uint8 resize: about 3x less CPU time than ``grid`` at 256 -> 224 px.
+
+    Both draw the same boxes, flips and turns from the same generator; they differ by the
+    rounding of the box and by the interpolation filter.
     """
 
-    def __init__(self, *, pre: Preprocessing, aug: Augmentation) -> None:
+    def __init__(self, *, pre: Preprocessing, aug: Augmentation,
+                 resample: str = "auto") -> None:
         super().__init__()
+        if resample not in _RESAMPLERS:
+            raise TransformConfigError(
+                f"resample={resample!r}: use one of {', '.join(_RESAMPLERS)}.")
         self.pre = pre
         self.aug = aug
+        self.resample = resample
+
+    def _resampler(self, x: Tensor) -> str:
+        if self.resample != "auto":
+            return self.resample
+        return "crop" if x.device.type == "cpu" else "grid"
 
     @torch.no_grad()
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -524,7 +591,7 @@ class BatchAugment(torch.nn.Module):
         n, _, height, width = x.shape
         size = self.pre.size
         draws = self._draw(x, generator)
-        out = _new_output((n, 3, size, size), x.device)
+        out = new_batch_tensor((n, 3, size, size), x.device)
         step = max(1, n)
         if x.device.type == "cpu":
             step = max(1, _CPU_CHUNK_ELEMENTS // (3 * height * width))
@@ -563,18 +630,21 @@ class BatchAugment(torch.nn.Module):
             alpha = _uniform((n, 3), 1.0 - aug.hed, 1.0 + aug.hed, x, generator)
             beta = _uniform((n, 3), -aug.hed, aug.hed, x, generator)
             hed, hed_bias = _hed_maps(alpha, beta)
-        return _Draws(theta, gain, contrast, saturation, hue, hed, hed_bias)
+        return _Draws(theta, gain, contrast, saturation, hue, hed, hed_bias, boxes, flip_x, flip_y,
+                      turns)
 
     def _augment(self, x: Tensor, d: _Draws, out: Tensor) -> None:
         """Augment ``x`` with the draws ``d`` and write the normalised result into ``out``."""
         n, size = x.shape[0], self.pre.size
         view = (n, 1, 1, 1)
-        grid = _affine_grid(d.theta, size)
-        # uint8 values are kept 0..255 through the sampling; d.gain folds in the 1/255. float32
-        # on every device: the grid takes the input's dtype, and half-precision coordinates
-        # would place samples up to a tenth of a pixel off.
-        y = F.grid_sample(x.to(torch.float32), grid, mode="bilinear", padding_mode="border",
-                          align_corners=False)
+        # uint8 values are kept 0..255 through the sampling; d.gain folds in the 1/255.
+        if self._resampler(x) == "grid":
+            # float32 on every device: the grid takes the input's dtype, and half-precision
+            # coordinates would place samples up to a tenth of a pixel off.
+            y = F.grid_sample(x.to(torch.float32), _affine_grid(d.theta, size), mode="bilinear",
+                              padding_mode="border", align_corners=False)
+        else:
+            y = _crop_resample(x, d, size)
         # Everything below works in place on y, which this call owns. Each step clamps to
         # [0, 1], as torchvision's colour functions do.
         y.mul_(d.gain.view(view))
