@@ -14,13 +14,32 @@ from breast_cancer_detection.models import (
 )
 
 
-@pytest.mark.parametrize("name", TORCHVISION_MODELS + ("tiny", "small_cnn", "patch_cnn"))
+@pytest.mark.parametrize("name", TORCHVISION_MODELS + ("tiny", "small_cnn", "patch_cnn",
+                                                        "patch_cnn_wide", "patch_cnn_centre"))
 def test_every_model_builds_with_two_outputs(name):
     model = create_model(name, num_classes=2).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 2)
     assert name in list_models()
+
+
+def test_patch_cnn_centre_head_sees_the_middle_third_apart_from_the_whole():
+    model = create_model("patch_cnn_centre", num_classes=2).eval()
+    model.features = torch.nn.Identity()  # feed it a feature map directly
+    channels = model.classifier.in_features // 2
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        model.classifier.weight[0, 0] = 1.0  # channel 0, pooled over the whole map
+        model.classifier.weight[1, channels] = 1.0  # channel 0, pooled over the middle third
+        rim = torch.zeros(1, channels, 6, 6)
+        rim[0, 0] = 1.0
+        rim[0, 0, 2:4, 2:4] = 0.0  # 96 px patch at stride 16: centre 32 px = cells 2..3
+        centre = torch.zeros(1, channels, 6, 6)
+        centre[0, 0, 2:4, 2:4] = 9.0
+        torch.testing.assert_close(model(rim), torch.tensor([[32 / 36, 0.0]]))
+        torch.testing.assert_close(model(centre), torch.tensor([[1.0, 9.0]]))
 
 
 def test_local_weights_load_into_backbone(tmp_path):
