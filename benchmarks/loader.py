@@ -28,7 +28,7 @@ augmentation); it is reported apart, not ranked against augmented pipelines. Wit
 pipeline: fetch, collate, copy to the device and launching ``BatchAugment`` there. Prints JSON
 lines, then the ratios.
 
-    python benchmarks/loader.py [--data ../shared/data/breakhis-samples] [--batches 15]
+    python benchmarks/loader.py [--data ../shared/data/breakhis-samples] [--batches 60]
                                 [--device cpu|cuda]
 """
 
@@ -285,7 +285,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "breakhis-samples")
     ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--batches", type=int, default=15, help="timed batches per pipeline")
+    ap.add_argument("--batches", type=int, default=60, help="timed batches per pipeline")
     ap.add_argument("--batch-size", type=int, default=32, help="the seed's is 32")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache-size", type=int, default=256)
