@@ -282,6 +282,12 @@ def test_uint8_batches_collate_channels_last_with_the_same_pixels(tree):
     # Anything else stacks as torch.stack does.
     plain = collate_skip_bad([(torch.ones(3, 4, 5), 0, 0), (torch.zeros(3, 4, 5), 1, 1)])["x"]
     assert plain.is_contiguous() and plain.shape == (2, 3, 4, 5)
+    # Collated in a worker, the batch reaches the main process with its layout and pixels.
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1,
+                                         collate_fn=collate_skip_bad)
+    from_worker = next(iter(loader))["x"]
+    assert from_worker.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(from_worker, batch)
 
 
 def test_interrupted_build_leaves_no_valid_cache(tree, monkeypatch):

@@ -511,7 +511,7 @@ def _crop_resample(x: Tensor, d: _Draws, size: int) -> Tensor:
         crop = x[i:i + 1, :, y1:y2, x1:x2].contiguous(memory_format=torch.channels_last)
         img = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
                             align_corners=False)
-        dims = [3] * flip_x[i] + [2] * flip_y[i]
+        dims = [d for d, flip in ((3, flip_x[i]), (2, flip_y[i])) if flip]
         if dims:
             img = img.flip(dims)
         if turns[i]:
@@ -530,8 +530,7 @@ def new_batch_tensor(shape: tuple[int, ...], device: torch.device | str = "cpu",
     """
     device = torch.device(device)
     if device.type == "cpu" and get_worker_info() is not None:
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        storage = torch.UntypedStorage._new_shared(nbytes)
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     return torch.empty(shape, device=device, dtype=dtype)
 
