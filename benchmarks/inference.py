@@ -56,19 +56,9 @@ def cycled_images(dest: Path, n: int) -> list[Path]:
 
 
 def save_densenet_checkpoint(path: Path) -> Path:
-    from breast_cancer_detection.data.breakhis import CLASSES
-    from breast_cancer_detection.data.transforms import Preprocessing
-    from breast_cancer_detection.engine import CHECKPOINT_FORMAT, save_checkpoint
-    from breast_cancer_detection.models import create_model
+    from breast_cancer_detection.checkpoint import save_checkpoint, untrained_checkpoint
 
-    torch.manual_seed(0)
-    model = create_model("densenet121", num_classes=2)
-    return save_checkpoint({
-        "format": CHECKPOINT_FORMAT, "arch": "densenet121", "num_classes": 2,
-        "classes": list(CLASSES), "model": model.state_dict(),
-        "preprocessing": Preprocessing(size=224, resize=256).to_dict(), "threshold": None,
-        "config": {}, "metrics": {}, "split_patients": {}, "versions": {},
-    }, path)
+    return save_checkpoint(untrained_checkpoint("densenet121"), path)
 
 
 def time_ours(predictor, files: list[Path], batch_size: int, backend: str) -> dict:

@@ -46,22 +46,10 @@ def emit(record: dict) -> dict:
 
 def save_checkpoint(arch: str, path: Path) -> Path:
     """A checkpoint with random weights (no download), as `bcd train` would write it."""
-    import torch
 
-    from breast_cancer_detection.data.breakhis import CLASSES
-    from breast_cancer_detection.data.transforms import Preprocessing
-    from breast_cancer_detection.engine import CHECKPOINT_FORMAT
-    from breast_cancer_detection.engine import save_checkpoint as save
-    from breast_cancer_detection.models import create_model
+    from breast_cancer_detection.checkpoint import save_checkpoint, untrained_checkpoint
 
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=len(CLASSES))
-    return save({
-        "format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": len(CLASSES),
-        "classes": list(CLASSES), "model": model.state_dict(),
-        "preprocessing": Preprocessing(size=224, resize=256).to_dict(), "threshold": None,
-        "config": {}, "metrics": {}, "split_patients": {}, "versions": {},
-    }, path)
+    return save_checkpoint(untrained_checkpoint(arch), path)
 
 
 def images() -> list[tuple[str, bytes]]:

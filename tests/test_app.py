@@ -25,8 +25,8 @@ httpx = pytest.importorskip("httpx", reason="the API tests need httpx")
 
 from breast_cancer_detection.app import create_app  # noqa: E402
 from breast_cancer_detection.app.server import PREVIEW_SIDE  # noqa: E402
+from breast_cancer_detection.checkpoint import load_checkpoint  # noqa: E402
 from breast_cancer_detection.cli import main  # noqa: E402
-from breast_cancer_detection.engine import load_checkpoint  # noqa: E402
 from breast_cancer_detection.errors import UserError  # noqa: E402
 from breast_cancer_detection.inference import Predictor  # noqa: E402
 
@@ -102,7 +102,7 @@ def test_health_names_the_model_and_the_limits(client, predictor):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok"
-    assert body["model"] == predictor.checkpoint["arch"] == "tiny"
+    assert body["model"] == predictor.checkpoint.arch == "tiny"
     assert body["threshold"] == 0.5 and body["backend"] == "torch"
     assert (body["max_upload_mb"], body["max_concurrency"], body["max_queue"]) == (20, 1, 8)
     assert (body["running"], body["waiting"]) == (0, 0)
@@ -115,16 +115,16 @@ def test_model_card_is_read_from_the_checkpoint(client, best):
     assert card["preprocessing"]["size"] == 32 and card["preprocessing"]["resize"] == 40
     assert "40 px" in card["preprocessing"]["description"]
     training = card["training"]
-    assert training["data"] == ckpt["config"]["data"]
-    assert training["split_hash"] == ckpt["split_hash"]
-    assert training["patients"] == {k: len(v) for k, v in ckpt["split_patients"].items()}
+    assert training["data"] == ckpt.config["data"]
+    assert training["split_hash"] == ckpt.split_hash
+    assert training["patients"] == {k: len(v) for k, v in ckpt.split_patients.items()}
     assert sum(training["patients"].values()) == 11  # the fake tree's 11 patients
-    assert card["metrics"]["validation"]["val_auc"] == pytest.approx(ckpt["metrics"]["val_auc"])
+    assert card["metrics"]["validation"]["val_auc"] == pytest.approx(ckpt.metrics["val_auc"])
     assert card["metrics"]["evaluation"] is None
     assert "bcd evaluate" in card["metrics"]["note"]
     assert card["threshold"]["value"] == 0.5 and "default" in card["threshold"]["source"]
     assert "not a medical device" in card["intended_use"]
-    assert card["versions"]["training"] == ckpt["versions"]
+    assert card["versions"]["training"] == ckpt.versions
     assert card["versions"]["serving"]["torch"] == str(torch.__version__)
 
 
@@ -141,7 +141,7 @@ def test_model_card_shows_test_metrics_with_cis_from_an_evaluation(trained_run, 
     report = tmp_path / "report" / "metrics.json"
     card = TestClient(create_app(predictor, report=report)).get("/api/model").json()
     evaluation = card["metrics"]["evaluation"]
-    assert evaluation["subset"] == "test" and evaluation["images"] == ev.metrics["counts"]["images"]
+    assert evaluation["subset"] == "test" and evaluation["images"] == ev.metrics.counts["images"]
     assert evaluation["ci_level"] == pytest.approx(0.95)
     stored = json.loads(report.read_text())
     assert evaluation["ci"] == stored["ci"] and evaluation["image"] == stored["image"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from breast_cancer_detection.checkpoint import load_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.data.splits import load_split
-from breast_cancer_detection.engine import load_checkpoint
 from breast_cancer_detection.evaluation import LEAKAGE_EXIT_CODE, PREDICTION_COLUMNS
 from breast_cancer_detection.metrics import image_metrics, patient_recognition_rate
 
@@ -38,7 +38,7 @@ def _ci_pairs(ci: dict):
 
 def test_evaluate_writes_every_file_and_stores_the_threshold(run, fake_breakhis, tmp_path):
     out = tmp_path / "report"
-    assert load_checkpoint(run / "best.pt")["threshold"] is None
+    assert load_checkpoint(run / "best.pt").threshold is None
     assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--out", out) == 0
     for name in ("metrics.json", "predictions.csv", "report.md", "roc.png", "pr.png",
                  "confusion.png", "reliability.png", "per_magnification.png"):
@@ -67,10 +67,10 @@ def test_evaluate_writes_every_file_and_stores_the_threshold(run, fake_breakhis,
     info = m["threshold"]
     assert info["chosen_on"] == "val" and info["method"] == "youden"
     assert info["val_images"] == int((split["split"] == "val").sum())
-    ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
-    assert ckpt["threshold"] == pytest.approx(info["value"])
-    assert {"method", "value", "chosen_on", "val_images"} <= set(ckpt["threshold_info"])
-    assert ckpt["threshold_info"]["chosen_on"] == "val"
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt.threshold == pytest.approx(info["value"])
+    assert {"method", "value", "chosen_on", "val_images"} <= set(ckpt.threshold_info)
+    assert ckpt.threshold_info["chosen_on"] == "val"
 
     preds = pd.read_csv(out / "predictions.csv", dtype={"patient": str})
     assert list(preds.columns) == PREDICTION_COLUMNS
@@ -123,7 +123,7 @@ def test_evaluating_a_folder_without_split_flags_every_training_patient(run, fak
         LEAKAGE_EXIT_CODE)
     m = json.loads((out / "metrics.json").read_text())
     assert m["subset"] == "all" and any("EVERY image" in n for n in m["notes"])
-    n_train = len(load_checkpoint(run / "best.pt")["split_patients"]["train"])
+    n_train = len(load_checkpoint(run / "best.pt").split_patients["train"])
     assert f"{n_train} of the 11 evaluated patients" in m["leakage"][0]
     assert "LEAKAGE" in capsys.readouterr().err
 
@@ -140,11 +140,11 @@ def test_without_val_or_stored_threshold_05_is_used_loudly(run, fake_breakhis, t
     assert m["threshold"]["value"] == 0.5 and m["threshold"]["chosen_on"] is None
     assert any(c.startswith("NO THRESHOLD WAS CHOSEN") for c in m["caveats"])
     assert "NO THRESHOLD WAS CHOSEN" in (out / "report.md").read_text()
-    assert load_checkpoint(run / "best.pt")["threshold"] is None  # nothing stored
+    assert load_checkpoint(run / "best.pt").threshold is None  # nothing stored
 
     # Once a threshold is stored (by evaluating with val), a val-less split uses it.
     assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--out", tmp_path / "v") == 0
-    stored = load_checkpoint(run / "best.pt")["threshold"]
+    stored = load_checkpoint(run / "best.pt").threshold
     assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--split", no_val, "--out",
                      out) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -165,7 +165,7 @@ def test_target_sensitivity_and_val_subset_caveat(run, fake_breakhis, tmp_path):
     assert m["leakage"] == []  # val on val is a caveat, not leakage
     assert "chosen on the same subset" in m["caveats"][0]
     assert "chosen on the same subset" in (out / "report.md").read_text()
-    assert load_checkpoint(run / "best.pt")["threshold_info"]["method"] == "target_sensitivity"
+    assert load_checkpoint(run / "best.pt").threshold_info["method"] == "target_sensitivity"
 
 
 def test_data_without_patient_ids_bootstraps_images(run, fake_imagefolder, tmp_path, capsys):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from breast_cancer_detection.checkpoint import load_checkpoint, save_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.data.breakhis import build_index
-from breast_cancer_detection.engine import load_checkpoint
 from breast_cancer_detection.errors import UserError
 from breast_cancer_detection.export import export_onnx, read_onnx_metadata
 from breast_cancer_detection.inference import Predictor
@@ -23,9 +23,9 @@ pytest.importorskip("onnx")
 def checkpoint(trained_run, tmp_path_factory) -> Path:
     """The session's tiny checkpoint, with a threshold stored as `bcd evaluate` would."""
     ckpt = load_checkpoint(trained_run / "best.pt")
-    ckpt["threshold"] = 0.4321
+    ckpt.threshold = 0.4321
     path = tmp_path_factory.mktemp("export") / "best.pt"
-    torch.save(ckpt, path)
+    save_checkpoint(ckpt, path)
     return path
 
 
@@ -38,8 +38,8 @@ def test_export_carries_preprocessing_and_a_dynamic_batch(onnx_path, checkpoint)
     meta = read_onnx_metadata(onnx_path)
     ckpt = load_checkpoint(checkpoint)
     assert meta["size"] == 32 and meta["resize"] == 40 and meta["arch"] == "tiny"
-    assert meta["mean"] == pytest.approx(ckpt["preprocessing"]["mean"])
-    assert meta["std"] == pytest.approx(ckpt["preprocessing"]["std"])
+    assert meta["mean"] == pytest.approx(ckpt.preprocessing["mean"])
+    assert meta["std"] == pytest.approx(ckpt.preprocessing["std"])
     assert meta["classes"] == ["benign", "malignant"] and meta["threshold"] == 0.4321
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (inp,) = session.get_inputs()

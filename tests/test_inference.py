@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+from breast_cancer_detection.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.data.breakhis import build_index
 from breast_cancer_detection.data.transforms import dihedral
-from breast_cancer_detection.engine import CheckpointError, load_checkpoint
 from breast_cancer_detection.errors import UserError
 from breast_cancer_detection.inference import (
     Prediction,
@@ -54,8 +54,8 @@ def _tissue(h: int, w: int, malignant: bool, seed: int = 0) -> Image.Image:
 
 def _with_threshold(src: Path, dst: Path, threshold: float) -> Path:
     ckpt = load_checkpoint(src)
-    ckpt["threshold"] = threshold
-    torch.save(ckpt, dst)
+    ckpt.threshold = threshold
+    save_checkpoint(ckpt, dst)
     return dst
 
 
@@ -381,7 +381,7 @@ def test_google_drive_links_go_through_gdown(trained, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=download))
     link = "https://drive.google.com/file/d/1AbC-xyz/view?usp=sharing"
     pred = Predictor.from_checkpoint(link, cache_dir=tmp_path, progress=False)
-    assert calls == [link] and pred.checkpoint["arch"] == "tiny"
+    assert calls == [link] and pred.checkpoint.arch == "tiny"
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()][0].endswith("1AbC-xyz.pt")
     monkeypatch.setitem(sys.modules, "gdown", None)  # not installed
     with pytest.raises(CheckpointError, match="pip install gdown"):

@@ -143,16 +143,18 @@ def _train_settings(args: argparse.Namespace) -> dict:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
-    from .engine import fit
+    from .engine import Terminated, fit, resume
 
     settings = _train_settings(args)
     try:
         if args.resume:
-            fit(TrainConfig(), resume=args.resume, progress=not args.quiet, overrides=settings)
+            resume(args.resume, settings, progress=not args.quiet)
         else:
             fit(TrainConfig.from_dict(settings), progress=not args.quiet)
+    except Terminated:
+        return 143  # 128 + SIGTERM, as shells and schedulers expect
     except KeyboardInterrupt:
-        return 130
+        return 130  # 128 + SIGINT
     return 0
 
 
@@ -236,22 +238,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, seed=args.seed,
         allow_leakage=args.allow_leakage, device=args.device, batch_size=args.batch_size,
         workers=args.workers, progress=not args.quiet, tta=args.tta)
+    from .report import format_ci
+
     m = ev.metrics
-    img, pat, ci = m["image"], m["patient"], m["ci"]
+    img, pat = m.image, m.patient
 
     def show(section: str, key: str) -> str:
-        value = m[section].get(key)
+        value = getattr(m, section).get(key)
         if value is None or value != value:
             return "n/a"
-        low_high = ci.get(section, {}).get(key)
-        return f"{value:.4f}" + (f" (95% CI {low_high[0]:.4f}-{low_high[1]:.4f})"
-                                 if low_high and low_high[0] == low_high[0] else "")
+        ci = format_ci(m.ci.get(section, {}).get(key), digits=4, sep="-")
+        return f"{value:.4f}" + (f" (95% CI {ci})" if ci != "n/a" else "")
 
-    for line in m["caveats"]:
+    for line in m.caveats:
         print(f"CAVEAT: {line}", file=sys.stderr)
-    print(f"{m['subset']}: {img['images']} images"
+    print(f"{m.subset}: {img['images']} images"
           + (f", {pat['patients']} patients" if "patients" in pat else ", no patient ids")
-          + f"; threshold {m['threshold']['value']:.4f} ({m['threshold']['source']})")
+          + f"; threshold {m.threshold['value']:.4f} ({m.threshold['source']})")
     print(f"  accuracy {show('image', 'accuracy')}, AUC {show('image', 'roc_auc')}, "
           f"sensitivity {show('image', 'sensitivity')}, specificity "
           f"{show('image', 'specificity')}")
@@ -429,7 +432,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"WARNING: --host {args.host} makes the app reachable from other machines; it "
               "has no authentication.", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"Serving {predictor.checkpoint.get('arch') or 'the model'} at "
+    print(f"Serving {predictor.arch} at "
           f"http://{host}:{args.port}/ (API documentation at /docs); Ctrl-C stops it.")
     uvicorn.run(app, host=args.host, port=args.port,
                 log_level="warning" if args.quiet else "info")

@@ -1,18 +1,21 @@
-"""The training loop, evaluation pass and checkpoints; one process or torchrun DDP."""
+"""The training loop: one epoch, the evaluation pass, a run (``fit``) and ``resume``.
+
+One process, or torchrun with DistributedDataParallel. A run is built in phases (data,
+model, optimisation), then trained epoch by epoch: train, validate, record. Its progress
+lives in a :class:`RunState` that goes into every checkpoint and comes back out on resume.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-import platform
 import random
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +24,35 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import __version__
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ResumeState,
+    amp_dtype,
+    cpu_has_native_bf16,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+)
 from .config import TrainConfig, load_config
 from .data.breakhis import CLASSES, build_index
-from .data.datasets import EpochSampler, ImageTableDataset, collate_skip_bad
+from .data.datasets import EpochSampler, ImageTableDataset, collate_skip_bad, run_seed
 from .data.splits import check_split, load_split, make_split, split_hash, write_split
 from .errors import UserError
+from .files import plain
 from .metrics import accuracy, roc_auc
 from .models import create_model
-
-CHECKPOINT_FORMAT = "bcd-checkpoint/1"
 
 
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (bad data, a diverged loss); the last good checkpoint is kept."""
 
 
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint file is missing, damaged, or holds more than plain data."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during training: handled like Ctrl-C (``last.pt`` saved), exit code 143."""
 
 
-# ----------------------------------------------------------------------------- devices
+# ----------------------------------------------------------------------------- processes
 
 
 @dataclass
@@ -55,17 +66,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error with advice."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {spec!r} asked for, but PyTorch sees no CUDA GPU here. Use "
-                        "--device cpu, or on Colab pick Runtime > Change runtime type > GPU.")
-    return device
 
 
 def _init_distributed(cfg: TrainConfig) -> DistInfo:
@@ -86,84 +86,6 @@ def _init_distributed(cfg: TrainConfig) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this setting and device; None means full precision.
-
-    On CUDA ``auto`` picks bf16 where the card has it, else fp16. On the CPU only an explicit
-    ``bf16`` turns autocast on (``auto`` and ``fp16`` stay in float32): CPUs with native bf16
-    (AVX512-BF16 or AMX) train convolutions about twice as fast in it, others emulate it slowly.
-    """
-    if amp == "off":
-        return None
-    if device.type == "cuda":
-        if amp == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    if device.type == "cpu" and amp == "bf16":
-        return torch.bfloat16
-    return None
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (oneDNN's own check)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
-    """Writes a checkpoint atomically: a crash mid-save leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Loads a checkpoint with ``weights_only=True``: plain data and tensors, no code.
-
-    Raises:
-        CheckpointError: missing file, damaged file, or one that holds pickled objects.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint. Train one with `bcd train`, or "
-                              "download a released checkpoint.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        if "GLOBAL" in str(e):  # torch's wording for a pickled class or function
-            raise CheckpointError(
-                f"{path} holds pickled Python objects, which could run code when loaded; it "
-                "was refused. Use a checkpoint written by `bcd train`.") from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {first}); the file "
-                              "may be truncated: re-download or re-train it.") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a bcd checkpoint (no '{CHECKPOINT_FORMAT}' tag).")
-    return ckpt
-
-
-def _versions() -> dict[str, str]:
-    import torchvision
-
-    return {"bcd": __version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__),
-            "python": platform.python_version(), "numpy": np.__version__}
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
@@ -180,32 +102,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    """numpy scalars become Python numbers, so the dict loads with weights_only=True."""
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in d.items()}
-
-
 # ----------------------------------------------------------------------------- one epoch
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # Decay weights only: decaying biases and norm scales only hurts.
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -346,7 +243,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: torch.dty
     return out
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- run state
 
 
 @dataclass
@@ -359,6 +256,98 @@ class TrainResult:
     last: dict[str, float]
     bad_images: dict[str, str]
     stopped_early: bool = False
+
+
+@dataclass
+class RunState:
+    """How far a run has got: stored in every checkpoint, read back on resume."""
+
+    epoch: int = 0
+    """Epochs completed."""
+    step: int = 0
+    """Steps done in the epoch after ``epoch`` (non-zero only after an interruption)."""
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_images: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint) -> RunState:
+        return cls(epoch=ckpt.epoch, step=ckpt.resume.step if ckpt.resume else 0,
+                   best_score=ckpt.best_score, best_epoch=ckpt.best_epoch,
+                   since_best=ckpt.since_best, best_metrics=dict(ckpt.metrics),
+                   bad_images=dict(ckpt.bad_images))
+
+    def to_checkpoint(self, run: _Run, *, full: bool) -> Checkpoint:
+        """The run's checkpoint now; ``full`` adds what resuming needs (``last.pt``)."""
+        cfg, split = run.cfg, run.split
+        resume_state = None
+        if full:
+            o = run.opt
+            resume_state = ResumeState(
+                optimizer=o.optimizer.state_dict(), scheduler=o.scheduler.state_dict(),
+                scaler=o.scaler.state_dict() if o.scaler is not None else {},
+                rng=_rng_state(), step=self.step)
+        return Checkpoint(
+            arch=cfg.model, state_dict=run.raw_model.state_dict(), classes=list(CLASSES),
+            preprocessing=run.pre.to_dict(), augment=run.aug.to_dict(), config=cfg.to_dict(),
+            magnification=cfg.magnification, split_hash=split_hash(split),
+            split_patients={s: sorted(set(g["patient"]) - {""})
+                            for s, g in split.groupby("split")},
+            metrics=dict(self.best_metrics), epoch=self.epoch, best_epoch=self.best_epoch,
+            best_score=self.best_score, since_best=self.since_best,
+            bad_images=dict(self.bad_images), resume=resume_state)
+
+
+@dataclass
+class _Optimisation:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Any
+    loss_fn: nn.Module
+    sample_weights: torch.Tensor | None
+    steps_per_epoch: int
+    drop_last: bool
+
+
+@dataclass
+class _Run:
+    """Everything a run holds while it trains (built once by :func:`_build_run`)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    dist: DistInfo
+    root: Path
+    split: pd.DataFrame
+    pre: Any
+    aug: Any
+    train_ds: Any
+    val_ds: Any
+    batch_aug: nn.Module | None
+    batch_eval: nn.Module | None
+    raw_model: nn.Module
+    model: nn.Module
+    dtype: torch.dtype | None
+    opt: _Optimisation
+    progress: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def val_tab(self) -> pd.DataFrame:
+        return self.split[self.split["split"] == "val"]
+
+    def log(self, msg: str) -> None:
+        if self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------- building a run
 
 
 def _resolve_data(cfg: TrainConfig) -> Path:
@@ -387,6 +376,8 @@ def _resolve_split(cfg: TrainConfig, root: Path) -> pd.DataFrame:
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
+    from datetime import datetime
+
     name = cfg.name or f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
     run = Path(cfg.runs_dir) / name
     if (run / "last.pt").exists():
@@ -395,12 +386,20 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     return run
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # `timeout`, SLURM and systemd signal the whole process group. A worker that dies of it
+    # makes the main process fail inside backward with "DataLoader worker killed"; ignoring it
+    # here leaves the shutdown to the main process, which saves last.pt and stops the workers.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(ds, sampler, cfg: TrainConfig, device: torch.device, *, seed: int, drop_last: bool):
     kw: dict[str, Any] = {}
     # More workers than cores only adds switching (and a warning from PyTorch).
     workers = min(cfg.workers, os.cpu_count() or 1)
     if workers > 0:
-        kw["prefetch_factor"] = 4 if device.type == "cuda" else 2
+        kw.update(prefetch_factor=4 if device.type == "cuda" else 2,
+                  worker_init_fn=_ignore_sigterm)
     return torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
         collate_fn=collate_skip_bad, pin_memory=device.type == "cuda", drop_last=drop_last,
@@ -452,6 +451,317 @@ def _datasets(cfg: TrainConfig, root: Path, train_tab: pd.DataFrame, val_tab: pd
             BatchAugment(pre=pre, aug=aug).to(device), BatchEval(pre=pre).to(device))
 
 
+def _build_model(cfg: TrainConfig, dist_info: DistInfo) -> tuple[nn.Module, nn.Module]:
+    """``(raw_model, model)``: the network, and the same wrapped for DDP and/or compiled."""
+    device = dist_info.device
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every retry
+    raw_model = create_model(cfg.model, num_classes=len(CLASSES), pretrained=cfg.pretrained,
+                             weights=cfg.weights, freeze_backbone=cfg.freeze_backbone)
+    raw_model.to(device)
+    # channels_last also speeds up oneDNN convolutions on CPUs (~1.1-2x measured here).
+    if cfg.channels_last:
+        raw_model.to(memory_format=torch.channels_last)
+    model = raw_model
+    if dist_info.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return raw_model, model
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Decay weights only: decaying biases and norm scales only hurts.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimisation(cfg: TrainConfig, raw_model: nn.Module, train_targets: np.ndarray,
+                       n_train: int, dist_info: DistInfo,
+                       dtype: torch.dtype | None) -> _Optimisation:
+    """Optimiser, warm-up + cosine schedule, loss (class-weighted or not), sampler weights and
+    the gradient scaler, sized for ``n_train`` images over ``cfg.epochs`` epochs."""
+    device = dist_info.device
+    counts = np.bincount(train_targets.astype(int), minlength=2)
+    class_weights = None
+    if cfg.balance == "loss":
+        class_weights = torch.tensor(counts.sum() / (2.0 * counts), dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=class_weights.to(device) if class_weights is not None else None,
+        label_smoothing=cfg.label_smoothing)
+    sample_weights = None
+    if cfg.balance == "sampler":
+        sample_weights = torch.tensor(1.0 / counts[train_targets.astype(int)])
+    n_per_rank = math.ceil(n_train / dist_info.world)
+    drop_last = n_per_rank > cfg.batch_size
+    steps = (n_per_rank // cfg.batch_size if drop_last
+             else math.ceil(n_per_rank / cfg.batch_size))
+    optimizer = torch.optim.AdamW(_param_groups(raw_model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = _scheduler(optimizer, round(cfg.warmup_epochs * steps), cfg.epochs * steps)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return _Optimisation(optimizer, scheduler, scaler, loss_fn, sample_weights, steps,
+                         drop_last)
+
+
+def _build_run(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoint | None,
+               progress: bool) -> _Run:
+    """Data, model and optimisation of a new run, or of one resumed from ``ckpt``."""
+    from .data.transforms import Augmentation, Preprocessing
+
+    dist_info = _init_distributed(cfg)
+    root = _resolve_data(cfg)
+    if cfg.data is None:
+        cfg.data = str(root)
+    split = load_split(run_dir / "split.csv") if ckpt else _resolve_split(cfg, root)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+        if not ckpt:
+            write_split(split, run_dir / "split.csv")
+    train_tab = split[split["split"] == "train"]
+    pre = Preprocessing(size=cfg.size, resize=cfg.resize)
+    aug = Augmentation.from_dict(cfg.augment)
+    raw_model, model = _build_model(cfg, dist_info)
+    dtype = amp_dtype(cfg.amp, dist_info.device)
+    run = _Run(cfg, run_dir, dist_info, root, split, pre, aug, None, None, None, None,
+               raw_model, model, dtype, None, progress)  # type: ignore[arg-type]
+    run.train_ds, run.val_ds, run.batch_aug, run.batch_eval = _datasets(
+        cfg, root, train_tab, run.val_tab, pre, aug, dist_info.device, run.log)
+    run.opt = build_optimisation(cfg, raw_model, train_tab["target"].to_numpy(),
+                                 len(run.train_ds), dist_info, dtype)
+    if dtype == torch.bfloat16 and dist_info.device.type == "cpu" and not cpu_has_native_bf16():
+        run.log("Note: amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated "
+                "and slower than float32; pass --amp off.")
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt.state_dict)
+        if ckpt.resume is None:
+            raise CheckpointError(f"{run_dir / 'last.pt'} holds no optimiser state (a best.pt "
+                                  "copied over it?); it cannot be resumed.")
+        run.opt.optimizer.load_state_dict(ckpt.resume.optimizer)
+        run.opt.scheduler.load_state_dict(ckpt.resume.scheduler)
+        if run.opt.scaler is not None and ckpt.resume.scaler:
+            run.opt.scaler.load_state_dict(ckpt.resume.scaler)
+        _set_rng_state(ckpt.resume.rng)
+    return run
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def fit(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Trains a new model as ``cfg`` says and writes the run folder.
+
+    ``runs/NAME/`` receives ``config.yaml``, ``split.csv``, ``metrics.csv``, ``last.pt`` (every
+    epoch, and on Ctrl-C or SIGTERM) and ``best.pt`` (best validation AUC).
+
+    Raises:
+        TrainingError: too many unreadable images, or a diverged loss.
+        KeyboardInterrupt: after saving ``last.pt`` and printing how to resume.
+    """
+    run_dir = _new_run_dir(cfg)
+    return _train(_build_run(cfg, run_dir, None, progress), RunState())
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
+           progress: bool = True) -> TrainResult:
+    """Continues a run from its ``last.pt``, with its own ``config.yaml``.
+
+    Args:
+        run_dir: The run folder.
+        overrides: Settings to change, e.g. ``{"epochs": 30}`` to train on.
+
+    Raises:
+        UserError: the run has already trained ``epochs`` epochs.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if overrides:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    if ckpt.epoch >= cfg.epochs:
+        raise UserError(f"{run_dir} already trained {ckpt.epoch} epochs; pass a larger --epochs "
+                        "to train on.")
+    run = _build_run(cfg, run_dir, ckpt, progress)
+    state = RunState.from_checkpoint(ckpt)
+    run.log(f"Resuming {run_dir} at epoch {state.epoch + 1}"
+            + (f", step {state.step}" if state.step else ""))
+    return _train(run, state)
+
+
+def _train(run: _Run, state: RunState) -> TrainResult:
+    """Trains from ``state`` to ``cfg.epochs``; saves ``last.pt`` on an interrupt."""
+    cfg = run.cfg
+    metrics_path = run.run_dir / "metrics.csv"
+    history = pd.read_csv(metrics_path) if state.epoch and metrics_path.exists() else (
+        pd.DataFrame())
+    if len(history):
+        # Rows written after the checkpoint (a crash between the two writes) are redone.
+        history = history[history["epoch"] <= state.epoch]
+    tb = _tensorboard(run)
+    run.log(f"Run folder {run.run_dir}: {len(run.train_ds)} train / {len(run.val_ds)} val "
+            f"images, {cfg.model} on {run.device}"
+            + (f" x{run.dist.world}" if run.dist.world > 1 else "")
+            + (f", {str(run.dtype).removeprefix('torch.')} autocast" if run.dtype else ""))
+    last_row: dict[str, float] = {}
+    stopped_early = False
+    with _sigterm_as_interrupt():
+        try:
+            while state.epoch < cfg.epochs:
+                row = _train_epoch(run, state)
+                improved = _record_epoch(run, state, row, tb)
+                history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
+                if run.dist.is_main:
+                    history.to_csv(metrics_path, index=False)
+                last_row = row
+                run.log(_epoch_line(row, cfg.epochs, improved))
+                if cfg.early_stop and state.since_best >= cfg.early_stop:
+                    run.log(f"Early stop: no better validation AUC for {state.since_best} "
+                            "epochs.")
+                    stopped_early = True
+                    break
+        except KeyboardInterrupt:
+            if run.dist.is_main:
+                # Completed steps of this epoch are kept; resuming continues with the next batch.
+                save_checkpoint(state.to_checkpoint(run, full=True), run.run_dir / "last.pt")
+                print(f"\nInterrupted at epoch {state.epoch + 1}, step {state.step}. Saved "
+                      f"{run.run_dir / 'last.pt'}. Resume with: bcd train --resume "
+                      f"{run.run_dir}", file=sys.stderr)
+            raise
+        finally:
+            if tb is not None:
+                tb.close()
+    bad = state.bad_images
+    if bad:
+        run.log(f"{len(bad)} unreadable training image(s) were skipped: "
+                + ", ".join(list(bad)[:5]) + (" ..." if len(bad) > 5 else ""))
+    if run.dist.is_main and not (run.run_dir / "best.pt").exists():
+        save_checkpoint(state.to_checkpoint(run, full=False), run.run_dir / "best.pt")
+    result = TrainResult(run.run_dir, state.best_epoch, state.best_metrics, last_row, bad,
+                         stopped_early)
+    run.log(_closing_line(result, run.val_tab))
+    return result
+
+
+def _tensorboard(run: _Run):
+    if not (run.cfg.tensorboard and run.dist.is_main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("tensorboard is not installed: pip install tensorboard, or drop "
+                        "--tensorboard.") from None
+    return SummaryWriter(run.run_dir / "tensorboard")
+
+
+def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
+    """Trains epoch ``state.epoch + 1`` (from ``state.step``) and validates; returns its row."""
+    from tqdm.auto import tqdm
+
+    cfg, epoch, o = run.cfg, state.epoch, run.opt
+    t0 = time.perf_counter()
+    progress = EpochState(step=state.step)
+    # Augmentation draws depend only on (seed, epoch), in the workers and out of them.
+    torch.manual_seed(run_seed(cfg.seed, epoch))
+    sampler = EpochSampler(len(run.train_ds), seed=cfg.seed, epoch=epoch,
+                           weights=o.sample_weights, rank=run.dist.rank, world=run.dist.world,
+                           start=state.step * cfg.batch_size)
+    loader = _loader(run.train_ds, sampler, cfg, run.device,
+                     seed=run_seed(cfg.seed, epoch, "loader"), drop_last=o.drop_last)
+    bar = tqdm(total=o.steps_per_epoch, initial=state.step, desc=f"epoch {epoch + 1}/"
+               f"{cfg.epochs}", unit="batch", leave=False,
+               disable=not (run.progress and run.dist.is_main))
+    try:
+        train_one_epoch(run.model, loader, o.optimizer, o.scheduler, o.loss_fn, run.device,
+                        dtype=run.dtype, scaler=o.scaler, channels_last=cfg.channels_last,
+                        state=progress, bad=state.bad_images, paths=run.train_ds.paths,
+                        log_every=cfg.log_every, progress=bar, log=run.log,
+                        batch_transform=run.batch_aug,
+                        aug_seed=run_seed(cfg.seed, epoch, "batches"))
+    finally:
+        state.step = progress.step  # an interrupt saves the steps done so far
+        bar.close()
+    totals = sum(np.array(x) for x in _gather(
+        [progress.loss_sum, progress.correct, progress.seen], run.dist))
+    train_loss, train_acc = totals[0] / max(1, totals[2]), totals[1] / max(1, totals[2])
+    if len(state.bad_images) > cfg.max_bad_fraction * len(run.train_ds):
+        raise TrainingError(
+            f"{len(state.bad_images)} of {len(run.train_ds)} training images are unreadable "
+            f"(limit {cfg.max_bad_fraction:.0%}); run `bcd index {run.root} --verify` to list "
+            "them, fix or remove them, or raise max_bad_fraction.")
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+           "lr": o.optimizer.param_groups[0]["lr"]}
+    row.update(validate_epoch(run))
+    seconds = time.perf_counter() - t0
+    row.update(seconds=seconds, images_per_s=totals[2] / seconds)
+    return plain(row)
+
+
+def validate_epoch(run: _Run) -> dict[str, float]:
+    """Validation loss, accuracy and AUC over every rank's share; empty without a val subset."""
+    from tqdm.auto import tqdm
+
+    if not len(run.val_ds):
+        return {}
+    cfg = run.cfg
+    sampler = EpochSampler(len(run.val_ds), seed=0, epoch=0, shuffle=False,
+                           rank=run.dist.rank, world=run.dist.world)
+    bar = tqdm(total=math.ceil(len(sampler) / cfg.batch_size), desc="val", unit="batch",
+               leave=False, disable=not (run.progress and run.dist.is_main))
+    out = evaluate(run.model, _loader(run.val_ds, sampler, cfg, run.device, seed=0,
+                                      drop_last=False),
+                   run.device, dtype=run.dtype, channels_last=cfg.channels_last,
+                   loss_fn=nn.CrossEntropyLoss(), progress=bar, batch_transform=run.batch_eval,
+                   tta=cfg.tta)
+    bar.close()
+    parts = _gather(out, run.dist)
+    prob = np.concatenate([p["prob"] for p in parts])
+    target = np.concatenate([p["target"] for p in parts])
+    n_val = sum(len(p["target"]) for p in parts)
+    val_loss = sum(p["loss"] * len(p["target"]) for p in parts) / max(1, n_val)
+    return {"val_loss": val_loss, "val_acc": accuracy(target, prob),
+            "val_auc": roc_auc(target, prob)}
+
+
+def _record_epoch(run: _Run, state: RunState, row: dict[str, float], tb) -> bool:
+    """Advances the state past the epoch and writes its checkpoints; True if it is the best."""
+    if "val_auc" in row:
+        score = row["val_auc"] if math.isfinite(row["val_auc"]) else -row["val_loss"]
+    else:
+        score = -row["train_loss"]
+    improved = score > state.best_score
+    state.epoch, state.step = int(row["epoch"]), 0
+    if improved:
+        state.best_score, state.best_epoch, state.since_best = score, state.epoch, 0
+        state.best_metrics = dict(row)
+    else:
+        state.since_best += 1
+    if run.dist.is_main:
+        # best.pt first: a failure between the two writes must never leave a last.pt that
+        # names a best epoch that best.pt lacks.
+        if improved:
+            save_checkpoint(state.to_checkpoint(run, full=False), run.run_dir / "best.pt")
+        save_checkpoint(state.to_checkpoint(run, full=True), run.run_dir / "last.pt")
+        if tb is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    tb.add_scalar(k, v, state.epoch)
+    return improved
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """Turns SIGTERM (a cluster's preemption, a closed Colab runtime) into Ctrl-C.
@@ -463,7 +773,7 @@ def _sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -480,276 +790,6 @@ def _gather(obj, dist_info: DistInfo) -> list:
     out: list = [None] * dist_info.world
     dist.all_gather_object(out, obj)
     return out
-
-
-def _checkpoint(raw_model: nn.Module, cfg: TrainConfig, pre, aug, split: pd.DataFrame,
-                **extra) -> dict[str, Any]:
-    patients = {s: sorted(set(g["patient"]) - {""}) for s, g in split.groupby("split")}
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "arch": cfg.model,
-        "num_classes": len(CLASSES),
-        "classes": list(CLASSES),
-        "model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
-        "preprocessing": pre.to_dict(),
-        "augment": aug.to_dict(),
-        "config": cfg.to_dict(),
-        "split_hash": split_hash(split),
-        "split_patients": patients,
-        "threshold": None,
-        "versions": _versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-    }
-
-
-def fit(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = True,
-        overrides: dict[str, Any] | None = None) -> TrainResult:
-    """Trains a model as ``cfg`` says and writes the run folder.
-
-    ``runs/NAME/`` receives ``config.yaml``, ``split.csv``, ``metrics.csv``, ``last.pt`` (every
-    epoch, and on Ctrl-C) and ``best.pt`` (best validation AUC).
-
-    Args:
-        cfg: The settings; ignored when resuming (the run's own ``config.yaml`` is used).
-        resume: A run folder to continue from its ``last.pt``.
-        progress: Show progress bars.
-        overrides: With ``resume``, settings to change (e.g. ``{"epochs": 30}``).
-
-    Raises:
-        TrainingError: too many unreadable images, or a diverged loss.
-        KeyboardInterrupt: after saving ``last.pt`` and printing how to resume.
-    """
-    from tqdm.auto import tqdm
-
-    from .data.transforms import Augmentation, Preprocessing
-
-    ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = load_config(run_dir / "config.yaml")
-        if overrides:
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
-        ckpt = load_checkpoint(run_dir / "last.pt")
-    else:
-        run_dir = _new_run_dir(cfg)
-    dist_info = _init_distributed(cfg)
-    device = dist_info.device
-
-    def log(msg: str) -> None:
-        if dist_info.is_main:
-            tqdm.write(msg, file=sys.stdout)
-
-    root = _resolve_data(cfg)
-    if cfg.data is None:
-        cfg.data = str(root)
-    split = load_split(run_dir / "split.csv") if ckpt else _resolve_split(cfg, root)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
-        if not ckpt:
-            write_split(split, run_dir / "split.csv")
-    train_tab = split[split["split"] == "train"]
-    val_tab = split[split["split"] == "val"]
-
-    pre = Preprocessing(size=cfg.size, resize=cfg.resize)
-    aug = Augmentation.from_dict(cfg.augment)
-    train_ds, val_ds, batch_aug, batch_eval = _datasets(cfg, root, train_tab, val_tab, pre, aug,
-                                                        device, log)
-    counts = np.bincount(train_tab["target"].to_numpy(dtype=int), minlength=2)
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every retry
-    model = create_model(cfg.model, num_classes=len(CLASSES), pretrained=cfg.pretrained,
-                         weights=cfg.weights, freeze_backbone=cfg.freeze_backbone)
-    raw_model = model
-    model.to(device)
-    # channels_last also speeds up oneDNN convolutions on CPUs (~1.1-2x measured here).
-    channels_last = cfg.channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if dist_info.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    dtype = amp_dtype(cfg.amp, device)
-    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
-        log("Note: amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated "
-            "and slower than float32; pass --amp off.")
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    class_weights = None
-    if cfg.balance == "loss":
-        class_weights = torch.tensor(counts.sum() / (2.0 * counts), dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss(
-        weight=class_weights.to(device) if class_weights is not None else None,
-        label_smoothing=cfg.label_smoothing)
-    eval_loss = nn.CrossEntropyLoss()
-    sample_weights = None
-    if cfg.balance == "sampler":
-        sample_weights = torch.tensor(1.0 / counts[train_tab["target"].to_numpy(dtype=int)])
-
-    n_per_rank = math.ceil(len(train_ds) / dist_info.world)
-    drop_last = n_per_rank > cfg.batch_size
-    steps_per_epoch = (n_per_rank // cfg.batch_size if drop_last
-                       else math.ceil(n_per_rank / cfg.batch_size))
-    optimizer = torch.optim.AdamW(_param_groups(raw_model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = _scheduler(optimizer, round(cfg.warmup_epochs * steps_per_epoch),
-                           cfg.epochs * steps_per_epoch)
-
-    start_epoch, start_step, best_score, best_epoch, since_best = 0, 0, -math.inf, 0, 0
-    bad: dict[str, str] = {}
-    best_metrics: dict[str, float] = {}
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, start_step = ckpt["epoch"], ckpt["step"]
-        best_score, best_epoch = ckpt["best_score"], ckpt["best_epoch"]
-        since_best, bad, best_metrics = ckpt["since_best"], dict(ckpt["bad_images"]), dict(
-            ckpt.get("best_metrics", {}))
-        log(f"Resuming {run_dir} at epoch {start_epoch + 1}"
-            + (f", step {start_step}" if start_step else ""))
-    if ckpt is not None and start_epoch >= cfg.epochs:
-        raise UserError(f"{run_dir} already trained {start_epoch} epochs; pass a larger --epochs "
-                        "to train on.")
-
-    metrics_path = run_dir / "metrics.csv"
-    history = (pd.read_csv(metrics_path) if ckpt is not None and metrics_path.exists()
-               else pd.DataFrame())
-    if len(history):
-        # Rows written after the checkpoint (a crash between the two writes) are redone.
-        history = history[history["epoch"] <= start_epoch]
-    tb = None
-    if cfg.tensorboard and dist_info.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("tensorboard is not installed: pip install tensorboard, or drop "
-                            "--tensorboard.") from None
-        tb = SummaryWriter(run_dir / "tensorboard")
-
-    def state_dict_for(epoch: int, step: int, full: bool) -> dict[str, Any]:
-        extra: dict[str, Any] = {
-            "epoch": epoch, "step": step, "best_score": best_score, "best_epoch": best_epoch,
-            "since_best": since_best, "bad_images": dict(bad), "best_metrics": best_metrics,
-            "metrics": best_metrics,
-        }
-        if full:
-            extra.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict() if scaler is not None else {},
-                         rng=_rng_state())
-        return _checkpoint(raw_model, cfg, pre, aug, split, **extra)
-
-    log(f"Run folder {run_dir}: {len(train_ds)} train / {len(val_ds)} val images, "
-        f"{cfg.model} on {device}" + (f" x{dist_info.world}" if dist_info.world > 1 else "")
-        + (f", {str(dtype).removeprefix('torch.')} autocast" if dtype else ""))
-    last_row: dict[str, float] = {}
-    stopped_early = False
-    epoch = start_epoch
-    state = EpochState()
-    with _sigterm_as_interrupt():
-        try:
-            for epoch in range(start_epoch, cfg.epochs):
-                t0 = time.perf_counter()
-                step0 = start_step if epoch == start_epoch else 0
-                state = EpochState(step=step0)
-                # Augmentation draws depend only on (seed, epoch), in the workers and out of them.
-                torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-                sampler = EpochSampler(len(train_ds), seed=cfg.seed, epoch=epoch,
-                                       weights=sample_weights, rank=dist_info.rank,
-                                       world=dist_info.world, start=step0 * cfg.batch_size)
-                loader = _loader(train_ds, sampler, cfg, device, seed=cfg.seed * 7919 + epoch,
-                                 drop_last=drop_last)
-                bar = tqdm(total=steps_per_epoch, initial=step0, desc=f"epoch {epoch + 1}/"
-                           f"{cfg.epochs}", unit="batch", leave=False,
-                           disable=not (progress and dist_info.is_main))
-                train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, dtype=dtype,
-                                scaler=scaler, channels_last=channels_last, state=state, bad=bad,
-                                paths=train_ds.paths, log_every=cfg.log_every, progress=bar,
-                                log=log, batch_transform=batch_aug,
-                                aug_seed=(cfg.seed * 1_000_003 + epoch) * 100_003)
-                bar.close()
-                totals = sum(np.array(x) for x in _gather(
-                    [state.loss_sum, state.correct, state.seen], dist_info))
-                train_loss, train_acc = totals[0] / max(1, totals[2]), totals[1] / max(1, totals[2])
-                if len(bad) > cfg.max_bad_fraction * len(train_ds):
-                    raise TrainingError(
-                        f"{len(bad)} of {len(train_ds)} training images are unreadable (limit "
-                        f"{cfg.max_bad_fraction:.0%}); run `bcd index {root} --verify` to list "
-                        "them, fix or remove them, or raise max_bad_fraction.")
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-                       "lr": optimizer.param_groups[0]["lr"]}
-                if len(val_ds):
-                    val_sampler = EpochSampler(len(val_ds), seed=0, epoch=0, shuffle=False,
-                                               rank=dist_info.rank, world=dist_info.world)
-                    vbar = tqdm(total=math.ceil(len(val_sampler) / cfg.batch_size), desc="val",
-                                unit="batch", leave=False,
-                                disable=not (progress and dist_info.is_main))
-                    out = evaluate(model, _loader(val_ds, val_sampler, cfg, device, seed=0,
-                                                  drop_last=False),
-                                   device, dtype=dtype, channels_last=channels_last,
-                                   loss_fn=eval_loss, progress=vbar, batch_transform=batch_eval,
-                               tta=cfg.tta)
-                    vbar.close()
-                    parts = _gather(out, dist_info)
-                    prob = np.concatenate([p["prob"] for p in parts])
-                    target = np.concatenate([p["target"] for p in parts])
-                    n_val = sum(len(p["target"]) for p in parts)
-                    val_loss = sum(p["loss"] * len(p["target"]) for p in parts) / max(1, n_val)
-                    row.update(val_loss=val_loss, val_acc=accuracy(target, prob),
-                               val_auc=roc_auc(target, prob))
-                    score = row["val_auc"] if math.isfinite(row["val_auc"]) else -val_loss
-                else:
-                    score = -train_loss
-                seconds = time.perf_counter() - t0
-                row.update(seconds=seconds, images_per_s=totals[2] / seconds)
-                row = _plain(row)
-                improved = score > best_score
-                if improved:
-                    best_score, best_epoch, since_best = score, epoch + 1, 0
-                    best_metrics = dict(row)
-                else:
-                    since_best += 1
-                if dist_info.is_main:
-                    save_checkpoint(state_dict_for(epoch + 1, 0, full=True), run_dir / "last.pt")
-                    if improved:
-                        save_checkpoint(state_dict_for(epoch + 1, 0, full=False),
-                                        run_dir / "best.pt")
-                    history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-                    history.to_csv(metrics_path, index=False)
-                    if tb is not None:
-                        for k, v in row.items():
-                            if k != "epoch":
-                                tb.add_scalar(k, v, epoch + 1)
-                last_row = row
-                log(_epoch_line(row, cfg.epochs, improved))
-                if cfg.early_stop and since_best >= cfg.early_stop:
-                    log(f"Early stop: no better validation AUC for {since_best} epochs.")
-                    stopped_early = True
-                    break
-        except KeyboardInterrupt:
-            if dist_info.is_main:
-                # Completed steps of this epoch are kept; resuming continues with the next batch.
-                save_checkpoint(state_dict_for(epoch, state.step, full=True), run_dir / "last.pt")
-                print(f"\nInterrupted at epoch {epoch + 1}, step {state.step}. Saved "
-                      f"{run_dir / 'last.pt'}. Resume with: bcd train --resume {run_dir}",
-                      file=sys.stderr)
-            raise
-        finally:
-            if tb is not None:
-                tb.close()
-    if bad:
-        log(f"{len(bad)} unreadable training image(s) were skipped: "
-            + ", ".join(list(bad)[:5]) + (" ..." if len(bad) > 5 else ""))
-    if dist_info.is_main and not (run_dir / "best.pt").exists():
-        save_checkpoint(state_dict_for(epoch + 1, 0, full=False), run_dir / "best.pt")
-    result = TrainResult(run_dir, best_epoch, best_metrics, last_row, bad, stopped_early)
-    log(_closing_line(result, val_tab))
-    return result
 
 
 def _epoch_line(row: dict[str, float], epochs: int, improved: bool) -> str:

@@ -9,8 +9,8 @@ evaluates every fold of a patient-disjoint k-fold split and summarises them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import __version__
+from .checkpoint import Checkpoint
 from .data.breakhis import CLASSES, build_index
-from .data.splits import SUBSETS, load_split, split_hash, write_split
+from .data.splits import SUBSETS, find_leakage, list_ids, load_split, split_hash, write_split
 from .errors import UserError
+from .files import atomic_write_text, jsonable
 from .metrics import (
     bootstrap_metrics,
     choose_threshold,
@@ -34,29 +35,79 @@ from .metrics import (
     patient_table,
     scalar_metrics,
 )
+from .report import cv_report_md, evaluation_report_md
 
 PREDICTION_COLUMNS = ["path", "patient", "magnification", "label", "probability", "prediction"]
 PLOT_FILES = ("roc.png", "pr.png", "confusion.png", "reliability.png", "per_magnification.png")
 LEAKAGE_EXIT_CODE = 3
 """`bcd evaluate` exit code when the evaluated images overlap the checkpoint's training data."""
 
-# (section, key, label) of the rows of the report's headline table, in order.
-HEADLINE = [
-    ("image", "accuracy", "Accuracy"),
-    ("image", "balanced_accuracy", "Balanced accuracy"),
-    ("image", "sensitivity", "Sensitivity (malignant recall)"),
-    ("image", "specificity", "Specificity (benign recall)"),
-    ("image", "precision", "Precision (PPV)"),
-    ("image", "f1", "F1"),
-    ("image", "roc_auc", "ROC AUC"),
-    ("image", "pr_auc", "PR AUC (average precision)"),
-    ("patient", "recognition_rate", "Patient recognition rate (Spanhol et al.)"),
-    ("patient", "accuracy", "Patient-level accuracy (mean p per patient)"),
-    ("patient", "balanced_accuracy", "Patient-level balanced accuracy"),
-    ("patient", "roc_auc", "Patient-level ROC AUC"),
-    ("calibration", "ece", "Expected calibration error (10 bins)"),
-    ("calibration", "brier", "Brier score"),
-]
+@dataclass
+class CheckpointSummary:
+    """Which checkpoint an evaluation ran, as ``metrics.json`` records it."""
+
+    path: str
+    arch: str
+    epoch: int
+    best_epoch: int
+    split_hash: str | None
+    training_metrics: dict[str, float]
+    """The checkpoint's validation metrics of its best epoch."""
+
+
+@dataclass
+class EvaluationResult:
+    """Every number and fact of one evaluation; ``metrics.json`` is :meth:`to_json`.
+
+    The metric sections (``image``, ``patient``, ``calibration``) are the dicts of
+    :func:`bcd.metrics.evaluate_predictions`; ``ci`` holds ``[low, high]`` per metric in the
+    same nesting.
+    """
+
+    subset: str
+    checkpoint: CheckpointSummary
+    data: str
+    split: str
+    """Where the evaluated table came from, in words."""
+    split_hash: str | None
+    same_split_as_training: bool | None
+    tta: bool
+    protocol: str
+    leakage: list[str]
+    allow_leakage: bool
+    notes: list[str]
+    caveats: list[str]
+    threshold: dict[str, Any]
+    """``value``, ``method``, ``chosen_on``, ``source``... (see :func:`_decide_threshold`)."""
+    counts: dict[str, Any]
+    bootstrap: dict[str, Any]
+    image: dict[str, Any]
+    patient: dict[str, Any]
+    calibration: dict[str, Any]
+    ci: dict[str, Any]
+    by_magnification: dict[str, Any]
+    by_subtype: dict[str, Any]
+    split_counts: list[dict[str, Any]]
+    config: dict[str, Any]
+    files: list[str] = field(default_factory=list)
+    created: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    bcd_version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values: NaN as null, numpy values as Python ones."""
+        return jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvaluationResult:
+        """Reads :meth:`to_json` output (``metrics.json``)."""
+        from .config import dataclass_from_dict
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["checkpoint"] = dataclass_from_dict(CheckpointSummary, d.get("checkpoint") or {},
+                                              UserError)
+        return dataclass_from_dict(cls, d, UserError)
 
 
 @dataclass
@@ -64,14 +115,17 @@ class Evaluation:
     """What :func:`evaluate_checkpoint` found and wrote."""
 
     out_dir: Path
-    metrics: dict[str, Any]
+    metrics: EvaluationResult
     predictions: pd.DataFrame
-    leakage: list[str] = field(default_factory=list)
-    """One sentence per kind of overlap with the checkpoint's training data; empty if none."""
+
+    @property
+    def leakage(self) -> list[str]:
+        """One sentence per kind of overlap with the checkpoint's training data; empty if none."""
+        return self.metrics.leakage
 
     @property
     def leaked(self) -> bool:
-        return bool(self.leakage)
+        return bool(self.metrics.leakage)
 
     @property
     def report(self) -> Path:
@@ -109,7 +163,7 @@ def _resolve_table(checkpoint: Path, root: Path, split: str | Path | None,
     return table, source, []
 
 
-def _train_paths(checkpoint: Path, ckpt: dict,
+def _train_paths(checkpoint: Path, ckpt: Checkpoint,
                  table: pd.DataFrame) -> tuple[set[str], set[str]] | None:
     """Training and validation image paths of the checkpoint's own run, when known for sure.
 
@@ -120,58 +174,16 @@ def _train_paths(checkpoint: Path, ckpt: dict,
     if _run_split_path(checkpoint).is_file():
         candidates.append(load_split(_run_split_path(checkpoint)))
     for run in candidates:
-        if set(run["split"]) <= set(SUBSETS) and split_hash(run) == ckpt.get("split_hash"):
+        if set(run["split"]) <= set(SUBSETS) and split_hash(run) == ckpt.split_hash:
             return (set(run.loc[run["split"] == "train", "path"]),
                     set(run.loc[run["split"] == "val", "path"]))
     return None
 
 
-def _ids(items, k: int = 5) -> str:
-    items = sorted(items)
-    return ", ".join(items[:k]) + (f", ... ({len(items) - k} more)" if len(items) > k else "")
-
-
-def find_leakage(ckpt: dict, evaluated: pd.DataFrame, subset: str,
-                 run_paths: tuple[set[str], set[str]] | None = None) -> list[str]:
-    """Sentences naming the evaluated patients (or images) the checkpoint trained or chose on.
-
-    Training patients are always leakage. Validation patients are too, except when the
-    evaluated subset is ``val`` itself: that case is reported as a caveat instead, since the
-    user asked for it.
-
-    Args:
-        ckpt: The checkpoint dict (``split_patients``).
-        evaluated: The evaluated rows (``patient``, ``path``).
-        subset: The evaluated subset's name.
-        run_paths: Training and validation paths of the checkpoint's run, for data without
-            patient ids.
-    """
-    known = ckpt.get("split_patients") or {}
-    patients = set(evaluated["patient"].astype(str)) - {""}
-    out = []
-    for part, what in (("train", "training subset"), ("val", "validation subset, which picked "
-                                                       "its best epoch")):
-        if part == "val" and subset == "val":
-            continue
-        shared = patients & set(known.get(part, []))
-        if shared:
-            out.append(f"{len(shared)} of the {len(patients)} evaluated patients were in the "
-                       f"checkpoint's {what} ({_ids(shared)}).")
-    if run_paths is not None:
-        for part, paths in zip(("training", "validation"), run_paths):
-            if part == "validation" and subset == "val":
-                continue
-            shared = set(evaluated["path"]) & paths
-            if shared:
-                out.append(f"{len(shared)} of the {len(evaluated)} evaluated images were in the "
-                           f"checkpoint's {part} subset ({_ids(shared, 3)}).")
-    return out
-
-
 # ----------------------------------------------------------------------------- threshold
 
 
-def _decide_threshold(ckpt: dict, val: pd.DataFrame, target_sensitivity: float | None,
+def _decide_threshold(ckpt: Checkpoint, val: pd.DataFrame, target_sensitivity: float | None,
                       val_leak: list[str], table_hash: str | None
                       ) -> tuple[float, dict, list[str]]:
     """The threshold, its description, and caveats; never a silent 0.5."""
@@ -193,13 +205,13 @@ def _decide_threshold(ckpt: dict, val: pd.DataFrame, target_sensitivity: float |
         return value, {**info, "source": "chosen on val now"}, caveats
     why = ("the split has no validation subset" if not len(val)
            else f"its validation subset ({len(val)} images) holds only one class")
-    if ckpt.get("threshold") is not None:
-        info = dict(ckpt.get("threshold_info") or {})
-        info.update(value=float(ckpt["threshold"]), source="stored in the checkpoint")
+    if ckpt.threshold is not None:
+        info = {**ckpt.threshold_info, "value": float(ckpt.threshold),
+                "source": "stored in the checkpoint"}
         if target_sensitivity is not None:
             caveats.append(f"--target-sensitivity {target_sensitivity} was ignored: {why}, so "
                            "the threshold stored in the checkpoint was used.")
-        return float(ckpt["threshold"]), info, caveats
+        return float(ckpt.threshold), info, caveats
     caveats.append(f"NO THRESHOLD WAS CHOSEN: {why} and the checkpoint stores none, so 0.5 was "
                    "used. Accuracy, sensitivity, specificity, precision, F1 and the confusion "
                    "matrix depend on that arbitrary cut; AUC, PR AUC, ECE and Brier do not. "
@@ -210,14 +222,9 @@ def _decide_threshold(ckpt: dict, val: pd.DataFrame, target_sensitivity: float |
 
 
 def _store_threshold(path: Path, value: float, info: dict) -> None:
-    from .engine import load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, save_checkpoint
 
-    ckpt = load_checkpoint(path)
-    ckpt["threshold"] = float(value)
-    ckpt["threshold_info"] = {k: (float(v) if isinstance(v, (float, np.floating)) else
-                                  int(v) if isinstance(v, (np.integer,)) else v)
-                              for k, v in info.items() if k != "source"}
-    save_checkpoint(ckpt, path)
+    save_checkpoint(load_checkpoint(path).with_threshold(value, info), path)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -244,21 +251,6 @@ def _nest(flat: dict[str, tuple[float, float]]) -> dict[str, dict[str, list[floa
         section, key = name.split(".", 1)
         out.setdefault(section, {})[key] = [low, high]
     return out
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN becomes null, numpy values Python ones, tuples lists, paths strings."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _default_out(checkpoint: Path, subset: str) -> Path:
@@ -302,22 +294,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     Raises:
         UserError: a missing data folder or subset, or no readable image to evaluate.
     """
-    from . import report_plots as plots
+    from .checkpoint import load_checkpoint
     from .inference import Predictor
 
     checkpoint = Path(checkpoint)
-    predictor = Predictor.from_checkpoint(checkpoint, device=device)
-    ckpt = predictor.checkpoint
-    config = dict(ckpt.get("config") or {})
-    root = Path(data) if data is not None else (Path(config["data"]) if config.get("data")
-                                                else None)
-    if root is None:
-        raise UserError(f"{checkpoint} does not say where its data is; pass --data ROOT.")
-    if not root.is_dir():
-        raise UserError(f"{root}: no such data folder. Pass --data with the folder the split's "
-                        "paths are relative to (the one the model was trained with).")
-    table, source, notes = _resolve_table(checkpoint, root, split,
-                                          config.get("group_by", "patient"))
+    ckpt = load_checkpoint(checkpoint)  # once: the predictor and the checks share it
+    root = _data_root(checkpoint, ckpt, data)
+    table, source, notes = _resolve_table(checkpoint, root, split, ckpt.group_by)
     if (table["split"] == "all").all():
         subset = "all"
     available = [s for s in (*SUBSETS, "all") if s in set(table["split"])]
@@ -328,24 +311,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluated = table[table["split"] == subset].reset_index(drop=True)
     val = table[table["split"] == "val"].reset_index(drop=True)
-
-    run_paths = _train_paths(checkpoint, ckpt, table)
-    leakage = find_leakage(ckpt, evaluated, subset, run_paths)
-    # Only training overlap matters for the val subset: it is meant to be the run's own val.
-    val_leak = [] if subset == "val" else find_leakage(ckpt, val, "val", run_paths)
+    leakage, val_leak = _check_leakage(checkpoint, ckpt, table, evaluated, val, subset, notes)
     has_patients = bool(evaluated["patient"].ne("").all())
-    if not ckpt.get("split_patients") and has_patients:
-        notes.append("The checkpoint records no training patients: leakage could not be "
-                     "checked by patient.")
-    if not has_patients and run_paths is None:
-        notes.append("No patient ids, and neither this split nor a split.csv next to the "
-                     "checkpoint is the one it was trained with: leakage could not be checked.")
-    elif not has_patients:
-        notes.append("No patient ids: leakage was checked by image path against the training "
-                     "split (the same image in two subsets), which cannot catch two images of "
-                     "one patient.")
 
     # One pass over the images of both subsets.
+    predictor = Predictor.from_loaded(ckpt, device=device)
     wanted = evaluated if subset == "val" else pd.concat([evaluated, val], ignore_index=True)
     predicted = predictor.predict_table(root, wanted, batch_size=batch_size, workers=workers,
                                         progress=progress, tta=tta)
@@ -360,25 +330,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     this_hash = split_hash(table) if "all" not in set(table["split"]) else None
     threshold, threshold_info, caveats = _decide_threshold(ckpt, val_pred, target_sensitivity,
                                                            val_leak, this_hash)
-    if subset == "val" and threshold_info.get("chosen_on") == "val":
-        caveats.insert(0, "The threshold was chosen on the same subset it is evaluated on "
-                       "(val): accuracy, sensitivity, specificity, precision and F1 are "
-                       "optimistic. AUC, PR AUC, ECE and Brier do not depend on the threshold "
-                       "(though val also picked the best epoch, so they lean optimistic too). "
-                       "Evaluate a held-out test subset for unbiased numbers.")
-    elif subset == "val":
-        caveats.insert(0, "This is the validation subset, which picked the best epoch: every "
-                       "number leans optimistic. Evaluate a held-out test subset.")
+    caveats = _subset_caveats(subset, threshold_info) + caveats
     if threshold_info.get("source") == "chosen on val now" and store_threshold and not val_leak:
         try:
             _store_threshold(checkpoint, threshold, threshold_info)
             threshold_info["stored_in"] = str(checkpoint)
-        except OSError as e:
+        except (OSError, UserError) as e:
             caveats.append(f"The threshold could not be stored in {checkpoint} ({e}).")
     if len(bad):
         caveats.append(f"{len(bad)} image(s) of the {subset}"
                        + ("" if subset == "val" else " and val") + " subsets could not be "
-                       f"read and were left out: {_ids(bad['path'], 3)}.")
+                       f"read and were left out: {list_ids(bad['path'], 3)}.")
     if not has_patients:
         caveats.append("The data has no patient ids: the bootstrap resamples images, as if "
                        "every image came from a different patient. If several images come from "
@@ -386,6 +348,80 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                        "one patient's images on both sides (an image-level split: expect "
                        "optimistic accuracy compared with a patient-disjoint evaluation).")
 
+    metrics, by_mag, by_subtype, ci = _metrics_with_ci(ev_pred, threshold, bootstrap, seed,
+                                                       alpha)
+    units = int(ev_pred["patient"].nunique()) if has_patients else len(ev_pred)
+    result = EvaluationResult(
+        subset=subset,
+        checkpoint=CheckpointSummary(str(checkpoint), ckpt.arch, ckpt.epoch, ckpt.best_epoch,
+                                     ckpt.split_hash, ckpt.metrics),
+        data=str(root), split=source, split_hash=this_hash,
+        same_split_as_training=(this_hash == ckpt.split_hash) if this_hash else None,
+        tta=tta, protocol=_protocol(has_patients, leakage), leakage=leakage,
+        allow_leakage=allow_leakage, notes=notes, caveats=caveats, threshold=threshold_info,
+        counts={"images": len(ev_pred), "patients": units if has_patients else None,
+                "unreadable": bad["path"].tolist()},
+        bootstrap={"n": bootstrap, "seed": seed, "alpha": alpha,
+                   "unit": "patient" if has_patients else "image", "units": units},
+        image=metrics["image"], patient=metrics["patient"],
+        calibration=metrics["calibration"], ci=ci, by_magnification=by_mag,
+        by_subtype=by_subtype, split_counts=_split_counts(table), config=ckpt.config)
+    preds = _write_outputs(result, ev_pred, threshold, out_dir)
+    return Evaluation(out_dir, result, preds)
+
+
+def _data_root(checkpoint: Path, ckpt: Checkpoint, data: str | Path | None) -> Path:
+    root = Path(data) if data is not None else (Path(ckpt.data) if ckpt.data else None)
+    if root is None:
+        raise UserError(f"{checkpoint} does not say where its data is; pass --data ROOT.")
+    if not root.is_dir():
+        raise UserError(f"{root}: no such data folder. Pass --data with the folder the split's "
+                        "paths are relative to (the one the model was trained with).")
+    return root
+
+
+def _check_leakage(checkpoint: Path, ckpt: Checkpoint, table: pd.DataFrame,
+                   evaluated: pd.DataFrame, val: pd.DataFrame, subset: str,
+                   notes: list[str]) -> tuple[list[str], list[str]]:
+    """Overlap of the evaluated (and the val) images with the checkpoint's training data.
+
+    Appends to ``notes`` what could not be checked. Returns ``(leakage, val_leak)``.
+    """
+    run_paths = _train_paths(checkpoint, ckpt, table)
+    leakage = find_leakage(ckpt.split_patients, evaluated, subset, run_paths)
+    # Only training overlap matters for the val subset: it is meant to be the run's own val.
+    val_leak = [] if subset == "val" else find_leakage(ckpt.split_patients, val, "val",
+                                                       run_paths)
+    has_patients = bool(evaluated["patient"].ne("").all())
+    if not ckpt.split_patients and has_patients:
+        notes.append("The checkpoint records no training patients: leakage could not be "
+                     "checked by patient.")
+    if not has_patients and run_paths is None:
+        notes.append("No patient ids, and neither this split nor a split.csv next to the "
+                     "checkpoint is the one it was trained with: leakage could not be checked.")
+    elif not has_patients:
+        notes.append("No patient ids: leakage was checked by image path against the training "
+                     "split (the same image in two subsets), which cannot catch two images of "
+                     "one patient.")
+    return leakage, val_leak
+
+
+def _subset_caveats(subset: str, threshold_info: dict) -> list[str]:
+    if subset == "val" and threshold_info.get("chosen_on") == "val":
+        return ["The threshold was chosen on the same subset it is evaluated on (val): "
+                "accuracy, sensitivity, specificity, precision and F1 are optimistic. AUC, PR "
+                "AUC, ECE and Brier do not depend on the threshold (though val also picked the "
+                "best epoch, so they lean optimistic too). Evaluate a held-out test subset for "
+                "unbiased numbers."]
+    if subset == "val":
+        return ["This is the validation subset, which picked the best epoch: every number "
+                "leans optimistic. Evaluate a held-out test subset."]
+    return []
+
+
+def _metrics_with_ci(ev_pred: pd.DataFrame, threshold: float, bootstrap: int, seed: int,
+                     alpha: float) -> tuple[dict, dict, dict, dict]:
+    """Metrics overall, by magnification and by subtype, and bootstrap intervals."""
     metrics = evaluate_predictions(ev_pred, threshold)
     by_mag = metrics_by(ev_pred, "magnification", threshold)
     by_subtype = metrics_by(ev_pred, "subtype", threshold)
@@ -402,37 +438,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                                                             alpha=alpha))
         elif by_mag:
             by_mag[next(iter(by_mag))]["ci"] = ci
+    return metrics, by_mag, by_subtype, ci
 
-    result: dict[str, Any] = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "bcd_version": __version__,
-        "checkpoint": {"path": str(checkpoint), "arch": ckpt.get("arch"),
-                       "epoch": ckpt.get("epoch"), "best_epoch": ckpt.get("best_epoch"),
-                       "split_hash": ckpt.get("split_hash"),
-                       "training_metrics": ckpt.get("metrics")},
-        "data": str(root), "split": source, "split_hash": this_hash,
-        "same_split_as_training": (this_hash == ckpt.get("split_hash")) if this_hash else None,
-        "subset": subset,
-        "tta": tta,
-        "protocol": _protocol(has_patients, leakage),
-        "leakage": leakage, "allow_leakage": allow_leakage,
-        "notes": notes, "caveats": caveats,
-        "threshold": threshold_info,
-        "counts": {"images": len(ev_pred), "patients": (int(ev_pred["patient"].nunique())
-                                                        if has_patients else None),
-                   "unreadable": bad["path"].tolist()},
-        "bootstrap": {"n": bootstrap, "seed": seed, "alpha": alpha,
-                      "unit": "patient" if has_patients else "image",
-                      "units": int(ev_pred["patient"].nunique()) if has_patients
-                      else len(ev_pred)},
-        **metrics,
-        "ci": ci,
-        "by_magnification": by_mag,
-        "by_subtype": by_subtype,
-        "split_counts": _split_counts(table),
-        "config": config,
-    }
 
+def _write_outputs(result: EvaluationResult, ev_pred: pd.DataFrame, threshold: float,
+                   out_dir: Path) -> pd.DataFrame:
+    """``predictions.csv``, the plots, ``metrics.json`` and ``report.md``; returns the table."""
     preds = ev_pred.assign(prediction=np.where(ev_pred["probability"] >= threshold,
                                                CLASSES[1], CLASSES[0]))
     for c in PREDICTION_COLUMNS:
@@ -440,10 +451,24 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
             preds[c] = ""
     preds = preds[PREDICTION_COLUMNS]
     preds.to_csv(out_dir / "predictions.csv", index=False)
+    _write_plots(result, ev_pred, threshold, out_dir)
+    result.files = sorted(f.name for f in out_dir.iterdir()
+                          if f.name in PLOT_FILES or f.name == "predictions.csv") + [
+        "metrics.json", "report.md"]
+    atomic_write_text(out_dir / "metrics.json",
+                      json.dumps(result.to_json(), indent=2) + "\n")
+    atomic_write_text(out_dir / "report.md", evaluation_report_md(result))
+    return preds
 
+
+def _write_plots(result: EvaluationResult, ev_pred: pd.DataFrame, threshold: float,
+                 out_dir: Path) -> None:
+    from . import report_plots as plots
+
+    subset, has_patients = result.subset, result.counts["patients"] is not None
     y, p = ev_pred["target"].to_numpy(), ev_pred["probability"].to_numpy()
     what = f"{subset} subset, {len(ev_pred)} images" + (
-        f", {result['counts']['patients']} patients" if has_patients else "")
+        f", {result.counts['patients']} patients" if has_patients else "")
     per_patient = None
     if has_patients:
         per = patient_table(y, p, ev_pred["patient"].to_numpy(), threshold)
@@ -452,13 +477,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                    title=f"ROC ({what})")
     plots.plot_pr(y, p, out_dir / "pr.png", threshold=threshold, title=f"Precision-recall "
                   f"({what})")
-    plots.plot_confusion(metrics["image"]["confusion_matrix"], out_dir / "confusion.png",
+    plots.plot_confusion(result.image["confusion_matrix"], out_dir / "confusion.png",
                          title=f"Confusion matrix, images ({subset}, threshold "
                          f"{threshold:.3g})")
-    plots.plot_reliability(metrics["calibration"]["reliability"], out_dir / "reliability.png",
-                           ece=metrics["calibration"]["ece"], brier=metrics["calibration"]["brier"],
-                           title=f"Reliability ({subset})")
+    cal = result.calibration
+    plots.plot_reliability(cal["reliability"], out_dir / "reliability.png",
+                           ece=cal["ece"], brier=cal["brier"], title=f"Reliability ({subset})")
     stale = out_dir / "per_magnification.png"
+    by_mag = result.by_magnification
     if by_mag:
         plots.plot_per_magnification(by_mag, stale,
                                      ci={m: v.get("ci", {}) for m, v in by_mag.items()},
@@ -466,13 +492,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                                      f"{threshold:.3g})")
     elif stale.exists():
         stale.unlink()  # left by an earlier evaluation into the same folder
-
-    result["files"] = sorted(f.name for f in out_dir.iterdir()
-                             if f.name in PLOT_FILES or f.name == "predictions.csv") + [
-        "metrics.json", "report.md"]
-    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
-    (out_dir / "report.md").write_text(_report_md(result, bool(by_mag)))
-    return Evaluation(out_dir, result, preds, leakage)
 
 
 def _protocol(has_patients: bool, leakage: list[str]) -> str:
@@ -486,153 +505,6 @@ def _protocol(has_patients: bool, leakage: list[str]) -> str:
     return ("image-level: the data has no patient ids, so nothing here can check that images "
             "of one patient are not on both sides of the split (only the data set's own "
             "split could guarantee it); numbers may be optimistic.")
-
-
-# ----------------------------------------------------------------------------- report.md
-
-
-def _f(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _ci(ci: dict, section: str, key: str) -> str:
-    pair = ci.get(section, {}).get(key)
-    if not pair or pair[0] is None or not all(math.isfinite(v) for v in pair):
-        return "n/a"
-    return f"{pair[0]:.3f} - {pair[1]:.3f}"
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _threshold_line(info: dict) -> str:
-    value = info.get("value")
-    if info.get("chosen_on") == "val":
-        how = ("Youden's J" if info.get("method") == "youden" else
-               f"target sensitivity {info.get('target_sensitivity')}")
-        if info.get("source") != "chosen on val now":
-            where = "by an earlier evaluation; read from the checkpoint"
-        elif info.get("stored_in"):
-            where = f"by this evaluation; stored in `{info['stored_in']}`"
-        else:
-            where = "by this evaluation; not stored in the checkpoint"
-        return (f"{_f(value, 4)}, chosen on the val subset ({info.get('val_images')} images) "
-                f"by {how} (val sensitivity {_f(info.get('val_sensitivity'))}, specificity "
-                f"{_f(info.get('val_specificity'))}) {where}")
-    return f"{_f(value, 4)} ({info.get('source')})"
-
-
-def _report_md(r: dict, has_mag: bool) -> str:
-    lines: list[str] = []
-    if r["leakage"]:
-        lines.append("**LEAKAGE: " + " ".join(r["leakage"]) + " These numbers are NOT a "
-                     "held-out estimate." + (" (--allow-leakage was given.)"
-                                             if r["allow_leakage"] else "") + "**")
-        lines.append("")
-    c = r["counts"]
-    who = f"{c['images']} images" + (f", {c['patients']} patients" if c["patients"] else "")
-    lines += [f"# Evaluation: `{r['checkpoint']['path']}` on the {r['subset']} subset ({who})",
-              "",
-              f"- **Protocol:** {r['protocol']}",
-              f"- **Threshold:** {_threshold_line(r['threshold'])}",
-              "- **Test-time augmentation:** " + ("the 8 flips/rotations averaged per image"
-                                                  if r.get("tta") else "none"),
-              f"- **Data:** `{r['data']}`; split: {r['split']}"
-              + ("" if r["same_split_as_training"] is None else
-                 " (the split the checkpoint was trained with)" if r["same_split_as_training"]
-                 else " (NOT the split the checkpoint was trained with)"),
-              f"- **Checkpoint:** {r['checkpoint']['arch']}, epoch {r['checkpoint']['epoch']}"
-              f" (best epoch {r['checkpoint']['best_epoch']}), bcd {r['bcd_version']}, "
-              f"{r['created']}", ""]
-    if r["caveats"] or r["notes"]:
-        lines += ["## Caveats", ""] + [f"- **{s}**" for s in r["caveats"]] + [
-            f"- {s}" for s in r["notes"]] + [""]
-    b = r["bootstrap"]
-    if b["n"]:
-        ci_note = (f"95% intervals: percentile bootstrap over {b['units']} "
-                   f"{b['unit']}s ({b['n']} resamples, seed {b['seed']})"
-                   + (", resampling whole patients." if b["unit"] == "patient" else
-                      ": images, since the data has no patient ids (too narrow if images "
-                      "share patients)."))
-    else:
-        ci_note = "No bootstrap was run (--bootstrap 0): no intervals."
-    headline = ["## Results", "", ci_note, ""]
-    rows = []
-    for section, key, label in HEADLINE:
-        if key in r.get(section, {}):
-            ci_label = (f"{1 - b['alpha']:.0%} CI")
-            rows.append([label, r[section][key], _ci(r["ci"], section, key)])
-    headline.append(_table(["Metric", "Value", ci_label if b["n"] else "CI"], rows))
-    lines += headline + [""]
-    (tn, fp), (fn, tp) = r["image"]["confusion_matrix"]
-    lines += ["## Image level", "",
-              _table(["", "predicted benign", "predicted malignant"],
-                     [["true benign", tn, fp], ["true malignant", fn, tp]]), "",
-              "![Confusion matrix](confusion.png)", "", "![ROC curve](roc.png)", "",
-              "![Precision-recall curve](pr.png)", ""]
-    lines += ["## Patient level", ""]
-    if "note" in r["patient"]:
-        lines += ["There are no patient ids in this data, so there is no patient-level "
-                  "result (the recognition rate and the per-patient decision need them).", ""]
-    else:
-        p = r["patient"]
-        (ptn, pfp), (pfn, ptp) = p["confusion_matrix"]
-        lines += [f"{p['patients']} patients ({p['malignant_patients']} malignant). The "
-                  "recognition rate is Spanhol et al.'s: per patient, the share of its images "
-                  "classified correctly, averaged over patients. The patient-level decision "
-                  "calls a patient malignant when the mean P(malignant) of its images reaches "
-                  "the threshold.", "",
-                  _table(["", "predicted benign", "predicted malignant"],
-                         [["benign patients", ptn, pfp], ["malignant patients", pfn, ptp]]),
-                  ""]
-    cal = r["calibration"]
-    lines += ["## Calibration", "",
-              f"Expected calibration error {_f(cal['ece'])} ({cal['bins']} equal-width bins), "
-              f"Brier score {_f(cal['brier'])}.", "", "![Reliability diagram](reliability.png)",
-              ""]
-    if has_mag:
-        lines += ["## By magnification", "", _breakdown(r["by_magnification"], "Magnification"),
-                  "", "![Metrics by magnification](per_magnification.png)", ""]
-    if r["by_subtype"]:
-        lines += ["## By subtype", "", "Each subtype is one class, so accuracy there is the "
-                  "share of its images put in that class; AUC needs both classes.", "",
-                  _breakdown(r["by_subtype"], "Subtype", ci=False), ""]
-    lines += ["## Split", "", f"From {r['split']}.", "",
-              _table(["Subset", "Images", "Patients", "Benign images", "Malignant images",
-                      "Malignant patients"],
-                     [[s["subset"] + (" (evaluated)" if s["subset"] == r["subset"] else ""),
-                       s["images"], s["patients"], s["benign_images"], s["malignant_images"],
-                       s["malignant_patients"]] for s in r["split_counts"]]), ""]
-    lines += ["## Run config", "", "```yaml", yaml.safe_dump(r["config"], sort_keys=False)
-              .rstrip(), "```", "", "## Files", "",
-              "`metrics.json` (every number above, with intervals), `predictions.csv` (one row "
-              "per image: path, patient, magnification, label, probability, prediction)"
-              + "".join(f", `{f}`" for f in r["files"] if f.endswith(".png")) + ".", ""]
-    return "\n".join(lines)
-
-
-def _breakdown(groups: dict[str, dict], name: str, *, ci: bool = True) -> str:
-    rows = []
-    for g, m in groups.items():
-        img, pat = m["image"], m["patient"]
-        gci = m.get("ci", {}) if ci else {}
-        acc = _f(img["accuracy"]) + (f" ({_ci(gci, 'image', 'accuracy')})" if gci else "")
-        rr = pat.get("recognition_rate")
-        rr_s = _f(rr) + (f" ({_ci(gci, 'patient', 'recognition_rate')})"
-                         if gci and rr is not None else "")
-        rows.append([g, img["images"], pat.get("patients"), acc, img["balanced_accuracy"],
-                     img["sensitivity"], img["specificity"], img["roc_auc"],
-                     rr_s if rr is not None else None])
-    return _table([name, "Images", "Patients", "Accuracy" + (" (95% CI)" if ci else ""),
-                   "Balanced acc.", "Sensitivity", "Specificity", "ROC AUC",
-                   "Patient recognition rate"], rows)
 
 
 # ----------------------------------------------------------------------------- k-fold
@@ -650,8 +522,8 @@ class CVResult:
 
 def _fold_done(run: Path, cfg) -> bool:
     """Whether ``run`` holds this fold trained to the end with these very settings."""
+    from .checkpoint import load_checkpoint
     from .config import load_config
-    from .engine import load_checkpoint
 
     if not (run / "config.yaml").is_file():
         return False
@@ -660,7 +532,7 @@ def _fold_done(run: Path, cfg) -> bool:
                         "--out, or delete that folder to retrain it.")
     if not (run / "best.pt").is_file() or not (run / "last.pt").is_file():
         return False
-    return int(load_checkpoint(run / "last.pt").get("epoch", 0)) >= cfg.epochs
+    return load_checkpoint(run / "last.pt").epoch >= cfg.epochs
 
 
 def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None = None,
@@ -689,7 +561,7 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
     """
     from .config import TrainConfig
     from .data.splits import fold_split, make_folds
-    from .engine import fit
+    from .engine import fit, resume
 
     if folds < 3:
         raise UserError(f"--folds {folds}: the protocol needs at least 3 folds (one test, one "
@@ -712,7 +584,7 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
         if _fold_done(run, cfg):
             print(f"fold {k}: already trained, reusing {run / 'best.pt'}")
         elif (run / "last.pt").is_file():
-            fit(cfg, resume=run, progress=progress)
+            resume(run, progress=progress)
         else:
             fit(cfg, progress=progress)
         ev = evaluate_checkpoint(run / "best.pt", data, split=split_path, subset="test",
@@ -723,17 +595,18 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
             raise UserError(f"fold {k}: " + " ".join(ev.leakage))
         evaluations.append(ev)
         m = ev.metrics
-        scopes = {"all": m, **m["by_magnification"]}
+        scopes = {"all": {"image": m.image, "patient": m.patient, "calibration": m.calibration},
+                  **m.by_magnification}
         for scope, section in scopes.items():
             flat = scalar_metrics({s: section[s] for s in ("image", "patient", "calibration")})
             long_rows += [{"fold": k, "scope": scope, "metric": name, "value": v}
                           for name, v in flat.items()]
-        per_fold.append({"fold": k, "test_images": m["counts"]["images"],
-                         "test_patients": m["counts"]["patients"],
-                         "threshold": m["threshold"]["value"],
-                         "best_epoch": m["checkpoint"]["best_epoch"],
-                         "accuracy": m["image"]["accuracy"], "roc_auc": m["image"]["roc_auc"],
-                         "recognition_rate": m["patient"].get("recognition_rate")})
+        per_fold.append({"fold": k, "test_images": m.counts["images"],
+                         "test_patients": m.counts["patients"],
+                         "threshold": m.threshold["value"],
+                         "best_epoch": m.checkpoint.best_epoch,
+                         "accuracy": m.image["accuracy"], "roc_auc": m.image["roc_auc"],
+                         "recognition_rate": m.patient.get("recognition_rate")})
     long = pd.DataFrame(long_rows)
     scopes = ["all"] + sorted(set(long["scope"]) - {"all"}, key=group_sort_key)
     long = long.sort_values("scope", key=lambda c: c.map(scopes.index), kind="stable")
@@ -749,53 +622,8 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
         target = as_json["overall"] if scope == "all" else as_json["by_magnification"].setdefault(
             scope, {})
         target[metric] = entry
-    (out / "cv_summary.json").write_text(json.dumps(_jsonable(as_json), indent=2) + "\n")
-    (out / "report.md").write_text(_cv_report_md(as_json, summary, base))
+    atomic_write_text(out / "cv_summary.json", json.dumps(jsonable(as_json), indent=2) + "\n")
+    atomic_write_text(out / "report.md", cv_report_md(as_json, summary, base))
     return CVResult(out, evaluations, summary)
 
 
-def _mean_std(summary: pd.DataFrame, scope: str, metric: str) -> str:
-    row = summary[(summary["scope"] == scope) & (summary["metric"] == metric)]
-    if row.empty or not math.isfinite(row["mean"].iloc[0]):
-        return "n/a"
-    std = row["std"].iloc[0]
-    return f"{row['mean'].iloc[0]:.3f} +- {std:.3f}" if math.isfinite(std) else (
-        f"{row['mean'].iloc[0]:.3f}")
-
-
-def _cv_report_md(js: dict, summary: pd.DataFrame, cfg) -> str:
-    k = js["folds"]
-    lines = [f"# Patient-disjoint {k}-fold cross-validation", "",
-             f"Patients were dealt into {k} class-stratified folds (seed {js['seed']}); for fold "
-             "k, fold k is test, fold k+1 validation (best epoch and threshold) and the rest "
-             "train, so no patient is ever in two subsets. Numbers are mean +- standard "
-             f"deviation (ddof=1) over the {k} test folds; each fold's own report, with "
-             "bootstrap intervals, is in `fold-K/report.md`.", "",
-             "## Per fold", "",
-             _table(["Fold", "Test images", "Test patients", "Best epoch", "Threshold",
-                     "Accuracy", "ROC AUC", "Patient recognition rate"],
-                    [[f"[{f['fold']}](fold-{f['fold']}/report.md)", f["test_images"],
-                      f["test_patients"], f["best_epoch"], f["threshold"], f["accuracy"],
-                      f["roc_auc"], f["recognition_rate"]] for f in js["per_fold"]]), "",
-             "## Overall (mean +- std over folds)", "",
-             _table(["Metric", "Mean +- std"],
-                    [[label, _mean_std(summary, "all", f"{s}.{key}")]
-                     for s, key, label in HEADLINE
-                     if not summary[(summary["scope"] == "all")
-                                    & (summary["metric"] == f"{s}.{key}")].empty]), ""]
-    mags = sorted(js["by_magnification"], key=group_sort_key)
-    if mags:
-        cols = [("image.accuracy", "Image accuracy"),
-                ("patient.recognition_rate", "Patient recognition rate"),
-                ("image.balanced_accuracy", "Balanced accuracy"),
-                ("image.roc_auc", "ROC AUC")]
-        n_folds = {m: js["by_magnification"][m]["image.accuracy"]["folds"] for m in mags}
-        lines += ["## By magnification (as Spanhol et al. 2016 report)", "",
-                  "Folds: how many test folds hold images at that magnification.", "",
-                  _table(["Magnification", "Folds"] + [c[1] for c in cols],
-                         [[m, n_folds[m]] + [_mean_std(summary, m, c[0]) for c in cols]
-                          for m in mags]), ""]
-    lines += ["Every metric, per scope: `cv_summary.csv` / `cv_summary.json`; every fold's "
-              "value: `cv_folds.csv`.", "", "## Training settings", "", "```yaml",
-              yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .errors import UserError
 
 ONNX_FORMAT = "bcd-onnx/1"
@@ -35,7 +35,7 @@ def _import(name: str):
                         "(or pip install 'breast-cancer-detection[onnx]').") from None
 
 
-def export_onnx(checkpoint: str | Path | dict[str, Any], out: str | Path, *, opset: int = 17,
+def export_onnx(checkpoint: str | Path | Checkpoint, out: str | Path, *, opset: int = 17,
                 verify: bool = True) -> Path:
     """Writes a checkpoint's model as ONNX, with dynamic batch size and its preprocessing.
 
@@ -47,7 +47,8 @@ def export_onnx(checkpoint: str | Path | dict[str, Any], out: str | Path, *, ops
     :meth:`Predictor.from_onnx <breast_cancer_detection.inference.Predictor.from_onnx>`.
 
     Args:
-        checkpoint: A checkpoint path (or its loaded dict) written by ``bcd train``.
+        checkpoint: A checkpoint path, or a loaded :class:`Checkpoint`, written by
+            ``bcd train``.
         out: The ``.onnx`` file to write (atomically).
         opset: ONNX opset version.
         verify: Run the export with ONNX Runtime on a batch of 3 random inputs and check
@@ -59,56 +60,56 @@ def export_onnx(checkpoint: str | Path | dict[str, Any], out: str | Path, *, ops
     Raises:
         ExportError: the exporter failed, or the exported model disagrees with PyTorch.
     """
-    from .engine import load_checkpoint
-    from .models import create_model
+    import tempfile
+
+    from .checkpoint import load_checkpoint
+    from .files import atomic_write
 
     onnx = _import("onnx")
-    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    model = create_model(ckpt["arch"], num_classes=ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    pre = ckpt["preprocessing"]
-    size = int(pre["size"])
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    model = ckpt.build_model()
+    pre = ckpt.pre()
+    size = pre.size
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with warnings.catch_warnings():
-            # The legacy exporter announces its own deprecation and traces Python branches;
-            # neither matters for these fixed-shape feed-forward models.
-            warnings.simplefilter("ignore")
-            # dynamo=False: the TorchScript exporter needs only torch and onnx. The dynamo
-            # exporter (torch's default since 2.9) also needs onnxscript, which is not among
-            # our dependencies; switch when the legacy one is removed. Torch before 2.5 has
-            # no `dynamo` argument and only the legacy exporter.
-            legacy = ({"dynamo": False}
-                      if "dynamo" in inspect.signature(torch.onnx.export).parameters else {})
-            torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(tmp),
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=opset, **legacy)
-        proto = onnx.load(str(tmp))
-        meta = {"format": ONNX_FORMAT, "arch": ckpt["arch"], "size": size,
-                "resize": pre.get("resize"), "mean": list(pre["mean"]), "std": list(pre["std"]),
-                "classes": list(ckpt.get("classes") or []), "threshold": ckpt.get("threshold"),
-                "input": f"{INPUT_NAME}: float32 (N, 3, {size}, {size}), normalised",
-                "output": f"{OUTPUT_NAME}: (N, classes), apply softmax"}
-        del proto.metadata_props[:]
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-        if verify:
-            _verify(model, tmp, size)
-        os.replace(tmp, out)
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            tmp = Path(tmp_dir) / out.name
+            with warnings.catch_warnings():
+                # The legacy exporter announces its own deprecation and traces Python
+                # branches; neither matters for these fixed-shape feed-forward models.
+                warnings.simplefilter("ignore")
+                # dynamo=False: the TorchScript exporter needs only torch and onnx. The dynamo
+                # exporter (torch's default since 2.9) also needs onnxscript, which is not
+                # among our dependencies; switch when the legacy one is removed. Torch before
+                # 2.5 has no `dynamo` argument and only the legacy exporter.
+                legacy = ({"dynamo": False}
+                          if "dynamo" in inspect.signature(torch.onnx.export).parameters else {})
+                torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(tmp),
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"},
+                                                OUTPUT_NAME: {0: "batch"}},
+                                  opset_version=opset, **legacy)
+            proto = onnx.load(str(tmp))
+            meta = {"format": ONNX_FORMAT, "arch": ckpt.arch, "size": size,
+                    "resize": pre.resize, "mean": list(pre.mean), "std": list(pre.std),
+                    "classes": list(ckpt.classes), "threshold": ckpt.threshold,
+                    "input": f"{INPUT_NAME}: float32 (N, 3, {size}, {size}), normalised",
+                    "output": f"{OUTPUT_NAME}: (N, classes), apply softmax"}
+            del proto.metadata_props[:]
+            for key, value in meta.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, json.dumps(value)
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
+            if verify:
+                _verify(model, tmp, size)
+            atomic_write(out, lambda f: f.write(tmp.read_bytes()))
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - exporter failures come in many types
-        raise ExportError(f"exporting {ckpt['arch']} to {out} failed ({type(e).__name__}: "
+        raise ExportError(f"exporting {ckpt.arch} to {out} failed ({type(e).__name__}: "
                           f"{e}).") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .checkpoint import Checkpoint, CheckpointError, amp_dtype, load_checkpoint, resolve_device
 from .data.breakhis import CLASSES, IMAGE_SUFFIXES, parse_breakhis_name
 from .data.datasets import (
     DEFAULT_MAX_PIXELS,
@@ -24,9 +25,7 @@ from .data.datasets import (
     open_rgb,
 )
 from .data.transforms import Preprocessing, build_eval_transform, dihedral
-from .engine import CheckpointError, amp_dtype, evaluate, load_checkpoint, resolve_device
 from .errors import UserError
-from .models import create_model
 
 DEFAULT_TILE_FACTOR = 2.0
 """Images whose short side exceeds this many tile sides are tiled instead of shrunk."""
@@ -395,7 +394,9 @@ class Predictor:
         threshold: P(malignant) at or above which an image is called malignant.
         classes: Class names in output order.
         device: ``auto``, ``cpu``, ``cuda``...; ONNX models run where ONNX Runtime runs them.
-        checkpoint: The checkpoint dict the model came from, kept for reference.
+        checkpoint: The :class:`bcd.checkpoint.Checkpoint` the model came from (its card:
+            data, split, metrics), or None.
+        arch: The architecture's name, when there is no checkpoint (e.g. from ONNX metadata).
         max_pixels: Images with more pixels are refused before decoding; None disables.
         backend: ``torch`` or ``onnx``.
         channels_last: Run convolutions in channels-last layout (faster with oneDNN on CPUs
@@ -404,7 +405,7 @@ class Predictor:
 
     def __init__(self, model, pre: Preprocessing, *, threshold: float = 0.5,
                  classes: list[str] | None = None, device: str | torch.device = "auto",
-                 checkpoint: dict[str, Any] | None = None,
+                 checkpoint: Checkpoint | None = None, arch: str | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "torch",
                  channels_last: bool = True):
         if backend not in ("torch", "onnx"):
@@ -427,7 +428,9 @@ class Predictor:
         self.threshold = float(threshold)
         self.threshold_source = "given"
         self.classes = list(classes or CLASSES)
-        self.checkpoint = checkpoint or {}
+        self.checkpoint = checkpoint
+        self.arch = checkpoint.arch if checkpoint is not None else (
+            arch or type(model).__name__)
         self.max_pixels = max_pixels
         self.transform = build_eval_transform(pre=pre)
         self.dtype = amp_dtype("auto", self.device)
@@ -461,14 +464,15 @@ class Predictor:
             return cls.from_onnx(path, device=device, sha256=sha256, cache_dir=cache_dir,
                                  progress=progress, **kwargs)
         local = _local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
-        ckpt = load_checkpoint(local)
-        model = create_model(ckpt["arch"], num_classes=ckpt["num_classes"])
-        model.load_state_dict(ckpt["model"])
-        threshold = ckpt.get("threshold")
-        pred = cls(model, Preprocessing.from_dict(ckpt["preprocessing"]),
-                   threshold=0.5 if threshold is None else threshold,
-                   classes=ckpt.get("classes"), device=device, checkpoint=ckpt, **kwargs)
-        pred.threshold_source = "default 0.5 (none stored)" if threshold is None else (
+        return cls.from_loaded(load_checkpoint(local), device=device, **kwargs)
+
+    @classmethod
+    def from_loaded(cls, ckpt: Checkpoint, device: str = "auto", **kwargs) -> Predictor:
+        """A Predictor for a checkpoint already loaded with :func:`bcd.load_checkpoint`."""
+        pred = cls(ckpt.build_model(), ckpt.pre(),
+                   threshold=0.5 if ckpt.threshold is None else ckpt.threshold,
+                   classes=ckpt.classes, device=device, checkpoint=ckpt, **kwargs)
+        pred.threshold_source = "default 0.5 (none stored)" if ckpt.threshold is None else (
             "chosen on validation")
         return pred
 
@@ -500,7 +504,7 @@ class Predictor:
         pred = cls(model, Preprocessing(size=meta["size"], resize=meta["resize"],
                                         mean=meta["mean"], std=meta["std"]),
                    threshold=0.5 if threshold is None else threshold, classes=meta["classes"],
-                   backend="onnx", checkpoint={"arch": meta.get("arch")}, **kwargs)
+                   backend="onnx", arch=meta.get("arch"), **kwargs)
         pred.threshold_source = "default 0.5 (none stored)" if threshold is None else (
             "chosen on validation")
         return pred
@@ -528,18 +532,18 @@ class Predictor:
                                              collate_fn=collate_skip_bad)
         bar = tqdm(total=len(loader), desc="predict", unit="batch", disable=not progress)
 
-        def batches():
+        probs, rows = [], []
+        for b in loader:
             # Unreadable files come back inside the batches, also from worker processes.
-            for b in loader:
-                errors.update(dict(b["bad"]))
-                yield b
-
-        source = batches()
-        out = evaluate(self.model, source, self.device, dtype=self.dtype,
-                       channels_last=self.channels_last, progress=bar, tta=tta)
+            errors.update(dict(b["bad"]))
+            if b["x"] is not None:
+                probs.append(self._probabilities(b["x"], tta=tta, batch_size=batch_size)[:, 1])
+                rows.append(np.asarray(b["rows"]))
+            bar.update(1)
         bar.close()
         prob = np.full(len(table), np.nan)
-        prob[out["row"].astype(int)] = out["prob"]
+        if rows:
+            prob[np.concatenate(rows).astype(int)] = np.concatenate(probs)
         result = table.copy()
         result["probability"] = prob
         result["prediction"] = np.where(np.isnan(prob), -1, (prob >= self.threshold).astype(int))

@@ -155,8 +155,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"{path}: not a loadable state dict ({type(e).__name__}: {e}).") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
+    from .checkpoint import state_dict_of
+
+    obj = state_dict_of(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict (name -> tensor).")
     # Weights saved from a DDP or compiled model carry a prefix on every key.

@@ -29,7 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..data.datasets import ImageError, open_rgb
 from ..errors import UserError
+from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
+from ..files import jsonable
 from ..inference import Predictor
 
 STATIC = Path(__file__).with_name("static")
@@ -211,21 +213,6 @@ def _png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _jsonable(x: Any) -> Any:
-    """Plain JSON values: NaN and infinities become null, numpy scalars Python numbers."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
-
-
 def _clean_name(filename: str | None, i: int) -> str:
     # Browsers send a bare name; other clients may send a path, which is nobody's business.
     name = Path((filename or "").replace("\\", "/")).name
@@ -247,11 +234,11 @@ def _serving_versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- model card
 
 
-def read_report(path: str | Path) -> dict[str, Any]:
+def read_report(path: str | Path) -> EvaluationResult:
     """Reads the ``metrics.json`` that ``bcd evaluate`` writes.
 
     Raises:
-        UserError: missing file, or not JSON.
+        UserError: missing file, or not a metrics.json of ``bcd evaluate``.
     """
     path = Path(path)
     try:
@@ -263,56 +250,57 @@ def read_report(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a metrics.json from `bcd evaluate` ({e}).") from e
     if not isinstance(report, dict) or "image" not in report:
         raise UserError(f"{path}: not a metrics.json from `bcd evaluate` (no 'image' metrics).")
-    return report
+    try:
+        return EvaluationResult.from_json(report)
+    except (UserError, TypeError) as e:
+        raise UserError(f"{path}: not a complete metrics.json from `bcd evaluate` ({e}).") from e
 
 
-def _evaluation(report: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
+def _evaluation(report: EvaluationResult, predictor: Predictor) -> dict[str, Any]:
     """The part of an evaluation report that belongs on the card, checked against the model.
 
     Raises:
         UserError: the report is of a model trained on another split, or another architecture.
     """
     ckpt = predictor.checkpoint
-    of = report.get("checkpoint") or {}
-    for key, what in (("split_hash", "split"), ("arch", "architecture")):
-        theirs, ours = of.get(key), ckpt.get(key)
+    pairs = (("split", report.checkpoint.split_hash, ckpt.split_hash if ckpt else None),
+             ("architecture", report.checkpoint.arch, predictor.arch))
+    for what, theirs, ours in pairs:
         if theirs is not None and ours is not None and theirs != ours:
             raise UserError(f"the evaluation report is of another model (its {what} is "
                             f"{theirs}, the checkpoint's {ours}); pass the metrics.json that "
                             "`bcd evaluate` wrote for this checkpoint.")
-    caveats = list(report.get("caveats") or [])
-    used = (report.get("threshold") or {}).get("value")
+    caveats = list(report.caveats)
+    used = report.threshold.get("value")
     if used is not None and abs(float(used) - predictor.threshold) > 1e-6:
         caveats.append(f"These metrics were computed at threshold {float(used):.4f}; this "
                        f"server answers at {predictor.threshold:.4f}. Threshold-free metrics "
                        "(AUC, PR AUC) still apply.")
-    boot = report.get("bootstrap") or {}
-    alpha = boot.get("alpha")
+    alpha = report.bootstrap.get("alpha")
     return {
-        "subset": report.get("subset"),
-        "images": (report.get("counts") or {}).get("images"),
-        "patients": (report.get("counts") or {}).get("patients"),
-        "image": report.get("image"),
-        "patient": report.get("patient"),
-        "calibration": report.get("calibration"),
-        "ci": report.get("ci"),
+        "subset": report.subset,
+        "images": report.counts.get("images"),
+        "patients": report.counts.get("patients"),
+        "image": report.image,
+        "patient": report.patient,
+        "calibration": report.calibration,
+        "ci": report.ci,
         "ci_level": None if alpha is None else 1 - float(alpha),
-        "bootstrap": boot,
-        "threshold": report.get("threshold"),
-        "same_split_as_training": report.get("same_split_as_training"),
-        "leakage": report.get("leakage"),
-        "protocol": report.get("protocol"),
+        "bootstrap": report.bootstrap,
+        "threshold": report.threshold,
+        "same_split_as_training": report.same_split_as_training,
+        "leakage": report.leakage,
+        "protocol": report.protocol,
         "caveats": caveats,
-        "created": report.get("created"),
+        "created": report.created,
     }
 
 
-def model_card(predictor: Predictor, report: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_card(predictor: Predictor, report: EvaluationResult | None = None) -> dict[str, Any]:
     """What the model is, what it was trained and tested on, and what it is for.
 
     Read from the checkpoint the predictor was loaded from; test-set metrics with confidence
-    intervals come from ``report`` (a ``bcd evaluate`` metrics.json) or, failing that, from an
-    ``evaluation`` entry of the checkpoint.
+    intervals come from ``report`` (a ``bcd evaluate`` metrics.json).
 
     Args:
         predictor: The loaded model.
@@ -325,17 +313,17 @@ def model_card(predictor: Predictor, report: dict[str, Any] | None = None) -> di
         UserError: ``report`` is of another model.
     """
     ckpt = predictor.checkpoint
-    cfg = ckpt.get("config") or {}
+    cfg = ckpt.config if ckpt is not None else {}
     pre = predictor.pre
-    patients = {subset: len(ids) for subset, ids in (ckpt.get("split_patients") or {}).items()}
-    evaluation = _evaluation(report, predictor) if report is not None else ckpt.get("evaluation")
+    patients = {subset: len(ids) for subset, ids in (ckpt.split_patients if ckpt else {}).items()}
+    evaluation = _evaluation(report, predictor) if report is not None else None
     resize = (f"short side resized to {pre.resize} px, centre {pre.size} px crop"
               if pre.resize else f"resized to {pre.size} x {pre.size} px")
-    threshold_info = {k: v for k, v in (ckpt.get("threshold_info") or {}).items()
+    threshold_info = {k: v for k, v in (ckpt.threshold_info if ckpt else {}).items()
                       if k not in ("value", "source")}
     card = {
-        "name": f"breast_cancer_detection {ckpt.get('arch') or 'model'}",
-        "architecture": ckpt.get("arch"),
+        "name": f"breast_cancer_detection {predictor.arch}",
+        "architecture": predictor.arch,
         "backend": predictor.backend,
         "classes": predictor.classes,
         "preprocessing": {**pre.to_dict(), "description": (
@@ -345,17 +333,17 @@ def model_card(predictor: Predictor, report: dict[str, Any] | None = None) -> di
             "data": cfg.get("data"),
             "split": cfg.get("split") or "made by `bcd train`, saved as split.csv in the run "
                                          "folder",
-            "split_hash": ckpt.get("split_hash"),
+            "split_hash": ckpt.split_hash if ckpt else None,
             "group_by": cfg.get("group_by"),
             "patients": patients,
             "magnification": cfg.get("magnification") or "all",
             "pretrained": cfg.get("pretrained"),
             "epochs": cfg.get("epochs"),
-            "best_epoch": ckpt.get("best_epoch"),
-            "created": ckpt.get("created"),
+            "best_epoch": ckpt.best_epoch if ckpt else None,
+            "created": ckpt.created if ckpt else None,
         },
         "metrics": {
-            "validation": ckpt.get("metrics") or None,
+            "validation": (ckpt.metrics if ckpt else None) or None,
             "evaluation": evaluation,
             "note": None if evaluation else (
                 "No test-set evaluation was given: the validation figures chose the epoch and "
@@ -365,9 +353,10 @@ def model_card(predictor: Predictor, report: dict[str, Any] | None = None) -> di
         "threshold": {"value": predictor.threshold, "source": predictor.threshold_source,
                       **threshold_info},
         "intended_use": INTENDED_USE,
-        "versions": {"training": ckpt.get("versions"), "serving": _serving_versions()},
+        "versions": {"training": ckpt.versions if ckpt else None,
+                     "serving": _serving_versions()},
     }
-    return _jsonable(card)
+    return jsonable(card)
 
 
 # ----------------------------------------------------------------------------- the service
@@ -377,7 +366,7 @@ class _Service:
     """The loaded model and the work of one request, run in a worker thread."""
 
     def __init__(self, *, max_upload_mb: float, max_pixels: int | None,
-                 report: dict[str, Any] | None):
+                 report: EvaluationResult | None):
         self.max_upload_mb = max_upload_mb
         self.max_bytes = int(max_upload_mb * 1024 * 1024)
         self.max_pixels = max_pixels
@@ -395,7 +384,7 @@ class _Service:
 
     @property
     def arch(self) -> str:
-        return str(self.predictor.checkpoint.get("arch") or "unknown") if self.predictor else ""
+        return self.predictor.arch if self.predictor else ""
 
     def _limit(self) -> int | None:
         return self.max_pixels if self.max_pixels is not None else self.predictor.max_pixels
@@ -498,7 +487,7 @@ async def _read_uploads(request: Request, max_bytes: int, max_mb: float) -> list
 
 
 def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | None = None,
-               device: str = "auto", report: str | Path | dict[str, Any] | None = None,
+               device: str = "auto", report: str | Path | EvaluationResult | None = None,
                max_upload_mb: float = 20, max_concurrency: int = 1, max_queue: int = 8,
                max_pixels: int | None = None) -> FastAPI:
     """Builds the web app: the page at ``/``, the API under ``/api``, OpenAPI at ``/docs``.
@@ -515,7 +504,8 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         predictor: A loaded Predictor.
         checkpoint: Path or URL of a checkpoint, loaded at start-up instead.
         device: Where a ``checkpoint`` runs: ``auto``, ``cpu``, ``cuda``...
-        report: The ``metrics.json`` of ``bcd evaluate`` for this checkpoint (path or dict):
+        report: The ``metrics.json`` of ``bcd evaluate`` for this checkpoint (path, dict or
+            :class:`EvaluationResult`):
             the model card then shows test metrics with confidence intervals.
         max_upload_mb: Largest request body, in MiB (413 beyond).
         max_concurrency: Requests processed at once.
@@ -537,6 +527,8 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         raise UserError(f"max_queue={max_queue} must be 0 or more.")
     if isinstance(report, (str, Path)):
         report = read_report(report)
+    elif isinstance(report, dict):
+        report = EvaluationResult.from_json(report)
     service = _Service(max_upload_mb=max_upload_mb, max_pixels=max_pixels, report=report)
     if predictor is not None:
         service.load(predictor)

@@ -179,6 +179,22 @@ def collate_skip_bad(batch: list) -> dict:
     }
 
 
+_STREAMS = {"epoch": 1, "samples": 10_000_019, "batches": 100_003, "loader": 7919}
+
+
+def run_seed(seed: int, epoch: int, stream: str = "epoch") -> int:
+    """The seed of one random stream of one epoch of a run.
+
+    Every random draw of training (sample order, per-sample augmentation, whole-batch
+    augmentation, loader workers) is seeded from (run seed, epoch, stream) alone, never from a
+    generator's running state: that is what lets a resumed run draw exactly what an
+    uninterrupted one would have. Streams: ``epoch`` (order; the process's torch seed),
+    ``samples`` (per-sample seeds are this + position), ``batches`` (batch k: this + k),
+    ``loader`` (the DataLoader's generator).
+    """
+    return (seed * 1_000_003 + epoch) * _STREAMS[stream]
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """The sample order of one epoch, fixed by (seed, epoch), sharded over ranks.
 
@@ -192,7 +208,7 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, n: int, *, seed: int, epoch: int, shuffle: bool = True,
                  weights: torch.Tensor | None = None, rank: int = 0, world: int = 1,
                  start: int = 0):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(run_seed(seed, epoch))
         if weights is not None:
             order = torch.multinomial(weights, n, replacement=True, generator=g)
         elif shuffle:
@@ -202,7 +218,7 @@ class EpochSampler(torch.utils.data.Sampler):
         if world > 1 and shuffle:
             pad = (-n) % world
             order = torch.cat([order, order[:pad]])
-        base = (seed * 1_000_003 + epoch) * 10_000_019
+        base = run_seed(seed, epoch, "samples")
         seeds = base + torch.arange(len(order))
         self.indices = list(zip(order[rank::world][start:].tolist(),
                                 seeds[rank::world][start:].tolist()))

@@ -255,3 +255,49 @@ def summarize_split(split: pd.DataFrame) -> str:
             "malignant %": round(100 * part["target"].mean(), 1),
         })
     return pd.DataFrame(rows).to_string(index=False)
+
+
+# ----------------------------------------------------------------------------- leakage
+
+
+def list_ids(items, k: int = 5) -> str:
+    items = sorted(items)
+    return ", ".join(items[:k]) + (f", ... ({len(items) - k} more)" if len(items) > k else "")
+
+
+def find_leakage(split_patients: dict[str, list[str]], evaluated: pd.DataFrame, subset: str,
+                 run_paths: tuple[set[str], set[str]] | None = None) -> list[str]:
+    """Sentences naming the evaluated patients (or images) the checkpoint trained or chose on.
+
+    Training patients are always leakage. Validation patients are too, except when the
+    evaluated subset is ``val`` itself: that case is reported as a caveat instead, since the
+    user asked for it.
+
+    Args:
+        split_patients: Subset -> patient ids of the model's training split (a checkpoint's
+            ``split_patients``).
+        evaluated: The evaluated rows (``patient``, ``path``).
+        subset: The evaluated subset's name.
+        run_paths: Training and validation paths of the checkpoint's run, for data without
+            patient ids.
+    """
+    known = split_patients or {}
+    patients = set(evaluated["patient"].astype(str)) - {""}
+    out = []
+    for part, what in (("train", "training subset"), ("val", "validation subset, which picked "
+                                                       "its best epoch")):
+        if part == "val" and subset == "val":
+            continue
+        shared = patients & set(known.get(part, []))
+        if shared:
+            out.append(f"{len(shared)} of the {len(patients)} evaluated patients were in the "
+                       f"checkpoint's {what} ({list_ids(shared)}).")
+    if run_paths is not None:
+        for part, paths in zip(("training", "validation"), run_paths):
+            if part == "validation" and subset == "val":
+                continue
+            shared = set(evaluated["path"]) & paths
+            if shared:
+                out.append(f"{len(shared)} of the {len(evaluated)} evaluated images were in the "
+                           f"checkpoint's {part} subset ({list_ids(shared, 3)}).")
+    return out

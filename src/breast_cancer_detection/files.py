@@ -1,0 +1,72 @@
+"""Writing files safely (atomic replace) and turning numpy values into plain Python."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Writes ``path`` through ``write(file)`` into a temporary file, then renames it.
+
+    A crash or a full disk mid-write leaves the previous file intact, never half a file. The
+    temporary name is unique per process and thread, so concurrent writers do not collide.
+
+    Raises:
+        OSError: the write failed; the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Writes UTF-8 text atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars become Python numbers and tuples lists, recursively.
+
+    What YAML dumps without python/ tags and ``torch.load(weights_only=True)`` reads back.
+    NaN stays NaN (use :func:`jsonable` for JSON).
+    """
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """Like :func:`plain`, and NaN/inf become null, arrays lists, paths strings, keys strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
