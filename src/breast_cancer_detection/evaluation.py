@@ -302,7 +302,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     Raises:
         UserError: a missing data folder or subset, or no readable image to evaluate.
     """
-    from . import report_plots as plots
+    from . import plots
     from .inference import Predictor
 
     checkpoint = Path(checkpoint)
@@ -448,22 +448,24 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     if has_patients:
         per = patient_table(y, p, ev_pred["patient"].to_numpy(), threshold)
         per_patient = (per["target"].to_numpy(), per["mean_probability"].to_numpy())
-    plots.plot_roc(y, p, out_dir / "roc.png", threshold=threshold, patient_curve=per_patient,
-                   title=f"ROC ({what})")
-    plots.plot_pr(y, p, out_dir / "pr.png", threshold=threshold, title=f"Precision-recall "
-                  f"({what})")
-    plots.plot_confusion(metrics["image"]["confusion_matrix"], out_dir / "confusion.png",
-                         title=f"Confusion matrix, images ({subset}, threshold "
-                         f"{threshold:.3g})")
-    plots.plot_reliability(metrics["calibration"]["reliability"], out_dir / "reliability.png",
-                           ece=metrics["calibration"]["ece"], brier=metrics["calibration"]["brier"],
-                           title=f"Reliability ({subset})")
+    save = plots.save_figure
+    save(plots.plot_roc(y, p, threshold=threshold, patient_curve=per_patient,
+                        title=f"ROC ({what})"), out_dir / "roc.png")
+    save(plots.plot_pr(y, p, threshold=threshold, title=f"Precision-recall ({what})"),
+         out_dir / "pr.png")
+    save(plots.plot_confusion(metrics["image"]["confusion_matrix"],
+                              title=f"Confusion matrix, images ({subset}, threshold "
+                              f"{threshold:.3g})"), out_dir / "confusion.png")
+    save(plots.plot_reliability(metrics["calibration"]["reliability"],
+                                ece=metrics["calibration"]["ece"],
+                                brier=metrics["calibration"]["brier"],
+                                title=f"Reliability ({subset})"), out_dir / "reliability.png")
     stale = out_dir / "per_magnification.png"
     if by_mag:
-        plots.plot_per_magnification(by_mag, stale,
-                                     ci={m: v.get("ci", {}) for m, v in by_mag.items()},
-                                     title=f"By magnification ({subset}, threshold "
-                                     f"{threshold:.3g})")
+        save(plots.plot_per_magnification(by_mag,
+                                          ci={m: v.get("ci", {}) for m, v in by_mag.items()},
+                                          title=f"By magnification ({subset}, threshold "
+                                          f"{threshold:.3g})"), stale)
     elif stale.exists():
         stale.unlink()  # left by an earlier evaluation into the same folder
 
