@@ -109,6 +109,7 @@ def _result(what: str, n: int, dt: float, **extra) -> dict:
 
 
 def measure_ours(root: Path, args) -> list[dict]:
+    from breast_cancer_detection.data.batch_augment import BatchAugment
     from breast_cancer_detection.data.breakhis import build_index
     from breast_cancer_detection.data.cache import (
         CachedImageDataset,
@@ -122,7 +123,6 @@ def measure_ours(root: Path, args) -> list[dict]:
     )
     from breast_cancer_detection.data.transforms import (
         Augmentation,
-        BatchAugment,
         Preprocessing,
         build_train_transform,
     )
@@ -199,12 +199,12 @@ def _load_seed_module():
 
 def measure_cpu_cost(root: Path, args) -> list[dict]:
     """CPU milliseconds per augmented 224 px training image, on one thread, per pipeline."""
+    from breast_cancer_detection.data.batch_augment import BatchAugment
     from breast_cancer_detection.data.breakhis import build_index
     from breast_cancer_detection.data.cache import CachedImageDataset, open_cache
     from breast_cancer_detection.data.datasets import ImageTableDataset, collate_skip_bad
     from breast_cancer_detection.data.transforms import (
         Augmentation,
-        BatchAugment,
         Preprocessing,
         build_train_transform,
     )

@@ -388,12 +388,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     good = [(f, p, stem) for f, p, stem in zip(files, preds, _unique_stems(files))
             if p.error is None]
     if args.plot:
-        from .plots import plot_prediction
+        from .plots import plot_prediction, save_figure
 
         folder = Path(args.plot)
         folder.mkdir(parents=True, exist_ok=True)
         for f, p, stem in good:
-            plot_prediction(f, p).savefig(folder / f"{stem}.png", dpi=100)
+            save_figure(plot_prediction(f, p), folder / f"{stem}.png")
         print(f"{len(good)} figure(s) written to {folder}")
     if args.cam:
         from .explain import explain, overlay

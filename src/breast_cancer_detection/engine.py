@@ -414,12 +414,8 @@ def _datasets(cfg: TrainConfig, root: Path, train_tab: pd.DataFrame, val_tab: pd
         ``(train_ds, val_ds, batch_augment, batch_eval)``; the last two are device-side batch
         transforms when batch augmentation is on, else None.
     """
-    from .data.transforms import (
-        BatchAugment,
-        BatchEval,
-        build_eval_transform,
-        build_train_transform,
-    )
+    from .data.batch_augment import BatchAugment, BatchEval
+    from .data.transforms import build_eval_transform, build_train_transform
 
     train_tf, eval_tf = build_train_transform(pre=pre, aug=aug), build_eval_transform(pre=pre)
     cache = None

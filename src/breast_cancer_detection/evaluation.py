@@ -463,7 +463,7 @@ def _write_outputs(result: EvaluationResult, ev_pred: pd.DataFrame, threshold: f
 
 def _write_plots(result: EvaluationResult, ev_pred: pd.DataFrame, threshold: float,
                  out_dir: Path) -> None:
-    from . import report_plots as plots
+    from . import plots
 
     subset, has_patients = result.subset, result.counts["patients"] is not None
     y, p = ev_pred["target"].to_numpy(), ev_pred["probability"].to_numpy()
@@ -473,23 +473,24 @@ def _write_plots(result: EvaluationResult, ev_pred: pd.DataFrame, threshold: flo
     if has_patients:
         per = patient_table(y, p, ev_pred["patient"].to_numpy(), threshold)
         per_patient = (per["target"].to_numpy(), per["mean_probability"].to_numpy())
-    plots.plot_roc(y, p, out_dir / "roc.png", threshold=threshold, patient_curve=per_patient,
-                   title=f"ROC ({what})")
-    plots.plot_pr(y, p, out_dir / "pr.png", threshold=threshold, title=f"Precision-recall "
-                  f"({what})")
-    plots.plot_confusion(result.image["confusion_matrix"], out_dir / "confusion.png",
-                         title=f"Confusion matrix, images ({subset}, threshold "
-                         f"{threshold:.3g})")
+    save = plots.save_figure
+    save(plots.plot_roc(y, p, threshold=threshold, patient_curve=per_patient,
+                        title=f"ROC ({what})"), out_dir / "roc.png")
+    save(plots.plot_pr(y, p, threshold=threshold, title=f"Precision-recall ({what})"),
+         out_dir / "pr.png")
+    save(plots.plot_confusion(result.image["confusion_matrix"],
+                              title=f"Confusion matrix, images ({subset}, threshold "
+                              f"{threshold:.3g})"), out_dir / "confusion.png")
     cal = result.calibration
-    plots.plot_reliability(cal["reliability"], out_dir / "reliability.png",
-                           ece=cal["ece"], brier=cal["brier"], title=f"Reliability ({subset})")
+    save(plots.plot_reliability(cal["reliability"], ece=cal["ece"], brier=cal["brier"],
+                                title=f"Reliability ({subset})"), out_dir / "reliability.png")
     stale = out_dir / "per_magnification.png"
     by_mag = result.by_magnification
     if by_mag:
-        plots.plot_per_magnification(by_mag, stale,
-                                     ci={m: v.get("ci", {}) for m, v in by_mag.items()},
-                                     title=f"By magnification ({subset}, threshold "
-                                     f"{threshold:.3g})")
+        save(plots.plot_per_magnification(by_mag,
+                                          ci={m: v.get("ci", {}) for m, v in by_mag.items()},
+                                          title=f"By magnification ({subset}, threshold "
+                                          f"{threshold:.3g})"), stale)
     elif stale.exists():
         stale.unlink()  # left by an earlier evaluation into the same folder
 

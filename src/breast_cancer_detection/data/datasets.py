@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from .transforms import new_batch_tensor
+from .batch_augment import new_batch_tensor
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Images with more pixels are refused before decoding (decompression-bomb guard)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -69,9 +71,14 @@ def hed_to_rgb(x: Tensor) -> Tensor:
     return torch.exp(-_mix(work, _RGB_FROM_HED)).to(x.dtype)
 
 
-def _uniform(shape: tuple[int, ...], low: float, high: float, x: Tensor,
-             generator: torch.Generator | None) -> Tensor:
-    u = torch.rand(shape, generator=generator, device=x.device, dtype=_work_dtype(x))
+def _uniform(shape: int | tuple[int, ...], low: float, high: float, *, device: torch.device,
+             dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+    """Draws from U(low, high) of the given shape.
+
+    The dtype is part of the draw, not a cast after it: one generator state gives other numbers
+    in float32 than in float64, so callers name the dtype their draws must be reproducible in.
+    """
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
     return low + (high - low) * u
 
 
@@ -98,8 +105,11 @@ def hed_jitter(x: Tensor, *, sigma: float = 0.05, bias: float = 0.05,
         raise ValueError(f"sigma={sigma} and bias={bias} must be non-negative.")
     images = x.reshape(-1, 3, *x.shape[-2:]).to(_work_dtype(x))
     n = images.shape[0]
-    alpha = _uniform((n, 3, 1, 1), 1.0 - sigma, 1.0 + sigma, images, generator)
-    beta = _uniform((n, 3, 1, 1), -bias, bias, images, generator)
+    # Drawn in the working precision of the images, float64 for float64 input.
+    draw = functools.partial(_uniform, device=images.device, dtype=images.dtype,
+                             generator=generator)
+    alpha = draw((n, 3, 1, 1), 1.0 - sigma, 1.0 + sigma)
+    beta = draw((n, 3, 1, 1), -bias, bias)
     hed = rgb_to_hed(images) * alpha + beta
     out = hed_to_rgb(hed).clamp_(0.0, 1.0)
     return out.reshape(x.shape).to(x.dtype)
