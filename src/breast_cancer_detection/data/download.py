@@ -732,8 +732,21 @@ def _set_aside(archive: Path, downloaded: bool, *, delete_download: bool) -> str
     return f"was moved aside to {aside} (delete it once you no longer need it)"
 
 
+def _corrupt(archive: Path, downloaded: bool, exc: BaseException) -> DownloadError:
+    where = _set_aside(archive, downloaded, delete_download=True)
+    return DownloadError(
+        f"{archive} is corrupt or truncated ({exc}) and {where}. Run again to download it "
+        "again."
+    )
+
+
 def _extract(archive: Path, root: Path, *, progress: bool, downloaded: bool) -> None:
-    if not tarfile.is_tarfile(archive):
+    try:
+        is_tar = tarfile.is_tarfile(archive)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        # is_tarfile reads the first member, so a gzip cut short inside it fails here.
+        raise _corrupt(archive, downloaded, exc) from exc
+    if not is_tar:
         where = _set_aside(archive, downloaded, delete_download=True)
         raise DownloadError(
             f"{archive} is not a tar archive (an HTML error page saved by mistake?) and "
@@ -757,11 +770,7 @@ def _extract(archive: Path, root: Path, *, progress: bool, downloaded: bool) -> 
         except (tarfile.ReadError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             # Checked before OSError: BadGzipFile is one, yet it means a corrupt archive
             # rather than a local problem such as a full disk.
-            where = _set_aside(archive, downloaded, delete_download=True)
-            raise DownloadError(
-                f"{archive} is corrupt or truncated ({exc}) and {where}. Run again to "
-                "download it again."
-            ) from exc
+            raise _corrupt(archive, downloaded, exc) from exc
         except (tarfile.TarError, OSError) as exc:
             raise DownloadError(
                 f"Extracting {archive} into {root.parent} failed ({exc}). Fix the cause "
