@@ -230,6 +230,9 @@ def _fetch(
             _fetch_http(url, part, size=size, max_bytes=max_bytes, timeout=timeout,
                         deadline=deadline, ends=ends, progress=progress, label=dest.name)
         _check_file(part.path, sha256=sha256, size=size, max_bytes=max_bytes, remove=True)
+        # On disk before the rename, so a crash cannot leave an empty file under dest's name.
+        with part.path.open("r+b") as f:
+            os.fsync(f.fileno())
         os.replace(part.path, dest)
         part.discard()  # only the validator file is left to remove
     except BaseException:
