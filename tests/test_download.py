@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import socket
 import sys
@@ -63,6 +64,7 @@ class _ServerState:
     body: bytes
     mode: str = "normal"
     ranges: list[str | None] = field(default_factory=list)
+    if_ranges: list[str | None] = field(default_factory=list)
     cut_done: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -71,6 +73,23 @@ class _ServerState:
 class Server:
     url: str
     state: _ServerState
+
+
+def _etag(body: bytes) -> str:
+    # Strong ETag derived from the content, as a static file server gives: it changes
+    # whenever the file does.
+    return f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+
+
+def _write_part(dest: Path, data: bytes, etag: str | None) -> Path:
+    """A partial download as an earlier call leaves it: the bytes and, beside them, the
+    validator of the answer they came from."""
+    part = dest / "BreaKHis_v1.tar.gz.part"
+    part.write_bytes(data)
+    if etag is not None:
+        meta = {"url": "http://example.invalid/BreaKHis_v1.tar.gz", "validator": etag}
+        (dest / "BreaKHis_v1.tar.gz.part.json").write_text(json.dumps(meta))
+    return part
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -82,8 +101,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         state: _ServerState = self.server.state  # type: ignore[attr-defined]
         range_header = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
         with state.lock:
             state.ranges.append(range_header)
+            state.if_ranges.append(if_range)
             mode = state.mode
             cut = mode == "cut_always" or (mode == "cut" and not state.cut_done)
             if cut:
@@ -103,7 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
 
         start = 0
         match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
-        if match is not None and mode != "norange":
+        # RFC 9110: a Range whose If-Range does not match the current file is ignored.
+        stale = if_range is not None and if_range != _etag(body)
+        if match is not None and mode != "norange" and not stale:
             start = int(match[1])
             if start >= len(body):
                 self.send_response(416)
@@ -124,6 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
             end = min(end, start + len(body) // 2 + 1)
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
         payload = body[start:end]
+        self.send_header("ETag", _etag(body))
         self.send_header("Content-Type", "application/x-gzip")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -232,21 +256,35 @@ def test_resume_after_cut_within_one_call(server: Server, tmp_path: Path) -> Non
     root = download_breakhis(tmp_path, server.url, progress=False)
     _assert_complete(root, tmp_path)
     assert server.state.ranges == [None, f"bytes={half}-"]
+    assert server.state.if_ranges == [None, _etag(server.state.body)]
 
 
 def test_resume_across_calls(server: Server, tmp_path: Path) -> None:
     body = server.state.body
     n = len(body) // 3
-    (tmp_path / "BreaKHis_v1.tar.gz.part").write_bytes(body[:n])
+    _write_part(tmp_path, body[:n], _etag(body))
     root = download_breakhis(tmp_path, server.url, progress=False)
     _assert_complete(root, tmp_path)
     assert server.state.ranges == [f"bytes={n}-"]
+    assert server.state.if_ranges == [_etag(body)]
+    assert (tmp_path / "BreaKHis_v1.tar.gz").read_bytes() == body
+    assert not (tmp_path / "BreaKHis_v1.tar.gz.part.json").exists()
+
+
+def test_part_without_validator_starts_over(server: Server, tmp_path: Path) -> None:
+    # A .part from before validators were stored: nothing proves its bytes match the
+    # server's file, so it is fetched whole rather than spliced.
+    body = server.state.body
+    _write_part(tmp_path, b"x" * (len(body) // 3), etag=None)
+    root = download_breakhis(tmp_path, server.url, progress=False)
+    _assert_complete(root, tmp_path)
+    assert server.state.ranges == [None]
     assert (tmp_path / "BreaKHis_v1.tar.gz").read_bytes() == body
 
 
 def test_complete_part_answered_416_is_used(server: Server, tmp_path: Path) -> None:
     body = server.state.body
-    (tmp_path / "BreaKHis_v1.tar.gz.part").write_bytes(body)
+    _write_part(tmp_path, body, _etag(body))
     root = download_breakhis(tmp_path, server.url, progress=False)
     _assert_complete(root, tmp_path)
     assert server.state.ranges == [f"bytes={len(body)}-"]
@@ -284,7 +322,7 @@ def test_sha256_mismatch(server: Server, tmp_path: Path) -> None:
     with pytest.raises(DownloadError) as excinfo:
         download_breakhis(tmp_path, server.url, sha256=wrong, progress=False)
     message = str(excinfo.value)
-    assert "sha256" in message
+    assert "SHA-256 mismatch" in message
     assert wrong in message
     assert hashlib.sha256(server.state.body).hexdigest() in message
     _assert_nothing_extracted(tmp_path)
@@ -318,7 +356,7 @@ def test_non_tarball_download_is_deleted(server: Server, tmp_path: Path) -> None
 def test_server_ignoring_range_restarts_cleanly(server: Server, tmp_path: Path) -> None:
     server.state.mode = "norange"
     stale = b"stale bytes that must not end up in the archive"
-    (tmp_path / "BreaKHis_v1.tar.gz.part").write_bytes(stale)
+    _write_part(tmp_path, stale, _etag(server.state.body))
     root = download_breakhis(tmp_path, server.url, progress=False)
     _assert_complete(root, tmp_path)
     assert server.state.ranges == [f"bytes={len(stale)}-"]
@@ -411,7 +449,7 @@ def test_hand_placed_archive_is_extracted_without_request(
 def test_hand_placed_archive_with_wrong_sha256_is_kept(tarball: bytes, tmp_path: Path) -> None:
     archive = tmp_path / "BreaKHis_v1.tar.gz"
     archive.write_bytes(tarball)
-    with pytest.raises(DownloadError, match="sha256 mismatch"):
+    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
         download_breakhis(tmp_path, "http://127.0.0.1:9/unused", sha256="0" * 64, progress=False)
     assert archive.read_bytes() == tarball
     _assert_nothing_extracted(tmp_path)

@@ -24,13 +24,20 @@ from .data.datasets import (
     collate_skip_bad,
     open_rgb,
 )
+from .data.download import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MAX_BYTES,
+    DownloadError,
+    fetch_url,
+    is_google_drive_url,
+    sha256_of,
+)
 from .data.transforms import Preprocessing, build_eval_transform, dihedral
 from .errors import UserError
 
 DEFAULT_TILE_FACTOR = 2.0
 """Images whose short side exceeds this many tile sides are tiled instead of shrunk."""
 
-_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------- results
@@ -234,18 +241,6 @@ def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
 
-def _is_gdrive(url: str) -> bool:
-    return urllib.parse.urlparse(url).netloc.endswith("drive.google.com")
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _expected_sha256(url: str, sha256: str | None) -> tuple[str, str | None]:
     """The URL without its fragment, and the hash to check (argument or ``#sha256=``)."""
     bare, fragment = urllib.parse.urldefrag(url)
@@ -267,7 +262,7 @@ def _hex_digest(h: str) -> str:
 def _cache_name(url: str) -> str:
     parsed = urllib.parse.urlparse(url)
     key = hashlib.sha256(url.encode()).hexdigest()[:12]
-    if _is_gdrive(url):
+    if is_google_drive_url(url):
         m = re.search(r"/d/([\w-]+)", parsed.path)
         file_id = m[1] if m else urllib.parse.parse_qs(parsed.query).get("id", ["file"])[0]
         return f"{key}-gdrive-{file_id}.pt"
@@ -275,95 +270,50 @@ def _cache_name(url: str) -> str:
     return f"{key}-{base or 'checkpoint.pt'}"
 
 
-def _download_http(url: str, out: Path, *, progress: bool, timeout: float) -> None:
-    import requests
-    from tqdm.auto import tqdm
-
-    advice = "check the link, or download the file by hand and pass its path"
-    try:
-        with requests.get(url, stream=True, timeout=timeout) as resp:
-            if resp.status_code >= 400:
-                raise CheckpointError(f"{url}: HTTP {resp.status_code} {resp.reason}; {advice}.")
-            if resp.headers.get("Content-Type", "").lower().startswith("text/html"):
-                raise CheckpointError(f"{url} sent a web page, not a checkpoint; {advice} "
-                                      "(Google Drive: use the drive.google.com share link).")
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with open(out, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                             unit_divisor=1024, desc=_cache_name(url)[13:],
-                                             disable=not progress) as bar:
-                for chunk in resp.iter_content(_CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
-    except requests.RequestException as e:
-        raise CheckpointError(f"could not download {url} ({type(e).__name__}: {e}); "
-                              f"{advice}.") from e
-    if total is not None and out.stat().st_size != total:
-        raise CheckpointError(f"{url}: the connection closed after {out.stat().st_size} of "
-                              f"{total} bytes; run again.")
-
-
-def _download_gdrive(url: str, out: Path, *, progress: bool) -> None:
-    try:
-        import gdown
-    except ImportError:
-        raise CheckpointError(f"{url} is a Google Drive link, which needs gdown: "
-                              "pip install gdown (or download the file by hand and pass its "
-                              "path).") from None
-    try:
-        result = gdown.download(url=url, output=str(out), quiet=not progress, fuzzy=True)
-    except Exception as e:  # noqa: BLE001 - gdown raises many types for quota and link errors
-        raise CheckpointError(f"gdown could not fetch {url} ({type(e).__name__}: {e}); check "
-                              "that the file is shared with 'anyone with the link'.") from e
-    if result is None or not out.is_file():
-        raise CheckpointError(f"gdown could not fetch {url} (quota exceeded or link gone?).")
-
-
 def fetch_checkpoint(url: str, *, sha256: str | None = None, cache: str | Path | None = None,
-                     progress: bool = True, timeout: float = 30.0) -> Path:
+                     progress: bool = True, timeout: float = 30.0,
+                     max_bytes: int | None = DEFAULT_MAX_BYTES,
+                     deadline: float | None = DEFAULT_DEADLINE_S) -> Path:
     """Downloads a checkpoint once into the cache and returns its local path.
 
-    The file is written to a temporary name and renamed when complete and verified, so an
-    interrupted download never leaves a file that looks usable. A cached copy is reused
-    without a request; one that fails the hash check is fetched again.
+    The download goes through :func:`~breast_cancer_detection.data.download.fetch_url`: raw
+    bytes, a temporary name unique to the process and thread, renamed once complete and
+    verified, so an interrupted download never leaves a file that looks usable. A cached copy
+    is reused without a request; one that fails the hash check is fetched again. A plain
+    ``http://`` URL needs a hash, since anyone on the way could swap the file.
 
     Args:
-        url: An ``http(s)://`` URL, or a Google Drive link (fetched with gdown). A
-            ``#sha256=HEX`` fragment gives the expected hash.
+        url: An ``https://`` URL, an ``http://`` one with a hash, or a Google Drive link
+            (fetched with gdown). A ``#sha256=HEX`` fragment gives the expected hash.
         sha256: Expected SHA-256 hex digest; checked before the file is used.
         cache: Cache folder; default ``$BCD_CACHE``, else ``~/.cache/breast_cancer_detection``.
         progress: Show a progress bar.
-        timeout: Seconds to wait for the server to connect or send data.
+        timeout: Seconds to wait for the server to connect or send the next bytes.
+        max_bytes: Size cap (2 GiB by default); None lifts it.
+        deadline: Seconds the whole download may take (an hour by default); None for no limit.
 
     Raises:
-        CheckpointError: the download failed, or the file does not match the hash (it is
-            then deleted).
+        CheckpointError: the URL is plain http without a hash, the download failed, or the
+            file does not match the hash (it is then deleted).
     """
     bare, expected = _expected_sha256(url, sha256)
+    if urllib.parse.urlparse(bare).scheme.lower() == "http" and expected is None:
+        raise CheckpointError(
+            f"{bare} is plain http and no SHA-256 was given, so a file changed on the way "
+            f"could not be detected. Use the https:// address, or add the expected hash: "
+            f"{bare}#sha256=HEX (or --sha256 HEX)."
+        )
     folder = _cache_root(cache) / "checkpoints"
     target = folder / _cache_name(bare)
     if target.is_file():
-        if expected is None or _sha256_of(target) == expected:
+        if expected is None or sha256_of(target) == expected:
             return target
-        target.unlink()  # a stale or damaged copy: fetch it again
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+        target.unlink(missing_ok=True)  # a stale or damaged copy: fetch it again
     try:
-        if _is_gdrive(bare):
-            _download_gdrive(bare, tmp, progress=progress)
-        else:
-            _download_http(bare, tmp, progress=progress, timeout=timeout)
-        if expected is not None:
-            actual = _sha256_of(tmp)
-            if actual != expected:
-                raise CheckpointError(f"{bare}: SHA-256 mismatch (expected {expected}, got "
-                                      f"{actual}); the download was deleted. Check the URL and "
-                                      "the hash, then run again.")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+        return fetch_url(bare, target, sha256=expected, max_bytes=max_bytes, timeout=timeout,
+                         deadline=deadline, resume=False, progress=progress)
+    except DownloadError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _local_file(path: str | Path, *, sha256: str | None, cache: str | Path | None,
@@ -374,7 +324,7 @@ def _local_file(path: str | Path, *, sha256: str | None, cache: str | Path | Non
     local = Path(path)
     if sha256 is not None and local.is_file():
         expected = _hex_digest(sha256)
-        actual = _sha256_of(local)
+        actual = sha256_of(local)
         if actual != expected:
             raise CheckpointError(f"{local}: SHA-256 mismatch (expected {expected}, got "
                                   f"{actual}); the file is not the one you meant to load.")
