@@ -453,6 +453,24 @@ def test_bcd_serve_binds_to_localhost_by_default(best, monkeypatch, capsys):
     (app, kw), = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8000
     assert app.state.gate.max_queue == 3 and app.state.service.predictor is not None
+    service, gate = app.state.service, app.state.gate
+    assert (service.max_request_megapixels, service.max_request_tiles) == (50, 2000)
+    assert (service.upload_timeout, gate.max_uploads) == (30, 32)
+    client = _client(app)
+    assert client.get("/api/health", headers={"Host": "lab.example"}).status_code == 400
+
+    calls.clear()
+    assert main(["serve", str(best), "--quiet", "--max-request-megapixels", "5",
+                 "--max-request-tiles", "7", "--upload-timeout", "4", "--max-uploads", "2",
+                 "--allowed-hosts", "lab.example,other.example"]) == 0
+    app = calls[0][0]
+    service, gate = app.state.service, app.state.gate
+    assert (service.max_request_megapixels, service.max_request_tiles) == (5, 7)
+    assert (service.upload_timeout, gate.max_uploads) == (4, 2)
+    client = _client(app)
+    for host in ("lab.example", "other.example:8000", "127.0.0.1"):
+        assert client.get("/api/health", headers={"Host": host}).status_code == 200, host
+    assert client.get("/api/health", headers={"Host": "evil.example"}).status_code == 400
     assert "http://127.0.0.1:8000/" in capsys.readouterr().out
 
     calls.clear()
