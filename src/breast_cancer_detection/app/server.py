@@ -57,7 +57,7 @@ PREVIEW_SIDE = 1024
 MAX_REQUEST_MEGAPIXELS = 50.0
 """Pixels one request may make the server hold, in millions: each image decoded, plus the
 whole-image view resized for the model and Grad-CAM. Eight 700x460 BreakHis images and four
-2000x2000 ones come to about 18 MP; one 1-bit 10,000x10,000 PNG (12 KB sent) to 100 MP."""
+2000x2000 ones come to about 20 MP; one 1-bit 10,000x10,000 PNG (12 KB sent) to 100 MP."""
 
 MAX_REQUEST_TILES = 2000
 """Model passes one request may need for its tiled images. At the project's 256 px tiles a
