@@ -54,7 +54,12 @@ def predictor(best) -> Predictor:
 
 @pytest.fixture(scope="module")
 def client(predictor) -> TestClient:
-    return TestClient(create_app(predictor))
+    return _client(create_app(predictor))
+
+
+def _client(app) -> TestClient:
+    # A Host the server answers to (it refuses names it was not given: DNS rebinding).
+    return TestClient(app, base_url="http://127.0.0.1")
 
 
 def _png(h: int, w: int, malignant: bool, seed: int = 0) -> bytes:
@@ -115,7 +120,7 @@ def test_model_card_is_read_from_the_checkpoint(client, best):
     assert card["preprocessing"]["size"] == 32 and card["preprocessing"]["resize"] == 40
     assert "40 px" in card["preprocessing"]["description"]
     training = card["training"]
-    assert training["data"] == ckpt.config["data"]
+    assert training["data"] == Path(ckpt.config["data"]).name  # no local paths shown
     assert training["split_hash"] == ckpt.split_hash
     assert training["patients"] == {k: len(v) for k, v in ckpt.split_patients.items()}
     assert sum(training["patients"].values()) == 11  # the fake tree's 11 patients
@@ -139,7 +144,7 @@ def test_model_card_shows_test_metrics_with_cis_from_an_evaluation(trained_run, 
     predictor = Predictor.from_checkpoint(ckpt, device="cpu")
     assert predictor.threshold != 0.5  # evaluate chose one on val and stored it
     report = tmp_path / "report" / "metrics.json"
-    card = TestClient(create_app(predictor, report=report)).get("/api/model").json()
+    card = _client(create_app(predictor, report=report)).get("/api/model").json()
     evaluation = card["metrics"]["evaluation"]
     assert evaluation["subset"] == "test" and evaluation["images"] == ev.metrics.counts["images"]
     assert evaluation["ci_level"] == pytest.approx(0.95)
@@ -247,7 +252,7 @@ def test_tile_heat_map_of_a_large_image_is_shrunk(client):
 
 def test_upload_over_the_limit_is_413_by_content_length_and_by_count(predictor):
     app = create_app(predictor, max_upload_mb=0.05)  # 51 KiB
-    client = TestClient(app)
+    client = _client(app)
     big = _noise_png(160)  # ~77 KB
     assert len(big) > 0.05 * 1024 * 1024
     r = client.post("/api/predict", files=_files(("big.png", big)))
@@ -295,7 +300,7 @@ def test_a_decompression_bomb_is_400_before_decoding(client, predictor):
     assert detail.startswith("bomb.png: ") and "pixels" in detail
 
     # Under Pillow's own limit, ours applies, and the app's max_pixels sets it.
-    strict = TestClient(create_app(predictor, max_pixels=1000))
+    strict = _client(create_app(predictor, max_pixels=1000))
     r = strict.post("/api/predict", files=_files(("tissue.png", GOOD)))  # 70 x 46 = 3,220 px
     assert r.status_code == 400 and "over the limit of 1,000" in r.json()["detail"]
 
@@ -383,7 +388,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_loop_stays_free(predi
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as ac:
             def post(name):
                 return ac.post("/api/predict", files=_files((name, GOOD)))
 
@@ -430,7 +435,7 @@ def test_create_app_checks_its_arguments(predictor, best):
 def test_a_checkpoint_loads_once_at_start_up(best):
     app = create_app(checkpoint=best, device="cpu")
     assert app.state.service.predictor is None  # nothing loaded until the server starts
-    with TestClient(app) as client:
+    with _client(app) as client:
         loaded = app.state.service.predictor
         assert loaded is not None
         assert client.get("/api/health").json()["model"] == "tiny"
@@ -448,6 +453,24 @@ def test_bcd_serve_binds_to_localhost_by_default(best, monkeypatch, capsys):
     (app, kw), = calls
     assert kw["host"] == "127.0.0.1" and kw["port"] == 8000
     assert app.state.gate.max_queue == 3 and app.state.service.predictor is not None
+    service, gate = app.state.service, app.state.gate
+    assert (service.max_request_megapixels, service.max_request_tiles) == (50, 2000)
+    assert (service.upload_timeout, gate.max_uploads) == (30, 32)
+    client = _client(app)
+    assert client.get("/api/health", headers={"Host": "lab.example"}).status_code == 400
+
+    calls.clear()
+    assert main(["serve", str(best), "--quiet", "--max-request-megapixels", "5",
+                 "--max-request-tiles", "7", "--upload-timeout", "4", "--max-uploads", "2",
+                 "--allowed-hosts", "lab.example,other.example"]) == 0
+    app = calls[0][0]
+    service, gate = app.state.service, app.state.gate
+    assert (service.max_request_megapixels, service.max_request_tiles) == (5, 7)
+    assert (service.upload_timeout, gate.max_uploads) == (4, 2)
+    client = _client(app)
+    for host in ("lab.example", "other.example:8000", "127.0.0.1"):
+        assert client.get("/api/health", headers={"Host": host}).status_code == 200, host
+    assert client.get("/api/health", headers={"Host": "evil.example"}).status_code == 400
     assert "http://127.0.0.1:8000/" in capsys.readouterr().out
 
     calls.clear()

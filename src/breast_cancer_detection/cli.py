@@ -426,8 +426,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .app.server import create_app
 
     predictor = _load_predictor(args)  # loaded before serving, so a bad file fails here
+    # The bound name is answered to as well as IP addresses and localhost (DNS rebinding).
+    hosts = [h for h in (args.allowed_hosts or "").split(",") if h.strip()] + [args.host]
     app = create_app(predictor, report=args.report, max_upload_mb=args.max_upload_mb,
-                     max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+                     max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                     max_request_megapixels=args.max_request_megapixels,
+                     max_request_tiles=args.max_request_tiles,
+                     upload_timeout=args.upload_timeout, max_uploads=args.max_uploads,
+                     allowed_hosts=hosts)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: --host {args.host} makes the app reachable from other machines; it "
               "has no authentication.", file=sys.stderr)
@@ -624,6 +630,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests allowed to wait (default 8; 503 with Retry-After beyond)")
     sv.add_argument("--max-pixels", type=int, metavar="N", help="refuse larger images before "
                     "decoding (default 100000000; 0: no limit of ours)")
+    sv.add_argument("--max-request-megapixels", type=float, default=50, metavar="MP",
+                    help="pixels one request may cost, in millions: each image decoded plus "
+                    "resized for the model, checked from the headers (default 50; 413 beyond)")
+    sv.add_argument("--max-request-tiles", type=int, default=2000, metavar="N",
+                    help="model passes one request's large (tiled) images may need (default "
+                    "2000; 413 beyond)")
+    sv.add_argument("--upload-timeout", type=float, default=30, metavar="SECONDS",
+                    help="time a client has to send its request body (default 30; 408 beyond)")
+    sv.add_argument("--max-uploads", type=int, default=32, metavar="N",
+                    help="requests that may be sending their body at once; they hold no model "
+                    "slot or queue place (default 32; 503 beyond)")
+    sv.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated host names the "
+                    "server answers to, besides IP addresses, localhost and --host (a guard "
+                    "against DNS rebinding); '*' answers any")
     sv.add_argument("--sha256", help="expected SHA-256 of the checkpoint")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     sv.add_argument("--quiet", action="store_true", help="no progress bar or request log")

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import ipaddress
 import json
+import logging
 import math
 import platform
+import re
 import threading
 import time
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -23,8 +27,9 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..data.datasets import ImageError, open_rgb
@@ -32,7 +37,9 @@ from ..errors import UserError
 from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
 from ..files import jsonable
-from ..inference import Predictor
+from ..inference import DEFAULT_TILE_FACTOR, Predictor, _tile_starts
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 """The page: plain HTML, JavaScript and CSS, served as they are."""
@@ -48,6 +55,30 @@ MAX_FILES = 32
 
 PREVIEW_SIDE = 1024
 """Long side, in pixels, of the tile heat map picture sent back for a large image."""
+
+MAX_REQUEST_MEGAPIXELS = 50.0
+"""Pixels one request may make the server hold, in millions: each image decoded, plus the
+whole-image view resized for the model and Grad-CAM. Eight 700x460 BreakHis images and four
+2000x2000 ones come to about 20 MP; one 1-bit 10,000x10,000 PNG (12 KB sent) to 100 MP."""
+
+MAX_REQUEST_TILES = 2000
+"""Model passes one request may need for its tiled images. At the project's 256 px tiles a
+2000x2000 image is 225 tiles and a 5000x5000 one 1,521."""
+
+UPLOAD_TIMEOUT = 30.0
+"""Seconds a client has to send its whole request body (408 beyond)."""
+
+MAX_UPLOADS = 32
+"""Requests that may be sending their body at once (503 beyond). They hold no model slot and
+no queue place; Starlette spools each file over 1 MB to disk meanwhile, so they cost little
+memory."""
+
+LOCAL_NAMES = ("localhost",)
+"""Host names answered to besides IP addresses and ``allowed_hosts``."""
+
+# Formats decoded here. Others that Pillow would open are refused: EPS, for one, is run
+# through Ghostscript, a PostScript interpreter.
+_ACCEPTED = {"PNG", "JPEG", "MPO", "TIFF", "BMP", "GIF", "WEBP", "JPEG2000"}
 
 # The page loads nothing from elsewhere; the browser enforces it. /docs is left out: FastAPI's
 # Swagger UI loads its script from a CDN.
@@ -110,8 +141,13 @@ class Health(BaseModel):
     max_upload_mb: float
     max_concurrency: int
     max_queue: int
+    max_uploads: int
+    upload_timeout: float
+    max_request_megapixels: float
+    max_request_tiles: int
     running: int = Field(description="Requests being answered now.")
     waiting: int = Field(description="Requests admitted and waiting for their turn.")
+    uploading: int = Field(description="Requests still sending their body.")
 
 
 class ErrorBody(BaseModel):
@@ -150,6 +186,10 @@ class _Refused(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+class _ClientGone(Exception):
+    """The client closed the connection; nobody will read an answer."""
+
+
 @dataclass
 class _Upload:
     name: str
@@ -157,28 +197,46 @@ class _Upload:
 
 
 class _Gate:
-    """Bounds the work in the server: ``concurrency`` requests run, ``max_queue`` wait.
+    """Bounds the work in the server: ``concurrency`` requests run, ``max_queue`` wait, and
+    ``max_uploads`` more may be sending their body.
 
-    A request is admitted (counted) before its body is read, so at most
-    ``concurrency + max_queue`` uploads are held in memory at once; past that, requests are
-    refused with 503 instead of piling up.
+    A request joins the model queue only once its body has arrived, so clients that send
+    slowly, or stall, hold an upload place (for at most the upload timeout) and never a
+    model slot or a queue place: at most ``concurrency + max_queue`` complete uploads are
+    held in memory. Past either bound, requests are refused with 503 instead of piling up.
     """
 
-    def __init__(self, concurrency: int, max_queue: int):
-        self.concurrency, self.max_queue = concurrency, max_queue
+    def __init__(self, concurrency: int, max_queue: int, max_uploads: int = MAX_UPLOADS):
+        self.concurrency, self.max_queue, self.max_uploads = concurrency, max_queue, max_uploads
         self.admitted = 0
         self.running = 0
+        self.uploading = 0
         self.seconds = 1.0  # running mean of the time a request takes, for Retry-After
         self._slots = asyncio.Semaphore(concurrency)
 
     @property
     def waiting(self) -> int:
-        """Requests admitted and not running: reading their upload or waiting for a slot."""
+        """Requests with their body read, waiting for a slot."""
         return self.admitted - self.running
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the queue ahead, at the recent pace."""
         return max(1, math.ceil(self.seconds * (self.waiting + 1) / self.concurrency))
+
+    @asynccontextmanager
+    async def upload(self, timeout: float) -> AsyncIterator[None]:
+        """Counts a request in while its body arrives, or refuses it with 503."""
+        if self.uploading >= self.max_uploads:
+            after = max(1, math.ceil(timeout / 2))
+            raise _Refused(503, f"the server is busy receiving {self.uploading} other "
+                                f"upload(s) (limit {self.max_uploads}); try again in {after} s, "
+                                "or raise the limit (bcd serve --max-uploads).",
+                           {"Retry-After": str(after)})
+        self.uploading += 1
+        try:
+            yield
+        finally:
+            self.uploading -= 1
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
@@ -217,6 +275,97 @@ def _clean_name(filename: str | None, i: int) -> str:
     # Browsers send a bare name; other clients may send a path, which is nobody's business.
     name = Path((filename or "").replace("\\", "/")).name
     return name or f"file {i + 1}"
+
+
+_ABSOLUTE = re.compile(r"^(~|/|file:|[A-Za-z]:[\\/]|\\\\)")
+
+
+def _without_local_paths(x: Any) -> Any:
+    """``x`` with every absolute local path replaced by its last part.
+
+    The model card records where the model was trained (data folder, split file); over the
+    network that tells strangers this machine's user names and folder layout.
+    """
+    if isinstance(x, dict):
+        return {k: _without_local_paths(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_without_local_paths(v) for v in x]
+    if isinstance(x, str) and _ABSOLUTE.match(x):
+        return PureWindowsPath(x.removeprefix("file:")).name or "(local path)"
+    return x
+
+
+def _host_name(host: str) -> str:
+    """The name or address of a Host header, without port, brackets or trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class _Guard:
+    """Refuses Host headers the server does not answer to; adds the security headers.
+
+    DNS rebinding: a web page at evil.example can point its name at 127.0.0.1 and read this
+    server from the victim's browser, which sends ``Host: evil.example``. A Host that is an
+    IP address cannot be rebound (the page would have to come from that address), so IP
+    addresses, ``localhost`` and the names given are answered; anything else gets 400.
+    A plain ASGI middleware, not Starlette's BaseHTTPMiddleware, so that the endpoint's
+    ``receive`` still reports a client that disconnects.
+    """
+
+    def __init__(self, app, allowed_hosts: Iterable[str]):
+        self.app = app
+        names = {_host_name(h) for h in allowed_hosts}
+        self.any_host = "*" in names
+        self.names = names | set(LOCAL_NAMES)
+
+    def allows(self, host: str) -> bool:
+        name = _host_name(host)
+        return self.any_host or name in self.names or _is_ip(name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                # Image names and answers must not leak to other sites through links.
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                if path.startswith("/api/"):
+                    # Predictions are about someone's tissue: no copy in any cache.
+                    headers["Cache-Control"] = "no-store"
+                if not path.startswith(("/docs", "/redoc")):
+                    headers.setdefault("Content-Security-Policy", _CSP)
+            await send(message)
+
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", [])
+                     if k == b"host"), "")
+        if not self.allows(host):
+            name = _host_name(host) or "(none)"
+            response = JSONResponse({"detail": (
+                f"the Host header {name!r} is not a name this server answers to (it answers "
+                "to IP addresses, localhost and the names given with --allowed-hosts; a guard "
+                "against DNS rebinding). If that name is this machine's, start it with "
+                f"`bcd serve ... --allowed-hosts {name}` (comma-separated; '*' turns the "
+                "check off).")}, 400)
+            await response(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
 
 
 def _serving_versions() -> dict[str, str]:
@@ -366,10 +515,16 @@ class _Service:
     """The loaded model and the work of one request, run in a worker thread."""
 
     def __init__(self, *, max_upload_mb: float, max_pixels: int | None,
-                 report: EvaluationResult | None):
+                 report: EvaluationResult | None,
+                 max_request_megapixels: float = MAX_REQUEST_MEGAPIXELS,
+                 max_request_tiles: int = MAX_REQUEST_TILES,
+                 upload_timeout: float = UPLOAD_TIMEOUT):
         self.max_upload_mb = max_upload_mb
         self.max_bytes = int(max_upload_mb * 1024 * 1024)
         self.max_pixels = max_pixels
+        self.max_request_megapixels = max_request_megapixels
+        self.max_request_tiles = max_request_tiles
+        self.upload_timeout = upload_timeout
         self.report = report
         self.predictor: Predictor | None = None
         self.card: dict[str, Any] = {}
@@ -379,7 +534,7 @@ class _Service:
         self._model_lock = threading.Lock()
 
     def load(self, predictor: Predictor) -> None:
-        self.card = model_card(predictor, self.report)
+        self.card = _without_local_paths(model_card(predictor, self.report))
         self.predictor = predictor
 
     @property
@@ -388,6 +543,71 @@ class _Service:
 
     def _limit(self) -> int | None:
         return self.max_pixels if self.max_pixels is not None else self.predictor.max_pixels
+
+    def _cost(self, width: int, height: int) -> tuple[int, int]:
+        """Pixels held and model passes needed for one image, as ``predict`` and ``explain``
+        will treat it: decoded, resized whole (short side to the model's resize, the long side
+        in proportion, as torchvision does), and cut into tiles when large."""
+        pre = self.predictor.pre
+        short, long = max(1, min(width, height)), max(width, height)
+        view = pre.resize * int(pre.resize * long / short) if pre.resize else pre.size ** 2
+        tile = int(pre.resize or pre.size)
+        tiles = 1
+        if short > DEFAULT_TILE_FACTOR * tile:
+            tiles = len(_tile_starts(height, tile)) * len(_tile_starts(width, tile))
+        return width * height + view, tiles
+
+    def check_budget(self, uploads: list[_Upload]) -> tuple[int, int]:
+        """Refuses a request whose images would cost too much, reading only their headers.
+
+        Files that Pillow cannot open are let through: :meth:`decode` says why they fail.
+
+        Returns:
+            The request's pixels (decoded and resized views) and tiles.
+
+        Raises:
+            _Refused: 415 for a format not decoded here, 400 for an image over the per-image
+                pixel limit, 413 for a request over the pixel or tile budget.
+        """
+        limit = self._limit()
+        pixels = tiles = 0
+        costs = []
+        for upload in uploads:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(io.BytesIO(upload.data)) as im:  # reads the header only
+                        kind, (w, h) = im.format, im.size
+            except Exception:  # noqa: BLE001 - PIL raises many types for bad files
+                continue
+            if kind not in _ACCEPTED:
+                raise _Refused(415, f"{upload.name}: a {kind} file, which this server does not "
+                                    "read; upload a PNG, JPEG, TIFF or BMP file.")
+            if limit is not None and w * h > limit:
+                raise _Refused(400, f"{upload.name}: {w}x{h} pixels is over the limit of "
+                                    f"{limit:,} (a possible decompression bomb); raise the limit "
+                                    "(bcd serve --max-pixels) if it is genuine.")
+            p, t = self._cost(w, h)
+            costs.append((p, t, upload.name, w, h))
+            pixels, tiles = pixels + p, tiles + t
+        if pixels > self.max_request_megapixels * 1e6:
+            p, _, name, w, h = max(costs)
+            raise _Refused(413, f"this request's {len(costs)} image(s) come to "
+                                f"{pixels / 1e6:.1f} MP (decoded, plus each image resized "
+                                f"for the model; the largest, {name}, {w}x{h}, is "
+                                f"{p / 1e6:.1f} MP), over the limit of "
+                                f"{self.max_request_megapixels:g} MP per request; send fewer or "
+                                "smaller images, or raise the limit (bcd serve "
+                                "--max-request-megapixels).")
+        if tiles > self.max_request_tiles:
+            _, t, name, w, h = max(costs, key=lambda c: c[1])
+            raise _Refused(413, f"this request's images need {tiles} tiles (model passes over "
+                                f"{int(self.predictor.pre.resize or self.predictor.pre.size)} "
+                                f"px squares at the image's own scale; the largest, {name}, "
+                                f"{w}x{h}, needs {t}), over the limit of "
+                                f"{self.max_request_tiles} per request; send fewer or smaller "
+                                "images, or raise the limit (bcd serve --max-request-tiles).")
+        return pixels, tiles
 
     def decode(self, upload: _Upload) -> Image.Image:
         """The upload as RGB, or the error status that says why not."""
@@ -412,21 +632,40 @@ class _Service:
                                     f"decoded ({cause}). Upload the original image.") from e
             raise _Refused(400, str(e)) from e  # too many pixels: the message says the limit
 
-    def run(self, uploads: list[_Upload]) -> dict[str, Any]:
-        """Predicts and explains every upload; any bad one refuses the whole request."""
+    def run(self, uploads: list[_Upload], gone: threading.Event | None = None
+            ) -> dict[str, Any]:
+        """Predicts and explains every upload; any bad one refuses the whole request.
+
+        ``gone`` is set when the client disconnects: the work stops at the next image.
+        """
+        gone = gone or threading.Event()
+
+        def check() -> None:
+            if gone.is_set():
+                raise _ClientGone
+
         start = time.perf_counter()
         predictor = self.predictor
-        images = [self.decode(u) for u in uploads]  # all checked before any model work
+        images = []
+        for u in uploads:  # all checked before any model work
+            check()
+            images.append(self.decode(u))
+        predictions, cams = [], []
         with self._model_lock:
-            predictions = predictor.predict(images)
-            for upload, p in zip(uploads, predictions):
+            # One image at a time, so that a client that left stops costing model time.
+            for upload, image in zip(uploads, images):
+                check()
+                (p,) = predictor.predict([image])
                 if p.error is not None:
                     raise _Refused(400, f"{upload.name}: {p.error}")
-            cams = [explain(predictor, image, target=predictor.classes.index(p.label))
-                    if predictor.backend == "torch" else None
-                    for image, p in zip(images, predictions)]
+                predictions.append(p)
+            for image, p in zip(images, predictions):
+                check()
+                cams.append(explain(predictor, image, target=predictor.classes.index(p.label))
+                            if predictor.backend == "torch" else None)
         results = []
         for upload, image, p, cam in zip(uploads, images, predictions, cams):
+            check()
             tile_map = None
             if p.heatmap is not None:
                 preview = image.copy()
@@ -446,8 +685,15 @@ class _Service:
                 "seconds": time.perf_counter() - start}
 
 
-async def _read_uploads(request: Request, max_bytes: int, max_mb: float) -> list[_Upload]:
-    """The files of a multipart request, refusing it as soon as it passes ``max_bytes``."""
+async def _read_uploads(request: Request, max_bytes: int, max_mb: float,
+                        timeout: float = UPLOAD_TIMEOUT) -> list[_Upload]:
+    """The files of a multipart request, refusing it as soon as it passes ``max_bytes``, or
+    ``timeout`` seconds.
+
+    Raises:
+        _Refused: 408, 413, 415, 400 or 422, with a message.
+        _ClientGone: the client disconnected before sending the whole body.
+    """
     too_large = _Refused(413, f"the upload is larger than the {max_mb:g} MB limit; send "
                               "fewer or smaller images, or raise the limit (bcd serve "
                               "--max-upload-mb).")
@@ -457,11 +703,23 @@ async def _read_uploads(request: Request, max_bytes: int, max_mb: float) -> list
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise _Refused(415, "send the images as multipart/form-data, in the field 'files'.")
     received = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    too_slow = _Refused(408, f"the upload took longer than {timeout:g} s; send it again on a "
+                             "faster connection, send fewer images, or raise the limit (bcd "
+                             "serve --upload-timeout).", {"Connection": "close"})
 
     async def counting_receive():
         # Content-Length can be absent (chunked) or wrong: count what actually arrives.
+        # One deadline for the whole body: a client trickling a byte a second must not keep
+        # its upload place for ever.
         nonlocal received
-        message = await request.receive()
+        try:
+            message = await asyncio.wait_for(request.receive(), deadline - loop.time())
+        except TimeoutError:
+            raise too_slow from None
+        if message["type"] == "http.disconnect":
+            raise _ClientGone(f"after {received:,} bytes")
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > max_bytes:
@@ -473,6 +731,8 @@ async def _read_uploads(request: Request, max_bytes: int, max_mb: float) -> list
             max_files=MAX_FILES, max_fields=MAX_FILES)
     except StarletteHTTPException as e:  # Starlette's answer to malformed multipart data
         raise _Refused(400, f"malformed upload: {e.detail}") from e
+    except ClientDisconnect:
+        raise _ClientGone(f"after {received:,} bytes") from None
     try:
         files = form.getlist("files")
         if not files:
@@ -486,19 +746,48 @@ async def _read_uploads(request: Request, max_bytes: int, max_mb: float) -> list
         await form.close()
 
 
+async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+    """Sets ``gone`` when the client disconnects. Run once the body has been read, when the
+    next message the server can send is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
+        await asyncio.sleep(0.05)  # a server that repeats empty bodies must not spin us
+
+
+def _gone() -> JSONResponse:
+    # Nobody reads this answer; 499 is the status servers log for a client that left.
+    return JSONResponse({"detail": "the client disconnected."}, 499)
+
+
 def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | None = None,
                device: str = "auto", report: str | Path | EvaluationResult | None = None,
                max_upload_mb: float = 20, max_concurrency: int = 1, max_queue: int = 8,
-               max_pixels: int | None = None) -> FastAPI:
+               max_pixels: int | None = None,
+               max_request_megapixels: float = MAX_REQUEST_MEGAPIXELS,
+               max_request_tiles: int = MAX_REQUEST_TILES,
+               upload_timeout: float = UPLOAD_TIMEOUT, max_uploads: int = MAX_UPLOADS,
+               allowed_hosts: Iterable[str] = ()) -> FastAPI:
     """Builds the web app: the page at ``/``, the API under ``/api``, OpenAPI at ``/docs``.
 
     Give a loaded ``predictor`` (used as it is), or a ``checkpoint`` to load once when the
     server starts. Inference runs in worker threads, ``max_concurrency`` requests at a time;
     up to ``max_queue`` more wait, and past that requests get 503 with ``Retry-After``.
+    A request joins that queue only once its body has arrived: up to ``max_uploads`` may be
+    sending at once, each within ``upload_timeout`` seconds (408 beyond), so slow or stalled
+    clients never hold a model slot. When a client disconnects, its work stops at the next
+    image.
 
-    A request may carry several files. They are all read and checked before any model work,
-    and one bad file refuses the whole request with its status (413, 415 or 400) and a
-    message naming it; the page sends one request per file, so each gets its own answer.
+    A request may carry several files. Their headers are checked first against the
+    request's pixel and tile budgets (413), then all are decoded and checked before any
+    model work, and one bad file refuses the whole request with its status (413, 415 or
+    400) and a message naming it; the page sends one request per file, so each gets its own
+    answer.
+
+    Only requests whose Host header is an IP address, ``localhost`` or one of
+    ``allowed_hosts`` are answered (400 otherwise), against DNS rebinding.
 
     Args:
         predictor: A loaded Predictor.
@@ -512,6 +801,13 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         max_queue: Requests allowed to wait for a turn (503 beyond).
         max_pixels: Refuse larger images before decoding (400); None keeps the predictor's
             limit.
+        max_request_megapixels: Pixels one request may cost, in millions: each image
+            decoded plus resized for the model (413 beyond).
+        max_request_tiles: Tiles one request's large images may need (413 beyond).
+        upload_timeout: Seconds to receive a request's body (408 beyond).
+        max_uploads: Requests that may be sending their body at once (503 beyond).
+        allowed_hosts: Host names answered to besides IP addresses and localhost; ``"*"``
+            answers any.
 
     Raises:
         UserError: neither or both of ``predictor`` and ``checkpoint``, a bad limit, or a
@@ -525,14 +821,22 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         raise UserError(f"max_concurrency={max_concurrency} must be at least 1.")
     if max_queue < 0:
         raise UserError(f"max_queue={max_queue} must be 0 or more.")
+    for name, value in (("max_request_megapixels", max_request_megapixels),
+                        ("max_request_tiles", max_request_tiles),
+                        ("upload_timeout", upload_timeout), ("max_uploads", max_uploads)):
+        if not value > 0:
+            raise UserError(f"{name}={value} must be positive (bcd serve "
+                            f"--{name.replace('_', '-')}).")
     if isinstance(report, (str, Path)):
         report = read_report(report)
     elif isinstance(report, dict):
         report = EvaluationResult.from_json(report)
-    service = _Service(max_upload_mb=max_upload_mb, max_pixels=max_pixels, report=report)
+    service = _Service(max_upload_mb=max_upload_mb, max_pixels=max_pixels, report=report,
+                       max_request_megapixels=max_request_megapixels,
+                       max_request_tiles=max_request_tiles, upload_timeout=upload_timeout)
     if predictor is not None:
         service.load(predictor)
-    gate = _Gate(max_concurrency, max_queue)
+    gate = _Gate(max_concurrency, max_queue, max_uploads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -557,13 +861,7 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
     async def refused(request: Request, exc: _Refused) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, exc.status, headers=exc.headers)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        if not request.url.path.startswith(("/docs", "/redoc")):
-            response.headers.setdefault("Content-Security-Policy", _CSP)
-        return response
+    app.add_middleware(_Guard, allowed_hosts=list(allowed_hosts))
 
     @app.get("/api/health", response_model=Health, tags=["service"])
     async def health() -> Health:
@@ -572,7 +870,11 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         return Health(status="ok", model=service.arch, backend=p.backend, device=str(p.device),
                       threshold=p.threshold, version=__version__,
                       max_upload_mb=service.max_upload_mb, max_concurrency=gate.concurrency,
-                      max_queue=gate.max_queue, running=gate.running, waiting=gate.waiting)
+                      max_queue=gate.max_queue, max_uploads=gate.max_uploads,
+                      upload_timeout=service.upload_timeout,
+                      max_request_megapixels=service.max_request_megapixels,
+                      max_request_tiles=service.max_request_tiles, running=gate.running,
+                      waiting=gate.waiting, uploading=gate.uploading)
 
     @app.get("/api/model", tags=["model"])
     async def model() -> dict[str, Any]:
@@ -583,12 +885,16 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
     @app.post("/api/predict", response_model=PredictResponse, tags=["model"],
               openapi_extra=_MULTIPART,
               responses=_errors(
-                  _400="Corrupt, truncated or over-large (decompression bomb) image, or "
-                       "malformed upload.",
-                  _413="Upload over the size limit.",
-                  _415="A file that is not an image, or a body that is not multipart.",
+                  _400="Corrupt, truncated or over-large (decompression bomb) image, "
+                       "malformed upload, or a Host header this server does not answer to.",
+                  _408="The body did not arrive within the upload timeout.",
+                  _413="Upload over the size limit, or images over the request's pixel or "
+                       "tile budget.",
+                  _415="A file that is not an image (or not a format read here), or a body "
+                       "that is not multipart.",
                   _422="No files in the field 'files'.",
-                  _503="Queue full; retry after the Retry-After header's seconds."))
+                  _503="Queue or upload places full; retry after the Retry-After header's "
+                       "seconds."))
     async def predict(request: Request) -> dict[str, Any]:
         """Label, P(malignant), threshold and Grad-CAM overlay for each uploaded image.
 
@@ -596,10 +902,25 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         all checked before any is predicted; one bad file refuses the request, with a
         message naming it.
         """
-        async with gate.admit():
-            uploads = await _read_uploads(request, service.max_bytes, service.max_upload_mb)
-            async with gate.slot():
-                return await run_in_threadpool(service.run, uploads)
+        client = "{}:{}".format(*request.client) if request.client else "a client"
+        try:
+            async with gate.upload(service.upload_timeout):
+                uploads = await _read_uploads(request, service.max_bytes,
+                                              service.max_upload_mb, service.upload_timeout)
+        except _ClientGone as e:
+            log.warning("%s disconnected during its upload (%s); request dropped.", client, e)
+            return _gone()
+        await run_in_threadpool(service.check_budget, uploads)
+        gone = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
+        try:
+            async with gate.admit(), gate.slot():
+                return await run_in_threadpool(service.run, uploads, gone)
+        except _ClientGone:
+            log.warning("%s disconnected before its answer; its work was stopped.", client)
+            return _gone()
+        finally:
+            watcher.cancel()
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
