@@ -369,4 +369,4 @@ def test_the_model_card_shows_no_local_paths(predictor, trained_run):
             yield x
 
     assert not [s for s in strings(card) if os.path.isabs(s)]
-    assert card["training"]["data"] == Path(predictor.checkpoint["config"]["data"]).name
+    assert card["training"]["data"] == Path(predictor.checkpoint.config["data"]).name
