@@ -196,20 +196,17 @@ def test_the_tile_budget_refuses_before_decoding(predictor, no_decoding):
 
 def test_default_budgets_admit_ordinary_requests(tmp_path):
     # A model at the project's real scale (224 px crops of a 256 px resize, 256 px tiles).
-    import sys
+    from breast_cancer_detection.checkpoint import untrained_checkpoint
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from load import save_checkpoint
-
-    ckpt = save_checkpoint("tiny", tmp_path / "tiny224.pt")
-    service = create_app(Predictor.from_checkpoint(ckpt, device="cpu")).state.service
+    predictor = Predictor.from_loaded(untrained_checkpoint("tiny"), device="cpu")
+    service = create_app(predictor).state.service
     ordinary = [(f"b{i}.png", png_claiming(700, 460)) for i in range(8)] + [
         (f"w{i}.png", png_claiming(2000, 2000)) for i in range(4)]
     pixels, tiles = service.check_budget(
         [server_module._Upload(name, data) for name, data in ordinary])
     assert tiles == 8 + 4 * 15 * 15 and pixels == pytest.approx(
         8 * (700 * 460 + 256 * 389) + 4 * (2000 * 2000 + 256 * 256))
-    health = _client(create_app(Predictor.from_checkpoint(ckpt, device="cpu"))).get(
+    health = _client(create_app(predictor)).get(
         "/api/health").json()
     assert (health["max_request_megapixels"], health["max_request_tiles"]) == (50, 2000)
 
