@@ -283,3 +283,39 @@ def test_sigterm_saves_last_like_ctrl_c(fake_breakhis, tmp_path, monkeypatch):
         fit(_cfg(fake_breakhis, tmp_path, epochs=3), progress=False)
     assert load_checkpoint(tmp_path / "runs" / "r" / "last.pt").epoch == 1
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_exits_143(fake_breakhis, tmp_path):
+    # What `timeout`, SLURM and systemd do: signal the whole group, DataLoader workers too.
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "r"
+    cmd = [sys.executable, "-m", "breast_cancer_detection.train", "--preset", "cpu-smoke",
+           "--data", str(fake_breakhis), "--runs-dir", str(tmp_path / "runs"), "--name", "r",
+           "--size", "32", "--resize", "40", "--epochs", "500", "--workers", "2", "--quiet",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "last.pt").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)  # into a later epoch, while its loader's workers run
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert f"Resume with: bcd train --resume {run}" in err
+    saved = load_checkpoint(run / "last.pt")
+    assert saved.resume is not None and saved.epoch >= 1
+    # best.pt holds the best epoch that last.pt names.
+    assert load_checkpoint(run / "best.pt").epoch == saved.best_epoch
+    assert main(["train", "--resume", str(run), "--epochs", str(saved.epoch + 1),
+                 "--quiet"]) == 0
+    assert load_checkpoint(run / "last.pt").epoch == saved.epoch + 1

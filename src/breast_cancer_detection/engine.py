@@ -149,6 +149,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
     model.train()
     running = torch.zeros(2, device=device)  # loss sum, correct count; read only at log points
     for batch in loader:
+        _check_stop()
         if batch["bad"]:
             _report_bad(batch, bad, paths or [], log)
         if batch["x"] is None:
@@ -216,6 +217,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: torch.dty
     model.eval()
     probs, targets, rows, loss_sum = [], [], [], 0.0
     for batch in loader:
+        _check_stop()
         if batch["x"] is None:
             continue
         x = batch["x"].to(device, non_blocking=True)
@@ -758,24 +760,38 @@ def _record_epoch(run: _Run, state: RunState, row: dict[str, float], tb) -> bool
     return improved
 
 
+_STOP = threading.Event()
+"""Set by SIGTERM during a run; the loops stop at the next batch."""
+
+
+def _check_stop() -> None:
+    if _STOP.is_set():
+        raise Terminated("SIGTERM")
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """Turns SIGTERM (a cluster's preemption, a closed Colab runtime) into Ctrl-C.
 
-    So a terminated run also saves ``last.pt`` and can be resumed.
+    So a terminated run also saves ``last.pt`` and can be resumed. The handler only sets a
+    flag that the training and validation loops check between batches: an exception raised
+    from the handler itself could land inside the DataLoader's own shutdown or a checkpoint
+    write and leave the process hanging.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
+        _STOP.set()
 
+    _STOP.clear()
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _STOP.clear()
 
 
 def _gather(obj, dist_info: DistInfo) -> list:
