@@ -419,6 +419,7 @@ def test_plot_prediction_draws_title_and_bars(predictor):
     assert [t.get_text() for t in bar_ax.get_yticklabels()] == ["benign", "malignant"]
 
 
+@pytest.mark.slow
 def test_cli_predict_writes_csv_figures_cams_and_fails_on_bad_input(trained, fake_breakhis,
                                                                      tmp_path, capsys):
     folder = tmp_path / "images"
