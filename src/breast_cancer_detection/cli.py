@@ -457,13 +457,13 @@ _TRAIN_GROUPS = {"data": "data", "model": "model", "epochs": "optimisation",
 def field_docstrings(cls: type) -> dict[str, str]:
     """Each dataclass field's docstring: the string literal right below the field.
 
-    Python keeps no such docstring at run time, so it is read from the class's source.
+    Python keeps no such docstring at run time, so it is read from the class's source file.
     """
     import ast
-    import inspect
-    import textwrap
 
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    tree = ast.parse(Path(sys.modules[cls.__module__].__file__).read_text(encoding="utf-8"))
+    body = next(node.body for node in tree.body
+                if isinstance(node, ast.ClassDef) and node.name == cls.__name__)
     docs = {}
     for node, below in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
