@@ -304,6 +304,7 @@ def test_training_reads_the_prepared_cache(fake_breakhis, tmp_path, monkeypatch,
     assert batched.last["val_loss"] > 0 and (tmp_path / "runs" / "batched" / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_like_ctrl_c(fake_breakhis, tmp_path, monkeypatch):
     import signal
 

@@ -36,6 +36,7 @@ def _ci_pairs(ci: dict):
             yield section, key, pair
 
 
+@pytest.mark.slow
 def test_evaluate_writes_every_file_and_stores_the_threshold(run, fake_breakhis, tmp_path):
     out = tmp_path / "report"
     assert load_checkpoint(run / "best.pt")["threshold"] is None
@@ -114,6 +115,7 @@ def test_leakage_guard_fires_and_allow_leakage_overrides(run, fake_breakhis, tmp
     assert first.startswith("**LEAKAGE:") and "--allow-leakage was given" in first
 
 
+@pytest.mark.slow
 def test_evaluating_a_folder_without_split_flags_every_training_patient(run, fake_breakhis,
                                                                          tmp_path, capsys):
     lone = tmp_path / "lone"
@@ -207,6 +209,7 @@ def test_without_patient_ids_leakage_is_caught_by_image_path(run, fake_breakhis,
     assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--out", out) == 0
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_left_out_and_listed(run, fake_breakhis, tmp_path):
     data = Path(shutil.copytree(fake_breakhis, tmp_path / "data"))
     split = load_split(run / "split.csv")
