@@ -2,8 +2,9 @@
 # ruff: noqa: E501  (cell sources below are notebook code, shown as written)
 """Writes Breast_Cancer_Detection.ipynb from the cells below (outputs cleared).
 
-Edit the cells here, run `python tools/make_notebook.py`, and commit both files: the
-notebook stays a thin door into the package, reviewable as plain Python.
+Edit the cells here, run `python tools/make_notebook.py`, and commit both files (the tests
+fail when they differ): the notebook stays a thin door into the package, reviewable as plain
+Python, and calls only what `import breast_cancer_detection as bcd` exports.
 """
 
 from __future__ import annotations
