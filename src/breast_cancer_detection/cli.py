@@ -373,6 +373,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 log_level="warning" if args.quiet else "info")
     return 0
 
+
 # Option factories, after TIAToolbox's `tiatoolbox/cli/common.py`: an option that several
 # subcommands share is written once here; the arguments are only what differs between them.
 
