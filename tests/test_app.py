@@ -133,6 +133,7 @@ def test_model_card_is_read_from_the_checkpoint(client, best):
     assert card["versions"]["serving"]["torch"] == str(torch.__version__)
 
 
+@pytest.mark.slow
 def test_model_card_shows_test_metrics_with_cis_from_an_evaluation(trained_run, fake_breakhis,
                                                                    tmp_path):
     from breast_cancer_detection.evaluation import evaluate_checkpoint
@@ -238,6 +239,7 @@ def test_predict_several_images_in_order_with_a_tiled_one(client):
     assert b["heatmap"] is None and m["tile_heatmap"] is None
 
 
+@pytest.mark.slow
 def test_tile_heat_map_of_a_large_image_is_shrunk(client):
     side = PREVIEW_SIDE + 200
     r = client.post("/api/predict", files=_files(("slide.png", _png(side // 2, side, False))))

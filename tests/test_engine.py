@@ -78,6 +78,7 @@ def _interrupt_in_epoch(monkeypatch, epoch: int, after_batches: int):
     return real
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("after_batches", [0, 2])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(
         fake_breakhis, tmp_path, monkeypatch, capsys, after_batches):
@@ -241,6 +242,7 @@ def test_ddp_two_processes_match_one(fake_breakhis, tmp_path):
     assert ma["val_loss"].tolist() == pytest.approx(mb["val_loss"].tolist(), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_training_reads_the_prepared_cache(fake_breakhis, tmp_path, monkeypatch, capsys):
     from breast_cancer_detection.data.breakhis import build_index
     from breast_cancer_detection.data.cache import prepare_cache
@@ -263,6 +265,7 @@ def test_training_reads_the_prepared_cache(fake_breakhis, tmp_path, monkeypatch,
     assert batched.last["val_loss"] > 0 and (tmp_path / "runs" / "batched" / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_like_ctrl_c(fake_breakhis, tmp_path, monkeypatch):
     import signal
 

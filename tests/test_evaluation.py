@@ -35,6 +35,7 @@ def _ci_pairs(ci: dict):
             yield section, key, pair
 
 
+@pytest.mark.slow
 def test_evaluate_writes_every_file_and_stores_the_threshold(run, fake_breakhis, tmp_path):
     out = tmp_path / "report"
     assert load_checkpoint(run / "best.pt").threshold is None
@@ -92,6 +93,7 @@ def test_evaluate_writes_every_file_and_stores_the_threshold(run, fake_breakhis,
     assert "| test (evaluated) |" in text and "```yaml" in text and "model: tiny" in text
 
 
+@pytest.mark.slow
 def test_leakage_guard_fires_and_allow_leakage_overrides(run, fake_breakhis, tmp_path):
     split = load_split(run / "split.csv")
     leaked = sorted(set(split.loc[split["split"] == "train", "patient"]))[0]
@@ -112,6 +114,7 @@ def test_leakage_guard_fires_and_allow_leakage_overrides(run, fake_breakhis, tmp
     assert first.startswith("**LEAKAGE:") and "--allow-leakage was given" in first
 
 
+@pytest.mark.slow
 def test_evaluating_a_folder_without_split_flags_every_training_patient(run, fake_breakhis,
                                                                          tmp_path, capsys):
     lone = tmp_path / "lone"
@@ -127,6 +130,7 @@ def test_evaluating_a_folder_without_split_flags_every_training_patient(run, fak
     assert "LEAKAGE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_without_val_or_stored_threshold_05_is_used_loudly(run, fake_breakhis, tmp_path):
     split = load_split(run / "split.csv")
     split.loc[split["split"] == "val", "split"] = "train"
@@ -153,6 +157,7 @@ def test_without_val_or_stored_threshold_05_is_used_loudly(run, fake_breakhis, t
     assert not any("NO THRESHOLD" in c for c in m["caveats"])
 
 
+@pytest.mark.slow
 def test_target_sensitivity_and_val_subset_caveat(run, fake_breakhis, tmp_path):
     out = tmp_path / "val"
     assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--subset", "val",
@@ -189,6 +194,7 @@ def test_data_without_patient_ids_bootstraps_images(run, fake_imagefolder, tmp_p
     assert "no 'test' subset" in err and "train, val" in err
 
 
+@pytest.mark.slow
 def test_without_patient_ids_leakage_is_caught_by_image_path(run, fake_breakhis, tmp_path):
     split = load_split(run / "split.csv").assign(patient="")  # the split hash is unchanged
     split.to_csv(run / "split.csv", index=False)
@@ -202,6 +208,7 @@ def test_without_patient_ids_leakage_is_caught_by_image_path(run, fake_breakhis,
     assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--out", out) == 0
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_left_out_and_listed(run, fake_breakhis, tmp_path):
     data = Path(shutil.copytree(fake_breakhis, tmp_path / "data"))
     split = load_split(run / "split.csv")

@@ -85,6 +85,7 @@ def test_target_layer_is_the_last_feature_map():
         find_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
 
 
+@pytest.mark.slow
 def test_grad_cam_on_a_frozen_densenet_uses_the_features_own_output():
     torch.manual_seed(0)
     model = create_model("densenet121").eval()

@@ -49,6 +49,7 @@ def test_export_carries_preprocessing_and_a_dynamic_batch(onnx_path, checkpoint)
         assert logits.shape == (n, 2)
 
 
+@pytest.mark.slow
 def test_onnx_probabilities_match_pytorch(onnx_path, checkpoint, fake_breakhis):
     torch_pred = Predictor.from_checkpoint(checkpoint, device="cpu")
     onnx_pred = Predictor.from_onnx(onnx_path)

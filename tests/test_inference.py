@@ -143,6 +143,7 @@ def test_table_tta_agrees_with_single_image_tta(predictor, fake_breakhis):
     assert np.abs(plain["probability"] - table["probability"]).max() > 1e-6
 
 
+@pytest.mark.slow
 def test_large_images_are_tiled_with_a_heat_map(predictor):
     # Left half malignant-looking, right half benign; the tile side is the eval resize (40).
     big = np.concatenate([np.asarray(_tissue(110, 85, True, 1)),
@@ -419,6 +420,7 @@ def test_plot_prediction_draws_title_and_bars(predictor):
     assert [t.get_text() for t in bar_ax.get_yticklabels()] == ["benign", "malignant"]
 
 
+@pytest.mark.slow
 def test_cli_predict_writes_csv_figures_cams_and_fails_on_bad_input(trained, fake_breakhis,
                                                                      tmp_path, capsys):
     folder = tmp_path / "images"

@@ -1,13 +1,29 @@
-"""The notebook runs top to bottom on a tiny fake BreakHis tree (cpu-smoke), and ships clean."""
+"""The notebook runs top to bottom on a tiny fake BreakHis tree (cpu-smoke), ships clean, is
+exactly what tools/make_notebook.py writes, and calls only the package's exports."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "Breast_Cancer_Detection.ipynb"
+import breast_cancer_detection as bcd
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "Breast_Cancer_Detection.ipynb"
+
+
+def _make_notebook():
+    pytest.importorskip("nbformat")
+    path = ROOT / "tools" / "make_notebook.py"
+    spec = importlib.util.spec_from_file_location("make_notebook", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_committed_notebook_has_no_outputs():
@@ -15,6 +31,46 @@ def test_committed_notebook_has_no_outputs():
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code)
     assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in code)
+
+
+def test_committed_notebook_is_what_make_notebook_writes():
+    written = _make_notebook().render()
+    assert written == _make_notebook().render()  # deterministic: no random cell ids
+    assert NOTEBOOK.read_text(encoding="utf-8") == written, (
+        "Breast_Cancer_Detection.ipynb differs from tools/make_notebook.py: edit the cells "
+        "there, run `python tools/make_notebook.py` and commit both files.")
+
+
+def test_notebook_calls_only_the_package_exports():
+    used = set()
+    for cell in json.loads(NOTEBOOK.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        tree = ast.parse("".join(cell["source"]))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("breast_cancer_detection"), (
+                    f"`from {node.module} import ...`: use bcd.NAME (add NAME to "
+                    "breast_cancer_detection/__init__.py _EXPORTS if missing)")
+            if isinstance(node, ast.Import):
+                assert all(a.name != "breast_cancer_detection" or a.asname == "bcd"
+                           for a in node.names)
+                assert not any(a.name.startswith("breast_cancer_detection.") for a in node.names)
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "bcd"):
+                used.add(node.attr)
+    assert {"fit", "explain", "plot_history", "evaluate_checkpoint"} <= used
+    assert used <= set(bcd.__all__), sorted(used - set(bcd.__all__))
+
+
+def test_exported_function_named_like_its_submodule_stays_the_function(monkeypatch):
+    # As in a fresh session: neither the submodule `explain` nor the names are loaded yet.
+    monkeypatch.delitem(sys.modules, "breast_cancer_detection.explain", raising=False)
+    for name in ("explain", "overlay"):  # from the namespace: getattr would load them
+        monkeypatch.setitem(vars(bcd), name, None)  # so that teardown restores the original
+        monkeypatch.delitem(vars(bcd), name)
+    assert callable(bcd.overlay)  # loads submodule `explain`, which Python binds as bcd.explain
+    assert callable(bcd.explain) and bcd.explain.__module__ == "breast_cancer_detection.explain"
 
 
 @pytest.mark.slow

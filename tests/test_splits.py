@@ -136,6 +136,7 @@ def test_cli_split(tmp_path, fake_breakhis, capsys):
 
 
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_full_breakhis_split(full_breakhis_index):
     index = full_breakhis_index
     for seed in range(3):

@@ -2,8 +2,9 @@
 # ruff: noqa: E501  (cell sources below are notebook code, shown as written)
 """Writes Breast_Cancer_Detection.ipynb from the cells below (outputs cleared).
 
-Edit the cells here, run `python tools/make_notebook.py`, and commit both files: the
-notebook stays a thin door into the package, reviewable as plain Python.
+Edit the cells here, run `python tools/make_notebook.py`, and commit both files (the tests
+fail when they differ): the notebook stays a thin door into the package, reviewable as plain
+Python, and calls only what `import breast_cancer_detection as bcd` exports.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ import torch
 from IPython.display import Image, Markdown, display
 
 import breast_cancer_detection as bcd
-from breast_cancer_detection.plots import plot_history, plot_prediction, plot_sample_grid
 
 device = bcd.resolve_device("auto")
 print(f"bcd {bcd.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda}, device: {device}")
@@ -80,7 +80,7 @@ index = bcd.build_index(root)
 print(bcd.summarize_index(index))
 for problem in bcd.check_breakhis_complete(index):
     print("incomplete BreakHis copy:", problem)
-display(plot_sample_grid(index, root))""", []),
+display(bcd.plot_sample_grid(index, root))""", []),
     ("code", """# 4. Split by patient and show that no patient is in two subsets
 split = bcd.make_split(index, val=VAL, test=TEST, seed=SEED)
 bcd.check_split(split)  # raises LeakageError naming any patient found in two subsets
@@ -97,18 +97,16 @@ if not PRETRAINED:
     settings["pretrained"] = False
 result = bcd.fit(bcd.TrainConfig.from_dict(settings))
 best = result.run_dir / "best.pt"
-display(plot_history(result.run_dir / "metrics.csv"))""", []),
+display(bcd.plot_history(result.run_dir / "metrics.csv"))""", []),
     ("code", """# 6. Evaluate on the held-out test patients: metrics with 95% CIs, ROC, confusion, calibration
-from breast_cancer_detection.evaluation import evaluate_checkpoint
-
-ev = evaluate_checkpoint(best, root, split=split_path, subset="test", bootstrap=200)
+ev = bcd.evaluate_checkpoint(best, root, split=split_path, subset="test", bootstrap=200)
 m = ev.metrics
-print(m["protocol"])
+print(m.protocol)
 rows = []
 for level in ("image", "patient"):
-    for name, value in (m.get(level) or {}).items():
+    for name, value in getattr(m, level).items():
         if isinstance(value, (int, float)):
-            low, high = (m["ci"].get(level, {}).get(name) or [float("nan")] * 2)
+            low, high = (m.ci.get(level, {}).get(name) or [float("nan")] * 2)
             rows.append({"level": level, "metric": name, "value": value, "95% CI low": low, "95% CI high": high})
 display(pd.DataFrame(rows).round(3))
 for png in ("roc.png", "confusion.png", "reliability.png", "per_magnification.png"):
@@ -125,15 +123,14 @@ print(f"threshold {predictor.threshold:.3f} ({predictor.threshold_source}); larg
 assert diff < 1e-4""", []),
     ("code", """# 8. Predict test images: class probabilities (as the original notebook plotted them) and Grad-CAM
 import matplotlib.pyplot as plt
-from breast_cancer_detection.explain import explain, overlay
 
 picks = [root / p for p in test.groupby("label").head(2)["path"]]
 for path, pred in zip(picks, predictor.predict(picks)):
-    display(plot_prediction(path, pred))
-    view, cam = explain(predictor, path)
+    display(bcd.plot_prediction(path, pred))
+    view, cam = bcd.explain(predictor, path)
     fig, ax = plt.subplots(1, 2, figsize=(7, 3.5))
     ax[0].imshow(view); ax[0].set_title("what the model sees")
-    ax[1].imshow(overlay(view, cam)); ax[1].set_title(f"Grad-CAM: {pred.label}")
+    ax[1].imshow(bcd.overlay(view, cam)); ax[1].set_title(f"Grad-CAM: {pred.label}")
     for a in ax:
         a.axis("off")
     plt.show()""", []),
@@ -156,27 +153,35 @@ else:
             print(pred.source, "->", pred.error)
         else:
             print(f"{pred.source}: {pred.label} (P(malignant) {pred.p_malignant:.3f}, threshold {pred.threshold:.3f})")
-            display(plot_prediction(pred.source, pred))""", []),
+            display(bcd.plot_prediction(pred.source, pred))""", []),
 ]
 
 
 def build() -> nbf.NotebookNode:
-    """The notebook, outputs empty."""
+    """The notebook, outputs empty, with cell ids numbered rather than random so that the
+    same cells always make the same file."""
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
                                  "name": "python3"}
     nb.metadata["language_info"] = {"name": "python"}
     nb.metadata["accelerator"] = "GPU"
     nb.metadata["colab"] = {"provenance": [], "gpuType": "T4"}
-    for kind, source, tags in CELLS:
-        cell = nbf.v4.new_markdown_cell(source) if kind == "md" else nbf.v4.new_code_cell(source)
+    for number, (kind, source, tags) in enumerate(CELLS):
+        new_cell = nbf.v4.new_markdown_cell if kind == "md" else nbf.v4.new_code_cell
+        cell = new_cell(source, id=f"cell-{number:02d}")
         if tags:
             cell.metadata["tags"] = tags
         nb.cells.append(cell)
     return nb
 
 
+def render() -> str:
+    """The notebook file's exact text; tests compare it with the committed file."""
+    text = nbf.writes(build())
+    return text if text.endswith("\n") else text + "\n"
+
+
 if __name__ == "__main__":
     out = Path(__file__).resolve().parents[1] / "Breast_Cancer_Detection.ipynb"
-    nbf.write(build(), out)
+    out.write_text(render(), encoding="utf-8")
     print(f"wrote {out}")

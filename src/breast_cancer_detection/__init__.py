@@ -59,6 +59,8 @@ _EXPORTS = {
     "export_onnx": "export",
     "read_onnx_metadata": "export",
     "plot_prediction": "plots",
+    "plot_history": "plots",
+    "plot_sample_grid": "plots",
     "evaluate_checkpoint": "evaluation",
     "Evaluation": "evaluation",
     "EvaluationResult": "evaluation",
@@ -83,6 +85,11 @@ def __getattr__(name: str):
         module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
         value = getattr(module, name)
         globals()[name] = value
+        short = _EXPORTS[name].rpartition(".")[2]
+        if _EXPORTS.get(short) == _EXPORTS[name]:
+            # Importing submodule `explain` binds the module as this package's attribute
+            # `explain`, hiding the exported function of that name: put the function back.
+            globals()[short] = getattr(module, short)
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

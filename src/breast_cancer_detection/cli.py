@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -127,10 +129,10 @@ def _train_settings(args: argparse.Namespace) -> dict:
     from .config import load_preset
 
     given = {k: v for k, v in vars(args).items()
-             if k not in ("command", "func", "preset", "resume", "quiet", "aug")}
+             if k not in ("command", "func", "preset", "resume", "quiet", "augment")}
     settings = load_preset(args.preset) if getattr(args, "preset", None) else {}
     augment = dict(settings.get("augment") or {})
-    for item in getattr(args, "aug", None) or []:
+    for item in getattr(args, "augment", None) or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--aug takes KEY=VALUE (e.g. hed=0.1), not {item!r}")
@@ -156,70 +158,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130  # 128 + SIGINT
     return 0
-
-
-def _add_train_options(t: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig
-
-    d = TrainConfig.__dataclass_fields__
-
-    def default(name: str) -> str:
-        return f" (default: {d[name].default})"
-
-    S = argparse.SUPPRESS  # only options actually given override the preset
-    t.add_argument("--preset", help="bundled preset (cpu-smoke, breakhis-gpu, pcam-cpu) or a "
-                   "YAML file; options given here override it")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last.pt")
-    g = t.add_argument_group("data")
-    g.add_argument("--data", default=S, help="data folder; omitted: download BreakHis to data/")
-    g.add_argument("--split", default=S, help="split CSV from `bcd split`; omitted: a "
-                   "patient-disjoint split is made and saved in the run folder")
-    g.add_argument("--val", type=float, default=S, help="validation share" + default("val"))
-    g.add_argument("--test", type=float, default=S, help="test share" + default("test"))
-    g.add_argument("--magnification", nargs="+", default=S, metavar="MAG")
-    g.add_argument("--group-by", choices=["patient", "slide"], default=S)
-    g = t.add_argument_group("model")
-    g.add_argument("--model", default=S, help="architecture" + default("model")
-                   + "; see `bcd models`")
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=S,
-                   help="random initial weights instead of ImageNet's")
-    g.add_argument("--weights", default=S, help="local state dict or checkpoint to start from")
-    g.add_argument("--freeze-backbone", action="store_true", default=S,
-                   help="train only the head (the original notebook's choice)")
-    g.add_argument("--size", type=int, default=S, help="input side in pixels" + default("size"))
-    g.add_argument("--resize", type=int, default=S, help="eval resize before the centre crop")
-    g.add_argument("--aug", action="append", metavar="KEY=VALUE",
-                   help="augmentation setting, e.g. --aug hed=0.1 --aug rot90=false")
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=S, help=default("epochs").strip())
-    g.add_argument("--batch-size", type=int, default=S, help=default("batch_size").strip())
-    g.add_argument("--lr", type=float, default=S, help=default("lr").strip())
-    g.add_argument("--weight-decay", type=float, default=S)
-    g.add_argument("--warmup-epochs", type=float, default=S)
-    g.add_argument("--label-smoothing", type=float, default=S)
-    g.add_argument("--balance", choices=["loss", "sampler", "none"], default=S,
-                   help="class imbalance handling" + default("balance"))
-    g.add_argument("--early-stop", type=int, default=S, metavar="EPOCHS")
-    g.add_argument("--tta", action="store_true", default=S,
-                   help="validate with the 8 flips/rotations averaged")
-    g.add_argument("--seed", type=int, default=S)
-    g = t.add_argument_group("machine and output")
-    g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1" + default("device"))
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=S,
-                   help="mixed precision: auto = bf16/fp16 on CUDA, off on the CPU; bf16 also "
-                   "on CPUs with AVX512-BF16 or AMX (about 2x faster there)" + default("amp"))
-    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
-    g.add_argument("--workers", type=int, default=S, help=default("workers").strip())
-    g.add_argument("--cache", default=S, help="decoded-image cache from `bcd prepare`: auto "
-                   "(use when present and fresh), off, or a folder" + default("cache"))
-    g.add_argument("--batch-augment", choices=["auto", "on", "off"], default=S,
-                   help="augment whole batches on the GPU (needs the cache)"
-                   + default("batch_augment"))
-    g.add_argument("--max-bad-fraction", type=float, default=S)
-    g.add_argument("--runs-dir", default=S, help=default("runs_dir").strip())
-    g.add_argument("--name", default=S, help="run folder name (default: MODEL-DATE-TIME)")
-    g.add_argument("--tensorboard", action="store_true", default=S)
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -444,6 +382,165 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 log_level="warning" if args.quiet else "info")
     return 0
 
+
+# Option factories, after TIAToolbox's `tiatoolbox/cli/common.py`: an option that several
+# subcommands share is written once here; the arguments are only what differs between them.
+
+
+def _quiet(p: argparse.ArgumentParser, help: str = "no progress bar") -> None:
+    p.add_argument("--quiet", action="store_true", help=help)
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+
+
+def _sha256(p: argparse.ArgumentParser, help: str = "expected SHA-256 of the checkpoint") -> None:
+    p.add_argument("--sha256", help=help)
+
+
+def _max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-pixels", type=int, metavar="N", help="refuse larger images before "
+                   "decoding (default 100000000; 0: no limit of ours)")
+
+
+def _workers(p: argparse.ArgumentParser, default: int, help: str) -> None:
+    p.add_argument("--workers", type=int, default=default, help=help)
+
+
+def _batch_size(p: argparse.ArgumentParser, default: int, help: str | None = None) -> None:
+    p.add_argument("--batch-size", type=int, default=default, help=help)
+
+
+def _seed(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--seed", type=int, default=0, help=help)
+
+
+def _group_by(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--group-by", choices=["patient", "slide"], default="patient", help=help)
+
+
+def _data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="data folder (BreakHis tree or ImageFolder)")
+
+
+def _checkpoint(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("checkpoint", help=help)
+
+
+def _preset(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--preset", help=help)
+
+
+def _tta(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--tta", action="store_true", help=help)
+
+
+def _bootstrap(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help=help)
+
+
+def _target_sensitivity(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--target-sensitivity", type=float, metavar="S", help=help)
+
+
+# Training settings on the command line: one flag per TrainConfig field, --FIELD-NAME, typed
+# from the field's annotation, with the field's docstring as its help, so the two cannot drift.
+
+# What a field's flag needs beyond that.
+_TRAIN_FLAG_EXTRAS: dict[str, dict] = {
+    "magnification": {"metavar": "MAG"},
+    "group_by": {"choices": ["patient", "slide"]},
+    "balance": {"choices": ["loss", "sampler", "none"]},
+    "early_stop": {"metavar": "EPOCHS"},
+    "amp": {"choices": ["auto", "bf16", "fp16", "off"]},
+    "batch_augment": {"choices": ["auto", "on", "off"]},
+    # A mapping: one KEY=VALUE per flag, merged into the preset's by _train_settings.
+    "augment": {"flags": ["--aug"], "action": "append", "metavar": "KEY=VALUE"},
+}
+
+# `bcd train --help` groups: the first TrainConfig field of each (fields are in this order).
+_TRAIN_GROUPS = {"data": "data", "model": "model", "epochs": "optimisation",
+                 "device": "machine and output"}
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring: the string literal right below the field.
+
+    Python keeps no such docstring at run time, so it is read from the class's source file.
+    """
+    import ast
+
+    tree = ast.parse(Path(sys.modules[cls.__module__].__file__).read_text(encoding="utf-8"))
+    body = next(node.body for node in tree.body
+                if isinstance(node, ast.ClassDef) and node.name == cls.__name__)
+    docs = {}
+    for node, below in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(below, ast.Expr) and isinstance(below.value, ast.Constant)
+                and isinstance(below.value.value, str)):
+            docs[node.target.id] = below.value.value
+    return docs
+
+
+def plain_help(docstring: str) -> str:
+    """A docstring as one line of terminal help: ``x`` and :role:`x` become `x`."""
+    import re
+
+    text = re.sub(r":\w+:`", "`", " ".join(docstring.split())).replace("``", "`")
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+@functools.cache
+def train_flag_help() -> dict[str, str]:
+    """The help of each TrainConfig field's flag: its docstring, then its default if it has one."""
+    from .config import TrainConfig
+
+    docs = field_docstrings(TrainConfig)
+    helps = {}
+    for f in dataclasses.fields(TrainConfig):
+        default = "" if f.default in (None, dataclasses.MISSING) else f" (default: {f.default})"
+        helps[f.name] = (plain_help(docs.get(f.name, "")) + default).strip()
+    return helps
+
+
+def _train_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str,
+                help: str | None = None) -> None:
+    """Adds TrainConfig field ``name``'s flag; ``help`` replaces the docstring's where the
+    setting means more to this subcommand."""
+    from .config import TrainConfig
+
+    field = TrainConfig.__dataclass_fields__[name]
+    kind = next(t.strip() for t in str(field.type).split("|") if t.strip() != "None")
+    if kind == "bool":
+        kwargs: dict = {"action": argparse.BooleanOptionalAction}  # --x and --no-x
+    elif kind.startswith("list["):
+        kwargs = {"nargs": "+"}
+    elif kind in ("int", "float"):
+        kwargs = {"type": int if kind == "int" else float}
+    else:
+        kwargs = {}
+    extras = dict(_TRAIN_FLAG_EXTRAS.get(name, {}))
+    flags = extras.pop("flags", ["--" + name.replace("_", "-")])
+    # SUPPRESS: only options actually given override the preset.
+    p.add_argument(*flags, dest=name, default=argparse.SUPPRESS,
+                   help=help or train_flag_help()[name], **kwargs, **extras)
+
+
+def _add_train_options(t: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    _preset(t, "bundled preset (cpu-smoke, breakhis-gpu, pcam-cpu) or a YAML file; options "
+            "given here override it")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last.pt")
+    group: argparse.ArgumentParser | argparse._ArgumentGroup = t
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _TRAIN_GROUPS:
+            group = t.add_argument_group(_TRAIN_GROUPS[f.name])
+        _train_flag(group, f.name)
+    _quiet(group, "no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `bcd` and all its subcommands."""
     p = argparse.ArgumentParser(
@@ -459,31 +556,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--source", default="auto",
                    help="ufpr (official site), gdrive:FILE_ID (a Google Drive mirror via gdown; "
                    "or set BCD_BREAKHIS_GDRIVE_ID), auto (ufpr, then the mirror), or a URL")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quiet(d)
     d.set_defaults(func=_cmd_download)
 
     i = sub.add_parser("index", help="index a data folder into a CSV table",
                        description="Build the table path,label,subtype,patient,slide,"
                        "magnification from a BreakHis copy or an ImageFolder, and summarise it.")
-    i.add_argument("root", help="data folder (BreakHis tree or ImageFolder)")
+    _data_root(i)
     i.add_argument("--out", help="write the index CSV here")
     i.add_argument("--verify", action="store_true", help="decode every image; list bad ones")
-    i.add_argument("--group-by", choices=["patient", "slide"], default="patient",
-                   help="patient: numeric BreakHis id (default, cannot leak); slide: folder id")
+    _group_by(i, "patient: numeric BreakHis id (default, cannot leak); slide: folder id")
     i.add_argument("--strict", action="store_true", help="fail on an incomplete BreakHis copy")
-    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quiet(i)
     i.set_defaults(func=_cmd_index)
 
     pr = sub.add_parser("prepare", help="decode and resize every image once into a cache",
                         description="Decode every image of ROOT once, resize it so its short "
                         "side is SIZE, and store all of them in one memory-mapped array that "
                         "training reads instead of the PNGs (BreakHis at 256 px: 2.4 GB).")
-    pr.add_argument("root", help="data folder (BreakHis tree or ImageFolder)")
+    _data_root(pr)
     pr.add_argument("--size", type=int, required=True,
                     help="short side in pixels; use the eval resize (e.g. 256)")
     pr.add_argument("--out", help="cache folder (default: data/cache/NAME-HASH-SIZEpx here)")
-    pr.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2)")
-    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _workers(pr, 2, "decoding processes (default: 2)")
+    _quiet(pr)
     pr.set_defaults(func=_cmd_prepare)
 
     s = sub.add_parser("split", help="patient-disjoint train/val/test split or k folds",
@@ -493,10 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="split CSV to write")
     s.add_argument("--val", type=float, default=0.15, help="validation share (default 0.15)")
     s.add_argument("--test", type=float, default=0.15, help="test share (default 0.15)")
-    s.add_argument("--seed", type=int, default=0)
+    _seed(s)
     s.add_argument("--folds", type=int, help="write K patient-disjoint folds instead")
     s.add_argument("--magnification", nargs="+", metavar="MAG", help="e.g. 40X 100X")
-    s.add_argument("--group-by", choices=["patient", "slide"], default="patient")
+    _group_by(s)
     s.add_argument("--protocol", metavar="FILE",
                    help="official BreakHis fold file (Folds.csv or dsfoldN.txt)")
     s.add_argument("--fold", type=int, default=1, help="which protocol fold (with --protocol)")
@@ -517,31 +613,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "threshold on the split's val subset (stored in the checkpoint); write "
                        "metrics.json, predictions.csv, PNG plots and report.md. Exits "
                        "3 when the evaluated patients overlap the checkpoint's training data.")
-    e.add_argument("checkpoint", help="best.pt / last.pt from `bcd train`")
+    _checkpoint(e, "best.pt / last.pt from `bcd train`")
     e.add_argument("--data", help="data folder the split's paths are relative to (default: the "
                    "one in the checkpoint's config)")
     e.add_argument("--split", help="split CSV (default: split.csv next to the checkpoint; "
                    "without one, every image under --data is evaluated)")
     e.add_argument("--subset", default="test", help="subset to evaluate (default: test)")
     e.add_argument("--out", help="report folder (default: reports/<run name>-<subset>)")
-    e.add_argument("--target-sensitivity", type=float, metavar="S",
-                   help="choose the threshold reaching this sensitivity on val (e.g. 0.95) "
-                   "instead of Youden's J")
-    e.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples of patients for the 95%% CIs (0: none; "
-                   "default 1000)")
-    e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    e.add_argument("--tta", action="store_true",
-                   help="average each image over its 8 flips/rotations")
+    _target_sensitivity(e, "choose the threshold reaching this sensitivity on val (e.g. 0.95) "
+                        "instead of Youden's J")
+    _bootstrap(e, "bootstrap resamples of patients for the 95%% CIs (0: none; default 1000)")
+    _seed(e, "bootstrap seed (default 0)")
+    _tta(e, "average each image over its 8 flips/rotations")
     e.add_argument("--allow-leakage", action="store_true",
                    help="exit 0 even when evaluated patients were in training (still reported)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device(e)
+    _batch_size(e, 64)
+    _workers(e, 0, "DataLoader workers (default 0)")
+    _quiet(e)
     e.set_defaults(func=_cmd_evaluate)
 
-    S = argparse.SUPPRESS  # only options actually given override the preset
     c = sub.add_parser("cv", help="patient-disjoint k-fold cross-validation, end to end",
                        description="Deal patients into K folds; for each fold train on K-2, "
                        "pick epoch and threshold on one, evaluate on the held-out one; report "
@@ -549,21 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="data folder (BreakHis tree)")
     c.add_argument("--folds", type=int, default=5, help="number of folds, >= 3 (default 5)")
     c.add_argument("--out", help="output folder (default: reports/cv-MODEL-Kfold)")
-    c.add_argument("--preset", help="training preset (cpu-smoke, breakhis-gpu, ...) or YAML")
-    c.add_argument("--model", default=S)
-    c.add_argument("--epochs", type=int, default=S)
-    c.add_argument("--size", type=int, default=S)
-    c.add_argument("--batch-size", type=int, default=S)
-    c.add_argument("--lr", type=float, default=S)
-    c.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=S)
-    c.add_argument("--device", default=S)
-    c.add_argument("--workers", type=int, default=S)
-    c.add_argument("--magnification", nargs="+", default=S, metavar="MAG")
-    c.add_argument("--seed", type=int, default=S, help="seed of the folds and the training")
-    c.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples per fold report (default 1000)")
-    c.add_argument("--target-sensitivity", type=float, metavar="S")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _preset(c, "training preset (cpu-smoke, breakhis-gpu, ...) or YAML")
+    for name in _CV_TRAIN_KEYS:
+        _train_flag(c, name, help="seed of the folds and the training" if name == "seed"
+                    else None)
+    _bootstrap(c, "bootstrap resamples per fold report (default 1000)")
+    _target_sensitivity(c)
+    _quiet(c, "no progress bars")
     c.set_defaults(func=_cmd_cv)
 
     pd_ = sub.add_parser("predict", help="predict images with a checkpoint (or ONNX export)",
@@ -571,52 +654,48 @@ def build_parser() -> argparse.ArgumentParser:
                          "with a checkpoint from `bcd train`, a URL of one, or an ONNX export. "
                          "Prints file, label, P(malignant); writes a CSV. Exits 1 when any "
                          "image could not be read (its CSV row says why).")
-    pd_.add_argument("checkpoint", help="best.pt, an https:// or Google Drive URL (downloaded "
-                     "once into ~/.cache/breast_cancer_detection or $BCD_CACHE), or model.onnx")
+    _checkpoint(pd_, "best.pt, an https:// or Google Drive URL (downloaded once into "
+                "~/.cache/breast_cancer_detection or $BCD_CACHE), or model.onnx")
     pd_.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     pd_.add_argument("--out", default="predictions.csv",
                      help="CSV to write (default: predictions.csv)")
     pd_.add_argument("--plot", metavar="DIR", help="write a figure per image (image titled with "
                      "its class, above the class probabilities)")
     pd_.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay per image")
-    pd_.add_argument("--tta", action="store_true",
-                     help="average over the 8 flips and quarter turns")
+    _tta(pd_, "average over the 8 flips and quarter turns")
     pd_.add_argument("--patients", action="store_true", help="also summarise per patient when "
                      "the file names are BreakHis names (writes OUT-patients.csv)")
-    pd_.add_argument("--sha256", help="expected SHA-256 of the checkpoint (a URL may also end "
-                     "in #sha256=HEX)")
-    pd_.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    pd_.add_argument("--batch-size", type=int, default=32, help="(default 32)")
-    pd_.add_argument("--workers", type=int, default=0, help="image-reading processes (default 0)")
-    pd_.add_argument("--max-pixels", type=int, metavar="N", help="refuse larger images before "
-                     "decoding (default 100000000; 0: no limit of ours)")
+    _sha256(pd_, "expected SHA-256 of the checkpoint (a URL may also end in #sha256=HEX)")
+    _device(pd_)
+    _batch_size(pd_, 32, "(default 32)")
+    _workers(pd_, 0, "image-reading processes (default 0)")
+    _max_pixels(pd_)
     pd_.add_argument("--tile-factor", type=float, default=2.0, help="tile images whose short "
                      "side exceeds this many tile sides (default 2; 0: never tile)")
     pd_.add_argument("--tile-size", type=int, help="tile side in image pixels (default: the "
                      "checkpoint's eval resize)")
     pd_.add_argument("--show", type=int, default=50, help="rows to print (default 50)")
-    pd_.add_argument("--quiet", action="store_true", help="no progress bars")
+    _quiet(pd_, "no progress bars")
     pd_.set_defaults(func=_cmd_predict)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX",
                        description="Write the checkpoint's model as ONNX (dynamic batch size) "
                        "with its preprocessing, classes and threshold as metadata, and check it "
                        "against PyTorch with ONNX Runtime (pip install onnx onnxruntime).")
-    x.add_argument("checkpoint", help="best.pt from `bcd train` (or a URL of one)")
+    _checkpoint(x, "best.pt from `bcd train` (or a URL of one)")
     x.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    x.add_argument("--sha256", help="expected SHA-256 of the checkpoint")
+    _sha256(x)
     x.add_argument("--no-verify", action="store_true",
                    help="skip the ONNX Runtime comparison")
-    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    _quiet(x, "no progress bars")
     x.set_defaults(func=_cmd_export)
 
     sv = sub.add_parser("serve", help="the web app: upload images, see the answer and why",
                         description="Serve the page and the API (POST /api/predict, GET "
                         "/api/health, GET /api/model; OpenAPI at /docs) for one checkpoint, "
                         "loaded once. A research tool, not a medical device.")
-    sv.add_argument("checkpoint", help="best.pt from `bcd train`, a URL of one, or model.onnx "
-                    "(no Grad-CAM)")
+    _checkpoint(sv, "best.pt from `bcd train`, a URL of one, or model.onnx (no Grad-CAM)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
                     "this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="(default 8000)")
@@ -628,8 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests processed at once (default 1)")
     sv.add_argument("--max-queue", type=int, default=8,
                     help="requests allowed to wait (default 8; 503 with Retry-After beyond)")
-    sv.add_argument("--max-pixels", type=int, metavar="N", help="refuse larger images before "
-                    "decoding (default 100000000; 0: no limit of ours)")
+    _max_pixels(sv)
     sv.add_argument("--max-request-megapixels", type=float, default=50, metavar="MP",
                     help="pixels one request may cost, in millions: each image decoded plus "
                     "resized for the model, checked from the headers (default 50; 413 beyond)")
@@ -644,9 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated host names the "
                     "server answers to, besides IP addresses, localhost and --host (a guard "
                     "against DNS rebinding); '*' answers any")
-    sv.add_argument("--sha256", help="expected SHA-256 of the checkpoint")
-    sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    sv.add_argument("--quiet", action="store_true", help="no progress bar or request log")
+    _sha256(sv)
+    _device(sv)
+    _quiet(sv, "no progress bar or request log")
     sv.set_defaults(func=_cmd_serve)
     return p
 

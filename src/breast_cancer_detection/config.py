@@ -61,17 +61,22 @@ class TrainConfig:
     resize: int | None = 256
     """Evaluation: short side resized to this, then centre-cropped to ``size``."""
     augment: dict[str, Any] = field(default_factory=dict)
-    """Overrides of :class:`bcd.data.transforms.Augmentation` (scale, flips, rot90, hed...)."""
+    """Overrides of :class:`bcd.data.transforms.Augmentation` (scale, flips, rot90, hed...); on
+    the command line ``--aug hed=0.1 --aug rot90=false``."""
 
     # Optimisation
     epochs: int = 20
+    """Passes over the training images."""
     batch_size: int = 32
-    """Per process (per GPU under torchrun)."""
+    """Images per step, per process (per GPU under torchrun)."""
     lr: float = 3e-4
+    """AdamW learning rate after the warm-up, then decayed along a cosine."""
     weight_decay: float = 0.05
+    """AdamW weight decay of the weight matrices and kernels (not biases or norms)."""
     warmup_epochs: float = 1.0
     """Linear warm-up before the cosine decay, in epochs (fractions allowed)."""
     label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss; 0 trains on hard labels."""
     balance: str = "loss"
     """Class imbalance: ``loss`` (weighted loss), ``sampler`` (balanced sampling), ``none``."""
     tta: bool = False
@@ -79,6 +84,7 @@ class TrainConfig:
     early_stop: int | None = None
     """Stop after this many epochs without a better validation AUC; None never stops early."""
     seed: int = 0
+    """Seed of the split made here, the initial weights and the order of the images."""
 
     # Machine
     device: str = "auto"
@@ -88,6 +94,7 @@ class TrainConfig:
     ``bf16`` (CUDA or CPU: about 2x faster on CPUs with AVX512-BF16 or AMX), ``fp16`` (CUDA),
     ``off``."""
     channels_last: bool = True
+    """Channels-last memory layout: faster convolutions on recent GPUs and with oneDNN on CPUs."""
     compile: bool = False
     """``torch.compile`` the model (CUDA; slower start, faster steps)."""
     workers: int = 2
@@ -103,9 +110,11 @@ class TrainConfig:
 
     # Output
     runs_dir: str = "runs"
+    """Folder that holds the run folders."""
     name: str | None = None
     """Run folder name under ``runs_dir``; None makes ``MODEL-YYYYmmdd-HHMMSS``."""
     tensorboard: bool = False
+    """Also log to TensorBoard in ``RUN/tensorboard`` (``pip install tensorboard``)."""
     log_every: int = 10
     """Steps between progress-bar updates (each one waits for the GPU)."""
 

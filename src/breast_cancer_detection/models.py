@@ -224,11 +224,3 @@ def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bo
         for pname, p in model.named_parameters():
             p.requires_grad = pname.startswith(head + ".")
     return model
-
-
-def model_preprocessing(model: nn.Module) -> dict | None:
-    """Mean/std a timm model was pretrained with, or None for the ImageNet defaults."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if not cfg:
-        return None
-    return {"mean": tuple(cfg.get("mean", ())), "std": tuple(cfg.get("std", ()))}
