@@ -200,8 +200,23 @@ def build_train_transform(*, pre: Preprocessing,
     return T.Compose(steps)
 
 
+MAX_ASPECT = 10.0
+"""The longest side may be at most this many times the shortest in an image taken whole.
+
+Resizing the short side to ``resize`` scales the long side with it: a 1 x 40,000 pixel image
+(0.04 megapixels, well under any pixel limit) would become ``resize`` x 40,000 * ``resize``.
+Inference refuses such images with a message; the evaluation transform also caps the long
+side (see :func:`build_eval_transform`) so that no caller can allocate more than this ratio
+allows."""
+
+
 def build_eval_transform(*, pre: Preprocessing) -> Callable[[Image.Image], Tensor]:
     """The deterministic per-image evaluation and inference pipeline.
+
+    The resize is bounded: the long side is capped at :data:`MAX_ASPECT` times ``resize``,
+    so memory after the resize is at most ``MAX_ASPECT * resize**2`` pixels whatever the
+    image's shape (an image beyond that ratio is shrunk further and its centre crop padded;
+    :class:`~breast_cancer_detection.inference.Predictor` refuses such images before this).
 
     Args:
         pre: Resize, crop size and normalisation.
@@ -211,7 +226,10 @@ def build_eval_transform(*, pre: Preprocessing) -> Callable[[Image.Image], Tenso
         normalised float32 tensor of shape ``(3, size, size)``.
     """
     if pre.resize:
-        steps: list[Any] = [T.Resize(pre.resize, antialias=True), T.CenterCrop(pre.size)]
+        # The cap bounds memory for any shape; images within MAX_ASPECT never reach it.
+        cap = math.floor(pre.resize * MAX_ASPECT) + 1
+        steps: list[Any] = [T.Resize(pre.resize, max_size=cap, antialias=True),
+                            T.CenterCrop(pre.size)]
     else:
         steps = [T.Resize((pre.size, pre.size), antialias=True)]
     steps += [T.ToImage(), T.ToDtype(torch.float32, scale=True),
