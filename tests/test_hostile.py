@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision.transforms.v2 as T
 from PIL import Image
 from torch import nn
 
@@ -22,7 +23,7 @@ from breast_cancer_detection.data.datasets import (
     ImageFormatError,
     open_rgb,
 )
-from breast_cancer_detection.data.transforms import Preprocessing
+from breast_cancer_detection.data.transforms import Preprocessing, build_eval_transform
 from breast_cancer_detection.engine import load_checkpoint
 from breast_cancer_detection.explain import explain
 from breast_cancer_detection.inference import Predictor
@@ -81,6 +82,21 @@ def test_a_thin_png_costs_neither_memory_nor_time(trained, tmp_path):
     assert got["label"] == "error" and "thin.png" in got["error"]
     assert got["kb"] < 40_000, f"peak memory grew by {got['kb'] / 1024:.0f} MB"
     assert got["s"] < 1.0
+
+
+def test_the_eval_resize_is_bounded_whatever_the_shape():
+    # predict_table and other direct users of the transform get no refusal, but a bound:
+    # the long side is cropped to MAX_ASPECT (10) short sides before the resize.
+    transform = build_eval_transform(pre=Preprocessing(size=32, resize=40))
+    resize = T.Compose(transform.transforms[:2])
+    assert resize(Image.new("RGB", (1, 40000))).size == (40, 400)
+    assert resize(Image.new("RGB", (20, 200))).size == (40, 400)  # 10:1 is left alone
+    assert resize(Image.new("RGB", (70, 46))).size == (60, 40)
+    assert transform(Image.new("RGB", (1, 40000))).shape == (3, 32, 32)
+    # The centre crop the model sees is the one the unbounded resize gave.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 20, 3), np.uint8))
+    unbounded = T.Compose([T.Resize(40, antialias=True), *transform.transforms[2:]])
+    np.testing.assert_allclose(transform(image), unbounded(image), atol=1e-6)
 
 
 def test_extreme_aspect_ratios_are_refused_with_the_ratio_and_the_limit(predictor):

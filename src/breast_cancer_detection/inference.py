@@ -193,7 +193,9 @@ class _Preparer:
         return self.tile_factor is not None and min(width, height) > self.tile_factor * self.tile
 
     def __call__(self, index: int, item) -> _Prepared:
-        name = str(item) if _is_path(item) else str(getattr(item, "name", "the image"))
+        # Files are named in the message (as open_rgb does); in-memory images by the caller.
+        name = item if _is_path(item) else getattr(item, "name", None)
+        prefix = f"{name}: " if name else ""
         size = "the image"
         try:
             image = open_rgb(item, max_pixels=self.max_pixels)
@@ -201,7 +203,7 @@ class _Preparer:
             size = f"{w}x{h} pixels"
             refusal = self._refusal(w, h)
             if refusal is not None:
-                return _Prepared(index, error=f"{name}: {refusal}")
+                return _Prepared(index, error=prefix + refusal)
             if not self.tiled(w, h):
                 return _Prepared(index, x=self.transform(image).unsqueeze(0))
             ys, xs = _tile_starts(h, self.tile), _tile_starts(w, self.tile)
@@ -209,7 +211,7 @@ class _Preparer:
         except (ImageError, OSError) as e:
             return _Prepared(index, error=str(e))
         except MemoryError:
-            return _Prepared(index, error=f"{name}: ran out of memory preparing {size}; "
+            return _Prepared(index, error=f"{prefix}ran out of memory preparing {size}; "
                              "lower --max-pixels (max_pixels) to refuse such images, or free "
                              "memory and run again.")
         return _Prepared(index, image=tensor, boxes=[(y, x) for y in ys for x in xs],
@@ -666,7 +668,7 @@ class Predictor:
             # NaN >= threshold is False: without this check a broken model answers "benign".
             return Prediction(name, dict.fromkeys(self.classes, float("nan")), "error",
                               self.threshold, tiles=0,
-                              error=f"{name}: the model produced non-finite output (NaN or "
+                              error="the model produced non-finite output (NaN or "
                               "infinity), so there is no answer; the checkpoint's weights are "
                               "damaged or the model overflowed. Check the checkpoint (retrain, "
                               "or download it again); run on another device to rule out the "
