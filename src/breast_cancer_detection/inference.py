@@ -226,7 +226,7 @@ class _Preparer:
                     f"size of {self.pre.size} px). Use the original, full-size image.")
         ratio = long / short
         if not self.tiled(w, h) and ratio > MAX_ASPECT:
-            shown = f"{ratio:.1f}".rstrip("0").rstrip(".")
+            shown = f"{ratio:.2f}".rstrip("0").rstrip(".")
             return (f"{w}x{h} pixels has an aspect ratio of {shown}:1, over the limit of "
                     f"{MAX_ASPECT:g}:1 for an image predicted whole (the model would see only "
                     "its centre). Crop it into pieces closer to square, or pass a smaller "
@@ -594,8 +594,12 @@ class Predictor:
         """Predicts paths, folders, PIL images or arrays (one, or a list).
 
         Inputs are read and prepared by a DataLoader (``workers`` processes) and run in
-        batches. A file that cannot be read gives a Prediction with ``error`` set and NaN
-        probabilities; the others carry on.
+        batches. An input with no honest answer gives a Prediction with label ``"error"``,
+        ``error`` saying why and NaN probabilities; the others carry on. That is: a file
+        that cannot be read, or is not PNG, JPEG, TIFF, BMP or WebP; an image whose short
+        side is under half the model's input size; one predicted whole whose long side is
+        over ``MAX_ASPECT`` (10) times its short side; one that runs out of memory; and
+        one for which the model outputs NaN or infinity.
 
         Large images are tiled rather than shrunk: when the short side is more than
         ``tile_factor`` tile sides, the image is cut at its own resolution into square tiles
