@@ -107,7 +107,7 @@ def test_upload_shows_label_bar_and_overlay(server, sample, tmp_path):
                                                            abs=3)
 
             natural = "img => img.complete ? img.naturalWidth : 0"
-            assert card.locator("img.cam").evaluate(natural) == 32  # the model's 32 px view
+            assert card.locator("img.cam").evaluate(natural) == 700  # tiled: CAM in the image frame
             assert card.locator("img.original").evaluate(natural) == answer["width"]
             if answer["tile_heatmap"]:
                 assert card.locator("img.tiles").evaluate(natural) > 0

@@ -339,7 +339,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         folder = Path(args.cam)
         folder.mkdir(parents=True, exist_ok=True)
         for f, p, stem in good:
-            view, cam = explain(predictor, f, target=predictor.classes.index(p.label))
+            view, cam = explain(predictor, f, target=predictor.classes.index(p.label),
+                                tile_factor=args.tile_factor or None, tile_size=args.tile_size)
             overlay(view, cam).save(folder / f"{stem}-cam.png")
         print(f"{len(good)} Grad-CAM overlay(s) of the predicted class written to {folder}")
     return 1 if len(failed) else 0

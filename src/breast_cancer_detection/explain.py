@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import UserError
+from .inference import DEFAULT_TILE_FACTOR
 
 if TYPE_CHECKING:
     from .inference import Predictor
@@ -58,17 +59,21 @@ class GradCAM:
         self.model = model
         self.layer = layer if layer is not None else find_target_layer(model)
 
-    def __call__(self, x: torch.Tensor, target: int | list[int] | torch.Tensor | None = None
-                 ) -> np.ndarray:
+    def __call__(self, x: torch.Tensor, target: int | list[int] | torch.Tensor | None = None,
+                 *, normalize: bool = True) -> np.ndarray:
         """Maps for a batch of model inputs.
 
         Args:
             x: ``(N, 3, H, W)`` preprocessed inputs.
             target: Class index (one for all, or one per image); None takes each image's
                 highest logit.
+            normalize: Scale each map to [0, 1]. Off, the maps keep the model's own units,
+                so maps of several inputs (the tiles of one image) can be compared and
+                stitched before one scaling for all.
 
         Returns:
-            ``(N, H, W)`` float32 in [0, 1]; all zeros where no feature supports the class.
+            ``(N, H, W)`` float32, in [0, 1] when normalised; all zeros where no feature
+            supports the class.
         """
         saved: dict[str, torch.Tensor] = {}
 
@@ -98,6 +103,8 @@ class GradCAM:
         cam = torch.relu((weights * a).sum(1, keepdim=True))
         cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear",
                             align_corners=False)[:, 0]
+        if not normalize:
+            return cam.cpu().numpy().astype(np.float32)
         lo = cam.amin(dim=(1, 2), keepdim=True)
         span = cam.amax(dim=(1, 2), keepdim=True) - lo
         cam = torch.where(span > 0, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
@@ -125,6 +132,18 @@ def overlay(image, cam: np.ndarray, *, alpha: float = 0.45, cmap: str = "jet") -
     return Image.fromarray(np.clip(mixed, 0, 255).round().astype(np.uint8))
 
 
+CAM_MAX_SIDE = 1024
+"""Long side, in pixels, of the frame a tiled image's map is drawn in (at most: never finer
+than the model's own input resolution)."""
+
+
+def _picture(x: torch.Tensor, pre) -> Image.Image:
+    from .data.transforms import denormalize
+
+    arr = denormalize(x, pre).permute(1, 2, 0).numpy() * 255.0
+    return Image.fromarray(arr.round().astype(np.uint8))
+
+
 def model_view(predictor: Predictor, image) -> tuple[Image.Image, torch.Tensor]:
     """What the model sees of ``image`` predicted whole: short side resized, centre-cropped.
 
@@ -132,35 +151,104 @@ def model_view(predictor: Predictor, image) -> tuple[Image.Image, torch.Tensor]:
         The view as a picture, and the normalised model input ``(3, size, size)``.
     """
     from .data.datasets import open_rgb
-    from .data.transforms import denormalize
 
     x = predictor.transform(open_rgb(image, max_pixels=predictor.max_pixels))
-    arr = denormalize(x, predictor.pre).permute(1, 2, 0).numpy() * 255.0
-    return Image.fromarray(arr.round().astype(np.uint8)), x
+    return _picture(x, predictor.pre), x
 
 
-def explain(predictor: Predictor, image, target: int | None = None
-            ) -> tuple[Image.Image, np.ndarray]:
-    """Grad-CAM of one image, on the model's view of it (see :func:`model_view`).
+def _decide(predictor: Predictor, probs: np.ndarray) -> int:
+    """The class index at the predictor's threshold for mean probabilities ``probs``."""
+    if not np.isfinite(probs).all():
+        raise UserError("the model produced non-finite output (NaN or infinity) for this image, "
+                        "so there is no decision to explain; check the checkpoint.")
+    return int(probs[1] >= predictor.threshold)
+
+
+def explain(predictor: Predictor, image, target: int | None = None, *,
+            tile_factor: float | None = DEFAULT_TILE_FACTOR, tile_size: int | None = None,
+            max_side: int = CAM_MAX_SIDE) -> tuple[Image.Image, np.ndarray]:
+    """Grad-CAM of one image, on the inputs that made the decision.
+
+    The image is prepared exactly as :meth:`Predictor.predict` prepares it (same tiling
+    settings, same refusals). An image predicted whole is explained on the model's view of
+    it (see :func:`model_view`). A tiled image is explained in its own frame: each tile's
+    map, in the model's units, is placed over the part of the image that tile's input
+    covers, overlapping tiles are averaged, and the whole is scaled to [0, 1] once, so tiles
+    with more evidence show hotter. The few pixels no tile input covered (an edge strip of
+    half the part the centre crop cuts off) are 0. The frame is the image, shrunk to the
+    model's resolution and to at most ``max_side`` pixels on its long side.
 
     Args:
         predictor: A PyTorch-backed predictor.
         image: Path, PIL image or array.
         target: Class index to explain; None takes the label at the predictor's threshold.
+        tile_factor: As for :meth:`Predictor.predict`; pass what the prediction used.
+        tile_size: As for :meth:`Predictor.predict`.
+        max_side: Longest side of a tiled image's frame.
 
     Returns:
-        The view and its ``(size, size)`` map in [0, 1]; ``overlay(*explain(p, im))`` draws
-        them.
+        The view (the model's view, or the image frame) and its map in [0, 1] of the view's
+        size; ``overlay(*explain(p, im))`` draws them.
 
     Raises:
-        UserError: the predictor runs an ONNX model (no gradients).
+        UserError: the predictor runs an ONNX model (no gradients), or the model output is
+            not finite.
+        ImageError: the image is refused (unreadable, too small, bad shape...).
     """
+    from .data.datasets import ImageError
+    from .inference import _Preparer
+
     if predictor.backend != "torch":
         raise UserError("Grad-CAM needs gradients: load the PyTorch checkpoint (.pt), not the "
                         "ONNX export.")
-    view, x = model_view(predictor, image)
-    x = x.unsqueeze(0).to(predictor.device)
+    preparer = _Preparer(predictor.pre, predictor.transform, max_pixels=predictor.max_pixels,
+                         tile_factor=tile_factor, tile_size=tile_size)
+    prepared = preparer(0, image)
+    if prepared.error is not None:
+        raise ImageError(prepared.error)
+    if prepared.x is None:
+        return _explain_tiles(predictor, preparer, prepared, target, max_side)
+    x = prepared.x.to(predictor.device)
     if target is None:
-        p_malignant = predictor._probabilities(x)[0, 1]
-        target = int(p_malignant >= predictor.threshold)
-    return view, GradCAM(predictor.model)(x, target)[0]
+        target = _decide(predictor, predictor._probabilities(x)[0])
+    return _picture(prepared.x[0], predictor.pre), GradCAM(predictor.model)(x, target)[0]
+
+
+def _explain_tiles(predictor: Predictor, preparer, prepared, target: int | None,
+                   max_side: int, chunk: int = 32) -> tuple[Image.Image, np.ndarray]:
+    """The stitched map of a tiled image (see :func:`explain`)."""
+    pre = predictor.pre
+    rgb = prepared.image  # (3, H, W) uint8
+    height, width = rgb.shape[1:]
+    # The part of a tile its model input shows: the centre crop of the resized tile.
+    seen = preparer.tile * pre.size / pre.resize if pre.resize else float(preparer.tile)
+    margin = (preparer.tile - seen) / 2
+    scale = min(pre.size / seen, max_side / max(height, width), 1.0)
+    frame = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if target is None:
+        probs = np.concatenate([predictor._probabilities(x, batch_size=chunk)
+                                for x in preparer.tiles(prepared, chunk)])
+        target = _decide(predictor, probs.mean(0))
+    total = torch.zeros(frame)
+    count = torch.zeros(frame)
+    gradcam = GradCAM(predictor.model)
+    boxes = iter(prepared.boxes or [])
+    for x in preparer.tiles(prepared, chunk):
+        maps = torch.from_numpy(gradcam(x.to(predictor.device), target, normalize=False))
+        for m, (y0, x0) in zip(maps, boxes):
+            top, left = round((y0 + margin) * scale), round((x0 + margin) * scale)
+            bottom = max(top + 1, min(frame[0], round((y0 + margin + seen) * scale)))
+            right = max(left + 1, min(frame[1], round((x0 + margin + seen) * scale)))
+            part = F.interpolate(m[None, None], size=(bottom - top, right - left),
+                                 mode="bilinear", align_corners=False, antialias=True)[0, 0]
+            total[top:bottom, left:right] += part
+            count[top:bottom, left:right] += 1
+    covered = count > 0
+    cam = torch.zeros(frame)
+    cam[covered] = total[covered] / count[covered]
+    lo, hi = cam[covered].min(), cam[covered].max()
+    cam = torch.where(covered & (hi > lo), (cam - lo) / (hi - lo).clamp_min(1e-12), 0.0)
+    view = Image.fromarray(rgb.permute(1, 2, 0).numpy())
+    if view.size != (frame[1], frame[0]):
+        view = view.resize((frame[1], frame[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return view, cam.numpy().astype(np.float32)

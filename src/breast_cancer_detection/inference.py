@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import urllib.parse
@@ -32,7 +33,7 @@ from .data.download import (
     is_google_drive_url,
     sha256_of,
 )
-from .data.transforms import Preprocessing, build_eval_transform, dihedral
+from .data.transforms import MAX_ASPECT, Preprocessing, build_eval_transform, dihedral
 from .errors import UserError
 
 DEFAULT_TILE_FACTOR = 2.0
@@ -167,12 +168,20 @@ class _Prepared:
 class _Preparer:
     """Reads one input and applies the evaluation transform, tiling large images.
 
+    Inputs that would give no honest answer, or cost far more than their size suggests, are
+    refused with a message: a short side under half the model's input (too little tissue at
+    the training scale; upsampling it would invent the rest), and, for an image predicted
+    whole, a long side over :data:`MAX_ASPECT` times the short one (the model would see only
+    the centre, and the resize allocates in proportion to the ratio). Running out of memory
+    on one input is that input's error too.
+
     A plain object rather than a method of Predictor, so that DataLoader workers can pickle
     it without the model.
     """
 
     def __init__(self, pre: Preprocessing, transform, *, max_pixels: int | None,
                  tile_factor: float | None, tile_size: int | None):
+        self.pre = pre
         self.transform = transform
         self.max_pixels = max_pixels
         if tile_factor is not None and tile_factor < 1:
@@ -183,19 +192,52 @@ class _Preparer:
             raise UserError(f"tile_size={tile_size} must be a positive number of pixels.")
         self.tile_factor = tile_factor
         self.tile = int(tile_size or pre.resize or pre.size)
+        self.min_side = math.ceil(pre.size / 2)
+
+    def tiled(self, width: int, height: int) -> bool:
+        """Whether an image of this size is cut into tiles rather than predicted whole."""
+        return self.tile_factor is not None and min(width, height) > self.tile_factor * self.tile
 
     def __call__(self, index: int, item) -> _Prepared:
+        # Files are named in the message (as open_rgb does); in-memory images by the caller.
+        name = item if _is_path(item) else getattr(item, "name", None)
+        prefix = f"{name}: " if name else ""
+        size = "the image"
         try:
             image = open_rgb(item, max_pixels=self.max_pixels)
+            w, h = image.size
+            size = f"{w}x{h} pixels"
+            refusal = self._refusal(w, h)
+            if refusal is not None:
+                return _Prepared(index, error=prefix + refusal)
+            if not self.tiled(w, h):
+                return _Prepared(index, x=self.transform(image).unsqueeze(0))
+            ys, xs = _tile_starts(h, self.tile), _tile_starts(w, self.tile)
+            tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
         except (ImageError, OSError) as e:
             return _Prepared(index, error=str(e))
-        w, h = image.size
-        if self.tile_factor is None or min(w, h) <= self.tile_factor * self.tile:
-            return _Prepared(index, x=self.transform(image).unsqueeze(0))
-        ys, xs = _tile_starts(h, self.tile), _tile_starts(w, self.tile)
-        tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        except MemoryError:
+            return _Prepared(index, error=f"{prefix}ran out of memory preparing {size}; "
+                             "lower --max-pixels (max_pixels) to refuse such images, or free "
+                             "memory and run again.")
         return _Prepared(index, image=tensor, boxes=[(y, x) for y in ys for x in xs],
                          grid=(len(ys), len(xs)))
+
+    def _refusal(self, w: int, h: int) -> str | None:
+        """Why an image of this size gets no prediction, or None."""
+        short, long = min(w, h), max(w, h)
+        if short < self.min_side:
+            return (f"{w}x{h} pixels is too small to hold tissue at the model's scale: the "
+                    f"short side must be at least {self.min_side} px (half the model's input "
+                    f"size of {self.pre.size} px). Use the original, full-size image.")
+        ratio = long / short
+        if not self.tiled(w, h) and ratio > MAX_ASPECT:
+            shown = f"{ratio:.2f}".rstrip("0").rstrip(".")
+            return (f"{w}x{h} pixels has an aspect ratio of {shown}:1, over the limit of "
+                    f"{MAX_ASPECT:g}:1 for an image predicted whole (the model would see only "
+                    "its centre). Crop it into pieces closer to square, or pass a smaller "
+                    "--tile-size (tile_size) so that it is cut into tiles.")
+        return None
 
     def tiles(self, prepared: _Prepared, chunk: int) -> Iterator[torch.Tensor]:
         """The model inputs of one prepared image, at most ``chunk`` at a time."""
@@ -506,8 +548,12 @@ class Predictor:
         """Predicts paths, folders, PIL images or arrays (one, or a list).
 
         Inputs are read and prepared by a DataLoader (``workers`` processes) and run in
-        batches. A file that cannot be read gives a Prediction with ``error`` set and NaN
-        probabilities; the others carry on.
+        batches. An input with no honest answer gives a Prediction with label ``"error"``,
+        ``error`` saying why and NaN probabilities; the others carry on. That is: a file
+        that cannot be read, or is not PNG, JPEG, TIFF, BMP or WebP; an image whose short
+        side is under half the model's input size; one predicted whole whose long side is
+        over ``MAX_ASPECT`` (10) times its short side; one that runs out of memory; and
+        one for which the model outputs NaN or infinity.
 
         Large images are tiled rather than shrunk: when the short side is more than
         ``tile_factor`` tile sides, the image is cut at its own resolution into square tiles
@@ -576,6 +622,15 @@ class Predictor:
             return Prediction(name, dict.fromkeys(self.classes, float("nan")), "error",
                               self.threshold, error=item.error or "no prediction", tiles=0)
         p = np.stack(probs)
+        if not np.isfinite(p).all():
+            # NaN >= threshold is False: without this check a broken model answers "benign".
+            return Prediction(name, dict.fromkeys(self.classes, float("nan")), "error",
+                              self.threshold, tiles=0,
+                              error="the model produced non-finite output (NaN or "
+                              "infinity), so there is no answer; the checkpoint's weights are "
+                              "damaged or the model overflowed. Check the checkpoint (retrain, "
+                              "or download it again); run on another device to rule out the "
+                              "hardware.")
         mean = p.mean(0)
         heatmap = p[:, 1].reshape(item.grid) if item.grid is not None else None
         return Prediction(name, {c: float(v) for c, v in zip(self.classes, mean)},

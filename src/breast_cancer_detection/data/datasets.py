@@ -17,9 +17,21 @@ from .batch_augment import new_batch_tensor
 DEFAULT_MAX_PIXELS = 100_000_000
 """Images with more pixels are refused before decoding (decompression-bomb guard)."""
 
+ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
+"""The only file formats decoded (Pillow's names). Pillow reads dozens more, some through
+external programs (EPS runs Ghostscript) or rarely used decoders; microscope images come in
+these."""
+
+_FORMAT_NAMES = "PNG, JPEG, TIFF, BMP or WebP"
+
 
 class ImageError(UserError, ValueError):
     """A file that cannot be used as an image; the message says why."""
+
+
+class ImageFormatError(ImageError):
+    """A file that is not in one of :data:`ALLOWED_FORMATS` (a server answers 415 for it,
+    where a damaged image of an allowed format is a plain :class:`ImageError`)."""
 
 
 def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -27,13 +39,16 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
 
     Grayscale, 16-bit, palette, RGBA/LA (composited on white, like a slide's background) and
     CMYK images are converted. The pixel count is checked from the header, before decoding.
+    Files are decoded only in the :data:`ALLOWED_FORMATS`; PIL images and arrays, already
+    decoded by the caller, are taken as they are.
 
     Args:
         source: Path, file object, PIL image or HxW / HxWxC array.
         max_pixels: Refuse larger images; None disables the check.
 
     Raises:
-        ImageError: unreadable, truncated, too large, or not an image.
+        ImageFormatError: a file in another format (GIF, EPS, PSD...) or not an image at all.
+        ImageError: unreadable, truncated or too large.
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
@@ -44,7 +59,17 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
             with warnings.catch_warnings():
                 # PIL's own bomb warning fires at a fixed size; our limit is the one that counts.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(source)
+                im = Image.open(source, formats=ALLOWED_FORMATS)
+        except Image.UnidentifiedImageError as e:
+            kind = _looks_allowed(source)
+            if kind is not None:
+                raise ImageError(f"{_name(source)}: starts like a {kind} "
+                                 "file but cannot be read; it is damaged. Use the original "
+                                 "image.") from e
+            raise ImageFormatError(
+                f"{_name(source)}: not a {_FORMAT_NAMES} image, the formats accepted; convert "
+                "it to PNG or TIFF (other formats are refused unread, as some run external "
+                "programs when decoded).") from e
         except Image.DecompressionBombError as e:
             raise ImageError(
                 f"{_name(source)}: refused before decoding, its header claims more pixels than "
@@ -64,6 +89,28 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
     except Exception as e:  # noqa: BLE001
         raise ImageError(f"{_name(source)}: cannot decode ({type(e).__name__}: {e})") from e
     return _to_rgb(im)
+
+
+def _looks_allowed(source) -> str | None:
+    """The allowed format whose signature the file starts with, by Pillow's own checks."""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                prefix = f.read(16)
+        else:
+            position = source.tell()
+            source.seek(0)
+            prefix = source.read(16)
+            source.seek(position)
+    except Exception:  # noqa: BLE001 - unreadable or unseekable: nothing to go on
+        return None
+    Image.init()
+    for fmt in ALLOWED_FORMATS:
+        accept = Image.OPEN[fmt][1] if fmt in Image.OPEN else None
+        # A str answer is Pillow's "would be this format, but the decoder is missing".
+        if accept is not None and accept(prefix) is True:
+            return fmt
+    return None
 
 
 def _name(source) -> str:

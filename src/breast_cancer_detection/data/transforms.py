@@ -6,6 +6,7 @@ The batched versions, for whole batches on a device, are in :mod:`.batch_augment
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -200,8 +201,45 @@ def build_train_transform(*, pre: Preprocessing,
     return T.Compose(steps)
 
 
+MAX_ASPECT = 10.0
+"""The longest side may be at most this many times the shortest in an image taken whole.
+
+Resizing the short side to ``resize`` scales the long side with it: a 1 x 40,000 pixel image
+(0.04 megapixels, well under any pixel limit) would become ``resize`` x 40,000 * ``resize``.
+Inference refuses such images with a message; the evaluation transform also crops the long
+side to this ratio first (see :class:`CapAspect`), so that no caller allocates more."""
+
+
+class CapAspect(torch.nn.Module):
+    """Centre-crops the long side to at most ``max_aspect`` times the short side.
+
+    Placed before a short-side resize and a centre crop, it changes nothing the crop keeps
+    (the crop is narrower than ``max_aspect`` short sides) and bounds the resized image at
+    ``max_aspect * resize**2`` pixels whatever the input's shape.
+    """
+
+    def __init__(self, max_aspect: float = MAX_ASPECT):
+        super().__init__()
+        self.max_aspect = max_aspect
+
+    def forward(self, image: Any) -> Any:
+        h, w = T.functional.get_size(image)
+        cap = max(1, math.floor(min(h, w) * self.max_aspect))
+        if max(h, w) <= cap:
+            return image
+        return T.functional.center_crop(image, [min(h, cap), min(w, cap)])
+
+    def extra_repr(self) -> str:
+        return f"max_aspect={self.max_aspect:g}"
+
+
 def build_eval_transform(*, pre: Preprocessing) -> Callable[[Image.Image], Tensor]:
     """The deterministic per-image evaluation and inference pipeline.
+
+    The resize is bounded: the long side is first centre-cropped to :data:`MAX_ASPECT` times
+    the short one (:class:`CapAspect`), so memory after the resize is at most
+    ``MAX_ASPECT * resize**2`` pixels whatever the image's shape, and the centre crop the
+    model sees is unchanged.
 
     Args:
         pre: Resize, crop size and normalisation.
@@ -211,7 +249,8 @@ def build_eval_transform(*, pre: Preprocessing) -> Callable[[Image.Image], Tenso
         normalised float32 tensor of shape ``(3, size, size)``.
     """
     if pre.resize:
-        steps: list[Any] = [T.Resize(pre.resize, antialias=True), T.CenterCrop(pre.size)]
+        steps: list[Any] = [CapAspect(), T.Resize(pre.resize, antialias=True),
+                            T.CenterCrop(pre.size)]
     else:
         steps = [T.Resize((pre.size, pre.size), antialias=True)]
     steps += [T.ToImage(), T.ToDtype(torch.float32, scale=True),
