@@ -219,6 +219,29 @@ def test_an_eps_file_is_415_and_never_handed_to_ghostscript(predictor):
     assert r.json()["detail"].startswith("x.eps: ")
 
 
+def test_formats_outside_the_allow_list_are_415_and_damaged_images_400(predictor):
+    gif = io.BytesIO()
+    Image.new("RGB", (70, 46), (230, 170, 210)).save(gif, format="GIF")
+    client = _client(create_app(predictor))
+    r = client.post("/api/predict", files=_files(("x.gif", gif.getvalue())))
+    assert r.status_code == 415 and "PNG, JPEG, TIFF, BMP or WebP" in r.json()["detail"]
+    r = client.post("/api/predict", files=_files(("cut.png", GOOD[:40])))
+    assert r.status_code == 400 and "damaged" in r.json()["detail"], r.text
+
+
+def test_a_model_that_outputs_nan_is_a_500_never_a_label(predictor):
+    import torch
+
+    class NanModel(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 2), float("nan"))
+
+    broken = Predictor(NanModel(), predictor.pre, device="cpu", arch="nan")
+    r = _client(create_app(broken), raise_server_exceptions=False).post(
+        "/api/predict", files=_files(("ok.png", GOOD)))
+    assert r.status_code == 500 and "non-finite" in r.json()["detail"], r.text
+
+
 # ----------------------------------------------------------------------------- 4. uploads
 
 

@@ -36,6 +36,9 @@ from .data.download import (
 from .data.transforms import MAX_ASPECT, Preprocessing, build_eval_transform, dihedral
 from .errors import UserError
 
+NON_FINITE = "the model produced non-finite output"
+"""How a prediction error caused by the model itself (not the image) begins."""
+
 DEFAULT_TILE_FACTOR = 2.0
 """Images whose short side exceeds this many tile sides are tiled instead of shrunk."""
 
@@ -626,7 +629,7 @@ class Predictor:
             # NaN >= threshold is False: without this check a broken model answers "benign".
             return Prediction(name, dict.fromkeys(self.classes, float("nan")), "error",
                               self.threshold, tiles=0,
-                              error="the model produced non-finite output (NaN or "
+                              error=f"{NON_FINITE} (NaN or "
                               "infinity), so there is no answer; the checkpoint's weights are "
                               "damaged or the model overflowed. Check the checkpoint (retrain, "
                               "or download it again); run on another device to rule out the "

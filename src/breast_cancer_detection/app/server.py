@@ -32,12 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..data.datasets import ImageError, open_rgb
+from ..data.datasets import ALLOWED_FORMATS, ImageError, ImageFormatError, open_rgb
 from ..errors import UserError
 from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
 from ..files import jsonable
-from ..inference import DEFAULT_TILE_FACTOR, Predictor, _tile_starts
+from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +76,10 @@ memory."""
 LOCAL_NAMES = ("localhost",)
 """Host names answered to besides IP addresses and ``allowed_hosts``."""
 
-# Formats decoded here. Others that Pillow would open are refused: EPS, for one, is run
-# through Ghostscript, a PostScript interpreter.
-_ACCEPTED = {"PNG", "JPEG", "MPO", "TIFF", "BMP", "GIF", "WEBP", "JPEG2000"}
-
 # The page loads nothing from elsewhere; the browser enforces it. /docs is left out: FastAPI's
 # Swagger UI loads its script from a CDN.
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-
-# Leading bytes of the formats Pillow reads: a file that starts like one of them but cannot
-# be opened is a damaged image (400), not something other than an image (415).
-_SIGNATURES = {
-    b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF", b"BM": "BMP", b"GIF87a": "GIF", b"GIF89a": "GIF",
-    b"\x00\x00\x00\x0cjP  ": "JPEG 2000",
-}
-
 
 # ----------------------------------------------------------------------------- schemas
 
@@ -576,13 +563,11 @@ class _Service:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(io.BytesIO(upload.data)) as im:  # reads the header only
-                        kind, (w, h) = im.format, im.size
-            except Exception:  # noqa: BLE001 - PIL raises many types for bad files
+                    # Reads the header only, and only of the formats decoded later.
+                    with Image.open(io.BytesIO(upload.data), formats=ALLOWED_FORMATS) as im:
+                        w, h = im.size
+            except Exception:  # noqa: BLE001 - decode() gives such a file its status
                 continue
-            if kind not in _ACCEPTED:
-                raise _Refused(415, f"{upload.name}: a {kind} file, which this server does not "
-                                    "read; upload a PNG, JPEG, TIFF or BMP file.")
             if limit is not None and w * h > limit:
                 raise _Refused(400, f"{upload.name}: {w}x{h} pixels is over the limit of "
                                     f"{limit:,} (a possible decompression bomb); raise the limit "
@@ -617,16 +602,12 @@ class _Service:
         buf.name = upload.name  # open_rgb's messages name the file
         try:
             return open_rgb(buf, max_pixels=self._limit())
+        except ImageFormatError as e:
+            raise _Refused(415, str(e)) from e  # names the formats accepted
         except ImageError as e:
             cause = e.__cause__
             if isinstance(cause, UnidentifiedImageError):
-                kind = next((k for sig, k in _SIGNATURES.items()
-                             if upload.data.startswith(sig)), None)
-                if kind is None:
-                    raise _Refused(415, f"{upload.name}: not an image this server can read; "
-                                        "upload a PNG, JPEG, TIFF or BMP file.") from e
-                raise _Refused(400, f"{upload.name}: starts like a {kind} file but cannot be "
-                                    "read; it is corrupt. Upload the original image.") from e
+                raise _Refused(400, str(e)) from e  # starts like an image format: damaged
             if isinstance(cause, OSError) and not isinstance(cause, Image.DecompressionBombError):
                 raise _Refused(400, f"{upload.name}: corrupt or truncated image, cannot be "
                                     f"decoded ({cause}). Upload the original image.") from e
@@ -657,7 +638,9 @@ class _Service:
                 check()
                 (p,) = predictor.predict([image])
                 if p.error is not None:
-                    raise _Refused(400, f"{upload.name}: {p.error}")
+                    # A model that outputs NaN is the server's fault, not the upload's.
+                    status = 500 if p.error.startswith(NON_FINITE) else 400
+                    raise _Refused(status, f"{upload.name}: {p.error}")
                 predictions.append(p)
             for image, p in zip(images, predictions):
                 check()
