@@ -52,6 +52,7 @@ def anchors(path: Path) -> set[str]:
 def broken_links(md: Path) -> list[str]:
     """Relative links of one Markdown file whose target file or anchor does not exist."""
     bad = []
+    name = md.relative_to(ROOT) if md.resolve().is_relative_to(ROOT) else md
     for line in _prose(md.read_text(encoding="utf-8")):
         for target in _LINK.findall(line):
             if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: are not ours
@@ -59,9 +60,9 @@ def broken_links(md: Path) -> list[str]:
             file_part, _, anchor = target.partition("#")
             dest = (md.parent / file_part).resolve() if file_part else md
             if not dest.exists():
-                bad.append(f"{md.relative_to(ROOT)}: {target} (no such file)")
+                bad.append(f"{name}: {target} (no such file)")
             elif anchor and (dest.is_dir() or dest.suffix != ".md" or anchor not in anchors(dest)):
-                bad.append(f"{md.relative_to(ROOT)}: {target} (no such heading)")
+                bad.append(f"{name}: {target} (no such heading)")
     return bad
 
 

@@ -1,0 +1,35 @@
+"""The README and docs/: every relative link resolves, and the README keeps its two set-up
+commands."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checker():
+    spec = importlib.util.spec_from_file_location("check_links", ROOT / "docs" / "check_links.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_relative_link_resolves():
+    check = _checker()
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = {str(f.relative_to(ROOT)): check.broken_links(f) for f in files}
+    assert {f: b for f, b in broken.items() if b} == {}
+
+
+def test_the_checker_catches_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n[ok](#title) [gone](missing.md) [bad](#nowhere)\n")
+    assert len(_checker().broken_links(page)) == 2
+
+
+def test_readme_keeps_its_two_set_up_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "pip install -e . && bcd train --preset breakhis-gpu" in text
+    assert 'pip install -e ".[dev]" && python -m pytest' in text
