@@ -147,4 +147,13 @@ def trained_run(fake_breakhis, tmp_path_factory) -> Path:
                                  "runs_dir": str(tmp_path_factory.mktemp("runs")), "name": "r",
                                  "size": 32, "resize": 40, "epochs": 3, "val": 0.25,
                                  "test": 0.2})
-    return fit(cfg, progress=False).run_dir
+    run = fit(cfg, progress=False).run_dir
+    # Training stores a threshold chosen on val (tests/test_engine.py checks it). Cleared here
+    # so that the tests of a checkpoint without one (the 0.5 fallback, evaluate storing its
+    # own) start from that case.
+    from breast_cancer_detection.checkpoint import load_checkpoint, save_checkpoint
+
+    best = load_checkpoint(run / "best.pt")
+    best.threshold, best.threshold_info = None, {}
+    save_checkpoint(best, run / "best.pt")
+    return run

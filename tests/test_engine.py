@@ -249,8 +249,9 @@ def test_training_reads_the_prepared_cache(fake_breakhis, tmp_path, monkeypatch,
     from breast_cancer_detection.errors import UserError
 
     monkeypatch.chdir(tmp_path)  # the default cache folder is under the working directory
-    with pytest.raises(UserError, match="bcd prepare"):
-        fit(_cfg(fake_breakhis, tmp_path, name="nocache", batch_augment="on"), progress=False)
+    with pytest.raises(UserError, match="prepared cache"):  # batches need one: a clear refusal
+        fit(_cfg(fake_breakhis, tmp_path, name="nocache", batch_augment="on", cache="off"),
+            progress=False)
     prepare_cache(fake_breakhis, build_index(fake_breakhis), 40, progress=False, workers=0)
     files = fit(_cfg(fake_breakhis, tmp_path, name="files", cache="off"), progress=False)
     assert "from the cache" not in capsys.readouterr().out
@@ -322,3 +323,89 @@ def test_sigterm_to_the_process_group_saves_and_exits_143(fake_breakhis, tmp_pat
     assert main(["train", "--resume", str(run), "--epochs", str(saved.epoch + 1),
                  "--quiet"]) == 0
     assert load_checkpoint(run / "last.pt").epoch == saved.epoch + 1
+
+
+# ----------------------------------------------------------------------------- the CPU recipe
+
+
+def test_training_stores_the_threshold_chosen_on_val(fake_breakhis, tmp_path, capsys):
+    result = fit(_cfg(fake_breakhis, tmp_path, epochs=2, tta=True), progress=False)
+    best = load_checkpoint(result.run_dir / "best.pt")
+    assert best.threshold is not None and 0 < best.threshold < 1
+    assert best.threshold_info["chosen_on"] == "val" and best.threshold_info["method"] == "youden"
+    assert best.threshold_info["val_images"] == 12
+    assert {"val_auc_tta", "val_acc_tta"} <= set(best.metrics)
+    out = capsys.readouterr().out
+    assert "stored in best.pt" in out and "with 8-view TTA AUC" in out
+
+
+def test_a_time_budget_sizes_the_epochs(fake_breakhis, tmp_path, capsys, monkeypatch):
+    import breast_cancer_detection.engine as engine
+
+    # 1 s per step and 2 s of validation: 60 s leave room for a few epochs of 4 steps, not 50.
+    monkeypatch.setattr(engine, "_time_steps", lambda run, steps: (1.0, 2.0))
+    cfg = _cfg(fake_breakhis, tmp_path, epochs=50, time_budget="60s", batch_size=8)
+    result = fit(cfg, progress=False)
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    steps = 4  # 32 training images, batch 8
+    expected = int((60 - 2.0 - 0.5) // (steps * 1.0 + 2.0))  # the final pass is one validation
+    assert saved["epochs"] in (expected - 1, expected) and saved["time_budget"] == "60s"
+    assert load_checkpoint(result.run_dir / "last.pt").epoch == saved["epochs"]
+    out = capsys.readouterr().out
+    assert f"-> {saved['epochs']} epoch(s) (at most 50)" in out
+    assert f"the 60s time budget allowed {saved['epochs']} epochs" in out
+
+
+def test_a_gpu_recipe_on_a_cpu_says_how_long_it_would_take(fake_breakhis, tmp_path, capsys,
+                                                         monkeypatch):
+    import breast_cancer_detection.engine as engine
+
+    monkeypatch.setattr(engine, "_time_steps", lambda run, steps: (2.0, 10.0))
+    fit(_cfg(fake_breakhis, tmp_path, epochs=1, expects_gpu=True), progress=False)
+    out = capsys.readouterr().out
+    assert "expects a CUDA GPU and there is none" in out and "--time-budget" in out
+
+
+def test_timing_the_first_steps_leaves_the_run_untouched(fake_breakhis, tmp_path):
+    from breast_cancer_detection.engine import _build_run, _time_steps
+
+    cfg = _cfg(fake_breakhis, tmp_path, epochs=1)
+    run = _build_run(cfg, tmp_path / "runs" / "t", None, progress=False)
+    before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+    rng = torch.get_rng_state()
+    step_s, val_s = _time_steps(run, steps=2)
+    assert step_s > 0 and val_s > 0
+    assert all(torch.equal(before[k], v) for k, v in run.raw_model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_batch_augmentation_builds_the_missing_cache(fake_breakhis, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(fake_breakhis, root)
+    result = fit(_cfg(root, tmp_path, batch_augment="on"), progress=False)
+    out = capsys.readouterr().out
+    assert "building it now" in out and "augmenting whole batches" in out
+    assert (result.run_dir / "best.pt").is_file()
+
+
+def test_weight_averaging_ships_the_average_and_resumes(fake_breakhis, tmp_path):
+    cfg = _cfg(fake_breakhis, tmp_path, epochs=2, ema=0.5)
+    result = fit(cfg, progress=False)
+    last = load_checkpoint(result.run_dir / "last.pt")
+    raw = last.resume.model
+    assert raw is not None
+    differ = [k for k, v in last.state_dict.items() if v.is_floating_point()
+              and not torch.equal(v, raw[k])]
+    assert differ, "the stored weights must be the average, not the trained weights"
+    more = resume(result.run_dir, {"epochs": 3}, progress=False)
+    assert load_checkpoint(more.run_dir / "last.pt").epoch == 3
+
+
+def test_amp_auto_on_a_cpu_follows_native_bf16(monkeypatch):
+    import breast_cancer_detection.checkpoint as ckpt_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ckpt_module, "cpu_has_native_bf16", lambda: True)
+    assert amp_dtype("auto", cpu) == torch.bfloat16 and amp_dtype("off", cpu) is None
+    monkeypatch.setattr(ckpt_module, "cpu_has_native_bf16", lambda: False)
+    assert amp_dtype("auto", cpu) is None and amp_dtype("bf16", cpu) == torch.bfloat16

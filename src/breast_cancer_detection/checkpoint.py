@@ -60,9 +60,10 @@ def cpu_has_native_bf16() -> bool:
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for this setting and device; None means full precision.
 
-    On CUDA ``auto`` picks bf16 where the card has it, else fp16. On the CPU only an explicit
-    ``bf16`` turns autocast on (``auto`` and ``fp16`` stay in float32): CPUs with native bf16
-    (AVX512-BF16 or AMX) train convolutions about twice as fast in it, others emulate it slowly.
+    On CUDA ``auto`` picks bf16 where the card has it, else fp16. On a CPU ``auto`` picks bf16
+    only where the CPU computes it natively (AVX512-BF16 or AMX: convolutions train about twice
+    as fast), and float32 elsewhere, where bf16 is emulated and about 10x slower; an explicit
+    ``bf16`` is obeyed anyway, ``fp16`` stays float32.
     """
     if amp == "off":
         return None
@@ -70,7 +71,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         if amp == "auto":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    if device.type == "cpu" and amp == "bf16":
+    if device.type == "cpu" and (amp == "bf16" or (amp == "auto" and cpu_has_native_bf16())):
         return torch.bfloat16
     return None
 
@@ -88,6 +89,8 @@ class ResumeState:
     scaler: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     """Steps already done in the epoch after ``Checkpoint.epoch`` (0 at an epoch's end)."""
+    model: dict[str, Any] | None = None
+    """The trained weights when ``Checkpoint.state_dict`` holds their moving average."""
 
 
 @dataclass
@@ -197,7 +200,7 @@ class Checkpoint:
         if self.resume is not None:
             r = self.resume
             d["resume"] = {"optimizer": r.optimizer, "scheduler": r.scheduler, "rng": r.rng,
-                           "scaler": r.scaler, "step": r.step}
+                           "scaler": r.scaler, "step": r.step, "model": r.model}
         return d
 
     @classmethod

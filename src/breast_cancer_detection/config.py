@@ -66,7 +66,11 @@ class TrainConfig:
 
     # Optimisation
     epochs: int = 20
-    """Passes over the training images."""
+    """Passes over the training images (the most, when ``time_budget`` is set)."""
+    time_budget: str | None = None
+    """Wall-clock budget for the whole run, e.g. ``30m``, ``1h``, ``900s``: the first steps
+    are timed and the epochs (at most ``epochs``) sized so that the schedule, validation
+    included, ends inside it."""
     batch_size: int = 32
     """Images per step, per process (per GPU under torchrun)."""
     lr: float = 3e-4
@@ -75,12 +79,17 @@ class TrainConfig:
     """AdamW weight decay of the weight matrices and kernels (not biases or norms)."""
     warmup_epochs: float = 1.0
     """Linear warm-up before the cosine decay, in epochs (fractions allowed)."""
+    ema: float | None = None
+    """Keep an exponential moving average of the weights with this decay per step (e.g.
+    0.999): validation, ``best.pt`` and the weights a run ships are the average (BatchNorm
+    statistics included); None uses the trained weights as they are."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss; 0 trains on hard labels."""
     balance: str = "loss"
     """Class imbalance: ``loss`` (weighted loss), ``sampler`` (balanced sampling), ``none``."""
     tta: bool = False
-    """Validate with test-time augmentation (8 flips/rotations averaged)."""
+    """Also score the final model on validation with test-time augmentation (8 flips and
+    rotations averaged); epochs are validated on one view, which is 8x cheaper."""
     early_stop: int | None = None
     """Stop after this many epochs without a better validation AUC; None never stops early."""
     seed: int = 0
@@ -90,9 +99,12 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (CUDA when present), ``cuda``, ``cuda:1``, ``cpu``."""
     amp: str = "auto"
-    """Mixed precision: ``auto`` (on CUDA bf16 if supported, else fp16; on the CPU off),
-    ``bf16`` (CUDA or CPU: about 2x faster on CPUs with AVX512-BF16 or AMX), ``fp16`` (CUDA),
+    """Mixed precision: ``auto`` (CUDA: bf16 if supported, else fp16; a CPU: bf16 only where it
+    computes bf16 natively (AVX512-BF16 or AMX), else float32), ``bf16``, ``fp16`` (CUDA),
     ``off``."""
+    expects_gpu: bool = False
+    """The recipe was sized for a CUDA GPU: without one, training times its first steps and
+    says how long the whole run would take before it starts."""
     channels_last: bool = True
     """Channels-last memory layout: faster convolutions on recent GPUs and with oneDNN on CPUs."""
     compile: bool = False
@@ -133,8 +145,13 @@ class TrainConfig:
         if self.batch_augment == "on" and self.cache == "off":
             raise ConfigError("batch_augment=on reads fixed-size images from the prepared "
                               "cache: drop cache=off, or set batch_augment=off.")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)  # a bad budget fails here, with the fix
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1.")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"ema={self.ema}: the decay must be between 0 and 1, e.g. 0.999, "
+                              "or null for no averaging.")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive.")
         if self.weights and self.pretrained:
@@ -168,6 +185,25 @@ class TrainConfig:
         path = Path(path)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``1.5h`` (a bare number is seconds).
+
+    Raises:
+        ConfigError: anything else, or a duration that is not positive.
+    """
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = str(text).strip().lower()
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in units else (raw, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ConfigError(f"time budget {text!r}: use a number with s, m or h, e.g. 30m."
+                          ) from None
+    if not seconds > 0:
+        raise ConfigError(f"time budget {text!r} must be positive.")
+    return seconds
 
 
 def list_presets() -> list[str]:

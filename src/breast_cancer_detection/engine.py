@@ -128,7 +128,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                     state: EpochState | None = None, bad: dict[str, str] | None = None,
                     paths: list[str] | None = None, log_every: int = 10, progress=None,
                     log=print, batch_transform: nn.Module | None = None,
-                    aug_seed: int = 0) -> EpochState:
+                    aug_seed: int = 0, ema=None) -> EpochState:
     """Trains over ``loader`` once.
 
     Args:
@@ -173,6 +173,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         running += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
         state.step += 1
         state.seen += len(y)
@@ -290,9 +292,10 @@ class RunState:
             resume_state = ResumeState(
                 optimizer=o.optimizer.state_dict(), scheduler=o.scheduler.state_dict(),
                 scaler=o.scaler.state_dict() if o.scaler is not None else {},
-                rng=_rng_state(), step=self.step)
+                rng=_rng_state(), step=self.step,
+                model=run.raw_model.state_dict() if run.ema is not None else None)
         return Checkpoint(
-            arch=cfg.model, state_dict=run.raw_model.state_dict(), classes=list(CLASSES),
+            arch=cfg.model, state_dict=run.eval_model.state_dict(), classes=list(CLASSES),
             preprocessing=run.pre.to_dict(), augment=run.aug.to_dict(), config=cfg.to_dict(),
             magnification=cfg.magnification, split_hash=split_hash(split),
             split_patients={s: sorted(set(g["patient"]) - {""})
@@ -333,6 +336,13 @@ class _Run:
     dtype: torch.dtype | None
     opt: _Optimisation
     progress: bool
+    ema: Any = None
+    """``torch.optim.swa_utils.AveragedModel`` of ``raw_model`` when ``cfg.ema`` is set."""
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation scores and checkpoints store: the averaged weights, or the raw."""
+        return self.ema.module if self.ema is not None else self.raw_model
 
     @property
     def device(self) -> torch.device:
@@ -430,6 +440,16 @@ def _datasets(cfg: TrainConfig, root: Path, train_tab: pd.DataFrame, val_tab: pd
                  else open_cache(cfg.cache, root, both))
     on_batches = cfg.batch_augment == "on" or (
         cfg.batch_augment == "auto" and device.type == "cuda" and cache is not None)
+    if on_batches and cache is None and cfg.cache == "auto":
+        # The recipe reads whole batches from the cache: build it (once) rather than stop.
+        from .data.cache import prepare_cache
+
+        size = cfg.resize or cfg.size
+        log(f"Batch augmentation reads decoded images from a cache, and {root} has no fresh "
+            f"one at {size} px: building it now (once; `bcd prepare` does the same ahead).")
+        prepare_cache(root, pd.concat([train_tab, val_tab]), size,
+                      workers=min(2, os.cpu_count() or 1))
+        cache = find_cache(root, pd.concat([train_tab, val_tab]), size)
     if on_batches and cache is None:
         raise UserError(f"batch augmentation reads the prepared cache, and {root} has none at "
                         f"{cfg.resize or cfg.size} px: run `bcd prepare {root} --size "
@@ -541,11 +561,18 @@ def _build_run(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoint | None,
         cfg, root, train_tab, run.val_tab, pre, aug, dist_info.device, run.log)
     run.opt = build_optimisation(cfg, raw_model, train_tab["target"].to_numpy(),
                                  len(run.train_ds), dist_info, dtype)
-    if dtype == torch.bfloat16 and dist_info.device.type == "cpu" and not cpu_has_native_bf16():
-        run.log("Note: amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated "
-                "and slower than float32; pass --amp off.")
+    run.log(_precision_line(cfg.amp, dtype, dist_info.device))
+    if cfg.ema is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        run.ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                use_buffers=True)
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt.state_dict)
+        if run.ema is not None:
+            run.ema.module.load_state_dict(ckpt.state_dict)
+            run.ema.n_averaged.fill_(1)  # not 0: that would restart the average from scratch
+        raw_model.load_state_dict(ckpt.resume.model if ckpt.resume and ckpt.resume.model
+                                  else ckpt.state_dict)
         if ckpt.resume is None:
             raise CheckpointError(f"{run_dir / 'last.pt'} holds no optimiser state (a best.pt "
                                   "copied over it?); it cannot be resumed.")
@@ -555,6 +582,113 @@ def _build_run(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoint | None,
             run.opt.scaler.load_state_dict(ckpt.resume.scaler)
         _set_rng_state(ckpt.resume.rng)
     return run
+
+
+def _precision_line(amp: str, dtype: torch.dtype | None, device: torch.device) -> str:
+    name = str(dtype).removeprefix("torch.") if dtype else "float32"
+    if device.type != "cpu":
+        return f"Precision: {name} autocast on {device}." if dtype else "Precision: float32."
+    native = cpu_has_native_bf16()
+    if dtype is None:
+        return ("Precision: float32" + ("" if native or amp == "off" else
+                " (this CPU has no native bf16, AVX512-BF16 or AMX, where bf16 would be "
+                "emulated and slower)") + ".")
+    if native:
+        return "Precision: bf16 autocast (this CPU computes bf16 natively; --amp off for float32)."
+    return ("Precision: bf16 autocast as asked, but this CPU has no native bf16 (AVX512-BF16 or "
+            "AMX): it is emulated and several times slower than float32; pass --amp auto.")
+
+
+# ----------------------------------------------------------------------------- time budget
+
+
+def _time_steps(run: _Run, steps: int) -> tuple[float, float]:
+    """Seconds per training step and per validation pass, timed on a throwaway copy.
+
+    The copy trains on the first batches of epoch 1, so the run's weights, optimiser and
+    random streams are untouched; the first step (allocation, oneDNN kernel choice) is not
+    counted.
+    """
+    import copy
+
+    cfg = run.cfg
+    rng = torch.get_rng_state()
+    model = copy.deepcopy(run.raw_model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sampler = EpochSampler(len(run.train_ds), seed=cfg.seed, epoch=0, world=1)
+    sampler.indices = sampler.indices[: (steps + 1) * cfg.batch_size]
+    loader = _loader(run.train_ds, sampler, cfg, run.device, seed=0, drop_last=True)
+    times = []
+    model.train()
+    t0 = time.perf_counter()
+    for batch in loader:  # from one batch's arrival to the next: loading counts too
+        if batch["x"] is None:
+            continue
+        x, y = batch["x"].to(run.device), batch["y"].to(run.device)
+        if run.batch_aug is not None:
+            x = run.batch_aug(x, generator=torch.Generator(device=run.device).manual_seed(0))
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None):
+            loss = run.opt.loss_fn(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        times.append(now - t0)
+        t0 = now
+    step_s = float(np.median(times[1:])) if len(times) > 1 else float(times[0])
+    val_s = 0.0
+    if len(run.val_ds):
+        n = min(len(run.val_ds), 4 * cfg.batch_size)
+        vs = EpochSampler(len(run.val_ds), seed=0, epoch=0, shuffle=False)
+        vs.indices = vs.indices[:n]
+        t0 = time.perf_counter()
+        evaluate(model, _loader(run.val_ds, vs, cfg, run.device, seed=0, drop_last=False),
+                 run.device, dtype=run.dtype, channels_last=cfg.channels_last,
+                 batch_transform=run.batch_eval)
+        val_s = (time.perf_counter() - t0) * len(run.val_ds) / n
+    torch.set_rng_state(rng)
+    return step_s, val_s
+
+
+def _plan_epochs(run: _Run, started: float) -> None:
+    """Sizes the run to ``time_budget``, or warns when a GPU recipe runs on a CPU."""
+    cfg = run.cfg
+    on_cpu_gpu_recipe = cfg.expects_gpu and run.device.type != "cuda"
+    if not (cfg.time_budget or on_cpu_gpu_recipe):
+        return
+    from .config import parse_duration
+
+    step_s, val_s = _time_steps(run, steps=8)
+    steps = run.opt.steps_per_epoch
+    # The final pass (threshold, and 8 views with tta) costs about one validation, or nine.
+    final_s = val_s * (9 if cfg.tta else 1)
+    per_epoch = steps * step_s + val_s
+    if on_cpu_gpu_recipe:
+        whole = cfg.epochs * per_epoch + final_s
+        run.log(f"WARNING: this recipe expects a CUDA GPU and there is none: on {run.device} "
+                f"the first steps take {step_s:.2f} s each, so {cfg.epochs} epochs would take "
+                f"about {whole / 3600:.1f} h. Pass --time-budget 30m to fit the run to the time "
+                "you have, or use the CPU recipe (--preset pcam-cpu on PCam-sized patches).")
+    if not cfg.time_budget:
+        return
+    budget = parse_duration(cfg.time_budget)
+    left = budget - (time.perf_counter() - started) - final_s
+    epochs = max(1, min(cfg.epochs, int(left // per_epoch)))
+    epochs = int(max(_gather(epochs, run.dist)))  # every rank runs the same schedule
+    run.log(f"Time budget {cfg.time_budget}: {steps} steps x {step_s:.2f} s + "
+            f"{val_s:.0f} s validation per epoch -> {epochs} epoch(s) (at most {cfg.epochs}).")
+    if epochs != cfg.epochs:
+        run.cfg = cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
+        run.opt = build_optimisation(cfg, run.raw_model,
+                                     run.split.loc[run.split["split"] == "train",
+                                                   "target"].to_numpy(),
+                                     len(run.train_ds), run.dist, run.dtype)
+        if run.dist.is_main:
+            cfg.save(run.run_dir / "config.yaml")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -570,8 +704,11 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         TrainingError: too many unreadable images, or a diverged loss.
         KeyboardInterrupt: after saving ``last.pt`` and printing how to resume.
     """
+    started = time.perf_counter()
     run_dir = _new_run_dir(cfg)
-    return _train(_build_run(cfg, run_dir, None, progress), RunState())
+    run = _build_run(cfg, run_dir, None, progress)
+    _plan_epochs(run, started)
+    return _train(run, RunState())
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -648,10 +785,48 @@ def _train(run: _Run, state: RunState) -> TrainResult:
                 + ", ".join(list(bad)[:5]) + (" ..." if len(bad) > 5 else ""))
     if run.dist.is_main and not (run.run_dir / "best.pt").exists():
         save_checkpoint(state.to_checkpoint(run, full=False), run.run_dir / "best.pt")
+    if run.dist.is_main and len(run.val_ds):
+        state.best_metrics = _finish_best(run)
     result = TrainResult(run.run_dir, state.best_epoch, state.best_metrics, last_row, bad,
                          stopped_early)
-    run.log(_closing_line(result, run.val_tab))
+    run.log(_closing_line(result, run.val_tab, run.cfg))
     return result
+
+
+def _finish_best(run: _Run) -> dict[str, float]:
+    """Stores in ``best.pt`` the threshold chosen on validation (Youden's J), and with ``tta``
+    its 8-view validation metrics; returns its metrics.
+
+    So a trained model used on new data never falls back to 0.5.
+    """
+    from .evaluation import _decide_threshold
+
+    cfg = run.cfg
+    best = load_checkpoint(run.run_dir / "best.pt")
+    model = best.build_model().to(run.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    sampler = EpochSampler(len(run.val_ds), seed=0, epoch=0, shuffle=False)
+
+    def score(tta: bool) -> dict[str, np.ndarray]:
+        loader = _loader(run.val_ds, sampler, cfg, run.device, seed=0, drop_last=False)
+        return evaluate(model, loader, run.device, dtype=run.dtype,
+                        channels_last=cfg.channels_last, batch_transform=run.batch_eval, tta=tta)
+
+    out = score(False)
+    val = run.val_tab.reset_index(drop=True).iloc[out["row"].astype(int)].assign(
+        probability=out["prob"])
+    value, info, _ = _decide_threshold(best, val, None, [], split_hash(run.split))
+    best.with_threshold(value, {**info, "chosen_by": "bcd train, on the best epoch's weights"})
+    if cfg.tta:
+        tta = score(True)
+        best.metrics = {**best.metrics, "val_auc_tta": roc_auc(tta["target"], tta["prob"]),
+                        "val_acc_tta": accuracy(tta["target"], tta["prob"])}
+    save_checkpoint(best, run.run_dir / "best.pt")
+    run.log(f"Threshold {value:.4f} chosen on validation (Youden's J) and stored in best.pt"
+            + (f"; 8-view TTA validation AUC {best.metrics['val_auc_tta']:.4f}, accuracy "
+               f"{best.metrics['val_acc_tta']:.4f}" if cfg.tta else "") + ".")
+    return best.metrics
 
 
 def _tensorboard(run: _Run):
@@ -688,7 +863,7 @@ def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
                         state=progress, bad=state.bad_images, paths=run.train_ds.paths,
                         log_every=cfg.log_every, progress=bar, log=run.log,
                         batch_transform=run.batch_aug,
-                        aug_seed=run_seed(cfg.seed, epoch, "batches"))
+                        aug_seed=run_seed(cfg.seed, epoch, "batches"), ema=run.ema)
     finally:
         state.step = progress.step  # an interrupt saves the steps done so far
         bar.close()
@@ -719,11 +894,12 @@ def validate_epoch(run: _Run) -> dict[str, float]:
                            rank=run.dist.rank, world=run.dist.world)
     bar = tqdm(total=math.ceil(len(sampler) / cfg.batch_size), desc="val", unit="batch",
                leave=False, disable=not (run.progress and run.dist.is_main))
-    out = evaluate(run.model, _loader(run.val_ds, sampler, cfg, run.device, seed=0,
+    # With averaging, every rank holds the same average: score it (no DDP wrapper needed).
+    model = run.eval_model if run.ema is not None else run.model
+    out = evaluate(model, _loader(run.val_ds, sampler, cfg, run.device, seed=0,
                                       drop_last=False),
                    run.device, dtype=run.dtype, channels_last=cfg.channels_last,
-                   loss_fn=nn.CrossEntropyLoss(), progress=bar, batch_transform=run.batch_eval,
-                   tta=cfg.tta)
+                   loss_fn=nn.CrossEntropyLoss(), progress=bar, batch_transform=run.batch_eval)
     bar.close()
     parts = _gather(out, run.dist)
     prob = np.concatenate([p["prob"] for p in parts])
@@ -814,7 +990,7 @@ def _epoch_line(row: dict[str, float], epochs: int, improved: bool) -> str:
         "  *" if improved else "")
 
 
-def _closing_line(result: TrainResult, val_tab: pd.DataFrame) -> str:
+def _closing_line(result: TrainResult, val_tab: pd.DataFrame, cfg: TrainConfig) -> str:
     b = result.best
     if "val_auc" not in b:
         return f"Done. No validation subset; last checkpoint {result.run_dir / 'best.pt'}."
@@ -822,6 +998,10 @@ def _closing_line(result: TrainResult, val_tab: pd.DataFrame) -> str:
         who = f"{len(val_tab)} images, {val_tab['patient'].nunique()} patients, patient-disjoint"
     else:
         who = f"{len(val_tab)} images, the data folder's own split"
-    return (f"Done. Best epoch {result.best_epoch}: validation accuracy {b['val_acc']:.4f}, "
-            f"AUC {b['val_auc']:.4f} ({who}). Checkpoint: "
+    budget = (f" (the {cfg.time_budget} time budget allowed {cfg.epochs} epochs)"
+              if cfg.time_budget else "")
+    tta = (f"; with 8-view TTA AUC {b['val_auc_tta']:.4f}, accuracy {b['val_acc_tta']:.4f}"
+           if "val_auc_tta" in b else "")
+    return (f"Done. Best epoch {result.best_epoch}{budget}: validation accuracy "
+            f"{b['val_acc']:.4f}, AUC {b['val_auc']:.4f}{tta} ({who}). Checkpoint: "
             f"{result.run_dir / 'best.pt'}")

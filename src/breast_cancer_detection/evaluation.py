@@ -140,10 +140,21 @@ def _run_split_path(checkpoint: Path) -> Path:
 
 
 def _resolve_table(checkpoint: Path, root: Path, split: str | Path | None,
-                   group_by: str) -> tuple[pd.DataFrame, str, list[str]]:
-    """The table to evaluate from: a split file, the run's split.csv, or ROOT indexed."""
+                   group_by: str, external: bool = False
+                   ) -> tuple[pd.DataFrame, str, list[str]]:
+    """The table to evaluate from: a split file, the run's split.csv, or ROOT indexed.
+
+    ``external``: ROOT is not the data the checkpoint was trained on; every image under it is
+    evaluated as one subset, ``all`` (external validation).
+    """
     if split is not None:
         table, source = load_split(split), f"split file `{split}`"
+    elif external:
+        note = (f"External validation: {root} is not the data folder the checkpoint was trained "
+                "on, so EVERY image under it is evaluated as one subset, 'all', at the "
+                "threshold stored in the checkpoint.")
+        return (build_index(root, group_by=group_by).assign(split="all"),
+                f"every image under `{root}` (external)", [note])
     elif _run_split_path(checkpoint).is_file():
         table = load_split(_run_split_path(checkpoint))
         source = f"the run's own split `{_run_split_path(checkpoint)}`"
@@ -161,6 +172,16 @@ def _resolve_table(checkpoint: Path, root: Path, split: str | Path | None,
         raise UserError(f"{split or _run_split_path(checkpoint)} holds folds but no subsets; "
                         "turn fold k into train/val/test with `bcd cv`, or bcd.fold_split.")
     return table, source, []
+
+
+def _is_other_data(checkpoint: Path, root: Path, sample: int = 50) -> bool:
+    """Whether ``root`` lacks the images of the checkpoint's own split (external data), as
+    opposed to holding them, perhaps moved or copied elsewhere."""
+    if not _run_split_path(checkpoint).is_file():
+        return False
+    paths = load_split(_run_split_path(checkpoint))["path"]
+    step = max(1, len(paths) // sample)
+    return not all((root / p).is_file() for p in paths.iloc[::step])
 
 
 def _train_paths(checkpoint: Path, ckpt: Checkpoint,
@@ -300,7 +321,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)  # once: the predictor and the checks share it
     root = _data_root(checkpoint, ckpt, data)
-    table, source, notes = _resolve_table(checkpoint, root, split, ckpt.group_by)
+    external = split is None and _is_other_data(checkpoint, root)
+    table, source, notes = _resolve_table(checkpoint, root, split, ckpt.group_by, external)
     if (table["split"] == "all").all():
         subset = "all"
     available = [s for s in (*SUBSETS, "all") if s in set(table["split"])]
@@ -311,7 +333,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluated = table[table["split"] == subset].reset_index(drop=True)
     val = table[table["split"] == "val"].reset_index(drop=True)
-    leakage, val_leak = _check_leakage(checkpoint, ckpt, table, evaluated, val, subset, notes)
+    leakage, val_leak = _check_leakage(checkpoint, ckpt, table, evaluated, val, subset, notes,
+                                       external)
     has_patients = bool(evaluated["patient"].ne("").all())
 
     # One pass over the images of both subsets.
@@ -382,12 +405,13 @@ def _data_root(checkpoint: Path, ckpt: Checkpoint, data: str | Path | None) -> P
 
 def _check_leakage(checkpoint: Path, ckpt: Checkpoint, table: pd.DataFrame,
                    evaluated: pd.DataFrame, val: pd.DataFrame, subset: str,
-                   notes: list[str]) -> tuple[list[str], list[str]]:
+                   notes: list[str], external: bool = False) -> tuple[list[str], list[str]]:
     """Overlap of the evaluated (and the val) images with the checkpoint's training data.
 
-    Appends to ``notes`` what could not be checked. Returns ``(leakage, val_leak)``.
+    Appends to ``notes`` what could not be checked. Returns ``(leakage, val_leak)``. Paths of
+    another data folder say nothing about the training images, so they are not compared.
     """
-    run_paths = _train_paths(checkpoint, ckpt, table)
+    run_paths = None if external else _train_paths(checkpoint, ckpt, table)
     leakage = find_leakage(ckpt.split_patients, evaluated, subset, run_paths)
     # Only training overlap matters for the val subset: it is meant to be the run's own val.
     val_leak = [] if subset == "val" else find_leakage(ckpt.split_patients, val, "val",

@@ -428,7 +428,8 @@ class Predictor:
             arch or type(model).__name__)
         self.max_pixels = max_pixels
         self.transform = build_eval_transform(pre=pre)
-        self.dtype = amp_dtype("auto", self.device)
+        # Autocast on CUDA only: a CPU answers in float32, so its numbers match ONNX Runtime's.
+        self.dtype = amp_dtype("auto", self.device) if self.device.type == "cuda" else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", *,
