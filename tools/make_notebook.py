@@ -144,17 +144,19 @@ cell 1 (a local `best.pt`, an https URL, optionally with `#sha256=...`, or a Goo
 put your images in `MY_IMAGES`.""", []),
     ("code", """# 9. Load the bundled trained model (or your checkpoint) and predict your own images
 TRAINED = "pcam-patch-cnn"   # `bcd models --trained` lists the named trained models
+# CHECKPOINT = "runs/NAME/best.pt"   # your own checkpoint instead: a path, or an https / Google Drive URL
 predictor = None
 if CHECKPOINT:
     predictor = bcd.Predictor.from_checkpoint(CHECKPOINT)
-    # predictor = bcd.Predictor.from_checkpoint("runs/NAME/best.pt")  # or a path/URL here
 elif bcd.trained_model(TRAINED).present:
     predictor = bcd.Predictor.from_pretrained(TRAINED)
     entry = predictor.trained_model
-    print(f"{entry.name}: {entry.task} ({entry.scale})\nFor: {entry.intended_use}\nNot for: {entry.not_for}")
+    print(f"{entry.name}: {entry.task} ({entry.scale})")
+    print(f"For: {entry.intended_use}")
+    print(f"Not for: {entry.not_for}")
 else:
     print(f"The trained model {TRAINED!r} is not in this copy ({bcd.trained_model(TRAINED).where}); "
-          "`git pull` a fresh clone to get it, or set CHECKPOINT in cell 1. Skipping this cell.")
+          "update the clone (`git pull`) or make a fresh one to get it, or set CHECKPOINT. Skipping this cell.")
 if predictor is not None:
     images = MY_IMAGES or ([root / p for p in index["path"][:2]] if "index" in globals() else [])
     if not images:
