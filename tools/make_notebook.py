@@ -32,7 +32,8 @@ puts a patient on both sides inflates accuracy by 5-15 points. Every split here 
 patient-disjoint, and results are reported per image and per patient, with 95% confidence
 intervals from a bootstrap over patients.
 
-*Only want predictions?* Set `CHECKPOINT` below and run cells 1, 2 and 9.
+*Only want predictions?* Run cells 1, 2 and 9: cell 9 uses the trained model
+shipped with the repository, or your own `CHECKPOINT`.
 
 A research tool, not a medical device.""", []),
     ("code", """# 1. Parameters (papermill/nbclient can override this cell)
@@ -136,15 +137,27 @@ for path, pred in zip(picks, predictor.predict(picks)):
     plt.show()""", []),
     ("md", """## 9. Inference only
 
-Run cells 1 and 2, set `CHECKPOINT` (a local `best.pt`, an https URL, optionally with
-`#sha256=...`, or a Google Drive link) and `MY_IMAGES`, then run this cell. Nothing above
-needs to have run.""", []),
-    ("code", """# 9. Load a checkpoint from a path or URL and predict your own images
-ckpt = CHECKPOINT or (str(best) if "best" in globals() else None)
-if ckpt is None:
-    print("Set CHECKPOINT in cell 1 to a trained checkpoint (path or URL), then run this cell.")
+Run cells 1, 2 and this one: nothing above needs to have run. By default it loads the trained
+model shipped in the repository (`pcam-patch-cnn`: 96 px H&E patches of lymph-node sections
+at about 0.97 um/px; no training, no download). For your own checkpoint set `CHECKPOINT` in
+cell 1 (a local `best.pt`, an https URL, optionally with `#sha256=...`, or a Google Drive link);
+put your images in `MY_IMAGES`.""", []),
+    ("code", """# 9. Load the bundled trained model (or your checkpoint) and predict your own images
+TRAINED = "pcam-patch-cnn"   # `bcd models --trained` lists the named trained models
+# CHECKPOINT = "runs/NAME/best.pt"   # your own checkpoint instead: a path, or an https / Google Drive URL
+predictor = None
+if CHECKPOINT:
+    predictor = bcd.Predictor.from_checkpoint(CHECKPOINT)
+elif bcd.trained_model(TRAINED).present:
+    predictor = bcd.Predictor.from_pretrained(TRAINED)
+    entry = predictor.trained_model
+    print(f"{entry.name}: {entry.task} ({entry.scale})")
+    print(f"For: {entry.intended_use}")
+    print(f"Not for: {entry.not_for}")
 else:
-    predictor = bcd.Predictor.from_checkpoint(ckpt)
+    print(f"The trained model {TRAINED!r} is not in this copy ({bcd.trained_model(TRAINED).where}); "
+          "update the clone (`git pull`) or make a fresh one to get it, or set CHECKPOINT. Skipping this cell.")
+if predictor is not None:
     images = MY_IMAGES or ([root / p for p in index["path"][:2]] if "index" in globals() else [])
     if not images:
         print("Set MY_IMAGES in cell 1 to a list of image files.")

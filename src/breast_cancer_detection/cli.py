@@ -161,10 +161,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    if args.trained:
+        from .pretrained import ENV, list_trained
+
+        rows = [(m.name + (" *" if m.default else ""), m.task, m.scale, m.where,
+                 (m.sha256 or "unchecked")[:12], "yes" if m.present else "no")
+                for m in list_trained()]
+        head = ("name", "task", "scale", "where", "sha256", "present")
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        for r in [head, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print(f"(* the default of `bcd predict IMAGE...` and `bcd serve`; add your own models "
+              f"with a YAML file named in ${ENV})")
+        return 0
     from .models import list_models
 
     print("\n".join(list_models()))
-    print("(any timm model name also works when timm is installed)")
+    print("(any timm model name also works when timm is installed; `bcd models --trained` "
+          "lists trained models ready to use)")
     return 0
 
 
@@ -265,6 +279,40 @@ def _prediction_lines(files: list[Path], table, limit: int) -> str:
     return "\n".join(lines)
 
 
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".onnx")
+
+
+def _names_a_checkpoint(arg: str) -> bool:
+    """Whether a first positional of `bcd predict` is the model rather than an image: a URL,
+    a .pt/.pth/.onnx file, or a registered trained model's name that is no existing path."""
+    import urllib.parse
+
+    from .pretrained import is_trained_name
+
+    if arg.startswith(("http://", "https://")):
+        return True
+    if urllib.parse.urldefrag(arg)[0].lower().endswith(_CHECKPOINT_SUFFIXES):
+        return True
+    return not Path(arg).exists() and is_trained_name(arg)
+
+
+def _model_choice(args: argparse.Namespace) -> None:
+    """Sets ``args.checkpoint`` (a path or URL) or ``args.model`` (a registry name; None for
+    the default trained model), refusing both at once."""
+    from .errors import UserError
+    from .pretrained import is_trained_name
+
+    if args.checkpoint and args.model:
+        raise UserError(f"both a checkpoint ({args.checkpoint}) and --model {args.model} were "
+                        "given; keep one of them.")
+    if args.checkpoint and not Path(args.checkpoint).exists() and is_trained_name(
+            args.checkpoint):
+        args.checkpoint, args.model = None, args.checkpoint
+    if args.checkpoint is None and args.sha256:
+        raise UserError("--sha256 checks a checkpoint file or URL; a trained model's hash is in "
+                        "its registry entry (`bcd models --trained`): drop --sha256.")
+
+
 def _load_predictor(args: argparse.Namespace):
     import urllib.parse
 
@@ -272,6 +320,16 @@ def _load_predictor(args: argparse.Namespace):
     from .inference import Predictor
 
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+    if args.checkpoint is None:
+        from .pretrained import trained_model
+
+        entry = trained_model(args.model)
+        if args.model is None:
+            print(f"Using the default trained model {entry.name} ({entry.task}; "
+                  f"{entry.scale}); pass a checkpoint or --model NAME for another.",
+                  file=sys.stderr)
+        return Predictor.from_pretrained(entry.name, device=args.device,
+                                         progress=not args.quiet, max_pixels=max_pixels)
     kw = dict(sha256=args.sha256, progress=not args.quiet, max_pixels=max_pixels)
     if urllib.parse.urldefrag(str(args.checkpoint))[0].lower().endswith(".onnx"):
         return Predictor.from_onnx(args.checkpoint, device=args.device, **kw)
@@ -283,6 +341,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .inference import collect_images, predictions_frame, summarize_patients
 
+    args.checkpoint = None
+    if not args.model and _names_a_checkpoint(args.paths[0]):
+        args.checkpoint, args.paths = args.paths[0], args.paths[1:]
+        if not args.paths:
+            raise UserError(f"{args.checkpoint} is a model; name the image files or folders "
+                            "to predict after it.")
+    elif args.model and any(_names_a_checkpoint(p) for p in args.paths):
+        raise UserError(f"--model {args.model} was given, and also a checkpoint among the "
+                        "images; keep one of them.")
+    _model_choice(args)
     files = collect_images(args.paths)
     if not files:
         raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
@@ -364,6 +432,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .app.server import create_app
 
+    _model_choice(args)
     predictor = _load_predictor(args)  # loaded before serving, so a bad file fails here
     # The bound name is answered to as well as IP addresses and localhost (DNS rebinding).
     hosts = [h for h in (args.allowed_hosts or "").split(",") if h.strip()] + [args.host]
@@ -425,8 +494,13 @@ def _data_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="data folder (BreakHis tree or ImageFolder)")
 
 
-def _checkpoint(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("checkpoint", help=help)
+def _checkpoint(p: argparse.ArgumentParser, help: str, optional: bool = False) -> None:
+    p.add_argument("checkpoint", help=help, **({"nargs": "?"} if optional else {}))
+
+
+def _trained_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME", help="a trained model by name (`bcd models "
+                   "--trained`; default: the one marked default there)")
 
 
 def _preset(p: argparse.ArgumentParser, help: str) -> None:
@@ -606,7 +680,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(t)
     t.set_defaults(func=_cmd_train)
 
-    m = sub.add_parser("models", help="list the architectures create_model knows")
+    m = sub.add_parser("models", help="list the architectures create_model knows",
+                       description="List the architectures `bcd train --model` takes, or with "
+                       "--trained the named trained models ready to use.")
+    m.add_argument("--trained", action="store_true", help="list the trained models instead: "
+                   "name, task, scale, where, SHA-256 prefix, whether the file is here")
     m.set_defaults(func=_cmd_models)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint: metrics, CIs, plots, report",
@@ -651,13 +729,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_cv)
 
     pd_ = sub.add_parser("predict", help="predict images with a checkpoint (or ONNX export)",
+                         usage="bcd predict [CHECKPOINT] PATH [PATH ...] [options]",
                          description="Predict image files and folders (searched recursively) "
-                         "with a checkpoint from `bcd train`, a URL of one, or an ONNX export. "
-                         "Prints file, label, P(malignant); writes a CSV. Exits 1 when any "
-                         "image could not be read (its CSV row says why).")
-    _checkpoint(pd_, "best.pt, an https:// or Google Drive URL (downloaded once into "
-                "~/.cache/breast_cancer_detection or $BCD_CACHE), or model.onnx")
-    pd_.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+                         "with a checkpoint from `bcd train`, a URL of one, an ONNX export, or "
+                         "a named trained model; with none, the default trained model (`bcd "
+                         "models --trained`). The first argument is the model when it is a "
+                         ".pt/.pth/.onnx file, an http(s):// or Google Drive URL (downloaded "
+                         "once into ~/.cache/breast_cancer_detection or $BCD_CACHE), or a "
+                         "trained model's name that is not an existing file or folder; "
+                         "otherwise every argument is an image. Prints file, label, "
+                         "P(malignant); writes a CSV. Exits 1 when any image could not be "
+                         "read (its CSV row says why).")
+    pd_.add_argument("paths", nargs="+", metavar="PATH", help="[CHECKPOINT] then image files "
+                     "or folders (see above)")
+    _trained_model(pd_)
     pd_.add_argument("--out", default="predictions.csv",
                      help="CSV to write (default: predictions.csv)")
     pd_.add_argument("--plot", metavar="DIR", help="write a figure per image (image titled with "
@@ -695,8 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="the web app: upload images, see the answer and why",
                         description="Serve the page and the API (POST /api/predict, GET "
                         "/api/health, GET /api/model; OpenAPI at /docs) for one checkpoint, "
-                        "loaded once. A research tool, not a medical device.")
-    _checkpoint(sv, "best.pt from `bcd train`, a URL of one, or model.onnx (no Grad-CAM)")
+                        "loaded once: a checkpoint, a named trained model, or by default "
+                        "the default trained model (`bcd models --trained`). A research tool, "
+                        "not a medical device.")
+    _checkpoint(sv, "best.pt from `bcd train`, a URL of one, model.onnx (no Grad-CAM), or a "
+                "trained model's name (default: the default trained model)", optional=True)
+    _trained_model(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
                     "this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="(default 8000)")

@@ -462,6 +462,43 @@ class Predictor:
         local = _local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
         return cls.from_loaded(load_checkpoint(local), device=device, **kwargs)
 
+    trained_model = None
+    """The :class:`bcd.pretrained.TrainedModel` registry entry this predictor was loaded from
+    by :meth:`from_pretrained` (its intended use and scale, for the model card), or None."""
+
+    @classmethod
+    def from_pretrained(cls, name: str | None = None, device: str = "auto", *,
+                        cache_dir: str | Path | None = None, progress: bool = True,
+                        **kwargs) -> Predictor:
+        """Loads a named trained model from the registry (``bcd models --trained``).
+
+        The bundled model needs no training and no network; a registry entry with a URL is
+        downloaded once into the cache. Either way the file is checked against the registry's
+        SHA-256 before it is loaded.
+
+        Args:
+            name: A registry name such as ``"pcam-patch-cnn"``; None for the default model.
+            device: ``auto``, ``cpu``, ``cuda``...
+            cache_dir: Where downloads are kept (default ``$BCD_CACHE`` or
+                ``~/.cache/breast_cancer_detection``).
+            progress: Show a download progress bar.
+            **kwargs: Passed to :class:`Predictor` (``max_pixels``, ``channels_last``).
+
+        Raises:
+            TrainedModelError: unknown name (the known ones are listed), a missing file, or
+                a file that is not the one the registry names.
+        """
+        from .pretrained import resolve_trained, trained_model
+
+        entry = trained_model(name)
+        local = resolve_trained(entry.name, cache=cache_dir, progress=progress)
+        if local.suffix.lower() == ".onnx":
+            pred = cls.from_onnx(local, device=device, **kwargs)
+        else:
+            pred = cls.from_loaded(load_checkpoint(local), device=device, **kwargs)
+        pred.trained_model = entry
+        return pred
+
     @classmethod
     def from_loaded(cls, ckpt: Checkpoint, device: str = "auto", **kwargs) -> Predictor:
         """A Predictor for a checkpoint already loaded with :func:`bcd.load_checkpoint`."""

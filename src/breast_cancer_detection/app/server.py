@@ -489,6 +489,10 @@ def model_card(predictor: Predictor, report: EvaluationResult | None = None) -> 
         "threshold": {"value": predictor.threshold, "source": predictor.threshold_source,
                       **threshold_info},
         "intended_use": INTENDED_USE,
+        # A named trained model (Predictor.from_pretrained) adds its registry entry: task,
+        # scale, and its own intended use and not-for.
+        "trained_model": (predictor.trained_model.card()
+                          if getattr(predictor, "trained_model", None) else None),
         "versions": {"training": ckpt.versions if ckpt else None,
                      "serving": _serving_versions()},
     }
