@@ -82,12 +82,16 @@ def memory_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> dict:
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float,
+                  err: Path | None = None) -> dict:
+    """The server's /api/health answer once it is up; its stderr (the pipe, or the file
+    ``err``) if it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}:\n"
-                             f"{proc.stderr.read().decode(errors='replace')}")
+            text = (err.read_text(errors="replace") if err is not None
+                    else proc.stderr.read().decode(errors="replace"))
+            raise SystemExit(f"the server exited with code {proc.returncode}:\n{text}")
         try:
             return httpx.get(f"{url}/api/health", timeout=2).json()
         except httpx.HTTPError:

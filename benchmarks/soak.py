@@ -41,7 +41,15 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import HOST, emit, free_port, images, memory_kb, save_checkpoint  # noqa: E402
+from load import (  # noqa: E402
+    HOST,
+    emit,
+    free_port,
+    images,
+    memory_kb,
+    save_checkpoint,
+    wait_until_up,
+)
 
 MAX_REQUESTS = 5000  # per kind of client: bounds the run even if the server answers at once
 BOUNDARY = "soak"
@@ -88,19 +96,6 @@ def _head(port: int, length: int) -> bytes:
     return (f"POST /api/predict HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
             f"Content-Length: {length}\r\n\r\n").encode()
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, err: Path, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}:\n"
-                             f"{err.read_text(errors='replace')}")
-        try:
-            return httpx.get(f"{url}/api/health", timeout=2).json()
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise SystemExit(f"the server did not answer at {url} within {timeout:.0f} s")
 
 
 class Soak:
@@ -248,7 +243,7 @@ def main() -> int:
         with open(out, "wb") as fout, open(err, "wb") as ferr:
             proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr)
             try:
-                health = wait_until_up(url, proc, err, timeout=180)
+                health = wait_until_up(url, proc, 180, err=err)
                 warm = httpx.post(f"{url}/api/predict", timeout=300, files=[
                     ("files", (samples[0][0], samples[0][1], "image/png"))])
                 if warm.status_code != 200:
