@@ -409,3 +409,33 @@ def test_amp_auto_on_a_cpu_follows_native_bf16(monkeypatch):
     assert amp_dtype("auto", cpu) == torch.bfloat16 and amp_dtype("off", cpu) is None
     monkeypatch.setattr(ckpt_module, "cpu_has_native_bf16", lambda: False)
     assert amp_dtype("auto", cpu) is None and amp_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_the_budget_shortens_the_schedule_when_epochs_run_slow(fake_breakhis, tmp_path, capsys,
+                                                               monkeypatch):
+    import time
+
+    import breast_cancer_detection.engine as engine
+
+    # The first steps claim to be nearly free, so the plan is the 50-epoch maximum...
+    monkeypatch.setattr(engine, "_time_steps", lambda run, steps: (0.001, 0.001))
+    real = engine._train_epoch
+
+    def slow(run, state):  # ...but every epoch takes at least 1 s.
+        start = time.perf_counter()
+        row = real(run, state)
+        time.sleep(max(0.0, 1.0 - (time.perf_counter() - start)))
+        return {**row, "seconds": time.perf_counter() - start}
+
+    monkeypatch.setattr(engine, "_train_epoch", slow)
+    start = time.perf_counter()
+    result = fit(_cfg(fake_breakhis, tmp_path, epochs=50, time_budget="15s", batch_size=8),
+                 progress=False)
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert "-> 50 epoch(s)" in out and "the schedule now ends after" in out, out
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())["epochs"]
+    assert 2 <= saved < 50 and load_checkpoint(result.run_dir / "last.pt").epoch == saved
+    assert elapsed < 15 + 6  # the budget, plus the final pass it does not bound
+    schedule = load_checkpoint(result.run_dir / "last.pt").resume.scheduler["lr_lambdas"][0]
+    assert schedule["total"] == saved * 4  # the cosine ends with the shortened run

@@ -338,6 +338,10 @@ class _Run:
     progress: bool
     ema: Any = None
     """``torch.optim.swa_utils.AveragedModel`` of ``raw_model`` when ``cfg.ema`` is set."""
+    started: float | None = None
+    """``time.perf_counter()`` when ``fit`` began, for the time budget; None on resume."""
+    final_s: float = 0.0
+    """Predicted cost of the final pass (threshold, TTA), kept out of the time budget."""
 
     @property
     def eval_model(self) -> nn.Module:
@@ -488,14 +492,23 @@ def _build_model(cfg: TrainConfig, dist_info: DistInfo) -> tuple[nn.Module, nn.M
     return raw_model, model
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then a cosine to 0 at
+    ``total``. An object rather than a closure so that LambdaLR saves ``total`` with the
+    checkpoint (a time budget may shorten the run)."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -677,8 +690,9 @@ def _plan_epochs(run: _Run, started: float) -> None:
     if not cfg.time_budget:
         return
     budget = parse_duration(cfg.time_budget)
+    run.started, run.final_s = started, final_s  # for _replan after each epoch
     # 5% kept back: a run's later steps are a little slower than the timed ones (progress
-    # bars, checkpoint writes, a busier page cache).
+    # bars, checkpoint writes, a busier page cache); _replan corrects the rest.
     left = 0.95 * budget - (time.perf_counter() - started) - final_s
     epochs = max(1, min(cfg.epochs, int(left // per_epoch)))
     epochs = int(max(_gather(epochs, run.dist)))  # every rank runs the same schedule
@@ -758,14 +772,15 @@ def _train(run: _Run, state: RunState) -> TrainResult:
     stopped_early = False
     with _sigterm_as_interrupt():
         try:
-            while state.epoch < cfg.epochs:
+            while state.epoch < run.cfg.epochs:
                 row = _train_epoch(run, state)
+                _replan(run, history, row)  # before the checkpoints, which carry the schedule
                 improved = _record_epoch(run, state, row, tb)
                 history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
                 if run.dist.is_main:
                     history.to_csv(metrics_path, index=False)
                 last_row = row
-                run.log(_epoch_line(row, cfg.epochs, improved))
+                run.log(_epoch_line(row, run.cfg.epochs, improved))
                 if cfg.early_stop and state.since_best >= cfg.early_stop:
                     run.log(f"Early stop: no better validation AUC for {state.since_best} "
                             "epochs.")
@@ -794,6 +809,35 @@ def _train(run: _Run, state: RunState) -> TrainResult:
                          stopped_early)
     run.log(_closing_line(result, run.val_tab, run.cfg))
     return result
+
+
+def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
+    """Shortens the schedule when epochs take longer than the first steps said.
+
+    After each epoch the epochs still to run are sized from the mean measured epoch; when
+    fewer fit than planned, the cosine's end moves closer (the learning rate steps down a
+    little) so that the run still ends inside ``time_budget``. Never lengthens it.
+    """
+    cfg, done = run.cfg, int(row["epoch"])
+    if run.started is None or not cfg.time_budget or done >= cfg.epochs:
+        return
+    from .config import parse_duration
+
+    seconds = [*history.get("seconds", pd.Series(dtype=float)).tolist(), row["seconds"]]
+    per_epoch = float(np.mean(seconds[-3:]))  # the recent pace
+    left = 0.95 * parse_duration(cfg.time_budget) - (time.perf_counter() - run.started) - (
+        run.final_s)
+    epochs = done + max(0, int(left // per_epoch))
+    epochs = int(max(_gather(max(epochs, done + 1), run.dist)))
+    if epochs >= cfg.epochs:
+        return
+    run.log(f"Time budget {cfg.time_budget}: epochs take {per_epoch:.0f} s, more than the first "
+            f"steps said; the schedule now ends after {epochs} epochs instead of {cfg.epochs}.")
+    run.cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
+    schedule = run.opt.scheduler.lr_lambdas[0]
+    schedule.total = epochs * run.opt.steps_per_epoch
+    if run.dist.is_main:
+        run.cfg.save(run.run_dir / "config.yaml")
 
 
 def _finish_best(run: _Run) -> dict[str, float]:
