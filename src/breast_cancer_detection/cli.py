@@ -616,15 +616,8 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
     _quiet(group, "no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for `bcd` and all its subcommands."""
-    p = argparse.ArgumentParser(
-        prog="bcd",
-        description="Breast cancer detection in histopathology images (BreakHis), split by "
-        "patient.",
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_data_commands(sub) -> None:
+    """download, index, prepare, split: from files to a split table."""
     d = sub.add_parser("download", help="download and extract BreakHis v1",
                        description="Download BreaKHis_v1.tar.gz (resumable), check and extract it.")
     d.add_argument("--dest", default="data", help="folder to put BreaKHis_v1 in (default: data)")
@@ -673,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fold", type=int, default=1, help="which protocol fold (with --protocol)")
     s.set_defaults(func=_cmd_split)
 
+
+def _add_model_commands(sub) -> None:
+    """train, models, evaluate, cv: from a split to a checkpoint and its report."""
     t = sub.add_parser("train", help="train a model (the main job)",
                        description="Train on a data folder with a patient-disjoint split; "
                        "writes runs/NAME/{config.yaml,split.csv,metrics.csv,last.pt,best.pt}. "
@@ -728,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(c, "no progress bars")
     c.set_defaults(func=_cmd_cv)
 
+
+def _add_use_commands(sub) -> None:
+    """predict, export, serve: using a checkpoint."""
     pd_ = sub.add_parser("predict", help="predict images with a checkpoint (or ONNX export)",
                          usage="bcd predict [CHECKPOINT] PATH [PATH ...] [options]",
                          description="Predict image files and folders (searched recursively) "
@@ -816,6 +815,19 @@ def build_parser() -> argparse.ArgumentParser:
     _device(sv)
     _quiet(sv, "no progress bar or request log")
     sv.set_defaults(func=_cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for `bcd` and all its subcommands."""
+    p = argparse.ArgumentParser(
+        prog="bcd",
+        description="Breast cancer detection in histopathology images (BreakHis), split by "
+        "patient.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_data_commands(sub)
+    _add_model_commands(sub)
+    _add_use_commands(sub)
     return p
 
 

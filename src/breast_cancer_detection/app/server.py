@@ -850,6 +850,13 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
 
     app.add_middleware(_Guard, allowed_hosts=list(allowed_hosts))
 
+    _add_routes(app, service, gate)
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
+    return app
+
+
+def _add_routes(app: FastAPI, service: _Service, gate: _Gate) -> None:
+    """The API: /api/health, /api/model and /api/predict."""
     @app.get("/api/health", response_model=Health, tags=["service"])
     async def health() -> Health:
         """The service is up; which model answers, and how busy it is."""
@@ -908,6 +915,3 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
             return _gone()
         finally:
             watcher.cancel()
-
-    app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
-    return app

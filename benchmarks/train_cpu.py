@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""CPU training throughput of the pcam-cpu recipe: the previous preset's epoch against today's.
+
+Both sides train ``patch_cnn`` in float32 on the same PCam patches (from the prepared cache,
+whole-batch augmentation in the training process) and are timed in the same run, in turns:
+
+- ``previous``: the preset before the time budget: 8-view TTA validation every epoch, no
+  weight averaging.
+- ``today``: the preset now: one-view validation every epoch (8 views once, on the final
+  model), a moving average of the weights updated every step.
+- ``today_compiled``: the same with ``--compile`` (torch.compile on the CPU; needs a C++
+  compiler at run time), to show what it would add.
+
+For each, ``--steps`` training steps are timed on a throwaway copy of the model (after one
+warm-up step), then one validation pass over ``--val`` patches; the epoch estimate is
+steps_per_epoch x step time + the validation over all 3,000 valid patches. It prints JSON
+lines (CPU model and flags first), then each side's training images/s and epoch estimate, and
+today's epochs per 30 minutes against the previous preset's.
+
+    python benchmarks/train_cpu.py [--data ../shared/data/pcam-subset] [--steps 30] [--val 512]
+                                   [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+
+
+def cpu_line() -> dict:
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                     if line.startswith("model name"))
+        flags = next(line for line in text.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return {"what": "cpu", "model": model, "cores": torch.get_num_threads(),
+            "avx2": " avx2" in flags, "avx512f": " avx512f" in flags,
+            "avx512_bf16": " avx512_bf16" in flags, "amx": " amx_tile" in flags}
+
+
+def build(data: Path, runs: Path, name: str, **overrides):
+    """The run (datasets, model, optimiser) the preset builds, with ``overrides``."""
+    from breast_cancer_detection.config import TrainConfig, load_preset
+    from breast_cancer_detection.engine import _build_run
+
+    settings = {**load_preset("pcam-cpu"), "data": str(data), "runs_dir": str(runs),
+                "name": name, "amp": "off", "time_budget": None, **overrides}
+    return _build_run(TrainConfig.from_dict(settings), runs / name, None, progress=False)
+
+
+def time_side(run, steps: int, n_val: int, tta: bool, compiled: bool) -> dict:
+    from breast_cancer_detection.data.datasets import EpochSampler
+    from breast_cancer_detection.engine import _loader, evaluate
+
+    cfg = run.cfg
+    model = copy.deepcopy(run.raw_model)
+    forward = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    sampler = EpochSampler(len(run.train_ds), seed=0, epoch=0)
+    sampler.indices = sampler.indices[: (steps + 1) * cfg.batch_size]
+    loader = _loader(run.train_ds, sampler, cfg, run.device, seed=0, drop_last=True)
+    times, t0 = [], time.perf_counter()
+    for batch in loader:
+        x = run.batch_aug(batch["x"], generator=torch.Generator().manual_seed(0))
+        x = x.contiguous(memory_format=torch.channels_last)
+        loss = torch.nn.functional.cross_entropy(forward(x).float(), batch["y"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        now = time.perf_counter()
+        times.append(now - t0)
+        t0 = now
+    step_s = statistics.mean(times[1:])
+    vs = EpochSampler(len(run.val_ds), seed=0, epoch=0, shuffle=False)
+    vs.indices = vs.indices[:n_val]
+    t0 = time.perf_counter()
+    evaluate(forward, _loader(run.val_ds, vs, cfg, run.device, seed=0, drop_last=False),
+             run.device, channels_last=True, batch_transform=run.batch_eval, tta=tta)
+    val_s = (time.perf_counter() - t0) * len(run.val_ds) / n_val
+    epoch_s = run.opt.steps_per_epoch * step_s + val_s
+    return {"train_img_per_s": cfg.batch_size / step_s, "step_s": step_s,
+            "val_s_per_epoch": val_s, "epoch_s": epoch_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=SHARED / "data" / "pcam-subset")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--val", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled side")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"{args.data}: no PCam folder; pass --data.")
+    print(json.dumps(cpu_line()), flush=True)
+    sides = {"previous": ({"ema": None}, True, False), "today": ({}, False, False)}
+    if not args.no_compile:
+        sides["today_compiled"] = ({}, False, True)
+    results: dict[str, list[dict]] = {k: [] for k in sides}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {k: build(args.data, Path(tmp), k, **o) for k, (o, _, _) in sides.items()}
+        for rep in range(args.repeats):  # in turns, so drifts in the machine hit every side
+            for k, (_, tta, compiled) in sides.items():
+                r = time_side(runs[k], args.steps, args.val, tta, compiled)
+                results[k].append(r)
+                print(json.dumps({"what": k, "repeat": rep, **r}), flush=True)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in results.items()}
+    for k, m in med.items():
+        print(f"{k:>15}: {m['train_img_per_s']:6.0f} training img/s, epoch "
+              f"{m['epoch_s']:5.0f} s ({m['val_s_per_epoch']:.0f} s of it validation)")
+    ratio = med["previous"]["epoch_s"] / med["today"]["epoch_s"]
+    spread = [p["epoch_s"] / t["epoch_s"] for p, t in zip(results["previous"], results["today"])]
+    print(f"epochs per 30 minutes: today {1800 / med['today']['epoch_s']:.1f}, previous "
+          f"{1800 / med['previous']['epoch_s']:.1f}: {ratio:.2f}x (per repeat "
+          f"{min(spread):.2f}-{max(spread):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
