@@ -339,6 +339,7 @@ def test_training_stores_the_threshold_chosen_on_val(fake_breakhis, tmp_path, ca
     assert "stored in best.pt" in out and "with 8-view TTA AUC" in out
 
 
+@pytest.mark.slow
 def test_a_time_budget_sizes_the_epochs(fake_breakhis, tmp_path, capsys, monkeypatch):
     import breast_cancer_detection.engine as engine
 
@@ -411,6 +412,7 @@ def test_amp_auto_on_a_cpu_follows_native_bf16(monkeypatch):
     assert amp_dtype("auto", cpu) is None and amp_dtype("bf16", cpu) == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_the_budget_shortens_the_schedule_when_epochs_run_slow(fake_breakhis, tmp_path, capsys,
                                                                monkeypatch):
     import time

@@ -65,6 +65,7 @@ print(json.dumps({"kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - bef
 """
 
 
+@pytest.mark.slow
 def test_a_thin_png_costs_neither_memory_nor_time(trained, tmp_path):
     # 243 bytes on disk, 0.04 megapixels: passes the pixel limit. Resizing its 1 px short
     # side to the model's scale used to allocate a 40 x 1.6 million pixel image.

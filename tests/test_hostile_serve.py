@@ -245,6 +245,7 @@ def test_a_model_that_outputs_nan_is_a_500_never_a_label(predictor):
 # ----------------------------------------------------------------------------- 4. uploads
 
 
+@pytest.mark.slow
 def test_stalled_uploads_hold_no_model_slot_and_time_out_with_408(predictor):
     app = create_app(predictor, max_concurrency=1, max_queue=1, upload_timeout=2,
                      max_uploads=6)
