@@ -380,6 +380,17 @@ def test_timing_the_first_steps_leaves_the_run_untouched(fake_breakhis, tmp_path
     assert torch.equal(rng, torch.get_rng_state())
 
 
+def test_the_first_steps_are_timed_even_when_the_data_is_smaller_than_a_batch(fake_breakhis,
+                                                                            tmp_path):
+    from breast_cancer_detection.engine import _build_run, _time_steps
+
+    run = _build_run(_cfg(fake_breakhis, tmp_path, batch_size=64), tmp_path / "runs" / "t",
+                     None, progress=False)
+    assert len(run.train_ds) < 64
+    step_s, val_s = _time_steps(run, steps=12)
+    assert step_s > 0 and val_s > 0
+
+
 def test_batch_augmentation_builds_the_missing_cache(fake_breakhis, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(fake_breakhis, root)

@@ -630,7 +630,7 @@ def _time_steps(run: _Run, steps: int) -> tuple[float, float]:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     sampler = EpochSampler(len(run.train_ds), seed=cfg.seed, epoch=0, world=1)
     sampler.indices = sampler.indices[: (steps + 1) * cfg.batch_size]
-    loader = _loader(run.train_ds, sampler, cfg, run.device, seed=0, drop_last=True)
+    loader = _loader(run.train_ds, sampler, cfg, run.device, seed=0, drop_last=False)
     times = []
     model.train()
     t0 = time.perf_counter()
@@ -653,6 +653,9 @@ def _time_steps(run: _Run, steps: int) -> tuple[float, float]:
         times.append(now - t0)
         t0 = now
     # The mean, not the median: the slow steps (a cache page-in, a collection) count too.
+    if not times:
+        raise UserError(f"no readable training image to time the first steps with under "
+                        f"{run.root}; check the data folder.")
     step_s = float(np.mean(times[1:])) if len(times) > 1 else float(times[0])
     val_s = 0.0
     if len(run.val_ds):
@@ -683,10 +686,11 @@ def _plan_epochs(run: _Run, started: float) -> None:
     per_epoch = steps * step_s + val_s
     if on_cpu_gpu_recipe:
         whole = cfg.epochs * per_epoch + final_s
+        took = f"{whole / 3600:.1f} h" if whole >= 3600 else f"{whole / 60:.0f} min"
         run.log(f"WARNING: this recipe expects a CUDA GPU and there is none: on {run.device} "
-                f"the first steps take {step_s:.2f} s each, so {cfg.epochs} epochs would take "
-                f"about {whole / 3600:.1f} h. Pass --time-budget 30m to fit the run to the time "
-                "you have, or use the CPU recipe (--preset pcam-cpu on PCam-sized patches).")
+                f"the first steps take {step_s:.2f} s each, so {cfg.epochs} epoch(s) would take "
+                f"about {took}. Pass --time-budget 30m to fit the run to the time you have, or "
+                "use the CPU recipe (--preset pcam-cpu on PCam-sized patches).")
     if not cfg.time_budget:
         return
     budget = parse_duration(cfg.time_budget)
