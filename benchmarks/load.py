@@ -82,6 +82,16 @@ def memory_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Stops the server: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_until_up(url: str, proc: subprocess.Popen, timeout: float,
                   err: Path | None = None) -> dict:
     """The server's /api/health answer once it is up; its stderr (the pipe, or the file
@@ -182,12 +192,7 @@ def main() -> None:
             mem = memory_kb(proc.pid)
             alive = proc.poll() is None and httpx.get(f"{url}/api/health").status_code == 200
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 20)
 
     ok = np.array([s for status, s in results if status == 200])
     busy = sum(status == 503 for status, _ in results)

@@ -48,6 +48,7 @@ from load import (  # noqa: E402
     images,
     memory_kb,
     save_checkpoint,
+    stop,
     wait_until_up,
 )
 
@@ -256,12 +257,7 @@ def main() -> int:
                 peak_mb = memory_kb(proc.pid)["VmHWM"] / 1024
                 alive = proc.poll() is None and httpx.get(f"{url}/api/health").status_code == 200
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop(proc, 30)
         access, errors = out.read_text(errors="replace"), err.read_text(errors="replace")
 
     logged_5xx = len(re.findall(r'HTTP/1\.1" 5\d\d', access + errors))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +160,42 @@ def trained_run(fake_breakhis, tmp_path_factory) -> Path:
     best.threshold, best.threshold_info = None, {}
     save_checkpoint(best, run / "best.pt")
     return run
+
+
+class _FileHandler(BaseHTTPRequestHandler):
+    """Serves ``files`` (URL path -> bytes) and records the paths asked for in ``seen``."""
+
+    files: dict[str, bytes] = {}
+    seen: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        type(self).seen.append(self.path)
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404, "Not Found")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve_files(files: dict[str, bytes]):
+    """A file server on 127.0.0.1 for the duration of the block; yields its handler class,
+    whose ``url`` is the server's address and ``seen`` the paths requested."""
+    handler = type("Handler", (_FileHandler,), {"files": dict(files), "seen": []})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield handler
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -6,9 +6,7 @@ import hashlib
 import os
 import shutil
 import sys
-import threading
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ from breast_cancer_detection.inference import (
 )
 from breast_cancer_detection.plots import plot_prediction
 
-from conftest import png_claiming
+from conftest import png_claiming, serve_files
 
 
 @pytest.fixture(scope="module")
@@ -293,38 +291,10 @@ def test_predictions_frame_columns():
 # ----------------------------------------------------------------------------- loading
 
 
-class _Handler(BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    seen: list[str] = []
-
-    def do_GET(self):  # noqa: N802 - the http.server API
-        type(self).seen.append(self.path)
-        body = self.files.get(self.path)
-        if body is None:
-            self.send_error(404, "Not Found")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server(trained):
-    handler = type("Handler", (_Handler,), {"files": {}, "seen": []})
-    handler.files["/models/best.pt"] = trained.read_bytes()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    handler.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield handler
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_files({"/models/best.pt": trained.read_bytes()}) as handler:
+        yield handler
 
 
 def test_url_checkpoint_is_downloaded_once_and_verified(server, trained, tmp_path):

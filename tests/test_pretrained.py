@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,8 @@ from breast_cancer_detection.pretrained import (
     resolve_trained,
     trained_model,
 )
+
+from conftest import serve_files
 
 
 @pytest.fixture(scope="module")
@@ -153,37 +153,10 @@ def test_missing_bundled_file_says_the_clone_lacks_it(tmp_path, monkeypatch):
         resolve_trained("shipped")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    seen: list[str] = []
-
-    def do_GET(self):  # noqa: N802 - the http.server API
-        type(self).seen.append(self.path)
-        body = self.files.get(self.path)
-        if body is None:
-            self.send_error(404, "Not Found")
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server(tiny):
-    handler = type("Handler", (_Handler,), {"files": {"/m/tiny.pt": tiny.read_bytes()},
-                                            "seen": []})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    handler.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield handler
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_files({"/m/tiny.pt": tiny.read_bytes()}) as handler:
+        yield handler
 
 
 def test_url_entry_is_fetched_once_and_checked(registry, server, tiny, tmp_path, monkeypatch):
