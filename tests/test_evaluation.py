@@ -265,3 +265,47 @@ def test_cv_needs_three_folds(fake_breakhis, tmp_path, capsys):
     assert main(["cv", "--data", str(fake_breakhis), "--folds", "2", "--out",
                  str(tmp_path / "cv")]) == 2
     assert "at least 3 folds" in capsys.readouterr().err
+
+
+def test_another_data_folder_is_external_validation(run, fake_imagefolder, tmp_path):
+    # The fake PCam-like folder holds none of the run's images: every one of its 48 images
+    # is evaluated, at the checkpoint's stored threshold, with no leakage by path.
+    stored = load_checkpoint(run / "best.pt")
+    stored.with_threshold(0.42, {"method": "youden", "chosen_on": "val"})
+    from breast_cancer_detection.checkpoint import save_checkpoint
+
+    save_checkpoint(stored, run / "best.pt")
+    out = tmp_path / "ext"
+    assert _evaluate(run / "best.pt", "--data", fake_imagefolder, "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["subset"] == "all" and m["counts"]["images"] == 48
+    assert m["leakage"] == [] and "external" in m["split"]
+    assert m["threshold"]["value"] == pytest.approx(0.42)
+    assert any(n.startswith("External validation") for n in m["notes"])
+
+
+def test_a_copy_of_the_runs_data_with_files_missing_is_not_external(run, fake_breakhis,
+                                                                      tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(fake_breakhis, root)
+    test = load_split(run / "split.csv")
+    gone = test[test["split"] == "test"]["path"].iloc[0]
+    (root / gone).unlink()
+    out = tmp_path / "r"
+    assert _evaluate(run / "best.pt", "--data", root, "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["subset"] == "test" and gone in m["counts"]["unreadable"]
+
+
+def test_a_registered_model_file_is_never_rewritten(run, fake_breakhis, tmp_path, monkeypatch):
+    import hashlib
+
+    registry = tmp_path / "models.yaml"
+    registry.write_text(f"models:\n  - name: mine\n    task: t\n    file: {run / 'best.pt'}\n"
+                        "    sha256: null\n")
+    monkeypatch.setenv("BCD_MODELS", str(registry))
+    before = hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--out", tmp_path / "r") == 0
+    assert hashlib.sha256((run / "best.pt").read_bytes()).hexdigest() == before
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert any("registered trained model" in c for c in m["caveats"])

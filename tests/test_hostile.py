@@ -286,3 +286,15 @@ def test_cli_cam_of_a_tiled_image_covers_the_image(trained, tmp_path):
     assert main(["predict", str(trained), str(image), "--out", str(tmp_path / "p.csv"),
                  "--cam", str(folder), "--quiet"]) == 0
     assert Image.open(folder / "large-cam.png").size == (120, 100)
+
+
+def test_predict_table_gives_non_finite_outputs_an_error(tmp_path):
+    from breast_cancer_detection.data.breakhis import build_index
+
+    for cls in ("benign", "malignant"):
+        (tmp_path / cls).mkdir()
+        _tissue(46, 70).save(tmp_path / cls / "a.png")
+    pred = Predictor(_NanModel(), Preprocessing(size=32, resize=40), device="cpu")
+    out = pred.predict_table(tmp_path, build_index(tmp_path), progress=False)
+    assert (out["prediction"] == -1).all()
+    assert out["error"].str.contains("non-finite").all()

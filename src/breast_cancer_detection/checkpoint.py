@@ -91,6 +91,8 @@ class ResumeState:
     """Steps already done in the epoch after ``Checkpoint.epoch`` (0 at an epoch's end)."""
     model: dict[str, Any] | None = None
     """The trained weights when ``Checkpoint.state_dict`` holds their moving average."""
+    partial: list[float] | None = None
+    """Loss sum, correct and seen of the ``step`` steps done in the interrupted epoch."""
 
 
 @dataclass
@@ -200,7 +202,8 @@ class Checkpoint:
         if self.resume is not None:
             r = self.resume
             d["resume"] = {"optimizer": r.optimizer, "scheduler": r.scheduler, "rng": r.rng,
-                           "scaler": r.scaler, "step": r.step, "model": r.model}
+                           "scaler": r.scaler, "step": r.step, "model": r.model,
+                           "partial": r.partial}
         return d
 
     @classmethod

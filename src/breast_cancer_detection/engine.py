@@ -148,43 +148,47 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
     bad = {} if bad is None else bad
     model.train()
     running = torch.zeros(2, device=device)  # loss sum, correct count; read only at log points
-    for batch in loader:
-        _check_stop()
-        if batch["bad"]:
-            _report_bad(batch, bad, paths or [], log)
-        if batch["x"] is None:
-            continue
-        x = batch["x"].to(device, non_blocking=True)
-        y = batch["y"].to(device, non_blocking=True)
-        if batch_transform is not None:
-            g = torch.Generator(device=device).manual_seed(aug_seed + state.step)
-            x = batch_transform(x, generator=g)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-            loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        running += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
-        state.step += 1
-        state.seen += len(y)
-        if state.step % log_every == 0:
-            _sync_running(state, running)
+    try:
+        for batch in loader:
+            _check_stop()
+            if batch["bad"]:
+                _report_bad(batch, bad, paths or [], log)
+            if batch["x"] is None:
+                continue
+            x = batch["x"].to(device, non_blocking=True)
+            y = batch["y"].to(device, non_blocking=True)
+            if batch_transform is not None:
+                g = torch.Generator(device=device).manual_seed(aug_seed + state.step)
+                x = batch_transform(x, generator=g)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            running += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
+            state.step += 1
+            state.seen += len(y)
+            if state.step % log_every == 0:
+                _sync_running(state, running)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{state.loss_sum / state.seen:.4f}",
+                                         acc=f"{state.correct / state.seen:.3f}")
             if progress is not None:
-                progress.set_postfix(loss=f"{state.loss_sum / state.seen:.4f}",
-                                     acc=f"{state.correct / state.seen:.3f}")
-        if progress is not None:
-            progress.update(1)
+                progress.update(1)
+    except KeyboardInterrupt:
+        _sync_running(state, running)  # so the saved epoch keeps what its steps scored
+        raise
     _sync_running(state, running)
     return state
 
@@ -275,10 +279,15 @@ class RunState:
     since_best: int = 0
     best_metrics: dict[str, float] = field(default_factory=dict)
     bad_images: dict[str, str] = field(default_factory=dict)
+    partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Loss sum, correct and seen of the steps done in an interrupted epoch, so that its row
+    in metrics.csv covers the whole epoch after a resume."""
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> RunState:
+        partial = ckpt.resume.partial if ckpt.resume and ckpt.resume.partial else None
         return cls(epoch=ckpt.epoch, step=ckpt.resume.step if ckpt.resume else 0,
+                   partial=list(partial or [0.0, 0.0, 0.0]),
                    best_score=ckpt.best_score, best_epoch=ckpt.best_epoch,
                    since_best=ckpt.since_best, best_metrics=dict(ckpt.metrics),
                    bad_images=dict(ckpt.bad_images))
@@ -292,7 +301,7 @@ class RunState:
             resume_state = ResumeState(
                 optimizer=o.optimizer.state_dict(), scheduler=o.scheduler.state_dict(),
                 scaler=o.scaler.state_dict() if o.scaler is not None else {},
-                rng=_rng_state(), step=self.step,
+                rng=_rng_state(), step=self.step, partial=list(self.partial),
                 model=run.raw_model.state_dict() if run.ema is not None else None)
         return Checkpoint(
             arch=cfg.model, state_dict=run.eval_model.state_dict(), classes=list(CLASSES),
@@ -492,6 +501,11 @@ def _build_model(cfg: TrainConfig, dist_info: DistInfo) -> tuple[nn.Module, nn.M
     return raw_model, model
 
 
+def _set_schedule_end(opt: _Optimisation, epochs: int) -> None:
+    """Makes the cosine end after ``epochs`` epochs (a time budget or a resume moved it)."""
+    opt.scheduler.lr_lambdas[0].total = epochs * opt.steps_per_epoch
+
+
 class WarmupCosine:
     """Learning-rate factor: linear warm-up over ``warmup`` steps, then a cosine to 0 at
     ``total``. An object rather than a closure so that LambdaLR saves ``total`` with the
@@ -591,6 +605,9 @@ def _build_run(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoint | None,
                                   "copied over it?); it cannot be resumed.")
         run.opt.optimizer.load_state_dict(ckpt.resume.optimizer)
         run.opt.scheduler.load_state_dict(ckpt.resume.scheduler)
+        # The saved schedule ends where the run was to end; --epochs on resume moves that end
+        # (else the added epochs would train at a learning rate of 0).
+        _set_schedule_end(run.opt, cfg.epochs)
         if run.opt.scaler is not None and ckpt.resume.scaler:
             run.opt.scaler.load_state_dict(ckpt.resume.scaler)
         _set_rng_state(ckpt.resume.rng)
@@ -704,10 +721,7 @@ def _plan_epochs(run: _Run, started: float) -> None:
             f"{val_s:.0f} s validation per epoch -> {epochs} epoch(s) (at most {cfg.epochs}).")
     if epochs != cfg.epochs:
         run.cfg = cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
-        run.opt = build_optimisation(cfg, run.raw_model,
-                                     run.split.loc[run.split["split"] == "train",
-                                                   "target"].to_numpy(),
-                                     len(run.train_ds), run.dist, run.dtype)
+        _set_schedule_end(run.opt, epochs)
         if run.dist.is_main:
             cfg.save(run.run_dir / "config.yaml")
 
@@ -785,6 +799,7 @@ def _train(run: _Run, state: RunState) -> TrainResult:
                     history.to_csv(metrics_path, index=False)
                 last_row = row
                 run.log(_epoch_line(row, run.cfg.epochs, improved))
+                _check_stop()  # a SIGTERM during the bookkeeping above
                 if cfg.early_stop and state.since_best >= cfg.early_stop:
                     run.log(f"Early stop: no better validation AUC for {state.since_best} "
                             "epochs.")
@@ -831,15 +846,15 @@ def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
     per_epoch = float(np.mean(seconds[-3:]))  # the recent pace
     left = 0.95 * parse_duration(cfg.time_budget) - (time.perf_counter() - run.started) - (
         run.final_s)
+    # No time for another epoch: stop here (the cosine ends unfinished) rather than overrun.
     epochs = done + max(0, int(left // per_epoch))
-    epochs = int(max(_gather(max(epochs, done + 1), run.dist)))
+    epochs = int(max(_gather(epochs, run.dist)))
     if epochs >= cfg.epochs:
         return
     run.log(f"Time budget {cfg.time_budget}: epochs take {per_epoch:.0f} s, more than the first "
             f"steps said; the schedule now ends after {epochs} epochs instead of {cfg.epochs}.")
     run.cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
-    schedule = run.opt.scheduler.lr_lambdas[0]
-    schedule.total = epochs * run.opt.steps_per_epoch
+    _set_schedule_end(run.opt, epochs)
     if run.dist.is_main:
         run.cfg.save(run.run_dir / "config.yaml")
 
@@ -867,14 +882,17 @@ def _finish_best(run: _Run) -> dict[str, float]:
     out = score(False)
     val = run.val_tab.reset_index(drop=True).iloc[out["row"].astype(int)].assign(
         probability=out["prob"])
-    value, info, _ = _decide_threshold(best, val, None, [], split_hash(run.split))
-    best.with_threshold(value, {**info, "chosen_by": "bcd train, on the best epoch's weights"})
+    value, info, caveats = _decide_threshold(best, val, None, [], split_hash(run.split))
+    chosen = info.get("chosen_on") == "val"
+    if chosen:
+        best.with_threshold(value, {**info, "chosen_by": "bcd train, on the best epoch's weights"})
     if cfg.tta:
         tta = score(True)
         best.metrics = {**best.metrics, "val_auc_tta": roc_auc(tta["target"], tta["prob"]),
                         "val_acc_tta": accuracy(tta["target"], tta["prob"])}
     save_checkpoint(best, run.run_dir / "best.pt")
-    run.log(f"Threshold {value:.4f} chosen on validation (Youden's J) and stored in best.pt"
+    run.log((f"Threshold {value:.4f} chosen on validation (Youden's J) and stored in best.pt"
+             if chosen else "No threshold stored: " + " ".join(caveats))
             + (f"; 8-view TTA validation AUC {best.metrics['val_auc_tta']:.4f}, accuracy "
                f"{best.metrics['val_acc_tta']:.4f}" if cfg.tta else "") + ".")
     return best.metrics
@@ -897,7 +915,8 @@ def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
 
     cfg, epoch, o = run.cfg, state.epoch, run.opt
     t0 = time.perf_counter()
-    progress = EpochState(step=state.step)
+    progress = EpochState(step=state.step, loss_sum=state.partial[0],
+                          correct=int(state.partial[1]), seen=int(state.partial[2]))
     # Augmentation draws depend only on (seed, epoch), in the workers and out of them.
     torch.manual_seed(run_seed(cfg.seed, epoch))
     sampler = EpochSampler(len(run.train_ds), seed=cfg.seed, epoch=epoch,
@@ -916,7 +935,9 @@ def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
                         batch_transform=run.batch_aug,
                         aug_seed=run_seed(cfg.seed, epoch, "batches"), ema=run.ema)
     finally:
-        state.step = progress.step  # an interrupt saves the steps done so far
+        # An interrupt saves the steps done so far, and what they scored.
+        state.step = progress.step
+        state.partial = [progress.loss_sum, float(progress.correct), float(progress.seen)]
         bar.close()
     totals = sum(np.array(x) for x in _gather(
         [progress.loss_sum, progress.correct, progress.seen], run.dist))
@@ -968,7 +989,7 @@ def _record_epoch(run: _Run, state: RunState, row: dict[str, float], tb) -> bool
     else:
         score = -row["train_loss"]
     improved = score > state.best_score
-    state.epoch, state.step = int(row["epoch"]), 0
+    state.epoch, state.step, state.partial = int(row["epoch"]), 0, [0.0, 0.0, 0.0]
     if improved:
         state.best_score, state.best_epoch, state.since_best = score, state.epoch, 0
         state.best_metrics = dict(row)

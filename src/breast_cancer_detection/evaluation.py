@@ -174,14 +174,21 @@ def _resolve_table(checkpoint: Path, root: Path, split: str | Path | None,
     return table, source, []
 
 
+def _is_registered(checkpoint: Path) -> bool:
+    from .pretrained import is_registered_file
+
+    return is_registered_file(checkpoint)
+
+
 def _is_other_data(checkpoint: Path, root: Path, sample: int = 50) -> bool:
-    """Whether ``root`` lacks the images of the checkpoint's own split (external data), as
-    opposed to holding them, perhaps moved or copied elsewhere."""
+    """Whether ``root`` holds none of the images of the checkpoint's own split (external
+    data), as opposed to holding them, perhaps moved or copied elsewhere, some perhaps missing
+    (those are reported as unreadable)."""
     if not _run_split_path(checkpoint).is_file():
         return False
     paths = load_split(_run_split_path(checkpoint))["path"]
     step = max(1, len(paths) // sample)
-    return not all((root / p).is_file() for p in paths.iloc[::step])
+    return not any((root / p).is_file() for p in paths.iloc[::step])
 
 
 def _train_paths(checkpoint: Path, ckpt: Checkpoint,
@@ -321,7 +328,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)  # once: the predictor and the checks share it
     root = _data_root(checkpoint, ckpt, data)
-    external = split is None and _is_other_data(checkpoint, root)
+    external = data is not None and split is None and _is_other_data(checkpoint, root)
     table, source, notes = _resolve_table(checkpoint, root, split, ckpt.group_by, external)
     if (table["split"] == "all").all():
         subset = "all"
@@ -354,6 +361,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     threshold, threshold_info, caveats = _decide_threshold(ckpt, val_pred, target_sensitivity,
                                                            val_leak, this_hash)
     caveats = _subset_caveats(subset, threshold_info) + caveats
+    if store_threshold and _is_registered(checkpoint):
+        store_threshold = False
+        caveats.append(f"{checkpoint} is a registered trained model, whose SHA-256 is checked "
+                       "before use: the threshold was not stored in it (evaluate a copy to "
+                       "store one).")
     if threshold_info.get("source") == "chosen on val now" and store_threshold and not val_leak:
         try:
             _store_threshold(checkpoint, threshold, threshold_info)

@@ -581,6 +581,10 @@ class Predictor:
         result["probability"] = prob
         result["prediction"] = np.where(np.isnan(prob), -1, (prob >= self.threshold).astype(int))
         result["error"] = [errors.get(i, "") for i in range(len(table))]
+        # A read image without a finite answer is the model's failure: never a silent NaN.
+        broken = np.flatnonzero(~np.isfinite(prob) & (result["error"] == "").to_numpy())
+        result.loc[broken, "error"] = f"{NON_FINITE} (NaN or infinity)"
+        result.loc[broken, "prediction"] = -1
         return result
 
     def predict(self, images, *, batch_size: int = 32, tta: bool = False,

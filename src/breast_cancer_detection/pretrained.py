@@ -183,6 +183,17 @@ def _read_registry(path: Path) -> list[TrainedModel]:
     return out
 
 
+def is_registered_file(path: str | Path) -> bool:
+    """Whether ``path`` is the local file of a registry entry (which must never be rewritten:
+    its SHA-256 is checked before every use)."""
+    target = Path(path).resolve()
+    try:
+        entries = list_trained()
+    except TrainedModelError:
+        return False
+    return any(e.path is not None and e.path.resolve() == target for e in entries)
+
+
 def list_trained() -> list[TrainedModel]:
     """Every registered trained model: the bundled ones, then those of ``$BCD_MODELS``.
 

@@ -703,7 +703,7 @@ async def _read_uploads(request: Request, max_bytes: int, max_mb: float,
         nonlocal received
         try:
             message = await asyncio.wait_for(request.receive(), deadline - loop.time())
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
             raise too_slow from None
         if message["type"] == "http.disconnect":
             raise _ClientGone(f"after {received:,} bytes")
