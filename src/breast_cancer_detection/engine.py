@@ -635,9 +635,10 @@ def _precision_line(amp: str, dtype: torch.dtype | None, device: torch.device) -
 def _time_steps(run: _Run, steps: int) -> tuple[float, float]:
     """Seconds per training step and per validation pass, timed on a throwaway copy.
 
-    The copy trains on the first batches of epoch 1, so the run's weights, optimiser and
-    random streams are untouched; the first step (allocation, oneDNN kernel choice) is not
-    counted.
+    The copy trains on the first batches of epoch 1, so the run's weights and optimiser are
+    untouched, and torch's CPU generator is restored (every epoch reseeds from the run seed
+    anyway); the first step (allocation, oneDNN kernel choice) is not counted. The eager model
+    is timed, also with ``compile``.
     """
     import copy
 
