@@ -199,3 +199,43 @@ def serve_files(files: dict[str, bytes]):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextlib.contextmanager
+def serve_app(app, **config):
+    """The app in a real uvicorn on a free port of 127.0.0.1, in a thread; yields the port.
+
+    ``config``: more ``uvicorn.Config`` settings (log level, access log...).
+    """
+    import time
+
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **config))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start on 127.0.0.1")
+        time.sleep(0.02)
+    try:
+        yield srv.servers[0].sockets[0].getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run) -> Path:
+    """best.pt of the session's tiny run: 32 px crops of a 40 px resize, no threshold."""
+    return trained_run / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def predictor(trained):
+    """A Predictor of :func:`trained` on the CPU."""
+    from breast_cancer_detection.inference import Predictor
+
+    return Predictor.from_checkpoint(trained, device="cpu")
+

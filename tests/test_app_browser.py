@@ -6,14 +6,12 @@ playwright Python package; no browser is downloaded. Saves ``test-artifacts/app.
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, write_tissue_png
+from conftest import SHARED_DATA, serve_app, write_tissue_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -38,18 +36,8 @@ def server(trained_run):
     from breast_cancer_detection.inference import Predictor
 
     app = create_app(Predictor.from_checkpoint(trained_run / "best.pt", device="cpu"))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start on 127.0.0.1")
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_app(app, log_level="warning") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

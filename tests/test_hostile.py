@@ -31,17 +31,6 @@ from breast_cancer_detection.inference import Predictor
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(scope="module")
-def trained(trained_run) -> Path:
-    """best.pt of the session's tiny run: 32 px crops of a 40 px resize."""
-    return trained_run / "best.pt"
-
-
-@pytest.fixture(scope="module")
-def predictor(trained) -> Predictor:
-    return Predictor.from_checkpoint(trained, device="cpu")
-
-
 def _tissue(h: int, w: int, seed: int = 0) -> Image.Image:
     arr = np.array([120, 60, 140]) + np.random.default_rng(seed).integers(-25, 25, (h, w, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))

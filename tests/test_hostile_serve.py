@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import png_claiming
+from conftest import png_claiming, serve_app
 
 pytest.importorskip("fastapi", reason="the web app needs fastapi: pip install -e '.[app]'")
 pytest.importorskip("multipart", reason="the web app needs python-multipart")
@@ -80,24 +80,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-@contextlib.contextmanager
 def _serving(app):
-    """The app on a free port of 127.0.0.1 in a real uvicorn, in a thread; yields the port."""
-    config = uvicorn.Config(app, host=HOST, port=0, log_config=None, log_level="info",
-                            access_log=True)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start on 127.0.0.1")
-        time.sleep(0.02)
-    try:
-        yield srv.servers[0].sockets[0].getsockname()[1]
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=15)
+    """The app in a real uvicorn on 127.0.0.1 with its access log; yields the port."""
+    return serve_app(app, log_config=None, log_level="info", access_log=True)
 
 
 _BOUNDARY = "hostile"

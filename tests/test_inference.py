@@ -32,17 +32,6 @@ from breast_cancer_detection.plots import plot_prediction
 from conftest import png_claiming, serve_files
 
 
-@pytest.fixture(scope="module")
-def trained(trained_run) -> Path:
-    """best.pt of the session's tiny run: 32 px crops of a 40 px resize, no threshold."""
-    return trained_run / "best.pt"
-
-
-@pytest.fixture(scope="module")
-def predictor(trained) -> Predictor:
-    return Predictor.from_checkpoint(trained, device="cpu")
-
-
 def _tissue(h: int, w: int, malignant: bool, seed: int = 0) -> Image.Image:
     # The colours of conftest's fake BreakHis images, which the tiny model learned.
     base = np.array([120, 60, 140]) if malignant else np.array([230, 170, 210])
