@@ -12,7 +12,8 @@ whole-batch augmentation in the training process) and are timed in the same run,
   compiler at run time), to show what it would add.
 
 For each, ``--steps`` training steps are timed on a throwaway copy of the model (after one
-warm-up step), then one validation pass over ``--val`` patches; the epoch estimate is
+warm-up step; the engine's ``_time_steps``, which the time budget uses), then one validation
+pass over ``--val`` patches; the epoch estimate is
 steps_per_epoch x step time + the validation over all 3,000 valid patches. It prints JSON
 lines (CPU model and flags first), then each side's training images/s and epoch estimate, and
 today's epochs per 30 minutes against the previous preset's.
@@ -24,12 +25,10 @@ today's epochs per 30 minutes against the previous preset's.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -63,44 +62,12 @@ def build(data: Path, runs: Path, name: str, **overrides):
 
 
 def time_side(run, steps: int, n_val: int, tta: bool, compiled: bool) -> dict:
-    from breast_cancer_detection.data.datasets import EpochSampler
-    from breast_cancer_detection.engine import _loader, evaluate
+    """The engine's own timing of the first steps (the one the time budget uses)."""
+    from breast_cancer_detection.engine import _time_steps
 
-    cfg = run.cfg
-    model = copy.deepcopy(run.raw_model)
-    forward = torch.compile(model) if compiled else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    ema = None
-    if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-    sampler = EpochSampler(len(run.train_ds), seed=0, epoch=0)
-    sampler.indices = sampler.indices[: (steps + 1) * cfg.batch_size]
-    loader = _loader(run.train_ds, sampler, cfg, run.device, seed=0, drop_last=True)
-    times, t0 = [], time.perf_counter()
-    for batch in loader:
-        x = run.batch_aug(batch["x"], generator=torch.Generator().manual_seed(0))
-        x = x.contiguous(memory_format=torch.channels_last)
-        loss = torch.nn.functional.cross_entropy(forward(x).float(), batch["y"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        now = time.perf_counter()
-        times.append(now - t0)
-        t0 = now
-    step_s = statistics.mean(times[1:])
-    vs = EpochSampler(len(run.val_ds), seed=0, epoch=0, shuffle=False)
-    vs.indices = vs.indices[:n_val]
-    t0 = time.perf_counter()
-    evaluate(forward, _loader(run.val_ds, vs, cfg, run.device, seed=0, drop_last=False),
-             run.device, channels_last=True, batch_transform=run.batch_eval, tta=tta)
-    val_s = (time.perf_counter() - t0) * len(run.val_ds) / n_val
-    epoch_s = run.opt.steps_per_epoch * step_s + val_s
-    return {"train_img_per_s": cfg.batch_size / step_s, "step_s": step_s,
-            "val_s_per_epoch": val_s, "epoch_s": epoch_s}
+    step_s, val_s = _time_steps(run, steps, tta=tta, compiled=compiled, val_images=n_val)
+    return {"train_img_per_s": run.cfg.batch_size / step_s, "step_s": step_s,
+            "val_s_per_epoch": val_s, "epoch_s": run.opt.steps_per_epoch * step_s + val_s}
 
 
 def main() -> None:

@@ -590,10 +590,7 @@ def _build_run(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoint | None,
                                  len(run.train_ds), dist_info, dtype)
     run.log(_precision_line(cfg.amp, dtype, dist_info.device))
     if cfg.ema is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        run.ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
-                                use_buffers=True)
+        run.ema = _averaged(raw_model, cfg.ema)
     if ckpt is not None:
         if run.ema is not None:
             run.ema.module.load_state_dict(ckpt.state_dict)
@@ -632,61 +629,66 @@ def _precision_line(amp: str, dtype: torch.dtype | None, device: torch.device) -
 # ----------------------------------------------------------------------------- time budget
 
 
-def _time_steps(run: _Run, steps: int) -> tuple[float, float]:
+def _time_steps(run: _Run, steps: int, *, tta: bool = False, compiled: bool = False,
+                val_images: int | None = None) -> tuple[float, float]:
     """Seconds per training step and per validation pass, timed on a throwaway copy.
 
-    The copy trains on the first batches of epoch 1, so the run's weights and optimiser are
-    untouched, and torch's CPU generator is restored (every epoch reseeds from the run seed
-    anyway); the first step (allocation, oneDNN kernel choice) is not counted. The eager model
-    is timed, also with ``compile``.
+    The copy trains (``train_one_epoch``, weight averaging included when the run has it) on
+    the first batches of epoch 1, so the run's weights and optimiser are untouched, and
+    torch's CPU generator is restored (every epoch reseeds from the run seed anyway). One
+    warm-up step (allocation, kernel choice) is not counted; loading is. Validation is timed
+    on ``val_images`` (default 4 batches) and scaled to the whole subset.
+
+    Args:
+        tta: Time an 8-view validation.
+        compiled: Time the copy under ``torch.compile``.
     """
     import copy
 
     cfg = run.cfg
     rng = torch.get_rng_state()
     model = copy.deepcopy(run.raw_model)
+    forward = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    sampler = EpochSampler(len(run.train_ds), seed=cfg.seed, epoch=0, world=1)
-    sampler.indices = sampler.indices[: (steps + 1) * cfg.batch_size]
-    loader = _loader(run.train_ds, sampler, cfg, run.device, seed=0, drop_last=False)
-    times = []
-    model.train()
+    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    ema = _averaged(model, cfg.ema) if cfg.ema is not None else None
+    order = EpochSampler(len(run.train_ds), seed=cfg.seed, epoch=0, world=1).indices
+
+    def train(first: int, n: int) -> EpochState:
+        sampler = EpochSampler(0, seed=0, epoch=0)
+        sampler.indices = order[first * cfg.batch_size:(first + n) * cfg.batch_size]
+        loader = _loader(run.train_ds, sampler, cfg, run.device, seed=0, drop_last=False)
+        return train_one_epoch(forward, loader, opt, constant, run.opt.loss_fn, run.device,
+                               dtype=run.dtype, channels_last=cfg.channels_last,
+                               log_every=10**9, log=lambda msg: None,
+                               batch_transform=run.batch_aug, ema=ema)
+
+    train(0, 1)
     t0 = time.perf_counter()
-    for batch in loader:  # from one batch's arrival to the next: loading counts too
-        if batch["x"] is None:
-            continue
-        x, y = batch["x"].to(run.device), batch["y"].to(run.device)
-        if run.batch_aug is not None:
-            x = run.batch_aug(x, generator=torch.Generator(device=run.device).manual_seed(0))
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None):
-            loss = run.opt.loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        times.append(now - t0)
-        t0 = now
-    # The mean, not the median: the slow steps (a cache page-in, a collection) count too.
-    if not times:
+    done = train(1, steps).step or train(0, 1).step  # data smaller than two batches
+    step_s = (time.perf_counter() - t0) / max(1, done)
+    if not done:
         raise UserError(f"no readable training image to time the first steps with under "
                         f"{run.root}; check the data folder.")
-    step_s = float(np.mean(times[1:])) if len(times) > 1 else float(times[0])
     val_s = 0.0
     if len(run.val_ds):
-        n = min(len(run.val_ds), 4 * cfg.batch_size)
+        n = min(len(run.val_ds), val_images or 4 * cfg.batch_size)
         vs = EpochSampler(len(run.val_ds), seed=0, epoch=0, shuffle=False)
         vs.indices = vs.indices[:n]
         t0 = time.perf_counter()
-        evaluate(model, _loader(run.val_ds, vs, cfg, run.device, seed=0, drop_last=False),
+        evaluate(forward, _loader(run.val_ds, vs, cfg, run.device, seed=0, drop_last=False),
                  run.device, dtype=run.dtype, channels_last=cfg.channels_last,
-                 batch_transform=run.batch_eval)
+                 batch_transform=run.batch_eval, tta=tta)
         val_s = (time.perf_counter() - t0) * len(run.val_ds) / n
     torch.set_rng_state(rng)
     return step_s, val_s
+
+
+def _averaged(model: nn.Module, decay: float):
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _plan_epochs(run: _Run, started: float) -> None:
