@@ -80,6 +80,12 @@ _EXPORTS = {
     "bootstrap_metrics": "metrics",
     "expected_calibration_error": "metrics",
     "brier_score": "metrics",
+    "analyse_slide": "slides",
+    "analyse_slides": "slides",
+    "demo_slide": "slides",
+    "write_slide": "slides",
+    "SlideError": "slides",
+    "plot_slide_heatmap": "plots",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

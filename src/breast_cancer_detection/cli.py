@@ -296,6 +296,23 @@ def _names_a_checkpoint(arg: str) -> bool:
     return not Path(arg).exists() and is_trained_name(arg)
 
 
+def _model_then_inputs(args: argparse.Namespace, what: str) -> None:
+    """`bcd predict/slide [MODEL] PATH...`: moves a first positional that names a model into
+    ``args.checkpoint`` (see :func:`_names_a_checkpoint`), then :func:`_model_choice`."""
+    from .errors import UserError
+
+    args.checkpoint = None
+    if not args.model and _names_a_checkpoint(args.paths[0]):
+        args.checkpoint, args.paths = args.paths[0], args.paths[1:]
+        if not args.paths:
+            raise UserError(f"{args.checkpoint} is a model; name the {what} (files or "
+                            "folders) after it.")
+    elif args.model and any(_names_a_checkpoint(p) for p in args.paths):
+        raise UserError(f"--model {args.model} was given, and also a checkpoint among the "
+                        f"{what}; keep one of them.")
+    _model_choice(args)
+
+
 def _model_choice(args: argparse.Namespace) -> None:
     """Sets ``args.checkpoint`` (a path or URL) or ``args.model`` (a registry name; None for
     the default trained model), refusing both at once."""
@@ -341,16 +358,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .inference import collect_images, predictions_frame, summarize_patients
 
-    args.checkpoint = None
-    if not args.model and _names_a_checkpoint(args.paths[0]):
-        args.checkpoint, args.paths = args.paths[0], args.paths[1:]
-        if not args.paths:
-            raise UserError(f"{args.checkpoint} is a model; name the image files or folders "
-                            "to predict after it.")
-    elif args.model and any(_names_a_checkpoint(p) for p in args.paths):
-        raise UserError(f"--model {args.model} was given, and also a checkpoint among the "
-                        "images; keep one of them.")
-    _model_choice(args)
+    _model_then_inputs(args, "images")
     files = collect_images(args.paths)
     if not files:
         raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
@@ -412,6 +420,46 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             overlay(view, cam).save(folder / f"{stem}-cam.png")
         print(f"{len(good)} Grad-CAM overlay(s) of the predicted class written to {folder}")
     return 1 if len(failed) else 0
+
+
+def _cmd_slide(args: argparse.Namespace) -> int:
+    import os
+
+    from .errors import UserError
+    from .slides import SLIDE_SUFFIXES, analyse_slides, collect_slides, parse_shard
+
+    _model_then_inputs(args, "slides")
+    slides = collect_slides(args.paths)
+    if not slides:
+        raise UserError(f"no slide files ({', '.join(SLIDE_SUFFIXES)}) under "
+                        f"{', '.join(args.paths)}.")
+    shard = parse_shard(args.shard)
+    if (args.device == "auto" and "LOCAL_RANK" in os.environ
+            and __import__("torch").cuda.is_available()):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
+    predictor = _load_predictor(args)
+    if args.tissue_threshold is not None and not 0 <= args.tissue_threshold < 1:
+        raise UserError(f"--tissue-threshold {args.tissue_threshold}: a saturation in [0, 1), "
+                        "e.g. 0.1; leave it out for Otsu's threshold.")
+    table = analyse_slides(
+        predictor, slides, args.out, shard=shard, model_scale_override=args.model_mpp,
+        mpp=args.mpp, tissue_threshold=args.tissue_threshold, min_tissue=args.min_tissue,
+        batch_size=args.batch_size, workers=args.workers, tta=args.tta, top_k=args.top_k,
+        progress=not args.quiet, force=args.force)
+    out = Path(args.out)
+    for r in table.itertuples():
+        if r.error:
+            print(f"FAILED {r.slide}: {r.error}", file=sys.stderr)
+        else:
+            print(f"{r.slide}: score {r.score:.4f}, {r.tiles} tissue tiles "
+                  f"({r.tumour_tiles} at or above {predictor.threshold:.3f}), "
+                  f"{r.tissue_mm2:.2f} mm2 tissue, {r.seconds:.1f} s, {r.tiles_per_s:.0f} "
+                  f"tiles/s -> {out / r.folder}")
+    part = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
+    print(f"{len(table)} slides{part}, {int((table['error'] != '').sum())} failed. Score: mean "
+          f"P(tumour) of the {args.top_k} highest tiles. Summary: "
+          f"{out / 'slides.csv' if shard is None else out}")
+    return 1 if (table["error"] != "").any() else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -762,6 +810,45 @@ def _add_use_commands(sub) -> None:
     pd_.add_argument("--show", type=int, default=50, help="rows to print (default 50)")
     _quiet(pd_, "no progress bars")
     pd_.set_defaults(func=_cmd_predict)
+
+    sl = sub.add_parser("slide", help="whole slides: tumour heat map, regions, slide score",
+                        usage="bcd slide [CHECKPOINT] SLIDE [SLIDE ...] --out DIR [options]",
+                        description="Score every tissue tile of whole-slide images (.svs, "
+                        ".tif, .ndpi, .mrxs, ...; folders searched recursively) with a model "
+                        "at the scale it was trained at, by default the default trained model "
+                        "(PatchCamelyon patches at 0.972 um/px). Writes DIR/<slide>/"
+                        "{tiles.csv,heatmap.png,tissue.png,regions.geojson,top_tiles.png} and "
+                        "DIR/slides.csv. Needs OpenSlide: pip install "
+                        "\"breast-cancer-detection[slides]\". Exits 1 when a slide failed "
+                        "(its slides.csv row says why); the others carry on.")
+    sl.add_argument("paths", nargs="+", metavar="SLIDE", help="[CHECKPOINT] then slide files "
+                    "or folders (the first is the model when it names one, as for `bcd "
+                    "predict`)")
+    _trained_model(sl)
+    sl.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    sl.add_argument("--mpp", type=float, metavar="UM", help="the slides' micrometres per "
+                    "pixel, for slides whose metadata lacks it (about 0.25 at 40x)")
+    sl.add_argument("--model-mpp", type=float, metavar="UM", help="the scale the model was "
+                    "trained at, when the checkpoint does not say (0.972 for PatchCamelyon)")
+    sl.add_argument("--tissue-threshold", type=float, metavar="S", help="saturation 0-1 above "
+                    "which a thumbnail pixel is tissue (default: Otsu's threshold kept within "
+                    "0.07-0.15); check DIR/<slide>/tissue.png")
+    sl.add_argument("--min-tissue", type=float, default=0.5, metavar="F", help="share of a "
+                    "tile that must be tissue for it to be read (default 0.5)")
+    sl.add_argument("--top-k", type=int, default=10, metavar="K", help="the slide score is the "
+                    "mean P(tumour) of its K highest tiles (default 10)")
+    _tta(sl, "average the 8 flips and quarter turns of each tile (8x the time)")
+    sl.add_argument("--shard", metavar="I/N", help="take every N-th slide from the I-th "
+                    "(0-based); the last shard to finish merges slides.csv. Under torchrun "
+                    "the rank and world size are used")
+    sl.add_argument("--force", action="store_true", help="redo slides already done with the "
+                    "same model and settings (by default they are skipped)")
+    _sha256(sl, "expected SHA-256 of the checkpoint")
+    _device(sl)
+    _batch_size(sl, 64, "tiles per forward pass (default 64)")
+    _workers(sl, 2, "tile-reading processes (default 2)")
+    _quiet(sl, "no progress bars")
+    sl.set_defaults(func=_cmd_slide, max_pixels=None)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX",
                        description="Write the checkpoint's model as ONNX (dynamic batch size) "

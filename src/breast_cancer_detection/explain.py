@@ -210,7 +210,7 @@ def explain(predictor: Predictor, image, target: int | None = None, *,
         return _explain_tiles(predictor, preparer, prepared, target, max_side)
     x = prepared.x.to(predictor.device)
     if target is None:
-        target = _decide(predictor, predictor._probabilities(x)[0])
+        target = _decide(predictor, predictor.probabilities(x)[0])
     return _picture(prepared.x[0], predictor.pre), GradCAM(predictor.model)(x, target)[0]
 
 
@@ -226,7 +226,7 @@ def _explain_tiles(predictor: Predictor, preparer, prepared, target: int | None,
     scale = min(pre.size / seen, max_side / max(height, width), 1.0)
     frame = (max(1, round(height * scale)), max(1, round(width * scale)))
     if target is None:
-        probs = np.concatenate([predictor._probabilities(x, batch_size=chunk)
+        probs = np.concatenate([predictor.probabilities(x, batch_size=chunk)
                                 for x in preparer.tiles(prepared, chunk)])
         target = _decide(predictor, probs.mean(0))
     total = torch.zeros(frame)

@@ -570,7 +570,7 @@ class Predictor:
             # Unreadable files come back inside the batches, also from worker processes.
             errors.update(dict(b["bad"]))
             if b["x"] is not None:
-                probs.append(self._probabilities(b["x"], tta=tta, batch_size=batch_size)[:, 1])
+                probs.append(self.probabilities(b["x"], tta=tta, batch_size=batch_size)[:, 1])
                 rows.append(np.asarray(b["rows"]))
             bar.update(1)
         bar.close()
@@ -639,7 +639,7 @@ class Predictor:
 
         def flush() -> None:
             if buffer:
-                probs = self._probabilities(torch.cat(buffer), tta=tta, batch_size=batch_size)
+                probs = self.probabilities(torch.cat(buffer), tta=tta, batch_size=batch_size)
                 for owner, p in zip(owners, probs):
                     tile_probs.setdefault(owner, []).append(p)
                 buffer.clear()
@@ -683,9 +683,11 @@ class Predictor:
                           tiles=len(p), heatmap=heatmap)
 
     @torch.inference_mode()
-    def _probabilities(self, x: torch.Tensor, *, tta: bool = False,
+    def probabilities(self, x: torch.Tensor, *, tta: bool = False,
                        batch_size: int = 32) -> np.ndarray:
-        """Softmax outputs for a batch of model inputs, averaged over the 8 views with TTA."""
+        """Softmax outputs ``(N, classes)`` for a batch of prepared model inputs (the output
+        of ``self.transform``), run ``batch_size`` at a time; averaged over the 8 flips and
+        quarter turns with ``tta``."""
         views = range(8) if tta else range(1)
         out = np.zeros((len(x), len(self.classes)))
         for k in views:

@@ -8,6 +8,7 @@ servers. Show one with ``display(fig)``; write one with :func:`save_figure`.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -366,3 +367,74 @@ def _get_ci(ci: dict, section: str, key: str) -> tuple[float, float]:
     if value is None or value[0] is None:
         return float("nan"), float("nan")
     return float(value[0]), float(value[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole slides (`bcd slide`)
+# ---------------------------------------------------------------------------------------------
+
+
+def _slide_figure(thumb: np.ndarray, width: float = 8.0, extra: float = 0.6) -> Figure:
+    h, w = thumb.shape[:2]
+    return _figure(width, max(2.5, width * h / w + extra))
+
+
+def plot_slide_heatmap(thumb: np.ndarray, heat: np.ndarray, extent: tuple[float, float], *,
+                       threshold: float | None = None, title: str = "") -> Figure:
+    """P(tumour) per tile over the slide's thumbnail, with a colour bar.
+
+    Args:
+        thumb: ``(H, W, 3)`` thumbnail.
+        heat: ``(rows, cols)`` P(tumour) per tile, NaN where no tile was read (left clear).
+        extent: ``(width, height)`` of the tile grid in thumbnail pixels.
+        threshold: Marked on the colour bar.
+        title: The figure's title.
+    """
+    fig = _slide_figure(thumb, extra=1.0)
+    ax = fig.subplots()
+    ax.imshow(thumb)
+    shown = ax.imshow(np.ma.masked_invalid(heat), extent=(0, extent[0], extent[1], 0),
+                      cmap=HEATMAP_CMAP, vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
+    ax.set_xlim(0, thumb.shape[1])
+    ax.set_ylim(thumb.shape[0], 0)
+    ax.set_axis_off()
+    label = "P(tumour)" if threshold is None else f"P(tumour); line: threshold {threshold:.3f}"
+    bar = fig.colorbar(shown, ax=ax, shrink=0.8, label=label)
+    if threshold is not None:
+        bar.ax.axhline(threshold, color="black", linewidth=1.5)
+    ax.set_title(title)
+    return fig
+
+
+def plot_tissue(thumb: np.ndarray, mask: np.ndarray, *, title: str = "") -> Figure:
+    """The thumbnail beside it with the tissue mask outlined, to check what was read."""
+    fig = _figure(10.0, max(2.5, 5.0 * thumb.shape[0] / thumb.shape[1] + 0.8))
+    left, right = fig.subplots(1, 2)
+    left.imshow(thumb)
+    left.set_title("thumbnail")
+    right.imshow(thumb)
+    right.imshow(np.ma.masked_where(mask, np.ones(mask.shape)), cmap="Greys", vmin=0, vmax=1,
+                 alpha=0.6, interpolation="nearest")
+    right.contour(mask, levels=[0.5], colors=[ACCENT_COLOR], linewidths=1)
+    right.set_title("tissue (glass greyed)")
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.suptitle(title)
+    return fig
+
+
+def plot_tile_gallery(images: list, probs, xy, *, title: str = "", columns: int = 4) -> Figure:
+    """Tiles in a grid, each titled with its P(tumour) and level-0 position."""
+    n = max(1, len(images))
+    rows = math.ceil(n / columns)
+    fig = _figure(2.0 * columns, 2.2 * rows + 0.5)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, img, p, (x, y) in zip(axes, images, probs, xy):
+        ax.imshow(img)
+        ax.set_title(f"P={p:.3f}\n({x}, {y})", fontsize=8)
+    if not images:
+        axes[0].text(0.5, 0.5, "no tissue tiles", ha="center", va="center")
+    fig.suptitle(title)
+    return fig

@@ -1,0 +1,196 @@
+"""Reading whole-slide images with OpenSlide: open, scale, thumbnail, tiles for a DataLoader.
+
+OpenSlide comes from pip wheels (``pip install "breast-cancer-detection[slides]"`` installs
+openslide-python and openslide-bin), so no system library is needed on Linux, macOS or Windows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+
+# What OpenSlide reads (its vendor formats; .tif/.tiff covers Philips, Ventana and generic
+# tiled TIFF).
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
+                  ".svslide", ".dcm")
+
+INSTALL_HINT = ('pip install "breast-cancer-detection[slides]" (or: pip install '
+                "openslide-python openslide-bin): pip wheels, no system library needed")
+
+# Pixels held at once while a thumbnail is built strip by strip.
+_STRIP_PIXELS = 8_000_000
+
+
+class SlideError(UserError, RuntimeError):
+    """A slide that cannot be analysed; the message names the file and what to do."""
+
+
+def _openslide():
+    try:
+        import openslide
+    except ImportError as e:
+        raise UserError(f"whole slides need OpenSlide: {INSTALL_HINT}.") from e
+    return openslide
+
+
+def collect_slides(paths) -> list[Path]:
+    """Slide files from files and folders (folders searched recursively, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file()
+                          and f.suffix.lower() in SLIDE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def open_slide(path: str | Path):
+    """Opens a slide with OpenSlide.
+
+    Raises:
+        SlideError: no such file, a format OpenSlide does not read (a plain image, say), or a
+            damaged file.
+    """
+    openslide = _openslide()
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"{path}: no such file.")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(
+            f"{path}: not a whole-slide image OpenSlide reads (tiled, pyramidal .svs, .tif, "
+            ".ndpi, .mrxs, ...). For an ordinary photo or a BreakHis PNG use `bcd predict`; "
+            "to make a slide of a large image, see bcd.slides.write_slide.") from None
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"{path}: damaged or truncated slide ({e}); copy it again "
+                         "from its source.") from None
+
+
+def slide_mpp(slide, path: str | Path = "slide", override: float | None = None
+              ) -> tuple[float, str]:
+    """Micrometres per level-0 pixel of a slide, and where the figure came from.
+
+    In order: ``override`` (``--mpp``); the slide's ``openslide.mpp-x``/``-y``; its objective
+    power, as 10 / power um/px (the usual scanner optics: 40x is about 0.25 um/px).
+
+    Raises:
+        SlideError: none of the three is known.
+    """
+    if override is not None:
+        if not override > 0:
+            raise SlideError(f"--mpp {override}: give a positive number of micrometres per "
+                             "pixel, e.g. 0.25 for a 40x scan.")
+        return float(override), "--mpp"
+    props = slide.properties
+    try:
+        mx = float(props.get("openslide.mpp-x", "nan"))
+        my = float(props.get("openslide.mpp-y", mx))
+    except ValueError:
+        mx = my = float("nan")
+    if np.isfinite(mx) and mx > 0:
+        my = my if np.isfinite(my) and my > 0 else mx
+        return (mx + my) / 2, "slide metadata (mpp)"
+    try:
+        power = float(props.get("openslide.objective-power", "nan"))
+    except ValueError:
+        power = float("nan")
+    if np.isfinite(power) and power > 0:
+        return 10.0 / power, f"objective power {power:g}x (10 / power um/px)"
+    raise SlideError(
+        f"{path}: the slide states neither its pixel size (mpp) nor its objective power, so "
+        "its scale is unknown. Give it: --mpp UM_PER_PIXEL (about 0.25 for a 40x scan, 0.5 "
+        "for 20x; the scanner's documentation has the exact figure).")
+
+
+def thumbnail(slide, max_side: int) -> tuple[np.ndarray, float]:
+    """An RGB thumbnail whose long side is at most ``max_side``, and its downsample from
+    level 0.
+
+    Read from the coarsest level that still has the resolution, in strips, so memory stays
+    bounded by the thumbnail even for a slide with no pyramid.
+    """
+    w0, h0 = slide.dimensions
+    ds = max(w0, h0) / max_side if max(w0, h0) > max_side else 1.0
+    tw, th = max(1, round(w0 / ds)), max(1, round(h0 / ds))
+    level = slide.get_best_level_for_downsample(ds)
+    lds = slide.level_downsamples[level]
+    lw, lh = slide.level_dimensions[level]
+    strip = max(1, _STRIP_PIXELS // max(lw, 1))
+    out = np.empty((th, tw, 3), np.uint8)
+    done = 0
+    for y in range(0, lh, strip):
+        hl = min(strip, lh - y)
+        y_end = min(th, round((y + hl) * lds / ds)) if y + hl < lh else th
+        rows = y_end - done
+        if rows <= 0:
+            continue
+        region = slide.read_region((0, round(y * lds)), level, (lw, hl))
+        rgb = on_white(region).resize((tw, rows), Image.Resampling.BILINEAR)
+        out[done:y_end] = np.asarray(rgb)
+        done = y_end
+    return out, ds
+
+
+def on_white(region: Image.Image) -> Image.Image:
+    """An RGBA region (transparent where the slide has no data) composited on white, as RGB."""
+    if region.mode != "RGBA":
+        return region.convert("RGB")
+    bg = Image.new("RGBA", region.size, (255, 255, 255, 255))
+    bg.alpha_composite(region)
+    return bg.convert("RGB")
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Tiles of one slide at the model's scale, for a DataLoader.
+
+    Each process (the main one or a worker) opens the slide once itself: OpenSlide handles
+    are not shared between processes.
+
+    Args:
+        path: The slide.
+        xy: ``(N, 2)`` level-0 top-left corners.
+        level: Pyramid level to read.
+        read_size: Tile side in that level's pixels.
+        size: Tile side the model takes; the read tile is resized to it.
+        transform: PIL RGB image -> model input tensor.
+    """
+
+    def __init__(self, path: str | Path, xy: np.ndarray, level: int, read_size: int,
+                 size: int, transform: Callable[[Image.Image], Any] | None):
+        self.path = str(path)
+        self.xy = np.asarray(xy, dtype=np.int64)
+        self.level, self.read_size, self.size = level, read_size, size
+        self.transform = transform
+        self._slide = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def read(self, i: int) -> Image.Image:
+        """Tile ``i`` as an RGB image of ``size`` x ``size`` pixels."""
+        if self._slide is None or self._pid != os.getpid():
+            self._slide, self._pid = open_slide(self.path), os.getpid()
+        x, y = (int(v) for v in self.xy[i])
+        img = on_white(self._slide.read_region((x, y), self.level,
+                                               (self.read_size, self.read_size)))
+        if self.read_size != self.size:
+            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return img
+
+    def __getitem__(self, i: int):
+        img = self.read(i)
+        return (self.transform(img) if self.transform else img), i
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slide": None, "_pid": None}

@@ -1,0 +1,356 @@
+"""`bcd slide`: score every tissue tile of whole slides, and write what a pathologist looks at.
+
+Per slide, in ``OUT/<slide stem>/``: ``tiles.csv``, ``heatmap.png``, ``tissue.png``,
+``regions.geojson``, ``top_tiles.png`` and ``slide.json`` (the summary, and what it was made
+with: a slide already done with the same model and settings is not redone). In ``OUT/``:
+``slides.csv``, one row per slide.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import UserError
+from ..files import atomic_write_text, jsonable
+from .reader import SlideError, TileDataset, open_slide, slide_mpp, thumbnail
+from .regions import feature_collection, region_features
+from .tissue import TileGrid, tissue_mask
+
+if TYPE_CHECKING:
+    from ..inference import Predictor
+
+# Approximate micrometres per pixel of BreakHis images (Olympus BX-50, 3.3x relay lens,
+# Samsung SCC-131AN camera with 6.5 um pixels: 6.5 / (objective x 3.3)); BreakHis names
+# magnifications by objective x 10 eyepiece.
+BREAKHIS_MPP = {"40X": 0.49, "100X": 0.197, "200X": 0.098, "400X": 0.049}
+
+DEFAULT_TOP_K = 10
+GALLERY = 16
+SUMMARY = "slide.json"
+COLUMNS = ["slide", "score", "tiles", "tumour_tiles", "tissue_mm2", "seconds", "tiles_per_s",
+           "mpp", "mpp_source", "level", "error", "folder"]
+
+
+def model_mpp(predictor: Predictor, override: float | None = None) -> tuple[float, str]:
+    """The scale (um/px) the model was trained at, and where that figure came from.
+
+    In order: ``override`` (``--model-mpp``), the checkpoint's stored mpp, the trained-model
+    registry's entry, a BreakHis checkpoint trained at one magnification (approximate, see
+    :data:`BREAKHIS_MPP`).
+
+    Raises:
+        UserError: none of them is known.
+    """
+    if override is not None:
+        if not override > 0:
+            raise UserError(f"--model-mpp {override}: a positive number of micrometres per "
+                            "pixel (0.972 for PatchCamelyon models).")
+        return float(override), "--model-mpp"
+    ckpt = predictor.checkpoint
+    if ckpt is not None and ckpt.mpp:
+        return float(ckpt.mpp), "checkpoint"
+    entry = predictor.trained_model
+    if entry is not None and entry.mpp:
+        return float(entry.mpp), f"trained model {entry.name}"
+    if ckpt is not None and ckpt.magnification and len(ckpt.magnification) == 1:
+        mag = ckpt.magnification[0]
+        if mag in BREAKHIS_MPP:
+            return BREAKHIS_MPP[mag], f"BreakHis {mag} (approximate)"
+    raise UserError(
+        "the model does not say at what scale it was trained, so slide tiles cannot be cut to "
+        "match it. Give it with --model-mpp UM_PER_PIXEL (0.972 for PatchCamelyon), or train "
+        "with `mpp:` set in the config (or one BreakHis magnification).")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0 <= i < n) -> ``(i, n)``; None -> the torchrun rank and world size when
+    run under torchrun with more than one process, else None."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i = n = -1
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: write I/N with 0 <= I < N, e.g. --shard 0/4 for the "
+                        "first of four processes.")
+    return i, n
+
+
+@dataclass
+class SlideResult:
+    """One slide's summary: a row of ``slides.csv``.
+
+    ``score`` is the mean P(tumour) of the ``top_k`` highest tiles (the slide's most
+    suspicious area, insensitive to how much normal tissue surrounds it); ``tumour_tiles`` is
+    the number at or above the model's threshold. ``error`` is empty, or why the slide
+    could not be analysed.
+    """
+
+    slide: str
+    score: float = float("nan")
+    tiles: int = 0
+    tumour_tiles: int = 0
+    tissue_mm2: float = float("nan")
+    seconds: float = 0.0
+    tiles_per_s: float = float("nan")
+    mpp: float = float("nan")
+    mpp_source: str = ""
+    level: int = -1
+    error: str = ""
+    folder: str = ""
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: d[k] for k in COLUMNS}
+
+
+def _settings(predictor: Predictor, path: Path, **kw) -> dict[str, Any]:
+    """What a slide's outputs depend on: a slide done with the same settings is reused."""
+    st = path.stat()
+    ckpt = predictor.checkpoint
+    model = {"arch": predictor.arch, "threshold": predictor.threshold,
+             "backend": predictor.backend,
+             "created": None if ckpt is None else ckpt.created,
+             "trained_model": getattr(predictor.trained_model, "name", None)}
+    from .. import __version__
+
+    return jsonable({"version": __version__, "slide": str(path.resolve()), "size": st.st_size,
+                     "mtime": st.st_mtime_ns, "model": model, **kw})
+
+
+def _done(folder: Path, settings: dict[str, Any]) -> SlideResult | None:
+    try:
+        d = json.loads((folder / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    if d.get("settings") != settings:
+        return None
+    d.pop("settings")
+    return SlideResult(**{k: v for k, v in d.items() if k in COLUMNS},
+                       settings=settings)
+
+
+def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *,
+                  model_scale: tuple[float, str] | None = None, mpp: float | None = None,
+                  tissue_threshold: float | None = None, min_tissue: float = 0.5,
+                  batch_size: int = 64, workers: int = 2, tta: bool = False,
+                  top_k: int = DEFAULT_TOP_K, thumb_side: int = 2048, progress: bool = True,
+                  force: bool = False) -> SlideResult:
+    """Scores every tissue tile of one slide and writes its outputs into ``out_dir``.
+
+    Tiles are the model's field of view (its input side at its training scale), read from
+    the coarsest pyramid level that has the resolution, on a grid over level 0; a tile is
+    read only when at least ``min_tissue`` of it is tissue on the thumbnail's mask. Workers
+    read and resize tiles while the model runs; memory is bounded by the batch, the
+    thumbnail and the tile grid, not by the slide.
+
+    Args:
+        predictor: The model (torch or ONNX backend).
+        path: The slide.
+        out_dir: The slide's output folder.
+        model_scale: ``(mpp, source)`` from :func:`model_mpp`; None works it out.
+        mpp: The slide's um/px when its metadata lacks it (``--mpp``).
+        tissue_threshold: Saturation 0-1 for the tissue mask; None: Otsu's.
+        min_tissue: Share of a tile that must be tissue for it to be read.
+        batch_size: Tiles per forward pass.
+        workers: DataLoader processes reading tiles (0: read in this process).
+        tta: Average the 8 flips and quarter turns of each tile.
+        top_k: Tiles averaged into the slide score.
+        thumb_side: Long side of the thumbnail the mask and heat map are drawn on (raised
+            when a tile would cover under 4 thumbnail pixels, up to 8192).
+        progress: A progress bar with tiles/s.
+        force: Redo a slide whose outputs exist for the same settings.
+
+    Returns:
+        The summary; on failure ``error`` says why (nothing raised), so other slides go on.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    t0 = time.perf_counter()
+    result = SlideResult(slide=str(path), folder=out_dir.name)
+    try:
+        if model_scale is None:
+            model_scale = model_mpp(predictor)
+        if not path.is_file():
+            raise SlideError(f"{path}: no such file.")
+        settings = _settings(predictor, path, model_mpp=model_scale[0], mpp=mpp, tta=tta,
+                             tissue_threshold=tissue_threshold, min_tissue=min_tissue,
+                             top_k=top_k, thumb_side=thumb_side)
+        if not force and (done := _done(out_dir, settings)) is not None:
+            return done
+        result.settings = settings
+        _analyse(predictor, path, out_dir, result, model_scale=model_scale, mpp=mpp,
+                 tissue_threshold=tissue_threshold, min_tissue=min_tissue,
+                 batch_size=batch_size, workers=workers, tta=tta, top_k=top_k,
+                 thumb_side=thumb_side, progress=progress)
+    except (UserError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        # RuntimeError covers OpenSlide's errors raised in DataLoader workers.
+        result.error = _one_line(e)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    if not result.error:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / SUMMARY, json.dumps(jsonable(asdict(result)), indent=2))
+    return result
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, UserError):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResult, *,
+             model_scale: tuple[float, str], mpp: float | None,
+             tissue_threshold: float | None, min_tissue: float, batch_size: int, workers: int,
+             tta: bool, top_k: int, thumb_side: int, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    slide = open_slide(path)
+    try:
+        s_mpp, result.mpp_source = slide_mpp(slide, path, mpp)
+        result.mpp = round(s_mpp, 6)
+        grid = TileGrid.for_slide(slide, size=predictor.pre.size, slide_mpp=s_mpp,
+                                  model_mpp=model_scale[0])
+        result.level = grid.level
+        side = min(8192, max(thumb_side, math.ceil(4 * max(slide.dimensions) / grid.tile0)))
+        thumb, tds = thumbnail(slide, side)
+    finally:
+        slide.close()
+    mask, cut = tissue_mask(thumb, threshold=tissue_threshold,
+                            min_area=round((grid.tile0 / tds) ** 2))
+    result.tissue_mm2 = round(float(mask.sum()) * (tds * s_mpp) ** 2 / 1e6, 4)
+    rows, cols = np.nonzero(grid.tissue_fraction(mask, tds) >= min_tissue)
+    xy = grid.origins(rows, cols)
+    dataset = TileDataset(path, xy, grid.level, grid.read_size, grid.size, predictor.transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         persistent_workers=False)
+    prob = np.full(len(xy), np.nan, np.float32)
+    t_read = time.perf_counter()
+    with tqdm(total=len(xy), desc=path.name, unit="tile", disable=not progress) as bar:
+        for x, idx in loader:
+            prob[idx.numpy()] = predictor.probabilities(x, tta=tta, batch_size=batch_size)[:, 1]
+            bar.update(len(idx))
+    elapsed = time.perf_counter() - t_read
+    if len(xy) and not np.isfinite(prob).all():
+        raise RuntimeError("the model gave NaN or infinity for some tiles: its weights are "
+                           "damaged or it overflowed; check the checkpoint.")
+
+    heat = np.full((grid.rows, grid.cols), np.nan, np.float32)
+    heat[rows, cols] = prob
+    result.tiles = len(xy)
+    result.tumour_tiles = int((prob >= predictor.threshold).sum())
+    result.tiles_per_s = round(len(xy) / elapsed, 2) if elapsed > 0 and len(xy) else float("nan")
+    if len(xy):
+        result.score = round(float(np.sort(prob)[::-1][:top_k].mean()), 6)
+    _write_outputs(out_dir, path, predictor, grid, xy, prob, heat, thumb, tds, mask, cut,
+                   s_mpp, dataset)
+
+
+def _write_outputs(out_dir: Path, path: Path, predictor: Predictor, grid: TileGrid,
+                   xy: np.ndarray, prob: np.ndarray, heat: np.ndarray, thumb: np.ndarray,
+                   tds: float, mask: np.ndarray, cut: float, s_mpp: float,
+                   dataset: TileDataset) -> None:
+    from ..files import atomic_write
+    from ..plots import plot_slide_heatmap, plot_tile_gallery, plot_tissue, save_figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width = round(grid.tile0)
+    tiles = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "width": width, "height": width,
+                          "p_malignant": np.round(prob, 6)})
+    atomic_write(out_dir / "tiles.csv",
+                 lambda f: f.write(tiles.to_csv(index=False).encode("utf-8")))
+    tile_mm2 = (grid.tile0 * s_mpp) ** 2 / 1e6
+    features = region_features(heat, predictor.threshold, grid.tile0, tile_area_mm2=tile_mm2)
+    atomic_write_text(out_dir / "regions.geojson", json.dumps(feature_collection(features)))
+    extent = (grid.cols * grid.tile0 / tds, grid.rows * grid.tile0 / tds)
+    save_figure(plot_slide_heatmap(thumb, heat, extent, threshold=predictor.threshold,
+                                   title=path.name), out_dir / "heatmap.png")
+    save_figure(plot_tissue(thumb, mask, title=f"{path.name}: tissue (saturation > "
+                                               f"{cut:.2f})"), out_dir / "tissue.png")
+    top = np.argsort(-prob)[:GALLERY]
+    save_figure(plot_tile_gallery([dataset.read(int(i)) for i in top], prob[top], xy[top],
+                                  title=f"{path.name}: highest P(tumour) tiles"),
+                out_dir / "top_tiles.png")
+
+
+def _unique_folders(paths: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = p.stem or "slide"
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return out
+
+
+def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
+                   shard: tuple[int, int] | None = None, model_scale_override: float | None = None,
+                   **kwargs) -> pd.DataFrame:
+    """Analyses slides one after another into ``out/<stem>/`` and writes ``out/slides.csv``.
+
+    ``slides.csv`` is rewritten after every slide, so an interrupted run keeps what it
+    finished (and a rerun skips it). With ``shard=(i, n)`` this process takes every n-th
+    slide from the i-th on and writes ``slides.part-i-of-n.csv``; whichever process writes
+    the last missing part merges all parts into ``slides.csv``.
+
+    Args:
+        predictor: The model.
+        paths: Slide files (see :func:`bcd.slides.collect_slides`).
+        out: The output folder.
+        shard: ``(i, n)``; None: all slides here.
+        model_scale_override: ``--model-mpp``.
+        **kwargs: Passed to :func:`analyse_slide`.
+
+    Returns:
+        This process's rows, one per slide.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scale = model_mpp(predictor, model_scale_override)
+    folders = _unique_folders(paths)
+    jobs = list(zip(paths, folders))
+    if shard is not None:
+        jobs = jobs[shard[0]::shard[1]]
+    table = out / ("slides.csv" if shard is None else
+                   f"slides.part-{shard[0]}-of-{shard[1]}.csv")
+    rows: list[dict[str, Any]] = []
+    for path, folder in jobs:
+        r = analyse_slide(predictor, path, out / folder, model_scale=scale, **kwargs)
+        rows.append(r.row())
+        _write_csv(table, pd.DataFrame(rows, columns=COLUMNS))
+    if not rows:
+        _write_csv(table, pd.DataFrame(columns=COLUMNS))
+    if shard is not None:
+        _merge_parts(out, shard[1], [f for _, f in zip(paths, folders)])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _write_csv(path: Path, table: pd.DataFrame) -> None:
+    atomic_write_text(path, table.to_csv(index=False))
+
+
+def _merge_parts(out: Path, n: int, order: list[str]) -> Path | None:
+    """Merges ``slides.part-*-of-n.csv`` into ``slides.csv`` once all n exist."""
+    parts = [out / f"slides.part-{i}-of-{n}.csv" for i in range(n)]
+    if not all(p.exists() for p in parts):
+        return None
+    merged = pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""])
+                        for p in parts], ignore_index=True)
+    rank = {f: k for k, f in enumerate(order)}
+    merged = merged.sort_values("folder", key=lambda s: s.map(rank)).reset_index(drop=True)
+    merged["error"] = merged["error"].fillna("")
+    _write_csv(out / "slides.csv", merged)
+    return out / "slides.csv"
