@@ -449,7 +449,8 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for r in table.itertuples():
         if r.error:
-            print(f"FAILED {r.slide}: {r.error}", file=sys.stderr)
+            why = r.error.removeprefix(f"{r.slide}: ")
+            print(f"FAILED {r.slide}: {why}", file=sys.stderr)
         else:
             print(f"{r.slide}: score {r.score:.4f}, {r.tiles} tissue tiles "
                   f"({r.tumour_tiles} at or above {predictor.threshold:.3f}), "
@@ -489,13 +490,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      max_request_megapixels=args.max_request_megapixels,
                      max_request_tiles=args.max_request_tiles,
                      upload_timeout=args.upload_timeout, max_uploads=args.max_uploads,
-                     allowed_hosts=hosts)
+                     allowed_hosts=hosts, slides=args.slides)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: --host {args.host} makes the app reachable from other machines; it "
               "has no authentication.", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {predictor.arch} at "
           f"http://{host}:{args.port}/ (API documentation at /docs); Ctrl-C stops it.")
+    if args.slides:
+        print(f"Whole slides: the results of `bcd slide ... --out {args.slides}`, on the page "
+              "and at /api/slides.")
     uvicorn.run(app, host=args.host, port=args.port,
                 log_level="warning" if args.quiet else "info")
     return 0
@@ -865,7 +869,8 @@ def _add_use_commands(sub) -> None:
 
     sv = sub.add_parser("serve", help="the web app: upload images, see the answer and why",
                         description="Serve the page and the API (POST /api/predict, GET "
-                        "/api/health, GET /api/model; OpenAPI at /docs) for one checkpoint, "
+                        "/api/health, GET /api/model, GET /api/slides with --slides; OpenAPI at "
+                        "/docs) for one checkpoint, "
                         "loaded once: a checkpoint, a named trained model, or by default "
                         "the default trained model (`bcd models --trained`). A research tool, "
                         "not a medical device.")
@@ -898,6 +903,8 @@ def _add_use_commands(sub) -> None:
     sv.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated host names the "
                     "server answers to, besides IP addresses, localhost and --host (a guard "
                     "against DNS rebinding); '*' answers any")
+    sv.add_argument("--slides", metavar="DIR", help="show the results of `bcd slide --out DIR`: "
+                    "each slide's heat map, regions and top tiles")
     _sha256(sv)
     _device(sv)
     _quiet(sv, "no progress bar or request log")

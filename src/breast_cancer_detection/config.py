@@ -46,6 +46,9 @@ class TrainConfig:
     """Keep only these magnifications, e.g. ``[40X]``."""
     group_by: str = "patient"
     """What a split keeps together: ``patient`` (numeric BreakHis id) or ``slide``."""
+    mpp: float | None = None
+    """Micrometres per pixel of the training images, stored in the checkpoint so that ``bcd
+    slide`` cuts slide tiles at that scale (PatchCamelyon: 0.972)."""
 
     # Model
     model: str = "densenet121"
@@ -154,6 +157,9 @@ class TrainConfig:
                               "or null for no averaging.")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive.")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ConfigError(f"mpp={self.mpp}: micrometres per pixel must be positive "
+                              "(0.972 for PatchCamelyon), or null when unknown.")
         if self.weights and self.pretrained:
             # Local weights replace the download; say so rather than guess which one was meant.
             self.pretrained = False

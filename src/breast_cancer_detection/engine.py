@@ -306,7 +306,7 @@ class RunState:
         return Checkpoint(
             arch=cfg.model, state_dict=run.eval_model.state_dict(), classes=list(CLASSES),
             preprocessing=run.pre.to_dict(), augment=run.aug.to_dict(), config=cfg.to_dict(),
-            magnification=cfg.magnification, split_hash=split_hash(split),
+            mpp=cfg.mpp, magnification=cfg.magnification, split_hash=split_hash(split),
             split_patients={s: sorted(set(g["patient"]) - {""})
                             for s, g in split.groupby("split")},
             metrics=dict(self.best_metrics), epoch=self.epoch, best_epoch=self.best_epoch,

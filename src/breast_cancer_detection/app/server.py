@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
 import io
 import ipaddress
 import json
@@ -19,10 +20,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
@@ -75,6 +77,15 @@ memory."""
 
 LOCAL_NAMES = ("localhost",)
 """Host names answered to besides IP addresses and ``allowed_hosts``."""
+
+SLIDE_FILES = {"heatmap.png": "image/png", "tissue.png": "image/png",
+               "top_tiles.png": "image/png", "regions.geojson": "application/geo+json",
+               "tiles.csv": "text/csv; charset=utf-8"}
+"""The files of a slide's ``bcd slide`` folder that are served, and their media types
+(slide.json is not: it records the slide's local path)."""
+
+TOP_REGIONS = 5
+"""Largest regions of a slide listed by /api/slides."""
 
 # The page loads nothing from elsewhere; the browser enforces it. /docs is left out: FastAPI's
 # Swagger UI loads its script from a CDN.
@@ -135,6 +146,8 @@ class Health(BaseModel):
     running: int = Field(description="Requests being answered now.")
     waiting: int = Field(description="Requests admitted and waiting for their turn.")
     uploading: int = Field(description="Requests still sending their body.")
+    slides: bool = Field(description="Whether /api/slides shows the results of `bcd slide` "
+                                     "(bcd serve --slides DIR).")
 
 
 class ErrorBody(BaseModel):
@@ -499,6 +512,125 @@ def model_card(predictor: Predictor, report: EvaluationResult | None = None) -> 
     return jsonable(card)
 
 
+# ----------------------------------------------------------------------------- whole slides
+
+# An absolute path inside a message: POSIX (not after a word, as in "and/or", nor in a URL),
+# home, Windows drive or UNC share, or a file: URL; up to the next space or quote.
+_PATH_IN_TEXT = re.compile(r"(?:file:)?(?:(?<![\w.:/])/|~/|\b[A-Za-z]:[\\/]|\\\\)[^\s'\"]*")
+
+
+def _slide_name(slide: str) -> str:
+    """The file name of a slide given as a path (POSIX or Windows)."""
+    return PureWindowsPath(slide.removeprefix("file:")).name or "(slide)"
+
+
+def _without_paths_in(text: str, slide: str) -> str:
+    """``text`` with the slide's path and any other absolute path cut to their last part."""
+    if slide:
+        text = text.replace(slide, _slide_name(slide))
+    return _PATH_IN_TEXT.sub(lambda m: PureWindowsPath(m[0].removeprefix("file:")).name, text)
+
+
+def _number(text: Any, kind: type = float) -> float | int | None:
+    """A CSV cell as a finite number, or None (empty, NaN, not a number)."""
+    try:
+        x = float(text)
+    except (TypeError, ValueError):
+        return None
+    return kind(x) if math.isfinite(x) else None
+
+
+class _Slides:
+    """The results of ``bcd slide --out DIR``, read afresh on every request so that a run
+    still going shows each slide as it finishes.
+
+    Only what ``slides.csv`` lists is served: a file of :data:`SLIDE_FILES`, in a folder named
+    in the table that is, once links are resolved, a direct child of DIR.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--slides {root}: not a folder; give the --out folder of "
+                            "`bcd slide SLIDE... --out DIR`.")
+        if not (self.root / "slides.csv").is_file():
+            log.warning("%s has no slides.csv yet; run `bcd slide SLIDE... --out %s`.",
+                        self.root, root)
+
+    def table(self) -> tuple[list[dict[str, str]], str | None]:
+        """The rows of slides.csv, or none and why."""
+        try:
+            with open(self.root / "slides.csv", newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                columns = set(reader.fieldnames or ())
+        except FileNotFoundError:
+            return [], ("no slides analysed yet: run `bcd slide SLIDE... --out DIR` with the "
+                        "DIR this server was started with (bcd serve --slides DIR); each slide "
+                        "shows up here as it is done.")
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            return [], (f"slides.csv could not be read ({type(e).__name__}); run `bcd slide "
+                        "SLIDE... --out DIR` again to rewrite it.")
+        if not {"slide", "folder"} <= columns:
+            return [], ("slides.csv is not one written by `bcd slide` (no 'slide' and "
+                        "'folder' columns); run `bcd slide SLIDE... --out DIR` again.")
+        return rows, None
+
+    def file(self, folder: str, name: str, rows: list[dict[str, str]] | None = None
+             ) -> Path | None:
+        """The path of ``folder/name`` if it may be served, else None."""
+        if name not in SLIDE_FILES or folder in ("", ".", "..") or any(
+                c in folder for c in "/\\\0"):
+            return None
+        if rows is None:
+            rows = self.table()[0]
+        if folder not in {row.get("folder") for row in rows}:
+            return None
+        try:
+            # Links are followed, then the real folder must sit directly in DIR and the real
+            # file directly in it: a link out of DIR is refused.
+            where = (self.root / folder).resolve(strict=True)
+            path = (where / name).resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if where.parent != self.root or path.parent != where or not path.is_file():
+            return None
+        return path
+
+    def _regions(self, path: Path | None) -> tuple[int | None, list[dict[str, Any]]]:
+        """The number of regions in a regions.geojson and the largest few."""
+        if path is None:
+            return None, []
+        try:
+            features = json.loads(path.read_text(encoding="utf-8"))["features"]
+            props = [f.get("properties") or {} for f in features]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None, []
+        top = sorted(props, key=lambda p: _number(p.get("area_mm2")) or 0, reverse=True)
+        return len(props), [{"tiles": _number(p.get("tiles"), int),
+                             "area_mm2": _number(p.get("area_mm2")),
+                             "max_p": _number(p.get("max_p"))} for p in top[:TOP_REGIONS]]
+
+    def listing(self) -> dict[str, Any]:
+        """One entry per row of slides.csv, with its largest regions and file URLs."""
+        rows, message = self.table()
+        slides = []
+        for row in rows:
+            slide, folder = row.get("slide") or "", row.get("folder") or ""
+            files = {name: f"slides/{quote(folder, safe='')}/{name}" for name in SLIDE_FILES
+                     if self.file(folder, name, rows) is not None}
+            count, top = self._regions(self.file(folder, "regions.geojson", rows))
+            slides.append({
+                "name": _slide_name(slide), "folder": folder,
+                "score": _number(row.get("score")), "tiles": _number(row.get("tiles"), int),
+                "tumour_tiles": _number(row.get("tumour_tiles"), int),
+                "tissue_mm2": _number(row.get("tissue_mm2")),
+                "error": _without_paths_in(row.get("error") or "", slide),
+                "regions": count, "largest_regions": top, "files": files,
+            })
+        return {"slides": slides, "message": message}
+
+
 # ----------------------------------------------------------------------------- the service
 
 
@@ -756,7 +888,7 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
                max_request_megapixels: float = MAX_REQUEST_MEGAPIXELS,
                max_request_tiles: int = MAX_REQUEST_TILES,
                upload_timeout: float = UPLOAD_TIMEOUT, max_uploads: int = MAX_UPLOADS,
-               allowed_hosts: Iterable[str] = ()) -> FastAPI:
+               allowed_hosts: Iterable[str] = (), slides: str | Path | None = None) -> FastAPI:
     """Builds the web app: the page at ``/``, the API under ``/api``, OpenAPI at ``/docs``.
 
     Give a loaded ``predictor`` (used as it is), or a ``checkpoint`` to load once when the
@@ -775,6 +907,10 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
 
     Only requests whose Host header is an IP address, ``localhost`` or one of
     ``allowed_hosts`` are answered (400 otherwise), against DNS rebinding.
+
+    With ``slides``, the ``--out`` folder of ``bcd slide``, ``/api/slides`` lists its slides
+    (re-reading slides.csv on each request) and serves their heat maps, tissue masks, top
+    tiles, regions and tiles; without it, those answer 404.
 
     Args:
         predictor: A loaded Predictor.
@@ -795,10 +931,11 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         max_uploads: Requests that may be sending their body at once (503 beyond).
         allowed_hosts: Host names answered to besides IP addresses and localhost; ``"*"``
             answers any.
+        slides: The folder ``bcd slide SLIDE... --out DIR`` writes, or None.
 
     Raises:
-        UserError: neither or both of ``predictor`` and ``checkpoint``, a bad limit, or a
-            report of another model.
+        UserError: neither or both of ``predictor`` and ``checkpoint``, a bad limit, a
+            report of another model, or ``slides`` a file.
     """
     if (predictor is None) == (checkpoint is None):
         raise UserError("create_app needs a predictor or a checkpoint (one of the two).")
@@ -824,6 +961,7 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
     if predictor is not None:
         service.load(predictor)
     gate = _Gate(max_concurrency, max_queue, max_uploads)
+    shown = None if slides is None else _Slides(slides)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -850,12 +988,13 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
 
     app.add_middleware(_Guard, allowed_hosts=list(allowed_hosts))
 
-    _add_routes(app, service, gate)
+    _add_routes(app, service, gate, shown)
+    _add_slide_routes(app, shown)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
 
 
-def _add_routes(app: FastAPI, service: _Service, gate: _Gate) -> None:
+def _add_routes(app: FastAPI, service: _Service, gate: _Gate, slides: _Slides | None) -> None:
     """The API: /api/health, /api/model and /api/predict."""
     @app.get("/api/health", response_model=Health, tags=["service"])
     async def health() -> Health:
@@ -868,7 +1007,8 @@ def _add_routes(app: FastAPI, service: _Service, gate: _Gate) -> None:
                       upload_timeout=service.upload_timeout,
                       max_request_megapixels=service.max_request_megapixels,
                       max_request_tiles=service.max_request_tiles, running=gate.running,
-                      waiting=gate.waiting, uploading=gate.uploading)
+                      waiting=gate.waiting, uploading=gate.uploading,
+                      slides=slides is not None)
 
     @app.get("/api/model", tags=["model"])
     async def model() -> dict[str, Any]:
@@ -915,3 +1055,42 @@ def _add_routes(app: FastAPI, service: _Service, gate: _Gate) -> None:
             return _gone()
         finally:
             watcher.cancel()
+
+
+def _add_slide_routes(app: FastAPI, slides: _Slides | None) -> None:
+    """/api/slides and /api/slides/{folder}/{name}: the results of ``bcd slide``."""
+    not_shown = ("this server shows no whole slides: start it with `bcd serve --slides DIR`, "
+                 "DIR being the folder of `bcd slide SLIDE... --out DIR`.")
+
+    @app.get("/api/slides", tags=["slides"],
+             responses=_errors(_404="The server was started without --slides."))
+    def list_slides() -> Any:
+        """The slides of ``bcd slide --out DIR``, one per row of its slides.csv, read afresh.
+
+        Each has its file name (never its path), score, tiles, tumour tiles, tissue mm²,
+        error (empty, or why it failed), folder, number of regions and the largest ones, and
+        ``files``: the URLs of its files, relative to this listing's
+        (``slides/FOLDER/heatmap.png`` is ``/api/slides/FOLDER/heatmap.png``). ``message``
+        says why the list is empty when slides.csv is missing or unreadable.
+        """
+        if slides is None:
+            return JSONResponse({"detail": not_shown}, 404)
+        return slides.listing()
+
+    @app.get("/api/slides/{folder}/{name}", tags=["slides"],
+             response_class=FileResponse,
+             responses={200: {"content": {t: {} for t in SLIDE_FILES.values()},
+                              "description": "The file."},
+                        **_errors(_404="Not a file served here, or no --slides.")})
+    def slide_file(folder: str, name: str) -> Any:
+        """One file of a slide listed in slides.csv: heatmap.png, tissue.png, top_tiles.png,
+        regions.geojson (QuPath: File > Import objects) or tiles.csv."""
+        path = None if slides is None else slides.file(folder, name)
+        if path is None:
+            detail = not_shown if slides is None else (
+                f"no such slide file; a slide listed by /api/slides has "
+                f"{', '.join(SLIDE_FILES)}.")
+            return JSONResponse({"detail": detail}, 404)
+        # The data files are downloads, named after their slide; the pictures are shown.
+        download = None if name.endswith(".png") else f"{folder}-{name}"
+        return FileResponse(path, media_type=SLIDE_FILES[name], filename=download)

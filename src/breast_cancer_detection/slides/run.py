@@ -347,10 +347,11 @@ def _merge_parts(out: Path, n: int, order: list[str]) -> Path | None:
     parts = [out / f"slides.part-{i}-of-{n}.csv" for i in range(n)]
     if not all(p.exists() for p in parts):
         return None
-    merged = pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""])
+    text = {c: str for c in ("slide", "mpp_source", "error", "folder")}
+    merged = pd.concat([pd.read_csv(p, dtype=text, keep_default_na=False,
+                                    na_values={c: [""] for c in COLUMNS if c not in text})
                         for p in parts], ignore_index=True)
     rank = {f: k for k, f in enumerate(order)}
     merged = merged.sort_values("folder", key=lambda s: s.map(rank)).reset_index(drop=True)
-    merged["error"] = merged["error"].fillna("")
     _write_csv(out / "slides.csv", merged)
     return out / "slides.csv"

@@ -1,4 +1,5 @@
-// The page: model card summary, uploads (one request per image, in turn), and result cards.
+// The page: model card summary, whole slides (with `bcd serve --slides`), uploads (one request
+// per image, in turn), and result cards.
 // Plain JavaScript, no build step and nothing loaded from elsewhere.
 "use strict";
 
@@ -211,6 +212,124 @@ async function analyse(file, card) {
   }
 }
 
+// ------------------------------------------------------------------ whole slides
+
+let chosenSlide = null; // the folder of the slide shown, kept across refreshes
+
+function slideFigure(url, alt, caption) {
+  return el("figure", {},
+    el("a", { href: url, target: "_blank", rel: "noopener" }, el("img", { src: url, alt })),
+    el("figcaption", { text: caption }));
+}
+
+function showSlide(s, files, button) {
+  chosenSlide = s.folder;
+  for (const b of document.querySelectorAll("#slides-table button")) {
+    b.setAttribute("aria-pressed", String(b === button));
+  }
+  const figures = el("div", { class: "slide-figures" });
+  if (files["heatmap.png"]) {
+    figures.append(slideFigure(files["heatmap.png"], `Heat map of ${s.name}: P(tumour) of each tissue tile`,
+      "Heat map: P(tumour) of each tissue tile"));
+  }
+  if (files["tissue.png"]) {
+    figures.append(slideFigure(files["tissue.png"], `Tissue mask of ${s.name}`,
+      "Tissue mask: where tiles were read"));
+  }
+  if (files["top_tiles.png"]) {
+    figures.append(slideFigure(files["top_tiles.png"], `The highest P(tumour) tiles of ${s.name}`,
+      "Top tiles: the highest P(tumour)"));
+  }
+  let regions;
+  if (s.regions === null || s.regions === undefined) {
+    regions = el("p", { class: "muted small", text: "No regions file." });
+  } else if (s.regions === 0) {
+    regions = el("p", { class: "muted small", text: "No region at or above the threshold." });
+  } else {
+    const body = el("tbody");
+    s.largest_regions.forEach((r, i) => body.append(el("tr", {},
+      el("td", { text: String(i + 1) }), el("td", { text: String(r.tiles ?? "n/a") }),
+      el("td", { text: fmt(r.area_mm2, 4) }), el("td", { text: fmt(r.max_p) }))));
+    regions = el("table", { class: "slides-table regions" },
+      el("caption", { text: `Largest regions (${s.largest_regions.length} of ${s.regions})` }),
+      el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "#" }),
+        el("th", { scope: "col", text: "Tiles" }), el("th", { scope: "col", text: "Area mm²" }),
+        el("th", { scope: "col", text: "Max P" }))),
+      body);
+  }
+  const links = el("p", { class: "small" });
+  if (files["regions.geojson"]) {
+    links.append(el("a", { href: files["regions.geojson"], download: `${s.folder}-regions.geojson`,
+      text: "regions.geojson" }), " (QuPath: File › Import objects)");
+  }
+  if (files["tiles.csv"]) {
+    if (links.childNodes.length) links.append(" · ");
+    links.append(el("a", { href: files["tiles.csv"], download: `${s.folder}-tiles.csv`,
+      text: "tiles.csv" }), " (P(tumour) of every tile)");
+  }
+  document.getElementById("slide-detail").replaceChildren(
+    el("h3", { text: s.name }), figures, regions, links);
+}
+
+function renderSlides(data, base) {
+  const rows = document.querySelector("#slides-table tbody");
+  const message = document.getElementById("slides-message");
+  message.textContent = data.message || (data.slides.length ? "" : "No slides in slides.csv yet.");
+  rows.replaceChildren();
+  let chosen = null;
+  for (const s of data.slides) {
+    // File URLs are relative to the listing's own.
+    const files = Object.fromEntries(Object.entries(s.files || {})
+      .map(([name, url]) => [name, new URL(url, base).href]));
+    const tr = el("tr", {});
+    if (s.error) {
+      tr.append(el("th", { scope: "row", text: s.name }),
+        el("td", { colspan: "5", class: "error", text: s.error }));
+    } else {
+      const button = el("button", { type: "button", class: "link", "aria-pressed": "false",
+        text: s.name });
+      button.addEventListener("click", () => showSlide(s, files, button));
+      if (s.folder === chosenSlide) chosen = () => showSlide(s, files, button);
+      tr.append(el("th", { scope: "row" }, button), el("td", { text: fmt(s.score) }),
+        el("td", { text: String(s.tiles ?? "n/a") }),
+        el("td", { text: String(s.tumour_tiles ?? "n/a") }),
+        el("td", { text: fmt(s.tissue_mm2, 2) }),
+        el("td", { text: String(s.regions ?? "n/a") }));
+    }
+    rows.append(tr);
+  }
+  if (chosen) chosen();
+  else document.getElementById("slide-detail").replaceChildren();
+}
+
+async function loadSlides() {
+  // Health says whether the server shows slides, so that a server without them is not
+  // asked for a list it answers 404 to.
+  let health;
+  try {
+    const response = await fetch("api/health");
+    health = response.ok ? await response.json() : null;
+  } catch {
+    return;
+  }
+  if (!health || !health.slides) return;
+  const section = document.getElementById("slides");
+  const message = document.getElementById("slides-message");
+  try {
+    const response = await fetch("api/slides");
+    if (response.status === 404) {
+      section.hidden = true;
+      return;
+    }
+    section.hidden = false;
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    renderSlides(await response.json(), response.url);
+  } catch (error) {
+    section.hidden = false;
+    message.textContent = `The slides could not be loaded (${error.message}).`;
+  }
+}
+
 // ------------------------------------------------------------------ uploads
 
 let queue = Promise.resolve();
@@ -253,7 +372,9 @@ function setUp() {
   for (const type of ["dragover", "drop"]) {
     window.addEventListener(type, (event) => event.preventDefault());
   }
+  document.getElementById("slides-refresh").addEventListener("click", loadSlides);
   loadCard();
+  loadSlides();
 }
 
 document.addEventListener("DOMContentLoaded", setUp);

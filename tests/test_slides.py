@@ -1,0 +1,387 @@
+"""`bcd slide`: reading, scale, tissue, grid, regions, shards, bad slides (synthetic slides);
+and on real PatchCamelyon patches (real_data) that the bundled model finds the tumour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from breast_cancer_detection.cli import main
+from breast_cancer_detection.errors import UserError
+from breast_cancer_detection.slides import (
+    SlideError,
+    TileGrid,
+    analyse_slide,
+    analyse_slides,
+    demo_slide,
+    model_mpp,
+    open_slide,
+    otsu_threshold,
+    parse_shard,
+    slide_mpp,
+    tissue_mask,
+    write_slide,
+)
+from breast_cancer_detection.slides.reader import TileDataset, thumbnail
+from breast_cancer_detection.slides.regions import _polygons, region_features
+
+openslide = pytest.importorskip("openslide")
+pytest.importorskip("tifffile")
+
+PCAM_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcam-subset" / "valid"
+
+
+class FakeSlide:
+    """What TileGrid and slide_mpp read of an OpenSlide object."""
+
+    def __init__(self, dimensions, downsamples=(1.0, 4.0, 16.0), properties=None):
+        self.dimensions = dimensions
+        self.level_downsamples = downsamples
+        self.properties = properties or {}
+
+    def get_best_level_for_downsample(self, ds):
+        return max(i for i, d in enumerate(self.level_downsamples) if d <= ds)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from breast_cancer_detection.inference import Predictor
+
+    return Predictor.from_pretrained(device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> dict[str, tuple[Path, pd.DataFrame]]:
+    root = tmp_path_factory.mktemp("slides")
+    made = {}
+    for name, kw in {"tumour": {"tumour": True}, "normal": {"tumour": False, "seed": 1}}.items():
+        path = root / f"{name}.tif"
+        made[name] = (path, demo_slide(path, grid=(8, 10), **kw))
+    return made
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def test_written_slide_is_a_pyramid_openslide_reads_with_its_mpp(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (1100, 1500, 3), dtype=np.uint8)
+    path = write_slide(tmp_path / "s.tif", image, mpp=0.25, min_side=200)
+    slide = open_slide(path)
+    assert slide.dimensions == (1500, 1100)
+    assert slide.level_count == 3  # 1100 -> 550 -> 275 (the next would be under 200)
+    assert [round(d) for d in slide.level_downsamples] == [1, 2, 4]
+    assert slide_mpp(slide, path) == (pytest.approx(0.25), "slide metadata (mpp)")
+    region = np.asarray(slide.read_region((100, 200), 0, (30, 20)).convert("RGB"))
+    np.testing.assert_array_equal(region, image[200:220, 100:130])
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        assert [p.subfiletype for p in tif.pages] == [0, 1, 1]
+        assert all(p.is_tiled for p in tif.pages)
+
+
+def test_slide_without_mpp_is_refused_with_how_to_give_it(tmp_path):
+    path = write_slide(tmp_path / "s.tif", np.full((600, 600, 3), 200, np.uint8), mpp=None)
+    slide = open_slide(path)
+    with pytest.raises(SlideError, match=r"s\.tif.*--mpp"):
+        slide_mpp(slide, path)
+    assert slide_mpp(slide, path, override=0.5) == (0.5, "--mpp")
+    with pytest.raises(SlideError, match="positive"):
+        slide_mpp(slide, path, override=0)
+
+
+def test_objective_power_gives_the_scale_when_mpp_is_missing():
+    mpp, source = slide_mpp(FakeSlide((10, 10), properties={"openslide.objective-power": "20"}))
+    assert mpp == pytest.approx(0.5) and "objective power 20x" in source
+    mpp, _ = slide_mpp(FakeSlide((10, 10), properties={"openslide.mpp-x": "0.2",
+                                                       "openslide.mpp-y": "0.3"}))
+    assert mpp == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"not a slide at all", "not a whole-slide image"),
+    (None, "no such file"),
+])
+def test_not_a_slide_is_a_clear_error(tmp_path, content, match):
+    path = tmp_path / "x.svs"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SlideError, match=match):
+        open_slide(path)
+
+
+def test_thumbnail_is_bounded_and_matches_the_image(tmp_path):
+    image = np.zeros((800, 1200, 3), np.uint8)
+    image[:, 600:] = (200, 100, 150)
+    slide = open_slide(write_slide(tmp_path / "s.tif", image, mpp=0.5, min_side=100))
+    thumb, ds = thumbnail(slide, 300)
+    assert thumb.shape == (200, 300, 3) and ds == pytest.approx(4)
+    assert (thumb[:, :140] == 0).all() and (np.abs(thumb[:, 160:].astype(int)
+                                                   - (200, 100, 150)) <= 1).all()
+
+
+# --- tissue and grid ------------------------------------------------------------------------
+
+
+def test_otsu_splits_two_modes():
+    values = np.r_[np.full(500, 20), np.full(500, 200)].astype(np.uint8)
+    assert 20 <= otsu_threshold(values) < 200
+
+
+def test_tissue_mask_finds_stain_drops_specks_and_fills_holes():
+    img = np.full((200, 300, 3), 240, np.uint8)       # glass
+    img[40:160, 50:250] = (200, 110, 170)            # tissue
+    img[90:95, 140:145] = 240                          # a small hole in it
+    img[10:12, 10:12] = (120, 40, 120)                 # a speck on the glass
+    mask, cut = tissue_mask(img, min_area=50)
+    assert mask[40:160, 50:250][3:-3, 3:-3].all()    # hole filled, inside kept
+    assert not mask[:30].any() and not mask[:, :40].any()  # glass and speck
+    assert 0.07 <= cut <= 0.15
+    strict, cut = tissue_mask(img, threshold=0.9)
+    assert cut == 0.9 and not strict.any()
+
+
+def test_grid_reads_from_the_coarsest_level_that_has_the_resolution():
+    # 0.25 um/px slide, model at 0.972: 3.888x; level 1 (4x) is too coarse, level 0 serves.
+    g = TileGrid.for_slide(FakeSlide((10000, 8000)), size=96, slide_mpp=0.25, model_mpp=0.972)
+    assert (g.level, g.read_size) == (0, 373) and g.tile0 == pytest.approx(373.248)
+    # 0.243 um/px: exactly 4x, so level 1 serves; 384 px tiles, 10000 // 384 and 8000 // 384.
+    g = TileGrid.for_slide(FakeSlide((10000, 8000)), size=96, slide_mpp=0.243, model_mpp=0.972)
+    assert (g.level, g.read_size, g.cols, g.rows) == (1, 96, 26, 20)
+    with pytest.raises(ValueError, match="smaller than one tile"):
+        TileGrid.for_slide(FakeSlide((300, 300)), size=96, slide_mpp=0.25, model_mpp=0.972)
+
+
+def test_tissue_fraction_equals_counting_pixels():
+    rng = np.random.default_rng(1)
+    mask = rng.random((97, 131)) > 0.6
+    g = TileGrid(tile0=30.0, level=0, level_downsample=1.0, read_size=30, size=30,
+                 cols=9, rows=6)
+    frac = g.tissue_fraction(mask, mask_downsample=2.0)  # a tile covers 15 mask pixels
+    for r in range(g.rows):
+        for c in range(g.cols):
+            assert frac[r, c] == pytest.approx(mask[r * 15:(r + 1) * 15,
+                                                    c * 15:(c + 1) * 15].mean())
+
+
+# --- regions ------------------------------------------------------------------------------
+
+
+def _ints(polys):
+    return [[[tuple(int(v) for v in p) for p in ring] for ring in poly] for poly in polys]
+
+
+def test_region_outline_keeps_its_hole_and_splits_diagonal_neighbours():
+    ring = np.zeros((5, 5), bool)
+    ring[1:4, 1:4] = True
+    ring[2, 2] = False
+    (poly,) = _ints(_polygons(ring))
+    assert poly[0] == [(1, 1), (4, 1), (4, 4), (1, 4), (1, 1)]
+    assert sorted(poly[1][:-1]) == [(2, 2), (2, 3), (3, 2), (3, 3)]
+    # A hole touching the outline at a corner stays a hole of its own.
+    notch = np.ones((3, 3), bool)
+    notch[0, 0] = notch[1, 1] = False
+    (poly,) = _ints(_polygons(notch))
+    assert len(poly) == 2 and len(poly[1]) == 5
+
+    prob = np.full((4, 6), np.nan)
+    prob[0, 0] = prob[1, 1] = 0.9   # diagonal: two regions
+    prob[2:4, 3:6] = 0.8            # one 2x3 region
+    prob[3, 0] = 0.2                # under the threshold
+    feats = region_features(prob, 0.5, 100.0, tile_area_mm2=0.01)
+    assert [f["properties"]["tiles"] for f in feats] == [6, 1, 1]
+    big = feats[0]
+    assert big["geometry"] == {"type": "Polygon", "coordinates": [
+        [[300, 200], [600, 200], [600, 400], [300, 400], [300, 200]]]}
+    assert big["properties"]["area_mm2"] == pytest.approx(0.06)
+    assert big["properties"]["classification"]["name"] == "Tumor"
+
+
+# --- shards ---------------------------------------------------------------------------------
+
+
+def test_parse_shard(monkeypatch):
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        with pytest.raises(UserError, match="--shard"):
+            parse_shard(bad)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parse_shard(None) is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert parse_shard(None) == (2, 4)
+
+
+# --- the model's scale ----------------------------------------------------------------------
+
+
+def test_model_scale_comes_from_override_checkpoint_registry_or_magnification(bundled, predictor):
+    assert model_mpp(bundled) == (0.972, "trained model pcam-patch-cnn")
+    assert model_mpp(bundled, 0.5) == (0.5, "--model-mpp")
+    with pytest.raises(UserError, match="--model-mpp"):
+        model_mpp(predictor)  # the tiny BreakHis run trained on all magnifications
+    ckpt = predictor.checkpoint
+    try:
+        ckpt.magnification = ["40X"]
+        assert model_mpp(predictor) == (0.49, "BreakHis 40X (approximate)")
+        ckpt.mpp = 0.3
+        assert model_mpp(predictor) == (0.3, "checkpoint")
+    finally:
+        ckpt.magnification, ckpt.mpp = None, None
+
+
+# --- whole runs -----------------------------------------------------------------------------
+
+
+def _on_cells(tiles: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    return tiles.merge(cells, on=["x", "y"], how="left")
+
+
+@pytest.mark.slow
+def test_slide_outputs_tiles_on_tissue_only_read_from_level_1(bundled, slides, tmp_path):
+    path, cells = slides["tumour"]
+    r = analyse_slide(bundled, path, tmp_path / "tumour", workers=0, progress=False)
+    assert r.error == "", r.error
+    assert r.level == 1  # 0.486 um/px at level 0: level 1 has the model's 0.972 um/px
+    for name in ("tiles.csv", "heatmap.png", "tissue.png", "regions.geojson", "top_tiles.png",
+                 "slide.json"):
+        assert (tmp_path / "tumour" / name).stat().st_size > 0, name
+    tiles = pd.read_csv(tmp_path / "tumour" / "tiles.csv")
+    assert list(tiles.columns) == ["x", "y", "width", "height", "p_malignant"]
+    assert (tiles[["width", "height"]] == 192).all().all()
+    joined = _on_cells(tiles, cells)
+    assert joined["label"].notna().all() and (joined["label"] >= 0).all()  # never on glass
+    tissue_cells = int((cells["label"] >= 0).sum())
+    assert len(tiles) >= 0.8 * tissue_cells
+    assert r.tiles == len(tiles) and tiles["p_malignant"].between(0, 1).all()
+    assert r.score == pytest.approx(np.sort(tiles["p_malignant"])[::-1][:10].mean(), abs=1e-5)
+    geo = json.loads((tmp_path / "tumour" / "regions.geojson").read_text())
+    assert geo["type"] == "FeatureCollection"
+    assert sum(f["properties"]["tiles"] for f in geo["features"]) == r.tumour_tiles
+
+
+@pytest.mark.slow
+def test_tiles_match_reading_each_tile_by_hand(bundled, slides, tmp_path):
+    """The batched DataLoader path gives the same numbers as one tile at a time."""
+    path, _ = slides["tumour"]
+    r = analyse_slide(bundled, path, tmp_path / "t", workers=2, batch_size=7, progress=False)
+    tiles = pd.read_csv(tmp_path / "t" / "tiles.csv").head(5)
+    slide = open_slide(path)
+    for row in tiles.itertuples():
+        img = slide.read_region((row.x, row.y), 1, (96, 96)).convert("RGB")
+        p = bundled.predict(img)[0].p_malignant
+        assert p == pytest.approx(row.p_malignant, abs=1e-4)
+    assert r.error == ""
+
+
+def test_dataset_opens_the_slide_once_per_process(slides):
+    path, _ = slides["normal"]
+    ds = TileDataset(path, np.array([[0, 0], [192, 192]]), 1, 96, 96, None)
+    img, i = ds[1]
+    assert img.size == (96, 96) and i == 1
+    first = ds._slide
+    ds[0]
+    assert ds._slide is first
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ds))._slide is None
+
+
+@pytest.mark.slow
+def test_bad_slides_get_an_error_row_and_the_others_carry_on(bundled, slides, tmp_path):
+    good, _ = slides["normal"]
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    not_slide = tmp_path / "notes.svs"
+    not_slide.write_text("hello")
+    no_mpp = tmp_path / "nompp.tif"
+    write_slide(no_mpp, np.full((600, 600, 3), 200, np.uint8), mpp=None)
+    out = tmp_path / "out"
+    table = analyse_slides(bundled, [truncated, not_slide, good, no_mpp], out, workers=0,
+                           progress=False)
+    errors = dict(zip(table["folder"], table["error"]))
+    assert errors["normal"] == ""
+    assert errors["notes"].startswith(f"{not_slide}: not a whole-slide image")
+    assert "--mpp" in errors["nompp"]
+    assert errors["truncated"]  # fails to open or to read its tiles: says so, no traceback
+    written = pd.read_csv(out / "slides.csv", keep_default_na=False)
+    assert list(written["folder"]) == ["truncated", "notes", "normal", "nompp"]
+    assert not (out / "notes").exists()
+
+
+@pytest.mark.slow
+def test_cli_exit_codes_and_summary(slides, tmp_path, capsys):
+    path, _ = slides["normal"]
+    assert main(["slide", str(path), "--out", str(tmp_path / "o"), "--workers", "0",
+                 "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "Using the default trained model pcam-patch-cnn" in out.err
+    assert "normal.tif: score" in out.out and "1 slides, 0 failed" in out.out
+    bad = tmp_path / "bad.svs"
+    bad.write_text("x")
+    assert main(["slide", str(path), str(bad), "--out", str(tmp_path / "o"), "--workers", "0",
+                 "--quiet"]) == 1
+    assert "FAILED" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["slide", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no slide files" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_done_slides_are_skipped_and_force_redoes_them(bundled, slides, tmp_path):
+    path, _ = slides["normal"]
+    first = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False)
+    stamp = (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns
+    again = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False)
+    assert again.score == first.score and again.tiles == first.tiles
+    assert (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns == stamp
+    changed = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False,
+                            min_tissue=0.9)
+    assert (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns != stamp
+    assert changed.tiles <= first.tiles
+    forced = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False,
+                           min_tissue=0.9, force=True)
+    assert forced.tiles == changed.tiles
+
+
+@pytest.mark.slow
+def test_shards_split_the_slides_and_the_last_merges(bundled, slides, tmp_path):
+    paths = [slides["tumour"][0], slides["normal"][0], slides["tumour"][0]]
+    out = tmp_path / "out"
+    a = analyse_slides(bundled, paths, out, shard=(0, 2), workers=0, progress=False)
+    assert list(a["folder"]) == ["tumour", "tumour-2"]
+    assert not (out / "slides.csv").exists()  # shard 1 has not finished
+    b = analyse_slides(bundled, paths, out, shard=(1, 2), workers=0, progress=False)
+    assert list(b["folder"]) == ["normal"]
+    merged = pd.read_csv(out / "slides.csv", keep_default_na=False)
+    assert list(merged["folder"]) == ["tumour", "normal", "tumour-2"]
+    assert merged.loc[0, "score"] == pytest.approx(merged.loc[2, "score"])
+
+
+# --- real tissue ----------------------------------------------------------------------------
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_bundled_model_finds_the_tumour_disc_in_real_patches(bundled, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    tumour = tmp_path / "tumour.tif"
+    cells = demo_slide(tumour, grid=(16, 20), patches=PCAM_VALID, seed=0)
+    normal = tmp_path / "normal.tif"
+    demo_slide(normal, grid=(16, 20), patches=PCAM_VALID, tumour=False, seed=1)
+    table = analyse_slides(bundled, [tumour, normal], tmp_path / "out", workers=2,
+                           progress=False)
+    assert (table["error"] == "").all(), table["error"].tolist()
+    tiles = _on_cells(pd.read_csv(tmp_path / "out" / "tumour" / "tiles.csv"), cells)
+    assert (tiles["label"] >= 0).all()  # no tile read off tissue
+    assert tiles["label"].sum() >= 10
+    assert roc_auc_score(tiles["label"], tiles["p_malignant"]) >= 0.9
+    score = dict(zip(table["folder"], table["score"]))
+    assert score["tumour"] > score["normal"]
