@@ -59,7 +59,7 @@ def test_notebook_calls_only_the_package_exports():
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                     and node.value.id == "bcd"):
                 used.add(node.attr)
-    assert {"fit", "explain", "plot_history", "evaluate_checkpoint"} <= used
+    assert {"fit", "explain", "plot_history", "evaluate_checkpoint", "analyse_slides"} <= used
     assert used <= set(bcd.__all__), sorted(used - set(bcd.__all__))
 
 
@@ -93,6 +93,7 @@ def test_notebook_executes_end_to_end(fake_breakhis, tmp_path):
     assert "patients in both train and test: 0" in text
     assert "largest difference after reloading" in text
     assert list((tmp_path / "runs").glob("*/best.pt"))
+    assert (tmp_path / "runs" / "slides" / "out" / "demo" / "heatmap.png").stat().st_size
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                  if "image/png" in o.get("data", {}))
     assert images >= 6  # sample grid, curves, report plots, prediction figures

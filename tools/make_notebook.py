@@ -33,7 +33,7 @@ patient-disjoint, and results are reported per image and per patient, with 95% c
 intervals from a bootstrap over patients.
 
 *Only want predictions?* Run cells 1, 2 and 9: cell 9 uses the trained model
-shipped with the repository, or your own `CHECKPOINT`.
+shipped with the repository, or your own `CHECKPOINT`. *Whole slides?* Cells 1, 2 and 10.
 
 A research tool, not a medical device.""", []),
     ("code", """# 1. Parameters (papermill/nbclient can override this cell)
@@ -46,6 +46,7 @@ VAL, TEST, SEED = 0.15, 0.15, 0   # patient-disjoint shares of images, and the s
 RUNS = "runs"        # run folders go here
 CHECKPOINT = None    # inference only: a path or URL (https, Google Drive) of a trained checkpoint
 MY_IMAGES = []       # inference only: your own image files
+SLIDE_PATCHES = None  # whole-slide demo: a folder with 0/ (normal) and 1/ (tumour) PCam patches; None: synthetic
 REPO = "https://github.com/OWNER/Breast-Cancer-Detection.git"  # what Colab clones""",
      ["parameters"]),
     ("code", """# 2. Set-up: on Colab clone and install the package; anywhere, show the machine
@@ -167,6 +168,37 @@ if predictor is not None:
         else:
             print(f"{pred.source}: {pred.label} (P(malignant) {pred.p_malignant:.3f}, threshold {pred.threshold:.3f})")
             display(bcd.plot_prediction(pred.source, pred))""", []),
+    ("md", """## 10. Whole slides
+
+Run cells 1, 2 and this one. It writes a small pyramidal slide (an ellipse of tissue on glass
+with a disc of tumour at its centre), scores every tissue tile with the bundled
+`pcam-patch-cnn` at its own scale (96 px at 0.972 um/px, read from the best pyramid level),
+and shows the heat map. With `SLIDE_PATCHES = None` the tissue is a synthetic texture, so the
+heat map shows the machinery, not the model's skill; point `SLIDE_PATCHES` at PatchCamelyon
+patches (`0/`, `1/`) to see it find real tumour. For your own slides (.svs, .tif, .ndpi,
+.mrxs): `bcd slide SLIDE... --out DIR`, and `bcd serve --slides DIR` to browse the results.
+OpenSlide comes from pip (`pip install "breast-cancer-detection[slides]"`); no system
+library.""", []),
+    ("code", """# 10. Make a small slide, find the tumour, show the heat map
+from pathlib import Path
+
+from IPython.display import Image as ShowImage
+
+try:
+    import openslide  # noqa: F401  (pip wheels: openslide-python + openslide-bin)
+except ImportError:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "openslide-python", "openslide-bin",
+                    "tifffile"], check=True)
+slide_dir = Path(RUNS) / "slides"
+slide_dir.mkdir(parents=True, exist_ok=True)
+slide = slide_dir / "demo.tif"
+cells = bcd.demo_slide(slide, grid=(12, 16), patches=SLIDE_PATCHES)
+print(f"{slide}: {(cells['label'] == 1).sum()} tumour cells, {(cells['label'] == 0).sum()} normal, "
+      f"{(cells['label'] < 0).sum()} glass")
+slide_model = bcd.Predictor.from_pretrained("pcam-patch-cnn")
+slides = bcd.analyse_slides(slide_model, [slide], slide_dir / "out", workers=0)
+display(slides[["slide", "score", "tiles", "tumour_tiles", "tissue_mm2", "seconds", "error"]])
+display(ShowImage(filename=str(slide_dir / "out" / "demo" / "heatmap.png")))""", []),
 ]
 
 
