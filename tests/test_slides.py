@@ -385,3 +385,26 @@ def test_bundled_model_finds_the_tumour_disc_in_real_patches(bundled, tmp_path):
     assert roc_auc_score(tiles["label"], tiles["p_malignant"]) >= 0.9
     score = dict(zip(table["folder"], table["score"]))
     assert score["tumour"] > score["normal"]
+
+
+@pytest.mark.slow
+def test_onnx_backend_gives_the_torch_numbers_and_carries_the_scale(bundled, slides, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from breast_cancer_detection.checkpoint import load_checkpoint, save_checkpoint
+    from breast_cancer_detection.export import export_onnx
+    from breast_cancer_detection.inference import Predictor
+    from breast_cancer_detection.pretrained import resolve_trained
+
+    ckpt = load_checkpoint(resolve_trained("pcam-patch-cnn"))
+    ckpt.mpp = 0.972
+    save_checkpoint(ckpt, tmp_path / "m.pt")
+    export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx")
+    onnx = Predictor.from_onnx(tmp_path / "m.onnx")
+    assert model_mpp(onnx) == (0.972, "ONNX metadata")
+    path, _ = slides["tumour"]
+    a = analyse_slide(bundled, path, tmp_path / "torch", workers=0, progress=False)
+    b = analyse_slide(onnx, path, tmp_path / "onnx", workers=0, progress=False)
+    assert a.error == b.error == ""
+    ta, tb = (pd.read_csv(tmp_path / d / "tiles.csv") for d in ("torch", "onnx"))
+    assert (ta[["x", "y"]] == tb[["x", "y"]]).all().all()
+    np.testing.assert_allclose(ta["p_malignant"], tb["p_malignant"], atol=1e-4)

@@ -20,7 +20,7 @@ ONNX_FORMAT = "bcd-onnx/1"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 _META_KEYS = ("format", "arch", "size", "resize", "mean", "std", "classes", "threshold",
-              "input", "output")
+              "mpp", "input", "output")
 
 
 class ExportError(UserError, RuntimeError):
@@ -94,6 +94,7 @@ def export_onnx(checkpoint: str | Path | Checkpoint, out: str | Path, *, opset: 
             meta = {"format": ONNX_FORMAT, "arch": ckpt.arch, "size": size,
                     "resize": pre.resize, "mean": list(pre.mean), "std": list(pre.std),
                     "classes": list(ckpt.classes), "threshold": ckpt.threshold,
+                    "mpp": ckpt.mpp,
                     "input": f"{INPUT_NAME}: float32 (N, 3, {size}, {size}), normalised",
                     "output": f"{OUTPUT_NAME}: (N, classes), apply softmax"}
             del proto.metadata_props[:]

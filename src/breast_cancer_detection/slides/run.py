@@ -44,9 +44,9 @@ COLUMNS = ["slide", "score", "tiles", "tumour_tiles", "tissue_mm2", "seconds", "
 def model_mpp(predictor: Predictor, override: float | None = None) -> tuple[float, str]:
     """The scale (um/px) the model was trained at, and where that figure came from.
 
-    In order: ``override`` (``--model-mpp``), the checkpoint's stored mpp, the trained-model
-    registry's entry, a BreakHis checkpoint trained at one magnification (approximate, see
-    :data:`BREAKHIS_MPP`).
+    In order: ``override`` (``--model-mpp``), the checkpoint's stored mpp (or an ONNX
+    export's), the trained-model registry's entry, a BreakHis checkpoint trained at one
+    magnification (approximate, see :data:`BREAKHIS_MPP`).
 
     Raises:
         UserError: none of them is known.
@@ -59,6 +59,8 @@ def model_mpp(predictor: Predictor, override: float | None = None) -> tuple[floa
     ckpt = predictor.checkpoint
     if ckpt is not None and ckpt.mpp:
         return float(ckpt.mpp), "checkpoint"
+    if predictor.backend == "onnx" and predictor.model.metadata.get("mpp"):
+        return float(predictor.model.metadata["mpp"]), "ONNX metadata"
     entry = predictor.trained_model
     if entry is not None and entry.mpp:
         return float(entry.mpp), f"trained model {entry.name}"
