@@ -90,7 +90,7 @@ def slides_dir(tmp_path) -> Path:
              tissue_mm2=3.5),
         _row("C:\\Users\\bob\\b.ndpi", "b", score=0.12, tiles=80, tumour_tiles=0,
              tissue_mm2=2.25),
-        _row("/home/alice/slides/bad.svs", "bad", tiles=0, tumour_tiles=0,
+        _row("/home/alice/slides/bad.svs", "bad", score="nan", tiles=0, tumour_tiles=0,
              error="/home/alice/slides/bad.svs: not a slide OpenSlide can read (tried "
                    "/home/alice/.cache/x)."),
     ])

@@ -124,7 +124,7 @@ class TileGrid:
         """``(rows, cols)``: the share of each tile's footprint that ``mask`` calls tissue
         (a summed-area table, so any mask size costs the same)."""
         h, w = mask.shape
-        sat = np.zeros((h + 1, w + 1), np.int64)
+        sat = np.zeros((h + 1, w + 1), np.int32)  # counts up to 2**31: masks to 46k px square
         sat[1:, 1:] = np.cumsum(np.cumsum(mask, 0), 1)
 
         def bounds(n: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
