@@ -1,0 +1,581 @@
+#!/usr/bin/env python3
+"""`bcd slide` against TIAToolbox's PatchPredictor and a naive per-tile loop: speed and memory.
+
+Two demonstration slides (``bcd.slides.demo_slide``; real PatchCamelyon patches from
+``../shared/data/pcam-subset/valid`` when that folder exists, synthetic textures otherwise),
+the large one 4x the area of the small one. For each, interleaved ``--repeats`` times:
+
+- ``bcd``: ``python -m breast_cancer_detection.cli slide SLIDE --out FRESH --quiet --force``
+  with the bundled PCam model in a subprocess: wall seconds, tiles, tiles/s over the whole
+  command and the tile loop's tiles/s from slides.csv, and the peak resident memory of the
+  process tree (the main process plus its DataLoader workers), sampled every 50 ms: the peak of
+  the summed RSS, of the summed PSS (shared pages counted once) and of the main process.
+- ``tiatoolbox``: ``PatchPredictor.run(patch_mode=False)`` in its own virtual environment
+  (``--tiatoolbox``), with the same model wrapped as a TIAToolbox ``ModelABC``, the same
+  preprocessing, batch size and workers, at 0.972 um/px, and a mask that selects exactly the
+  tiles ``bcd slide`` found (from its tiles.csv); the predictions are read back from its zarr
+  output and checked against bcd's (same tiles, largest probability difference). Its whole
+  command, its ``run()`` and its tile loop (``infer_wsi``) are timed.
+- ``naive``: one process, the first ``--naive-tiles`` tiles of tiles.csv, each read with
+  ``OpenSlide.read_region`` at level 0, converted to RGB, resized to 96 px and passed to
+  ``Predictor.predict`` alone (what a first script does).
+
+Ratios are bcd over baseline, per repeat; the median and min-max are printed. Whole-command
+rates include interpreter start, imports and the model load, which favour the faster-starting
+command on small slides; tile-loop rates leave those out. Prints JSON lines, then a table.
+Run by hand, not in CI; other load on the machine shows as spread between repeats.
+
+    python benchmarks/slide.py [--small 32x40] [--large 64x80] [--repeats 3]
+                               [--tiatoolbox /tmp/tiavenv/bin/python | none]
+                               [--install-tiatoolbox] [--naive-tiles 300]
+
+TIAToolbox is never installed into this environment: ``--install-tiatoolbox`` creates a
+throwaway venv (``python -m venv --system-site-packages``) at the ``--tiatoolbox`` path's
+venv and pip-installs it there, within ``--install-timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PCAM = SHARED / "data" / "pcam-subset" / "valid"
+DEFAULT_TIA = Path("/tmp/tiavenv/bin/python")
+
+
+def emit(record: dict) -> dict:
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                      for k, v in record.items()}), flush=True)
+    return record
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and the vector/matrix extensions oneDNN can use."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        import platform
+
+        model = platform.processor() or model
+    return {"cpu": model, "cpus": os.cpu_count(),
+            "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
+            "amx": "amx_tile" in flags}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _proc_kb(pid: int, name: str, field: str) -> int:
+    """A ``kB`` field of /proc/PID/NAME (``status``: VmRSS, VmHWM; ``smaps_rollup``: Pss)."""
+    try:
+        with open(f"/proc/{pid}/{name}") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc/PID/task/*/children (any thread may fork)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _has_psutil() -> bool:
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TreeMemory(threading.Thread):
+    """Samples a process tree's resident memory every ``interval`` seconds until stopped.
+
+    With psutil the tree and RSS come from it; otherwise from /proc. PSS (each shared page
+    split between the processes that map it, so forked DataLoader workers do not count the
+    parent's libraries again) and the main process's kernel-kept peak (VmHWM) come from /proc.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_sum_rss = self.peak_main_rss = self.peak_sum_pss = self.main_hwm = 0
+        self.max_procs = 0
+        self.samples = 0
+        self._done = threading.Event()
+        try:
+            import psutil
+
+            self._psutil = psutil
+        except ImportError:
+            self._psutil = None
+
+    def _tree(self) -> list[tuple[int, int]]:
+        """(pid, rss kB) of the main process, then its descendants."""
+        if self._psutil is not None:
+            try:
+                root = self._psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+            except self._psutil.Error:
+                return []
+            out = []
+            for p in procs:
+                try:
+                    out.append((p.pid, p.memory_info().rss // 1024))
+                except self._psutil.Error:
+                    pass
+            return out
+        return [(p, _proc_kb(p, "status", "VmRSS:")) for p in [self.pid,
+                                                                *_descendants(self.pid)]]
+
+    def sample(self) -> None:
+        tree = self._tree()
+        if not tree or tree[0][0] != self.pid:
+            return
+        self.samples += 1
+        self.peak_main_rss = max(self.peak_main_rss, tree[0][1])
+        self.peak_sum_rss = max(self.peak_sum_rss, sum(r for _, r in tree))
+        self.peak_sum_pss = max(self.peak_sum_pss,
+                                sum(_proc_kb(p, "smaps_rollup", "Pss:") for p, _ in tree))
+        self.main_hwm = max(self.main_hwm, _proc_kb(self.pid, "status", "VmHWM:"))
+        self.max_procs = max(self.max_procs, len(tree))
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._done.set()
+        self.join()
+        return {"peak_tree_rss_mb": self.peak_sum_rss / 1024,
+                "peak_tree_pss_mb": self.peak_sum_pss / 1024,
+                "peak_main_rss_mb": max(self.peak_main_rss, self.main_hwm) / 1024,
+                "max_processes": self.max_procs, "memory_samples": self.samples}
+
+
+def run_measured(cmd: list[str], what: str) -> tuple[dict, str]:
+    """Runs ``cmd``; wall seconds and the tree's peak memory, and its stdout.
+
+    Raises:
+        SystemExit: the command failed (its stderr is shown).
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeMemory(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    memory = sampler.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    return {"seconds": seconds, **memory}, out
+
+
+def last_json(stdout: str) -> dict:
+    lines = [ln for ln in stdout.strip().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------- bcd slide
+
+
+def run_bcd(slide: Path, out: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "breast_cancer_detection.cli", "slide", str(slide),
+           "--out", str(out), "--quiet", "--force", "--workers", str(args.workers),
+           "--batch-size", str(args.batch_size), "--device", "cpu"]
+    measured, _ = run_measured(cmd, "bcd slide")
+    row = pd.read_csv(out / "slides.csv", keep_default_na=False).iloc[0]
+    if row["error"]:
+        raise SystemExit(f"bcd slide: {slide}: {row['error']}")
+    tiles = int(row["tiles"])
+    return {"tiles": tiles, **measured, "tiles_per_s": tiles / measured["seconds"],
+            "slide_seconds": float(row["seconds"]), "loop_tiles_per_s": float(row["tiles_per_s"])}
+
+
+# ----------------------------------------------------------------------------- TIAToolbox
+
+# Runs in TIAToolbox's venv (which sees this package through --system-site-packages).
+_TIA_DRIVER = r'''
+import json, sys, time
+t0 = time.perf_counter()
+from pathlib import Path
+import numpy as np, pandas as pd, torch, zarr
+from PIL import Image
+from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
+from tiatoolbox.models.engine.patch_predictor import PatchPredictor
+from tiatoolbox.models.models_abc import ModelABC
+import tiatoolbox
+import breast_cancer_detection as bcd
+
+slide, tiles_csv, out, workers, batch_size = sys.argv[1:6]
+t_import = time.perf_counter() - t0
+predictor = bcd.Predictor.from_pretrained(device="cpu", progress=False)
+
+
+class BcdModel(ModelABC):
+    """The bundled model as TIAToolbox wants it: preprocessing per patch, a batch step."""
+
+    def __init__(self, net, transform):
+        super().__init__()
+        self.net = net
+        self.preproc_func = lambda patch: transform(Image.fromarray(patch))
+
+    def forward(self, x):
+        return self.net(x)
+
+    @staticmethod
+    def infer_batch(model, batch_data, *, device):
+        model.eval()
+        x = batch_data.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return torch.softmax(model(x).float(), 1).cpu().numpy()
+
+    @staticmethod
+    def postproc(image):
+        return np.argmax(image, axis=-1)
+
+
+# A mask with 4x4 pixels per tile whose centre 2x2 is set for each tile bcd read: TIAToolbox
+# then keeps exactly those tiles of its 96 px grid at 0.972 um/px.
+tiles = pd.read_csv(tiles_csv)
+side = int(tiles["width"].iloc[0])
+assert ((tiles["x"] % side) == 0).all() and ((tiles["y"] % side) == 0).all()
+import openslide
+with openslide.OpenSlide(slide) as s:
+    w0, h0 = s.dimensions
+rows, cols = h0 // side, w0 // side
+mask = np.zeros((rows * 4, cols * 4), np.uint8)
+for x, y in zip(tiles["x"] // side, tiles["y"] // side):
+    mask[4 * y + 1:4 * y + 3, 4 * x + 1:4 * x + 3] = 1
+
+engine = PatchPredictor(model=BcdModel(predictor.model, predictor.transform),
+                        batch_size=int(batch_size), num_workers=int(workers), device="cpu",
+                        verbose=False)
+loop = [0.0]
+infer_wsi = engine.infer_wsi
+def timed_infer_wsi(*a, **kw):
+    t = time.perf_counter()
+    try:
+        return infer_wsi(*a, **kw)
+    finally:
+        loop[0] += time.perf_counter() - t
+engine.infer_wsi = timed_infer_wsi
+ioconfig = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": 0.972}],
+                                  patch_input_shape=(96, 96), stride_shape=(96, 96))
+t1 = time.perf_counter()
+result = engine.run([Path(slide)], masks=[mask], ioconfig=ioconfig, patch_mode=False,
+                    save_dir=Path(out), overwrite=True, output_type="zarr",
+                    return_probabilities=True)
+t_run = time.perf_counter() - t1
+group = zarr.open(str(next(iter(result.values()))), mode="r")
+prob = np.asarray(group["probabilities"][:])[:, 1]
+coords = np.asarray(group["coordinates"][:])
+level0 = coords[:, :2] * side // 96
+got = pd.DataFrame({"x": level0[:, 0], "y": level0[:, 1], "p": prob})
+merged = tiles.merge(got, on=["x", "y"], how="outer", indicator=True)
+same = bool((merged["_merge"] == "both").all())
+diff = float(np.abs(merged["p_malignant"] - merged["p"]).max()) if same else float("nan")
+print(json.dumps({"tiles": int(len(prob)), "same_tiles": same, "max_abs_p_diff": diff,
+                  "import_s": t_import, "run_s": t_run, "loop_s": loop[0],
+                  "tiatoolbox": tiatoolbox.__version__, "torch": torch.__version__,
+                  "torch_threads": torch.get_num_threads()}))
+'''
+
+
+def tiatoolbox_python(args, tmp: Path) -> tuple[Path | None, str]:
+    """The venv Python that imports TIAToolbox, or None and why not."""
+    if args.tiatoolbox == "none":
+        return None, "--tiatoolbox none"
+    python = Path(args.tiatoolbox)
+    if not python.exists() and args.install_tiatoolbox:
+        venv = python.parent.parent
+        start = time.perf_counter()
+        try:
+            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                           check=True, capture_output=True)
+            # tiatoolbox imports psutil without requiring it (2.1.3).
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "tiatoolbox", "psutil"],
+                           check=True, capture_output=True, timeout=args.install_timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"pip install tiatoolbox took over {args.install_timeout} s"
+        except subprocess.CalledProcessError as e:
+            return None, f"installing tiatoolbox failed: {(e.stderr or b'')[-500:]!r}"
+        emit({"what": "tiatoolbox_install", "venv": str(venv),
+              "seconds": time.perf_counter() - start})
+    if not python.exists():
+        return None, (f"{python}: no such interpreter; pass --install-tiatoolbox to make a "
+                      "throwaway venv there")
+    check = subprocess.run([str(python), "-c", "import tiatoolbox, tiatoolbox.models, torch, "
+                            "breast_cancer_detection; print(tiatoolbox.__version__, "
+                            "torch.__version__)"], capture_output=True, text=True)
+    if check.returncode != 0:
+        return None, f"{python} cannot import tiatoolbox: {check.stderr.strip()[-300:]}"
+    return python, check.stdout.strip()
+
+
+def run_tiatoolbox(python: Path, slide: Path, tiles_csv: Path, out: Path, args) -> dict:
+    driver = out.parent / "tia_driver.py"
+    driver.write_text(_TIA_DRIVER)
+    # TIAToolbox 2.1.3 opens a generic tiled .tif with its TIFFWSIReader, which refuses it,
+    # and falls back to a VirtualWSIReader: the whole level 0 decoded into memory in every
+    # worker, scale unknown. Under a .svs name it opens the same file with OpenSlide, as it
+    # does a scanner's slide.
+    link = out.parent / f"{slide.stem}.svs"
+    if not link.exists():
+        link.symlink_to(slide)
+    measured, stdout = run_measured([str(python), str(driver), str(link), str(tiles_csv),
+                                     str(out), str(args.workers), str(args.batch_size)],
+                                    "tiatoolbox")
+    r = last_json(stdout)
+    return {**r, **measured, "tiles_per_s": r["tiles"] / measured["seconds"],
+            "run_tiles_per_s": r["tiles"] / r["run_s"],
+            "loop_tiles_per_s": r["tiles"] / r["loop_s"]}
+
+
+# ----------------------------------------------------------------------------- naive loop
+
+_NAIVE_DRIVER = r'''
+import json, sys, time
+import numpy as np, openslide, pandas as pd
+import breast_cancer_detection as bcd
+
+slide, tiles_csv, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+predictor = bcd.Predictor.from_pretrained(device="cpu", progress=False)
+tiles = pd.read_csv(tiles_csv).head(n)
+t = time.perf_counter()
+s = openslide.OpenSlide(slide)
+probs = []
+for x, y, w, h in tiles[["x", "y", "width", "height"]].itertuples(index=False):
+    image = s.read_region((int(x), int(y)), 0, (int(w), int(h))).convert("RGB")
+    image = image.resize((96, 96))
+    probs.append(predictor.predict(image)[0].probabilities["malignant"])
+seconds = time.perf_counter() - t
+diff = float(np.abs(np.array(probs) - tiles["p_malignant"].to_numpy()).max())
+print(json.dumps({"tiles": len(probs), "loop_s": seconds, "max_abs_p_diff": diff}))
+'''
+
+
+def run_naive(slide: Path, tiles_csv: Path, work: Path, args) -> dict:
+    driver = work / "naive_driver.py"
+    driver.write_text(_NAIVE_DRIVER)
+    measured, stdout = run_measured([sys.executable, str(driver), str(slide), str(tiles_csv),
+                                     str(args.naive_tiles)], "naive loop")
+    r = last_json(stdout)
+    return {**r, **measured, "loop_tiles_per_s": r["tiles"] / r["loop_s"]}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def tissue_check(tiles_csv: Path, truth: pd.DataFrame) -> dict:
+    """Whether every tile bcd read lies on a tissue cell of the demo slide, and how many
+    tissue cells it missed."""
+    tiles = pd.read_csv(tiles_csv)
+    side = int(truth["width"].iloc[0])
+    label = truth.set_index(["row", "col"])["label"]
+    got = label.reindex(list(zip(tiles["y"] // side, tiles["x"] // side, strict=True))).to_numpy()
+    tissue = int((truth["label"] >= 0).sum())
+    return {"tiles_on_tissue": int((got >= 0).sum()), "tiles_on_glass": int((got < 0).sum()),
+            "tissue_cells": tissue, "tissue_cells_missed": tissue - int((got >= 0).sum())}
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write ROWSxCOLS, e.g. 40x50") from None
+    if rows < 4 or cols < 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 4x4 cells")
+    return rows, cols
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", type=parse_grid, default=(32, 40), metavar="ROWSxCOLS",
+                    help="the small slide's grid of 96 px cells (default 32x40)")
+    ap.add_argument("--large", type=parse_grid, default=None, metavar="ROWSxCOLS",
+                    help="the large slide's grid (default: twice the small one each way, "
+                    "4x the area)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    ap.add_argument("--patches", default=str(PCAM), help="PatchCamelyon 0/ and 1/ folders "
+                    "for the slides; 'none' or a missing folder: synthetic textures")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers, both tools")
+    ap.add_argument("--batch-size", type=int, default=64, help="batch size, both tools")
+    ap.add_argument("--tiatoolbox", default=str(DEFAULT_TIA), metavar="PYTHON|none",
+                    help=f"the Python of a venv with tiatoolbox (default {DEFAULT_TIA})")
+    ap.add_argument("--install-tiatoolbox", action="store_true",
+                    help="create that venv and pip-install tiatoolbox when it is missing")
+    ap.add_argument("--install-timeout", type=int, default=240, metavar="S")
+    ap.add_argument("--naive-tiles", type=int, default=300, metavar="N",
+                    help="tiles the naive loop reads per run (0: skip it; default 300)")
+    args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats: at least 1")
+    large = args.large or (args.small[0] * 2, args.small[1] * 2)
+    patches = Path(args.patches) if args.patches != "none" else None
+    if patches is not None and not (patches / "0").is_dir():
+        patches = None
+
+    import torch
+
+    from breast_cancer_detection.slides import demo_slide
+
+    emit({"what": "machine", **cpu_info(), "torch_threads": torch.get_num_threads(),
+          "torch": torch.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+          "load_average": list(os.getloadavg()),
+          "memory_sampler": "psutil" if _has_psutil() else "/proc"})
+    with tempfile.TemporaryDirectory(prefix="bcd-slide-bench-") as tmp:
+        tmp = Path(tmp)
+        python, why = tiatoolbox_python(args, tmp)
+        emit({"what": "tiatoolbox", "available": python is not None,
+              **({"python": str(python), "versions": why,
+                  "reader": "OpenSlideWSIReader (the slide linked as .svs)"} if python
+                 else {"why_not": why, "fallback": "naive per-tile loop only"})})
+        slides, truth = {}, {}
+        for name, grid in (("small", args.small), ("large", large)):
+            t = time.perf_counter()
+            path = tmp / f"{name}.tif"
+            truth[name] = demo_slide(path, grid=grid, patches=patches, seed=0)
+            slides[name] = path
+            emit({"what": "slide", "size": name, "grid": f"{grid[0]}x{grid[1]}",
+                  "level0_px": f"{grid[1] * 192}x{grid[0] * 192}",
+                  "patches": "pcam" if patches else "synthetic",
+                  "megabytes": path.stat().st_size / 1e6,
+                  "make_seconds": time.perf_counter() - t})
+
+        runs: dict[str, dict[str, list[dict]]] = {n: {"bcd": [], "tiatoolbox": [], "naive": []}
+                                                  for n in slides}
+        for r in range(args.repeats):
+            for name, slide in slides.items():
+                out = tmp / f"bcd-{name}-{r}"
+                b = run_bcd(slide, out, args)
+                runs[name]["bcd"].append(emit({"what": "bcd", "size": name, "repeat": r, **b}))
+                tiles_csv = out / slide.stem / "tiles.csv"
+                if r == 0:
+                    emit({"what": "tissue_check", "size": name,
+                          **tissue_check(tiles_csv, truth[name])})
+                if python is not None:
+                    t = run_tiatoolbox(python, slide, tiles_csv, tmp / f"tia-{name}-{r}", args)
+                    runs[name]["tiatoolbox"].append(
+                        emit({"what": "tiatoolbox", "size": name, "repeat": r, **t}))
+                if args.naive_tiles > 0:
+                    n = run_naive(slide, tiles_csv, tmp, args)
+                    runs[name]["naive"].append(
+                        emit({"what": "naive", "size": name, "repeat": r, **n}))
+
+    summary = {}
+    for name, by in runs.items():
+        bcd_runs = by["bcd"]
+        s = {"size": name, "tiles": bcd_runs[0]["tiles"],
+             "bcd_tiles_per_s": statistics.median(b["tiles_per_s"] for b in bcd_runs),
+             "bcd_loop_tiles_per_s": statistics.median(b["loop_tiles_per_s"] for b in bcd_runs),
+             "bcd_peak_tree_rss_mb": max(b["peak_tree_rss_mb"] for b in bcd_runs),
+             "bcd_peak_tree_pss_mb": max(b["peak_tree_pss_mb"] for b in bcd_runs),
+             "bcd_peak_main_rss_mb": max(b["peak_main_rss_mb"] for b in bcd_runs)}
+        if by["tiatoolbox"]:
+            tia = by["tiatoolbox"]
+            s.update({
+                "tia_tiles_per_s": statistics.median(t["tiles_per_s"] for t in tia),
+                "tia_loop_tiles_per_s": statistics.median(t["loop_tiles_per_s"] for t in tia),
+                "tia_peak_tree_rss_mb": max(t["peak_tree_rss_mb"] for t in tia),
+                "tia_peak_tree_pss_mb": max(t["peak_tree_pss_mb"] for t in tia),
+                "tia_same_tiles": all(t["same_tiles"] for t in tia),
+                "tia_max_abs_p_diff": max(t["max_abs_p_diff"] for t in tia),
+                "ratio_command": spread([b["tiles_per_s"] / t["tiles_per_s"]
+                                         for b, t in zip(bcd_runs, tia, strict=True)]),
+                "ratio_loop": spread([b["loop_tiles_per_s"] / t["loop_tiles_per_s"]
+                                      for b, t in zip(bcd_runs, tia, strict=True)])})
+        if by["naive"]:
+            nv = by["naive"]
+            s.update({
+                "naive_tiles_per_s": statistics.median(n["loop_tiles_per_s"] for n in nv),
+                "naive_max_abs_p_diff": max(n["max_abs_p_diff"] for n in nv),
+                "ratio_loop_vs_naive": spread([b["loop_tiles_per_s"] / n["loop_tiles_per_s"]
+                                               for b, n in zip(bcd_runs, nv, strict=True)]),
+                "ratio_command_vs_naive": spread([b["tiles_per_s"] / n["loop_tiles_per_s"]
+                                                  for b, n in zip(bcd_runs, nv, strict=True)])})
+        summary[name] = emit({"what": "summary", **s})
+    small, big = summary["small"], summary["large"]
+    growth = {"what": "memory_growth", "area_ratio": (large[0] * large[1])
+              / (args.small[0] * args.small[1]), "tiles_ratio": big["tiles"] / small["tiles"]}
+    for key in ("bcd_peak_tree_rss_mb", "bcd_peak_tree_pss_mb", "bcd_peak_main_rss_mb",
+                "tia_peak_tree_rss_mb", "tia_peak_tree_pss_mb"):
+        if key in small:
+            growth[key.removesuffix("_mb").replace("_peak", "") + "_large_over_small"] = (
+                big[key] / small[key])
+    emit(growth)
+    print_table(summary, growth)
+    return 0
+
+
+def print_table(summary: dict, growth: dict) -> None:
+    def f(v, spec=".0f"):
+        return "-" if v is None else format(v, spec)
+
+    def r(d):
+        return "-" if d is None else f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})"
+
+    print()
+    print(f"{'size':6} {'tiles':>6} {'bcd t/s':>8} {'bcd loop':>8} {'tia t/s':>8} "
+          f"{'tia loop':>8} {'naive':>6} {'cmd ratio (min-max)':>20} "
+          f"{'loop ratio (min-max)':>20} {'vs naive':>18} {'RSS tree/PSS/main MB':>21}")
+    for s in summary.values():
+        mem = (f"{s['bcd_peak_tree_rss_mb']:.0f}/{s['bcd_peak_tree_pss_mb']:.0f}/"
+               f"{s['bcd_peak_main_rss_mb']:.0f}")
+        print(f"{s['size']:6} {s['tiles']:>6} {f(s['bcd_tiles_per_s']):>8} "
+              f"{f(s['bcd_loop_tiles_per_s']):>8} {f(s.get('tia_tiles_per_s')):>8} "
+              f"{f(s.get('tia_loop_tiles_per_s')):>8} {f(s.get('naive_tiles_per_s')):>6} "
+              f"{r(s.get('ratio_command')):>20} {r(s.get('ratio_loop')):>20} "
+              f"{r(s.get('ratio_loop_vs_naive')):>18} {mem:>21}")
+    print(f"peak memory, large over small slide ({growth['area_ratio']:.0f}x the area, "
+          f"{growth['tiles_ratio']:.2f}x the tiles): bcd tree RSS "
+          f"{growth['bcd_tree_rss_large_over_small']:.2f}, tree PSS "
+          f"{growth['bcd_tree_pss_large_over_small']:.2f}, main RSS "
+          f"{growth['bcd_main_rss_large_over_small']:.2f}"
+          + (f"; TIAToolbox tree RSS {growth['tia_tree_rss_large_over_small']:.2f}"
+             if "tia_tree_rss_large_over_small" in growth else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
