@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.errors import UserError
@@ -45,6 +46,12 @@ class FakeSlide:
 
     def get_best_level_for_downsample(self, ds):
         return max(i for i, d in enumerate(self.level_downsamples) if d <= ds)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """`bcd slide` caches the ONNX export of its model: here, not in the home folder."""
+    monkeypatch.setenv("BCD_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -282,9 +289,10 @@ def test_tiles_match_reading_each_tile_by_hand(bundled, slides, tmp_path):
 
 def test_dataset_opens_the_slide_once_per_process(slides):
     path, _ = slides["normal"]
-    ds = TileDataset(path, np.array([[0, 0], [192, 192]]), 1, 96, 96, None)
-    img, i = ds[1]
-    assert img.size == (96, 96) and i == 1
+    ds = TileDataset(path, np.array([[0, 0], [192, 192]]), 1, 96, 96)
+    x, i = ds[1]
+    assert x.shape == (3, 96, 96) and x.dtype == torch.uint8 and i == 1
+    np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), np.asarray(ds.read(1)))
     first = ds._slide
     ds[0]
     assert ds._slide is first
@@ -408,3 +416,21 @@ def test_onnx_backend_gives_the_torch_numbers_and_carries_the_scale(bundled, sli
     ta, tb = (pd.read_csv(tmp_path / d / "tiles.csv") for d in ("torch", "onnx"))
     assert (ta[["x", "y"]] == tb[["x", "y"]]).all().all()
     np.testing.assert_allclose(ta["p_malignant"], tb["p_malignant"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_auto_backend_runs_onnx_on_a_cpu_with_the_same_answers(bundled, tmp_path):
+    pytest.importorskip("onnxruntime")
+    fast = bundled.on_backend("auto", cache_dir=tmp_path)
+    assert fast.backend == "onnx" and fast.backend_note == "ONNX Runtime (CPU)"
+    assert fast.threshold == bundled.threshold and fast.trained_model is bundled.trained_model
+    assert model_mpp(fast) == (0.972, "trained model pcam-patch-cnn")
+    (cached,) = (tmp_path / "onnx").glob("patch_cnn-*.onnx")
+    stamp = cached.stat().st_mtime_ns
+    x = torch.randn(5, 3, 96, 96)
+    np.testing.assert_allclose(fast.probabilities(x), bundled.probabilities(x), atol=1e-4)
+    again = bundled.on_backend("onnx", cache_dir=tmp_path)  # reuses the export
+    assert again.backend == "onnx" and cached.stat().st_mtime_ns == stamp
+    assert bundled.on_backend("torch") is bundled and fast.on_backend("auto") is fast
+    with pytest.raises(UserError, match="checkpoint"):
+        fast.on_backend("torch")

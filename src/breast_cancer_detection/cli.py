@@ -437,7 +437,8 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     if (args.device == "auto" and "LOCAL_RANK" in os.environ
             and __import__("torch").cuda.is_available()):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
-    predictor = _load_predictor(args)
+    predictor = _load_predictor(args).on_backend(args.backend)
+    print(f"Tiles are scored with {predictor.backend_note}.", file=sys.stderr)
     if args.tissue_threshold is not None and not 0 <= args.tissue_threshold < 1:
         raise UserError(f"--tissue-threshold {args.tissue_threshold}: a saturation in [0, 1), "
                         "e.g. 0.1; leave it out for Otsu's threshold.")
@@ -849,8 +850,13 @@ def _add_use_commands(sub) -> None:
                     "same model and settings (by default they are skipped)")
     _sha256(sl, "expected SHA-256 of the checkpoint")
     _device(sl)
+    sl.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                    help="auto (default): ONNX Runtime on a CPU when it is installed (the "
+                    "checkpoint is exported once into the cache and checked against PyTorch), "
+                    "else PyTorch")
     _batch_size(sl, 64, "tiles per forward pass (default 64)")
-    _workers(sl, 2, "tile-reading processes (default 2)")
+    _workers(sl, None, "tile-reading processes (default: 0 on 2 cores or fewer, where they "
+             "only take time from the model; else 2)")
     _quiet(sl, "no progress bars")
     sl.set_defaults(func=_cmd_slide, max_pixels=None)
 

@@ -125,6 +125,33 @@ def _verify(model: nn.Module, path: Path, size: int) -> None:
                           "in probability (limit 1e-4); try another --opset.")
 
 
+def weights_digest(ckpt: Checkpoint) -> str:
+    """SHA-256 of a checkpoint's architecture, input size and weights: the key of its cached
+    ONNX export (a retrained model gets another)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{ckpt.arch}|{ckpt.pre().size}|{ONNX_FORMAT}".encode())
+    for name, value in sorted(ckpt.state_dict.items()):
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def cached_onnx(ckpt: Checkpoint, cache: str | Path) -> Path:
+    """The ONNX export of ``ckpt`` in ``cache/onnx/``, written (and checked against PyTorch
+    within 1e-4) the first time, then reused.
+
+    Raises:
+        ExportError: the export failed or disagrees with PyTorch.
+        UserError: onnx or onnxruntime is not installed.
+    """
+    path = Path(cache) / "onnx" / f"{ckpt.arch}-{weights_digest(ckpt)[:16]}.onnx"
+    if not path.is_file():
+        export_onnx(ckpt, path, verify=True)
+    return path
+
+
 def read_onnx_metadata(path_or_session) -> dict[str, Any]:
     """The preprocessing and decision metadata :func:`export_onnx` stored in a model.
 

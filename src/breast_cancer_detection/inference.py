@@ -542,6 +542,59 @@ class Predictor:
             "chosen on validation")
         return pred
 
+    def on_backend(self, backend: str = "auto", *, cache_dir: str | Path | None = None
+                   ) -> Predictor:
+        """This model on another backend, with the same preprocessing, threshold and card.
+
+        ``onnx`` exports the checkpoint once into the cache (``onnx/`` under ``cache_dir``,
+        default ``$BCD_CACHE`` or ``~/.cache/breast_cancer_detection``), checked against
+        PyTorch within 1e-4, and runs it with ONNX Runtime, which scores small convolutional
+        networks faster than PyTorch on a CPU (docs/benchmarks.md, "Whole slides").
+        ``auto`` does that on a CPU when onnxruntime is installed and the model came from a
+        checkpoint, and otherwise keeps this predictor, as does a failed export (with a
+        warning). ``torch`` keeps a PyTorch predictor. :attr:`backend_note` says which ran.
+
+        Raises:
+            UserError: ``onnx`` asked for and not possible (no onnxruntime, no checkpoint).
+        """
+        import importlib.util
+        import warnings
+
+        if backend not in ("auto", "torch", "onnx"):
+            raise UserError(f"backend={backend!r}: use 'auto', 'torch' or 'onnx'.")
+        if backend == "torch" or self.backend == "onnx" or (
+                backend == "auto" and (self.device.type != "cpu" or self.checkpoint is None
+                                       or importlib.util.find_spec("onnxruntime") is None)):
+            if backend == "torch" and self.backend != "torch":
+                raise UserError("this model is an ONNX file: PyTorch needs its checkpoint.")
+            return self
+        if self.checkpoint is None:
+            raise UserError("backend onnx needs the model's checkpoint to export it.")
+        from .export import OnnxModel, cached_onnx
+
+        try:
+            path = cached_onnx(self.checkpoint, _cache_root(cache_dir))
+        except UserError as e:
+            if backend == "onnx":
+                raise
+            warnings.warn(f"ONNX export failed, PyTorch runs instead: {e}", stacklevel=2)
+            return self
+        pred = Predictor(OnnxModel(path), self.pre, threshold=self.threshold,
+                         classes=self.classes, checkpoint=self.checkpoint, backend="onnx",
+                         max_pixels=self.max_pixels)
+        pred.threshold_source = self.threshold_source
+        pred.trained_model = self.trained_model
+        return pred
+
+    @property
+    def backend_note(self) -> str:
+        """Where the model runs, in words: ``PyTorch on cpu``, ``ONNX Runtime (CPU)``."""
+        if self.backend == "onnx":
+            providers = self.model.session.get_providers()
+            where = "CUDA" if providers and providers[0].startswith("CUDA") else "CPU"
+            return f"ONNX Runtime ({where})"
+        return f"PyTorch on {self.device}"
+
     def predict_table(self, root: str | Path, table: pd.DataFrame, *, batch_size: int = 32,
                       workers: int = 0, progress: bool = True, tta: bool = False
                       ) -> pd.DataFrame:

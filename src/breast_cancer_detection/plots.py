@@ -379,6 +379,21 @@ def _slide_figure(thumb: np.ndarray, width: float = 8.0, extra: float = 0.6) -> 
     return _figure(width, max(2.5, width * h / w + extra))
 
 
+def _for_display(image: np.ndarray, inches: float) -> np.ndarray:
+    """``image`` shrunk to the pixels a panel ``inches`` wide shows at :data:`DPI` (drawing
+    a larger one costs time and shows nothing more); masks stay boolean."""
+    from PIL import Image
+
+    side = max(1, round(inches * DPI))
+    h, w = image.shape[:2]
+    if w <= side:
+        return image
+    size = (side, max(1, round(h * side / w)))
+    if image.dtype == bool:
+        return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.NEAREST))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
 def plot_slide_heatmap(thumb: np.ndarray, heat: np.ndarray, extent: tuple[float, float], *,
                        threshold: float | None = None, title: str = "") -> Figure:
     """P(tumour) per tile over the slide's thumbnail, with a colour bar.
@@ -392,11 +407,12 @@ def plot_slide_heatmap(thumb: np.ndarray, heat: np.ndarray, extent: tuple[float,
     """
     fig = _slide_figure(thumb, extra=1.0)
     ax = fig.subplots()
-    ax.imshow(thumb)
+    h, w = thumb.shape[:2]
+    ax.imshow(_for_display(thumb, 8.0), extent=(0, w, h, 0))
     shown = ax.imshow(np.ma.masked_invalid(heat), extent=(0, extent[0], extent[1], 0),
                       cmap=HEATMAP_CMAP, vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
-    ax.set_xlim(0, thumb.shape[1])
-    ax.set_ylim(thumb.shape[0], 0)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
     ax.set_axis_off()
     label = "P(tumour)" if threshold is None else f"P(tumour); line: threshold {threshold:.3f}"
     bar = fig.colorbar(shown, ax=ax, shrink=0.8, label=label)
@@ -410,6 +426,7 @@ def plot_tissue(thumb: np.ndarray, mask: np.ndarray, *, title: str = "") -> Figu
     """The thumbnail beside it with the tissue mask outlined, to check what was read."""
     fig = _figure(10.0, max(2.5, 5.0 * thumb.shape[0] / thumb.shape[1] + 0.8))
     left, right = fig.subplots(1, 2)
+    thumb, mask = _for_display(thumb, 5.0), _for_display(mask, 5.0)
     left.imshow(thumb)
     left.set_title("thumbnail")
     right.imshow(thumb)
@@ -424,17 +441,27 @@ def plot_tissue(thumb: np.ndarray, mask: np.ndarray, *, title: str = "") -> Figu
 
 
 def plot_tile_gallery(images: list, probs, xy, *, title: str = "", columns: int = 4) -> Figure:
-    """Tiles in a grid, each titled with its P(tumour) and level-0 position."""
-    n = max(1, len(images))
-    rows = math.ceil(n / columns)
-    fig = _figure(2.0 * columns, 2.2 * rows + 0.5)
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, img, p, (x, y) in zip(axes, images, probs, xy):
-        ax.imshow(img)
-        ax.set_title(f"P={p:.3f}\n({x}, {y})", fontsize=8)
-    if not images:
-        axes[0].text(0.5, 0.5, "no tissue tiles", ha="center", va="center")
+    """Tiles in a grid, each labelled with its P(tumour) and level-0 position (one image
+    panel: sixteen small axes would cost more to lay out than everything else)."""
+    columns = max(1, min(columns, len(images)))
+    rows = max(1, math.ceil(len(images) / columns))
+    fig = _figure(2.0 * columns, 2.3 * rows + 0.4)
+    ax = fig.subplots()
+    ax.set_axis_off()
     fig.suptitle(title)
+    if not images:
+        ax.text(0.5, 0.5, "no tissue tiles", ha="center", va="center")
+        return fig
+    tiles = [np.asarray(img) for img in images]
+    side = max(max(t.shape[:2]) for t in tiles)
+    gap, band = side // 12, side // 3  # white between tiles; room for each label
+    cell_w, cell_h = side + gap, side + band
+    mosaic = np.full((rows * cell_h, columns * cell_w - gap, 3), 255, np.uint8)
+    for k, (tile, p, (x, y)) in enumerate(zip(tiles, probs, xy)):
+        r, c = divmod(k, columns)
+        top, left = r * cell_h + band, c * cell_w
+        mosaic[top:top + tile.shape[0], left:left + tile.shape[1]] = tile[..., :3]
+        ax.text(left + side / 2, top - band * 0.1, f"P={p:.3f}\n({x}, {y})", ha="center",
+                va="bottom", fontsize=8)
+    ax.imshow(mosaic, interpolation="nearest")
     return fig

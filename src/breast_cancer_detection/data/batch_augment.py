@@ -33,6 +33,12 @@ def _normalize(x: Tensor, pre: Preprocessing) -> Tensor:
     return (x - mean) / std
 
 
+def normalize_batch(x: Tensor, pre: Preprocessing) -> Tensor:
+    """A uint8 ``(N, 3, H, W)`` batch (or float in [0, 1]) as the model's normalised float32
+    input, in one vectorised step: what the evaluation transform's last steps do per image."""
+    return _normalize(_batch_to_float(x), pre)
+
+
 def _crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
                 ratio: tuple[float, float], x: Tensor, generator: torch.Generator | None,
                 tries: int = 10) -> Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.batch_augment import normalize_batch
 from ..errors import UserError
 from ..files import atomic_write_text, jsonable
 from .reader import SlideError, TileDataset, open_slide, slide_mpp, thumbnail
@@ -39,6 +40,13 @@ GALLERY = 16
 SUMMARY = "slide.json"
 COLUMNS = ["slide", "score", "tiles", "tumour_tiles", "tissue_mm2", "seconds", "tiles_per_s",
            "mpp", "mpp_source", "level", "error", "folder"]
+
+
+def default_workers() -> int:
+    """Tile-reading processes when none are asked for: none on a machine of 2 cores or fewer,
+    where reading a tile costs a fraction of scoring it and a worker process only takes
+    time from the model (docs/benchmarks.md, "Whole slides"); else 2."""
+    return 0 if (os.cpu_count() or 1) <= 2 else 2
 
 
 def model_mpp(predictor: Predictor, override: float | None = None) -> tuple[float, str]:
@@ -148,7 +156,7 @@ def _done(folder: Path, settings: dict[str, Any]) -> SlideResult | None:
 def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *,
                   model_scale: tuple[float, str] | None = None, mpp: float | None = None,
                   tissue_threshold: float | None = None, min_tissue: float = 0.5,
-                  batch_size: int = 64, workers: int = 2, tta: bool = False,
+                  batch_size: int = 64, workers: int | None = None, tta: bool = False,
                   top_k: int = DEFAULT_TOP_K, thumb_side: int = 2048, progress: bool = True,
                   force: bool = False) -> SlideResult:
     """Scores every tissue tile of one slide and writes its outputs into ``out_dir``.
@@ -168,7 +176,8 @@ def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *
         tissue_threshold: Saturation 0-1 for the tissue mask; None: Otsu's.
         min_tissue: Share of a tile that must be tissue for it to be read.
         batch_size: Tiles per forward pass.
-        workers: DataLoader processes reading tiles (0: read in this process).
+        workers: DataLoader processes reading tiles (0: read in this process; None:
+            :func:`default_workers`).
         tta: Average the 8 flips and quarter turns of each tile.
         top_k: Tiles averaged into the slide score.
         thumb_side: Long side of the thumbnail the mask and heat map are drawn on (raised
@@ -216,7 +225,8 @@ def _one_line(e: BaseException) -> str:
 
 def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResult, *,
              model_scale: tuple[float, str], mpp: float | None,
-             tissue_threshold: float | None, min_tissue: float, batch_size: int, workers: int,
+             tissue_threshold: float | None, min_tissue: float, batch_size: int,
+             workers: int | None,
              tta: bool, top_k: int, thumb_side: int, progress: bool) -> None:
     from tqdm.auto import tqdm
 
@@ -236,13 +246,14 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
     result.tissue_mm2 = round(float(mask.sum()) * (tds * s_mpp) ** 2 / 1e6, 4)
     rows, cols = np.nonzero(grid.tissue_fraction(mask, tds) >= min_tissue)
     xy = grid.origins(rows, cols)
-    dataset = TileDataset(path, xy, grid.level, grid.read_size, grid.size, predictor.transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         persistent_workers=False)
+    dataset = TileDataset(path, xy, grid.level, grid.read_size, grid.size)
+    workers = default_workers() if workers is None else workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     prob = np.full(len(xy), np.nan, np.float32)
     t_read = time.perf_counter()
     with tqdm(total=len(xy), desc=path.name, unit="tile", disable=not progress) as bar:
         for x, idx in loader:
+            x = normalize_batch(x, predictor.pre)
             prob[idx.numpy()] = predictor.probabilities(x, tta=tta, batch_size=batch_size)[:, 1]
             bar.update(len(idx))
     elapsed = time.perf_counter() - t_read
