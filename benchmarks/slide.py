@@ -440,7 +440,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--patches", default=str(PCAM), help="PatchCamelyon 0/ and 1/ folders "
                     "for the slides; 'none' or a missing folder: synthetic textures")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers, both tools")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers, both "
+                    "tools (default: bcd slide's own default on this machine, "
+                    "bcd.slides.run.default_workers())")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size, both tools")
     ap.add_argument("--tiatoolbox", default=str(DEFAULT_TIA), metavar="PYTHON|none",
                     help=f"the Python of a venv with tiatoolbox (default {DEFAULT_TIA})")
@@ -450,6 +452,10 @@ def main() -> int:
     ap.add_argument("--naive-tiles", type=int, default=300, metavar="N",
                     help="tiles the naive loop reads per run (0: skip it; default 300)")
     args = ap.parse_args()
+    if args.workers is None:
+        from breast_cancer_detection.slides.run import default_workers
+
+        args.workers = default_workers()
     if args.repeats < 1:
         ap.error("--repeats: at least 1")
     large = args.large or (args.small[0] * 2, args.small[1] * 2)

@@ -336,6 +336,9 @@ def test_cli_exit_codes_and_summary(slides, tmp_path, capsys):
     assert main(["slide", str(path), str(bad), "--out", str(tmp_path / "o"), "--workers", "0",
                  "--quiet"]) == 1
     assert "FAILED" in capsys.readouterr().err
+    for bad in (["--min-tissue", "0"], ["--top-k", "0"], ["--tissue-threshold", "1.5"]):
+        assert main(["slide", str(path), "--out", str(tmp_path / "o"), *bad]) == 2
+        assert bad[0] in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["slide", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no slide files" in capsys.readouterr().err

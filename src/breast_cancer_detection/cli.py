@@ -437,11 +437,15 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     if (args.device == "auto" and "LOCAL_RANK" in os.environ
             and __import__("torch").cuda.is_available()):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
-    predictor = _load_predictor(args).on_backend(args.backend)
-    print(f"Tiles are scored with {predictor.backend_note}.", file=sys.stderr)
     if args.tissue_threshold is not None and not 0 <= args.tissue_threshold < 1:
         raise UserError(f"--tissue-threshold {args.tissue_threshold}: a saturation in [0, 1), "
                         "e.g. 0.1; leave it out for Otsu's threshold.")
+    if not 0 < args.min_tissue <= 1:
+        raise UserError(f"--min-tissue {args.min_tissue}: a share in (0, 1], e.g. 0.5.")
+    if args.top_k < 1 or args.batch_size < 1 or (args.workers or 0) < 0:
+        raise UserError("--top-k and --batch-size must be at least 1, --workers at least 0.")
+    predictor = _load_predictor(args).on_backend(args.backend)
+    print(f"Tiles are scored with {predictor.backend_note}.", file=sys.stderr)
     table = analyse_slides(
         predictor, slides, args.out, shard=shard, model_scale_override=args.model_mpp,
         mpp=args.mpp, tissue_threshold=args.tissue_threshold, min_tissue=args.min_tissue,
