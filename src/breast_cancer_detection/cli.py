@@ -305,11 +305,11 @@ def _model_then_inputs(args: argparse.Namespace, what: str) -> None:
     if not args.model and _names_a_checkpoint(args.paths[0]):
         args.checkpoint, args.paths = args.paths[0], args.paths[1:]
         if not args.paths:
-            raise UserError(f"{args.checkpoint} is a model; name the {what} (files or "
-                            "folders) after it.")
+            raise UserError(f"{args.checkpoint} is a model; name the {what} files or "
+                            "folders after it.")
     elif args.model and any(_names_a_checkpoint(p) for p in args.paths):
         raise UserError(f"--model {args.model} was given, and also a checkpoint among the "
-                        f"{what}; keep one of them.")
+                        f"{what}s; keep one of them.")
     _model_choice(args)
 
 
@@ -358,7 +358,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .inference import collect_images, predictions_frame, summarize_patients
 
-    _model_then_inputs(args, "images")
+    _model_then_inputs(args, "image")
     files = collect_images(args.paths)
     if not files:
         raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
@@ -428,7 +428,7 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .slides import SLIDE_SUFFIXES, analyse_slides, collect_slides, parse_shard
 
-    _model_then_inputs(args, "slides")
+    _model_then_inputs(args, "slide")
     slides = collect_slides(args.paths)
     if not slides:
         raise UserError(f"no slide files ({', '.join(SLIDE_SUFFIXES)}) under "
