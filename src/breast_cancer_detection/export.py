@@ -20,7 +20,7 @@ ONNX_FORMAT = "bcd-onnx/1"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 _META_KEYS = ("format", "arch", "size", "resize", "mean", "std", "classes", "threshold",
-              "mpp", "input", "output")
+              "mpp", "int8", "input", "output")
 
 
 class ExportError(UserError, RuntimeError):
@@ -138,6 +138,13 @@ def weights_digest(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
+def cached_onnx_path(ckpt: Checkpoint, cache: str | Path, *, int8: bool = False) -> Path:
+    """Where the cache keeps the ONNX export of ``ckpt`` (``cache/onnx/ARCH-DIGEST.onnx``;
+    ``.int8.onnx`` for the int8 model ``bcd export --int8`` leaves there)."""
+    suffix = ".int8.onnx" if int8 else ".onnx"
+    return Path(cache) / "onnx" / f"{ckpt.arch}-{weights_digest(ckpt)[:16]}{suffix}"
+
+
 def cached_onnx(ckpt: Checkpoint, cache: str | Path) -> Path:
     """The ONNX export of ``ckpt`` in ``cache/onnx/``, written (and checked against PyTorch
     within 1e-4) the first time, then reused.
@@ -146,10 +153,25 @@ def cached_onnx(ckpt: Checkpoint, cache: str | Path) -> Path:
         ExportError: the export failed or disagrees with PyTorch.
         UserError: onnx or onnxruntime is not installed.
     """
-    path = Path(cache) / "onnx" / f"{ckpt.arch}-{weights_digest(ckpt)[:16]}.onnx"
+    path = cached_onnx_path(ckpt, cache)
     if not path.is_file():
         export_onnx(ckpt, path, verify=True)
     return path
+
+
+def write_onnx_metadata(path: str | Path, **values: Any) -> Path:
+    """Sets metadata properties (JSON values) of an ONNX file, replacing those of the same
+    name, atomically."""
+    from .files import atomic_write
+
+    onnx = _import("onnx")
+    proto = onnx.load(str(path))
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    for key, value in keep + [(k, json.dumps(v)) for k, v in values.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return atomic_write(path, lambda f: f.write(proto.SerializeToString()))
 
 
 def read_onnx_metadata(path_or_session) -> dict[str, Any]:

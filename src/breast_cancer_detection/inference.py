@@ -533,6 +533,9 @@ class Predictor:
         local = _local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
         model = OnnxModel(local, device=device)
         meta = model.metadata
+        if meta.get("int8") is not None and not meta["int8"].get("passed"):
+            raise UserError(f"{path}: an int8 model that failed its accuracy gate; use the "
+                            "float32 export.")
         threshold = meta.get("threshold")
         pred = cls(model, Preprocessing(size=meta["size"], resize=meta["resize"],
                                         mean=meta["mean"], std=meta["std"]),
@@ -552,7 +555,9 @@ class Predictor:
         networks faster than PyTorch on a CPU (docs/benchmarks.md, "Whole slides").
         ``auto`` does that on a CPU when onnxruntime is installed and the model came from a
         checkpoint, and otherwise keeps this predictor, as does a failed export (with a
-        warning). ``torch`` keeps a PyTorch predictor. :attr:`backend_note` says which ran.
+        warning). ``torch`` keeps a PyTorch predictor. Either ONNX choice runs the int8
+        model instead when ``bcd export --int8`` left one for these weights in the cache (it
+        passed its accuracy gate). :attr:`backend_note` says which runs.
 
         Raises:
             UserError: ``onnx`` asked for and not possible (no onnxruntime, no checkpoint).
@@ -570,10 +575,12 @@ class Predictor:
             return self
         if self.checkpoint is None:
             raise UserError("backend onnx needs the model's checkpoint to export it.")
-        from .export import OnnxModel, cached_onnx
+        from .export import OnnxModel, cached_onnx, cached_onnx_path
 
+        int8 = cached_onnx_path(self.checkpoint, _cache_root(cache_dir), int8=True)
         try:
-            path = cached_onnx(self.checkpoint, _cache_root(cache_dir))
+            path = int8 if int8.is_file() else cached_onnx(self.checkpoint,
+                                                           _cache_root(cache_dir))
         except UserError as e:
             if backend == "onnx":
                 raise
@@ -592,7 +599,8 @@ class Predictor:
         if self.backend == "onnx":
             providers = self.model.session.get_providers()
             where = "CUDA" if providers and providers[0].startswith("CUDA") else "CPU"
-            return f"ONNX Runtime ({where})"
+            gate = self.model.metadata.get("int8")
+            return f"ONNX Runtime ({where}{', int8' if gate else ''})"
         return f"PyTorch on {self.device}"
 
     def predict_table(self, root: str | Path, table: pd.DataFrame, *, batch_size: int = 32,

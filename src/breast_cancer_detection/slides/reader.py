@@ -7,6 +7,7 @@ openslide-python and openslide-bin), so no system library is needed on Linux, ma
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +142,8 @@ def thumbnail(slide, max_side: int) -> tuple[np.ndarray, float]:
 
 def on_white(region: Image.Image) -> Image.Image:
     """An RGBA region (transparent where the slide has no data) composited on white, as RGB."""
-    if region.mode != "RGBA":
-        return region.convert("RGB")
+    if region.mode != "RGBA" or region.getextrema()[3][0] == 255:
+        return region.convert("RGB")  # opaque: nothing to composite
     bg = Image.new("RGBA", region.size, (255, 255, 255, 255))
     bg.alpha_composite(region)
     return bg.convert("RGB")
@@ -188,6 +189,34 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(np.array(self.read(i))).permute(2, 0, 1), i
+
+    def batches(self, batch_size: int, workers: int) -> Iterator[tuple[torch.Tensor,
+                                                                      torch.Tensor]]:
+        """``(uint8 (B, 3, size, size), indices)`` batches in order.
+
+        With ``workers`` processes, a DataLoader reads them. With none, one thread reads the
+        next batch while the caller scores this one (OpenSlide, ONNX Runtime and PyTorch
+        release the GIL): on 2 cores that beats worker processes, which take cores from the
+        model (docs/benchmarks.md, "Whole slides").
+        """
+        if workers > 0:
+            yield from torch.utils.data.DataLoader(self, batch_size=batch_size,
+                                                   num_workers=workers)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = torch.arange(start, min(len(self), start + batch_size))
+            return torch.stack([self[int(i)][0] for i in idx]), idx
+
+        starts = list(range(0, len(self), batch_size))
+        with ThreadPoolExecutor(1, thread_name_prefix="bcd-tiles") as pool:
+            ahead = pool.submit(read, starts[0]) if starts else None
+            for k in range(len(starts)):
+                batch = ahead.result()
+                if k + 1 < len(starts):
+                    ahead = pool.submit(read, starts[k + 1])
+                yield batch
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None, "_pid": None}

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data.batch_augment import normalize_batch
 from ..errors import UserError
@@ -248,11 +247,10 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
     xy = grid.origins(rows, cols)
     dataset = TileDataset(path, xy, grid.level, grid.read_size, grid.size)
     workers = default_workers() if workers is None else workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     prob = np.full(len(xy), np.nan, np.float32)
     t_read = time.perf_counter()
     with tqdm(total=len(xy), desc=path.name, unit="tile", disable=not progress) as bar:
-        for x, idx in loader:
+        for x, idx in dataset.batches(batch_size, workers):
             x = normalize_batch(x, predictor.pre)
             prob[idx.numpy()] = predictor.probabilities(x, tta=tta, batch_size=batch_size)[:, 1]
             bar.update(len(idx))

@@ -1,0 +1,115 @@
+"""int8 ONNX export behind an accuracy gate, and the auto backend that picks it up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from breast_cancer_detection.cli import main
+from breast_cancer_detection.errors import UserError
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from breast_cancer_detection import quantize  # noqa: E402
+from breast_cancer_detection.export import ExportError, write_onnx_metadata  # noqa: E402
+from breast_cancer_detection.inference import Predictor  # noqa: E402
+from breast_cancer_detection.pretrained import resolve_trained  # noqa: E402
+from breast_cancer_detection.slides.make import _synthetic_patch  # noqa: E402
+
+PCAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcam-subset"
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory) -> Path:
+    """0/ and 1/ folders of synthetic 96 px patches (normal and tumour textures)."""
+    root = tmp_path_factory.mktemp("patches")
+    rng = np.random.default_rng(0)
+    for label in (0, 1):
+        (root / str(label)).mkdir()
+        for i in range(24):
+            Image.fromarray(_synthetic_patch(rng, bool(label), 96)).save(
+                root / str(label) / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("BCD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.slow
+def test_int8_passes_its_gate_and_the_auto_backend_runs_it(patches, cache, tmp_path):
+    out, gate = quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
+                                     calibration=patches, gate=patches, progress=False)
+    assert gate.passed and gate.images == 48 and gate.auc_int8 is not None
+    assert gate.auc_float32 - gate.auc_int8 <= quantize.AUC_TOLERANCE
+    int8 = Predictor.from_onnx(out)
+    meta = int8.model.metadata
+    assert meta["int8"]["passed"] and meta["int8"]["calibration_images"] == 48
+    assert meta["mpp"] is None and meta["threshold"] == pytest.approx(0.463, abs=1e-3)
+    assert int8.backend_note == "ONNX Runtime (CPU, int8)"
+
+    torch_model = Predictor.from_pretrained(device="cpu", progress=False)
+    auto = torch_model.on_backend("auto")  # $BCD_CACHE holds the int8 copy for these weights
+    assert auto.backend_note == "ONNX Runtime (CPU, int8)"
+    x = torch.randn(6, 3, 96, 96)
+    assert np.abs(auto.probabilities(x) - torch_model.probabilities(x)).max() < 0.1
+
+
+@pytest.mark.slow
+def test_a_failing_gate_writes_nothing(patches, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "AUC_TOLERANCE", -1.0)  # no int8 model can pass this
+    with pytest.raises(ExportError, match="fails the accuracy gate.*ROC AUC"):
+        quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
+                             calibration=patches, gate=patches, progress=False)
+    assert not (tmp_path / "m.onnx").exists()
+    assert not list(cache.rglob("*.int8.onnx"))
+
+
+@pytest.mark.slow
+def test_unlabelled_gate_uses_the_probability_rule(patches, cache, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(patches.rglob("*.png"))[::4]:
+        (flat / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
+    _, gate = quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
+                                   calibration=patches, gate=flat, progress=False)
+    assert gate.auc_float32 is None and "no labels" in gate.rule
+    assert gate.passed == (gate.max_abs_diff <= quantize.PROB_TOLERANCE)
+
+
+def test_an_int8_model_that_failed_its_gate_is_refused(tmp_path):
+    from breast_cancer_detection.export import export_onnx
+
+    path = export_onnx(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx", verify=False)
+    write_onnx_metadata(path, int8={"passed": False})
+    with pytest.raises(UserError, match="failed its accuracy gate"):
+        Predictor.from_onnx(path)
+    write_onnx_metadata(path, int8={"passed": True})
+    assert Predictor.from_onnx(path).backend_note.endswith("int8)")
+
+
+def test_cli_int8_needs_calibration_and_gate(tmp_path, capsys):
+    ckpt = str(resolve_trained("pcam-patch-cnn"))
+    assert main(["export", ckpt, "--onnx", str(tmp_path / "m.onnx"), "--int8"]) == 2
+    assert "--calibration DIR" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_bundled_model_int8_keeps_its_auc_on_pcam_valid(cache, tmp_path, capsys):
+    ckpt = str(resolve_trained("pcam-patch-cnn"))
+    assert main(["export", ckpt, "--onnx", str(tmp_path / "m.onnx"), "--int8", "--calibration",
+                 str(PCAM / "train"), "--gate", str(PCAM / "valid"), "--quiet"]) == 0
+    assert "Gate passed" in capsys.readouterr().out
+    gate = json.loads(json.dumps(Predictor.from_onnx(tmp_path / "m.onnx").model.metadata))["int8"]
+    assert gate["images"] == 3000
+    assert gate["auc_float32"] - gate["auc_int8"] <= 0.003
+    assert gate["auc_float32"] == pytest.approx(0.9265, abs=0.002)  # the model card's figure
