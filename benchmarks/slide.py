@@ -52,6 +52,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PCAM = SHARED / "data" / "pcam-subset" / "valid"
+PCAM_TRAIN = SHARED / "data" / "pcam-subset" / "train"
 DEFAULT_TIA = Path("/tmp/tiavenv/bin/python")
 
 
@@ -189,14 +190,15 @@ class TreeMemory(threading.Thread):
                 "max_processes": self.max_procs, "memory_samples": self.samples}
 
 
-def run_measured(cmd: list[str], what: str) -> tuple[dict, str]:
+def run_measured(cmd: list[str], what: str, env: dict | None = None) -> tuple[dict, str]:
     """Runs ``cmd``; wall seconds and the tree's peak memory, and its stdout.
 
     Raises:
         SystemExit: the command failed (its stderr is shown).
     """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=None if env is None else {**os.environ, **env})
     sampler = TreeMemory(proc.pid)
     sampler.start()
     out, err = proc.communicate()
@@ -215,11 +217,13 @@ def last_json(stdout: str) -> dict:
 # ----------------------------------------------------------------------------- bcd slide
 
 
-def run_bcd(slide: Path, out: Path, args) -> dict:
+def run_bcd(slide: Path, out: Path, args, cache: Path) -> dict:
+    """`bcd slide` with ``$BCD_CACHE`` at ``cache``: the float32 ONNX export made ahead
+    (--backend auto), or the int8 model ``bcd export --int8`` left there."""
     cmd = [sys.executable, "-m", "breast_cancer_detection.cli", "slide", str(slide),
            "--out", str(out), "--quiet", "--force", "--workers", str(args.workers),
            "--batch-size", str(args.batch_size), "--device", "cpu"]
-    measured, _ = run_measured(cmd, "bcd slide")
+    measured, _ = run_measured(cmd, "bcd slide", env={"BCD_CACHE": str(cache)})
     row = pd.read_csv(out / "slides.csv", keep_default_na=False).iloc[0]
     if row["error"]:
         raise SystemExit(f"bcd slide: {slide}: {row['error']}")
@@ -449,6 +453,9 @@ def main() -> int:
     ap.add_argument("--install-tiatoolbox", action="store_true",
                     help="create that venv and pip-install tiatoolbox when it is missing")
     ap.add_argument("--install-timeout", type=int, default=240, metavar="S")
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time bcd slide with the bundled model's int8 export (made with "
+                    "bcd export --int8 on PatchCamelyon train/valid, when present; default on)")
     ap.add_argument("--naive-tiles", type=int, default=300, metavar="N",
                     help="tiles the naive loop reads per run (0: skip it; default 300)")
     args = ap.parse_args()
@@ -490,13 +497,18 @@ def main() -> int:
                   "megabytes": path.stat().st_size / 1e6,
                   "make_seconds": time.perf_counter() - t})
 
-        runs: dict[str, dict[str, list[dict]]] = {n: {"bcd": [], "tiatoolbox": [], "naive": []}
-                                                  for n in slides}
+        caches = prepare_caches(tmp, args)
+        runs: dict[str, dict[str, list[dict]]] = {
+            n: {"bcd": [], "bcd_int8": [], "tiatoolbox": [], "naive": []} for n in slides}
         for r in range(args.repeats):
             for name, slide in slides.items():
                 out = tmp / f"bcd-{name}-{r}"
-                b = run_bcd(slide, out, args)
+                b = run_bcd(slide, out, args, caches["float32"])
                 runs[name]["bcd"].append(emit({"what": "bcd", "size": name, "repeat": r, **b}))
+                if "int8" in caches:
+                    b8 = run_bcd(slide, tmp / f"bcd8-{name}-{r}", args, caches["int8"])
+                    runs[name]["bcd_int8"].append(
+                        emit({"what": "bcd_int8", "size": name, "repeat": r, **b8}))
                 tiles_csv = out / slide.stem / "tiles.csv"
                 if r == 0:
                     emit({"what": "tissue_check", "size": name,
@@ -519,6 +531,16 @@ def main() -> int:
              "bcd_peak_tree_rss_mb": max(b["peak_tree_rss_mb"] for b in bcd_runs),
              "bcd_peak_tree_pss_mb": max(b["peak_tree_pss_mb"] for b in bcd_runs),
              "bcd_peak_main_rss_mb": max(b["peak_main_rss_mb"] for b in bcd_runs)}
+        if by["bcd_int8"]:
+            b8 = by["bcd_int8"]
+            s.update({
+                "bcd_int8_tiles_per_s": statistics.median(b["tiles_per_s"] for b in b8),
+                "bcd_int8_loop_tiles_per_s": statistics.median(b["loop_tiles_per_s"]
+                                                               for b in b8)})
+            if by["tiatoolbox"]:
+                s["ratio_loop_int8"] = spread([
+                    b["loop_tiles_per_s"] / t["loop_tiles_per_s"]
+                    for b, t in zip(b8, by["tiatoolbox"], strict=True)])
         if by["tiatoolbox"]:
             tia = by["tiatoolbox"]
             s.update({
@@ -555,6 +577,29 @@ def main() -> int:
     return 0
 
 
+def prepare_caches(tmp: Path, args) -> dict[str, Path]:
+    """Model caches for the timed runs, filled ahead so no run pays for an export: the
+    float32 ONNX export (what --backend auto uses), and, with --int8 and PatchCamelyon's
+    train/valid here, the int8 model that passed its gate (bcd export --int8)."""
+    from breast_cancer_detection.inference import Predictor
+
+    caches = {"float32": tmp / "cache-float32"}
+    Predictor.from_pretrained(device="cpu", progress=False).on_backend(
+        "onnx", cache_dir=caches["float32"])
+    if args.int8 and PCAM_TRAIN.is_dir() and PCAM.is_dir():
+        from breast_cancer_detection.pretrained import resolve_trained
+        from breast_cancer_detection.quantize import export_int8
+
+        caches["int8"] = tmp / "cache-int8"
+        _, gate = export_int8(resolve_trained("pcam-patch-cnn"), tmp / "int8.onnx",
+                              calibration=PCAM_TRAIN, gate=PCAM, cache_dir=caches["int8"],
+                              progress=False)
+        emit({"what": "int8_gate", "passed": gate.passed, "images": gate.images,
+              "auc_float32": gate.auc_float32, "auc_int8": gate.auc_int8,
+              "max_abs_diff": gate.max_abs_diff})
+    return caches
+
+
 def print_table(summary: dict, growth: dict) -> None:
     def f(v, spec=".0f"):
         return "-" if v is None else format(v, spec)
@@ -574,6 +619,11 @@ def print_table(summary: dict, growth: dict) -> None:
               f"{f(s.get('tia_loop_tiles_per_s')):>8} {f(s.get('naive_tiles_per_s')):>6} "
               f"{r(s.get('ratio_command')):>20} {r(s.get('ratio_loop')):>20} "
               f"{r(s.get('ratio_loop_vs_naive')):>18} {mem:>21}")
+    for s in summary.values():
+        if "bcd_int8_loop_tiles_per_s" in s:
+            print(f"{s['size']}: bcd slide with the int8 model: {s['bcd_int8_tiles_per_s']:.0f} "
+                  f"tiles/s command, {s['bcd_int8_loop_tiles_per_s']:.0f} loop; loop over "
+                  f"TIAToolbox {r(s.get('ratio_loop_int8'))}")
     print(f"peak memory, large over small slide ({growth['area_ratio']:.0f}x the area, "
           f"{growth['tiles_ratio']:.2f}x the tiles): bcd tree RSS "
           f"{growth['bcd_tree_rss_large_over_small']:.2f}, tree PSS "
