@@ -49,6 +49,9 @@ from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_info  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PCAM = SHARED / "data" / "pcam-subset" / "valid"
@@ -60,25 +63,6 @@ def emit(record: dict) -> dict:
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                       for k, v in record.items()}), flush=True)
     return record
-
-
-def cpu_info() -> dict:
-    """The CPU's model name and the vector/matrix extensions oneDNN can use."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        import platform
-
-        model = platform.processor() or model
-    return {"cpu": model, "cpus": os.cpu_count(),
-            "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
-            "amx": "amx_tile" in flags}
 
 
 # ----------------------------------------------------------------------------- memory

@@ -88,6 +88,19 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _download_cache(tmp_path_factory):
+    """Downloads and ONNX exports go to a temporary cache, never the user's home; a test
+    that sets $BCD_CACHE itself wins."""
+    before = os.environ.get("BCD_CACHE")
+    os.environ["BCD_CACHE"] = str(tmp_path_factory.mktemp("bcd-cache"))
+    yield
+    if before is None:
+        os.environ.pop("BCD_CACHE", None)
+    else:
+        os.environ["BCD_CACHE"] = before
+
+
 def _has_shared_data() -> bool:
     return (SHARED_DATA / "breakhis-filelist.txt").is_file()
 

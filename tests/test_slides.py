@@ -48,12 +48,6 @@ class FakeSlide:
         return max(i for i, d in enumerate(self.level_downsamples) if d <= ds)
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    """`bcd slide` caches the ONNX export of its model: here, not in the home folder."""
-    monkeypatch.setenv("BCD_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def bundled():
     from breast_cancer_detection.inference import Predictor

@@ -248,17 +248,6 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unique_stems(files: list[Path]) -> list[str]:
-    """A file name per input for figures: the stem, numbered when two inputs share one."""
-    seen: dict[str, int] = {}
-    out = []
-    for f in files:
-        stem = f.stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return out
-
-
 def _prediction_lines(files: list[Path], table, limit: int) -> str:
     """file, label, P(malignant) as left-aligned columns; files relative to their common
     folder, as the full paths are in the CSV."""
@@ -356,6 +345,7 @@ def _load_predictor(args: argparse.Namespace):
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .data.breakhis import IMAGE_SUFFIXES
     from .errors import UserError
+    from .files import unique_stems
     from .inference import collect_images, predictions_frame, summarize_patients
 
     _model_then_inputs(args, "image")
@@ -367,6 +357,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.cam and predictor.backend != "torch":
         raise UserError("--cam needs gradients: pass the PyTorch checkpoint (.pt), not the "
                         "ONNX export.")
+    if not args.cam:  # Grad-CAM needs PyTorch's gradients; otherwise the fastest backend
+        predictor = predictor.on_backend(args.backend)
+    if not args.quiet:
+        print(f"Images are scored with {predictor.backend_note}.", file=sys.stderr)
     preds = predictor.predict(files, batch_size=args.batch_size, tta=args.tta,
                               tile_factor=args.tile_factor or None, tile_size=args.tile_size,
                               workers=args.workers, progress=not args.quiet)
@@ -399,7 +393,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print("\n--patients: no file name is a BreakHis name (SOB_M_DC-14-2523-400-012.png)"
                   "; no patient summary.")
 
-    good = [(f, p, stem) for f, p, stem in zip(files, preds, _unique_stems(files))
+    good = [(f, p, stem) for f, p, stem in zip(files, preds, unique_stems(files, "image"))
             if p.error is None]
     if args.plot:
         from .plots import plot_prediction, save_figure
@@ -483,7 +477,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             "the AUC rule) to check it against float32.")
         out, gate = export_int8(ckpt, args.onnx, calibration=args.calibration, gate=args.gate,
                                 calibration_images=args.calibration_images,
-                                gate_images=args.gate_images, progress=not args.quiet)
+                                gate_images=args.gate_images, all_layers=args.int8_all_layers,
+                                progress=not args.quiet)
         print(f"int8 ONNX model written to {out} ({out.stat().st_size / 1e6:.1f} MB). Gate "
               f"passed ({gate.rule}): {gate.summary()}. `bcd slide` runs it for this "
               "checkpoint from now on (a copy is in the cache).")
@@ -539,6 +534,14 @@ def _device(p: argparse.ArgumentParser) -> None:
 
 def _sha256(p: argparse.ArgumentParser, help: str = "expected SHA-256 of the checkpoint") -> None:
     p.add_argument("--sha256", help=help)
+
+
+def _backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="auto (default): ONNX Runtime on a CPU when it is installed (the "
+                   "checkpoint is exported once into the cache and checked against PyTorch; "
+                   "an int8 model that `bcd export --int8` left there runs instead), else "
+                   "PyTorch")
 
 
 def _max_pixels(p: argparse.ArgumentParser) -> None:
@@ -824,6 +827,7 @@ def _add_use_commands(sub) -> None:
                      "the file names are BreakHis names (writes OUT-patients.csv)")
     _sha256(pd_, "expected SHA-256 of the checkpoint (a URL may also end in #sha256=HEX)")
     _device(pd_)
+    _backend(pd_)
     _batch_size(pd_, 32, "(default 32)")
     _workers(pd_, 0, "image-reading processes (default 0)")
     _max_pixels(pd_)
@@ -869,10 +873,7 @@ def _add_use_commands(sub) -> None:
                     "same model and settings (by default they are skipped)")
     _sha256(sl, "expected SHA-256 of the checkpoint")
     _device(sl)
-    sl.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                    help="auto (default): ONNX Runtime on a CPU when it is installed (the "
-                    "checkpoint is exported once into the cache and checked against PyTorch), "
-                    "else PyTorch")
+    _backend(sl)
     _batch_size(sl, 64, "tiles per forward pass (default 64)")
     _workers(sl, None, "tile-reading processes (default: 0 on 2 cores or fewer, where they "
              "only take time from the model; else 2)")
@@ -901,6 +902,9 @@ def _add_use_commands(sub) -> None:
                    "is checked on against float32 (labelled folders: 0/1, benign/malignant)")
     x.add_argument("--gate-images", type=int, metavar="N", help="with --int8: gate images "
                    "sampled (default: all)")
+    x.add_argument("--int8-all-layers", action="store_true", help="with --int8: quantize the "
+                   "first and last weighted layers too (by default they stay float32, which "
+                   "keeps accuracy)")
     _quiet(x, "no progress bars")
     x.set_defaults(func=_cmd_export)
 

@@ -70,3 +70,15 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def unique_stems(paths: list[Path], default: str = "file") -> list[str]:
+    """A name per input for its outputs: the file's stem, numbered (``-2``, ``-3``...) when
+    inputs share one."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = Path(p).stem or default
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return out

@@ -138,9 +138,8 @@ def _ends(model: Path) -> list[str]:
     """The first and the last weighted layer (convolution or matrix product) of a graph.
 
     They stay float32: the first sees the normalised image, whose int8 rounding the whole
-    network then amplifies, and the last makes the logits. Quantizing them as well cost the
-    bundled PCam model 0.012 ROC AUC on PCam valid; keeping them float32, 0.0001
-    (docs/benchmarks.md, "int8").
+    network then amplifies, and the last makes the logits. Quantized as well, the bundled PCam
+    model fails its gate on PCam valid (docs/benchmarks.md, "int8 models").
     """
     onnx = _import("onnx")
     names = [n.name for n in onnx.load(str(model)).graph.node
@@ -151,7 +150,8 @@ def _ends(model: Path) -> list[str]:
 def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
                 calibration: str | Path, gate: str | Path, calibration_images: int = 256,
                 gate_images: int | None = None, cache_dir: str | Path | None = None,
-                seed: int = 0, progress: bool = True) -> tuple[Path, Gate]:
+                all_layers: bool = False, seed: int = 0, progress: bool = True
+                ) -> tuple[Path, Gate]:
     """Writes an int8 ONNX model of a checkpoint if it passes the accuracy gate.
 
     Args:
@@ -163,6 +163,7 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
             AUC rule, or not for the probability rule; ``gate_images`` of them, or all.
         cache_dir: Where the copy for ``Predictor.on_backend`` goes (default the download
             cache).
+        all_layers: Quantize the first and last weighted layers too (see :func:`_ends`).
         seed: Which images are sampled.
         progress: Progress bars while the gate images are scored.
 
@@ -199,7 +200,7 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
             quantize_static(str(source), str(tmp / "int8.onnx"), _Calibration("image", cal),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            nodes_to_exclude=_ends(source))
+                            nodes_to_exclude=[] if all_layers else _ends(source))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many kinds
             raise ExportError(f"int8 quantization failed: {type(e).__name__}: {e}") from e
         result = run_gate(tmp / "float32.onnx", tmp / "int8.onnx", gate_dir, gate_table,

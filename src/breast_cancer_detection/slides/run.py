@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..data.batch_augment import normalize_batch
 from ..errors import UserError
-from ..files import atomic_write_text, jsonable
+from ..files import atomic_write_text, jsonable, unique_stems
 from .reader import SlideError, TileDataset, open_slide, slide_mpp, thumbnail
 from .regions import feature_collection, region_features
 from .tissue import TileGrid, tissue_mask
@@ -131,7 +131,7 @@ def _settings(predictor: Predictor, path: Path, **kw) -> dict[str, Any]:
     st = path.stat()
     ckpt = predictor.checkpoint
     model = {"arch": predictor.arch, "threshold": predictor.threshold,
-             "backend": predictor.backend,
+             "backend": predictor.backend_note,
              "created": None if ckpt is None else ckpt.created,
              "trained_model": getattr(predictor.trained_model, "name", None)}
     from .. import __version__
@@ -297,16 +297,6 @@ def _write_outputs(out_dir: Path, path: Path, predictor: Predictor, grid: TileGr
                 out_dir / "top_tiles.png")
 
 
-def _unique_folders(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for p in paths:
-        stem = p.stem or "slide"
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return out
-
-
 def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
                    shard: tuple[int, int] | None = None, model_scale_override: float | None = None,
                    **kwargs) -> pd.DataFrame:
@@ -331,7 +321,7 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scale = model_mpp(predictor, model_scale_override)
-    folders = _unique_folders(paths)
+    folders = unique_stems(paths, "slide")
     jobs = list(zip(paths, folders))
     if shard is not None:
         jobs = jobs[shard[0]::shard[1]]

@@ -1,0 +1,25 @@
+"""What the benchmarks print about the machine they ran on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and the vector/matrix extensions oneDNN can use."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        import platform
+
+        model = platform.processor() or model
+    return {"cpu": model, "cpus": os.cpu_count(),
+            "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
+            "amx": "amx_tile" in flags}
