@@ -60,6 +60,14 @@ def spread(values: list[float]) -> dict:
             "runs": len(values)}
 
 
+def rotated(preds: dict, r: int) -> list:
+    """The backends in another order each repeat: one that runs right after another in the
+    same process may share the cores with the other's threads still winding down."""
+    items = list(preds.items())
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
 def cycled_images(dest: Path, n: int) -> list[Path]:
     """N files in an ImageFolder (benign/, malignant/), the samples repeated in turn."""
     samples = sorted(SAMPLES.rglob("*.png"))
@@ -207,7 +215,7 @@ def breakhis(tmp: Path, args) -> None:
     for r in range(args.repeats):
         seed = emit({"what": "seed_predict", "repeat": r,
                      "images_per_s": time_seed(tmp / "images", args.images)})
-        for name, pred in preds.items():
+        for name, pred in rotated(preds, r):
             ips = time_predict(pred, files, args.batch_size)
             emit({"what": "bcd_predict", "repeat": r, "backend": name,
                   "note": pred.backend_note, "images_per_s": ips})
@@ -235,7 +243,7 @@ def pcam(tmp: Path, args) -> None:
                  "how": "2048x2048 float32 matmul, torch threads"})["gflops_float32"]
     flops = model_flops(preds["torch"].model.float(), 96)
     for r in range(args.repeats):
-        for name, pred in preds.items():
+        for name, pred in rotated(preds, r):
             alone = model_only(pred, 96)
             emit({"what": "pcam_patch_cnn", "repeat": r, "backend": name,
                   "note": pred.backend_note, "predict_images_per_s":

@@ -16,6 +16,7 @@ slide``) runs the int8 model for that checkpoint from then on.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -196,6 +197,11 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
             source = tmp / "pre.onnx"
         except Exception:  # noqa: BLE001 - optional graph clean-up; quantize without it
             source = tmp / "float32.onnx"
+        root = logging.getLogger()
+        level = root.level
+        # ONNX Runtime's quantizer logs a warning on the root logger for every normalisation
+        # layer it cannot fold (DenseNet has 120): not the user's concern.
+        root.setLevel(logging.ERROR)
         try:
             quantize_static(str(source), str(tmp / "int8.onnx"), _Calibration("image", cal),
                             quant_format=QuantFormat.QDQ, per_channel=True,
@@ -203,6 +209,8 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
                             nodes_to_exclude=[] if all_layers else _ends(source))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many kinds
             raise ExportError(f"int8 quantization failed: {type(e).__name__}: {e}") from e
+        finally:
+            root.setLevel(level)
         result = run_gate(tmp / "float32.onnx", tmp / "int8.onnx", gate_dir, gate_table,
                           progress=progress)
         if not result.passed:
