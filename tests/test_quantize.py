@@ -82,7 +82,7 @@ def test_unlabelled_gate_uses_the_probability_rule(patches, cache, tmp_path):
     _, gate = quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
                                    calibration=patches, gate=flat, progress=False)
     assert gate.auc_float32 is None and "no labels" in gate.rule
-    assert gate.passed == (gate.max_abs_diff <= quantize.PROB_TOLERANCE)
+    assert gate.passed and gate.images == 12 and gate.max_abs_diff <= quantize.PROB_TOLERANCE
 
 
 def test_an_int8_model_that_failed_its_gate_is_refused(tmp_path):
@@ -100,6 +100,26 @@ def test_cli_int8_needs_calibration_and_gate(tmp_path, capsys):
     ckpt = str(resolve_trained("pcam-patch-cnn"))
     assert main(["export", ckpt, "--onnx", str(tmp_path / "m.onnx"), "--int8"]) == 2
     assert "--calibration DIR" in capsys.readouterr().err
+    assert main(["export", ckpt, "--onnx", str(tmp_path / "m.onnx"), "--int8",
+                 "--no-verify"]) == 2
+    assert "drop --no-verify" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_shift_that_keeps_the_auc_fails_the_gate(patches, cache, tmp_path, monkeypatch):
+    """AUC measures ranking only: every probability moved across the threshold keeps it."""
+    real = Predictor.predict_table
+
+    def shifted(self, root, table, **kw):
+        out = real(self, root, table, **kw)
+        if self.model.path.name == "int8.onnx":  # the candidate, not the float32 reference
+            out["probability"] = 0.5 + out["probability"] / 2  # same order, all >= 0.5
+        return out
+
+    monkeypatch.setattr(Predictor, "predict_table", shifted)
+    with pytest.raises(ExportError, match="same label"):
+        quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
+                             calibration=patches, gate=patches, progress=False)
 
 
 @pytest.mark.real_data

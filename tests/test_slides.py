@@ -157,6 +157,8 @@ def test_grid_reads_from_the_coarsest_level_that_has_the_resolution():
     assert (g.level, g.read_size, g.cols, g.rows) == (1, 96, 26, 20)
     with pytest.raises(ValueError, match="smaller than one tile"):
         TileGrid.for_slide(FakeSlide((300, 300)), size=96, slide_mpp=0.25, model_mpp=0.972)
+    with pytest.raises(ValueError, match=r"coarser than the model's.*enlarged 2\.1x"):
+        TileGrid.for_slide(FakeSlide((9000, 9000)), size=96, slide_mpp=2.0, model_mpp=0.972)
 
 
 def test_tissue_fraction_equals_counting_pixels():
@@ -350,9 +352,11 @@ def test_done_slides_are_skipped_and_force_redoes_them(bundled, slides, tmp_path
                             min_tissue=0.9)
     assert (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns != stamp
     assert changed.tiles <= first.tiles
+    stamp = (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns
     forced = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False,
                            min_tissue=0.9, force=True)
     assert forced.tiles == changed.tiles
+    assert (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns != stamp
 
 
 @pytest.mark.slow
@@ -431,3 +435,73 @@ def test_auto_backend_runs_onnx_on_a_cpu_with_the_same_answers(bundled, tmp_path
     assert bundled.on_backend("torch") is bundled and fast.on_backend("auto") is fast
     with pytest.raises(UserError, match="checkpoint"):
         fast.on_backend("torch")
+
+
+@pytest.mark.slow
+def test_a_read_error_mid_slide_is_that_slide_s_error_row(bundled, slides, tmp_path,
+                                                          monkeypatch):
+    calls = {"n": 0}
+    real = openslide.OpenSlide.read_region
+
+    def flaky(self, location, level, size):
+        calls["n"] += 1
+        if level == 1 and size == (96, 96) and calls["n"] > 20:
+            raise openslide.OpenSlideError("TIFFRGBAImageGet failed")
+        return real(self, location, level, size)
+
+    monkeypatch.setattr(openslide.OpenSlide, "read_region", flaky)
+    path, _ = slides["tumour"]
+    r = analyse_slide(bundled, path, tmp_path / "t", workers=0, progress=False)
+    assert r.error.startswith(f"{path}: damaged or truncated slide: reading 96x96 px")
+    assert not (tmp_path / "t" / "slide.json").exists()
+
+
+@pytest.mark.slow
+def test_a_slide_without_tissue_is_reused_with_nan_and_printed_as_n_a(tmp_path, capsys):
+    glass = write_slide(tmp_path / "glass.tif", np.full((800, 800, 3), 245, np.uint8),
+                        mpp=0.486)
+    argv = ["slide", str(glass), "--out", str(tmp_path / "o"), "--quiet"]
+    for _ in range(2):  # the second run reuses slide.json, where NaN was written as null
+        assert main(argv) == 0
+        assert "score n/a, 0 tissue tiles" in capsys.readouterr().out
+
+
+def test_two_onnx_models_of_one_architecture_are_told_apart(bundled, tmp_path):
+    from breast_cancer_detection.export import export_onnx
+    from breast_cancer_detection.inference import Predictor
+    from breast_cancer_detection.slides.run import _model_identity
+
+    pytest.importorskip("onnxruntime")
+    ckpt = bundled.checkpoint
+    a = export_onnx(ckpt, tmp_path / "a.onnx", verify=False)
+    other = dict(ckpt.state_dict)
+    name = next(k for k, v in other.items() if v.dtype.is_floating_point)
+    other[name] = other[name] + 0.01
+    ckpt2 = type(ckpt)(**{**vars(ckpt), "state_dict": other})
+    b = export_onnx(ckpt2, tmp_path / "b.onnx", verify=False)
+    ida, idb = (_model_identity(Predictor.from_onnx(p)) for p in (a, b))
+    assert ida["arch"] == idb["arch"] and ida["onnx"] != idb["onnx"]
+    assert _model_identity(bundled)["weights"] != _model_identity(
+        Predictor.from_loaded(ckpt2, device="cpu"))["weights"]
+
+
+def test_output_names_never_collide():
+    from breast_cancer_detection.files import unique_stems
+
+    assert unique_stems([Path("a/x.svs"), Path("b/x.svs"), Path("x-2.svs")]) == [
+        "x", "x-2", "x-2-2"]
+
+
+@pytest.mark.slow
+def test_a_previous_run_s_part_is_not_merged(bundled, slides, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / "slides.part-1-of-2.csv"
+    stale.write_text("slide,folder,error\nold.svs,old,\n")
+    paths = [slides["tumour"][0], slides["normal"][0]]
+    analyse_slides(bundled, paths, out, shard=(1, 2), workers=0, progress=False)
+    assert "old.svs" not in stale.read_text()  # replaced by this run's share
+    assert not (out / "slides.csv").exists() and not list(out.glob("*.partial.csv"))
+    analyse_slides(bundled, paths, out, shard=(0, 2), workers=0, progress=False)
+    merged = pd.read_csv(out / "slides.csv", keep_default_na=False)
+    assert list(merged["folder"]) == ["tumour", "normal"]

@@ -353,6 +353,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
                         f"{', '.join(args.paths)}.")
+    if args.cam and args.backend == "onnx":
+        raise UserError("--cam needs PyTorch's gradients: drop --backend onnx (or --cam).")
     predictor = _load_predictor(args)
     if args.cam and predictor.backend != "torch":
         raise UserError("--cam needs gradients: pass the PyTorch checkpoint (.pt), not the "
@@ -416,6 +418,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if len(failed) else 0
 
 
+def _figure(value, spec: str) -> str:
+    """A number for a summary line; n/a for NaN or None (a slide with no tissue tiles)."""
+    import math
+
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
 def _cmd_slide(args: argparse.Namespace) -> int:
     import os
 
@@ -438,6 +447,10 @@ def _cmd_slide(args: argparse.Namespace) -> int:
         raise UserError(f"--min-tissue {args.min_tissue}: a share in (0, 1], e.g. 0.5.")
     if args.top_k < 1 or args.batch_size < 1 or (args.workers or 0) < 0:
         raise UserError("--top-k and --batch-size must be at least 1, --workers at least 0.")
+    for flag, value in (("--mpp", args.mpp), ("--model-mpp", args.model_mpp)):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} {value}: a positive number of micrometres per pixel "
+                            "(about 0.25 for a 40x scan; 0.972 for PatchCamelyon models).")
     predictor = _load_predictor(args).on_backend(args.backend)
     print(f"Tiles are scored with {predictor.backend_note}.", file=sys.stderr)
     table = analyse_slides(
@@ -451,10 +464,10 @@ def _cmd_slide(args: argparse.Namespace) -> int:
             why = r.error.removeprefix(f"{r.slide}: ")
             print(f"FAILED {r.slide}: {why}", file=sys.stderr)
         else:
-            print(f"{r.slide}: score {r.score:.4f}, {r.tiles} tissue tiles "
+            print(f"{r.slide}: score {_figure(r.score, '.4f')}, {r.tiles} tissue tiles "
                   f"({r.tumour_tiles} at or above {predictor.threshold:.3f}), "
-                  f"{r.tissue_mm2:.2f} mm2 tissue, {r.seconds:.1f} s, {r.tiles_per_s:.0f} "
-                  f"tiles/s -> {out / r.folder}")
+                  f"{_figure(r.tissue_mm2, '.2f')} mm2 tissue, {r.seconds:.1f} s, "
+                  f"{_figure(r.tiles_per_s, '.0f')} tiles/s -> {out / r.folder}")
     part = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     print(f"{len(table)} slides{part}, {int((table['error'] != '').sum())} failed. Score: mean "
           f"P(tumour) of the {args.top_k} highest tiles. Summary: "
@@ -471,6 +484,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from .errors import UserError
         from .quantize import export_int8
 
+        if args.no_verify:
+            raise UserError("--int8 always checks the model (its accuracy gate): drop "
+                            "--no-verify.")
         if not (args.calibration and args.gate):
             raise UserError("--int8 needs --calibration DIR (training images to set the "
                             "activation ranges) and --gate DIR (held-out images, labelled for "
@@ -480,8 +496,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 gate_images=args.gate_images, all_layers=args.int8_all_layers,
                                 progress=not args.quiet)
         print(f"int8 ONNX model written to {out} ({out.stat().st_size / 1e6:.1f} MB). Gate "
-              f"passed ({gate.rule}): {gate.summary()}. `bcd slide` runs it for this "
-              "checkpoint from now on (a copy is in the cache).")
+              f"passed ({gate.rule}): {gate.summary()}. `bcd slide` and `bcd "
+              "predict` run it for this checkpoint from now on (a copy is in the cache); "
+              "`--backend torch` runs PyTorch instead.")
         return 0
     out = export_onnx(ckpt, args.onnx, opset=args.opset, verify=not args.no_verify)
     checked = "" if args.no_verify else "; matches PyTorch within 1e-4 on a test batch"

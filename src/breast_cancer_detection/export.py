@@ -228,6 +228,7 @@ class OnnxModel(nn.Module):
                                 f"{e}).") from e
         else:
             self.session = path_or_session
+        self.path = Path(path_or_session) if isinstance(path_or_session, (str, Path)) else None
         self.input_name = self.session.get_inputs()[0].name
 
     @property

@@ -73,12 +73,16 @@ def jsonable(value: Any) -> Any:
 
 
 def unique_stems(paths: list[Path], default: str = "file") -> list[str]:
-    """A name per input for its outputs: the file's stem, numbered (``-2``, ``-3``...) when
-    inputs share one."""
-    seen: dict[str, int] = {}
+    """A distinct name per input for its outputs: the file's stem, numbered (``-2``,
+    ``-3``...) when it is taken (``a/x``, ``b/x``, ``x-2`` give ``x``, ``x-2``, ``x-2-2``)."""
+    used: set[str] = set()
     out = []
     for p in paths:
-        stem = Path(p).stem or default
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        stem = name = Path(p).stem or default
+        k = 1
+        while name in used:
+            k += 1
+            name = f"{stem}-{k}"
+        used.add(name)
+        out.append(name)
     return out

@@ -578,15 +578,21 @@ class Predictor:
         from .export import OnnxModel, cached_onnx, cached_onnx_path
 
         int8 = cached_onnx_path(self.checkpoint, _cache_root(cache_dir), int8=True)
+        model = None
+        if int8.is_file():
+            try:
+                model = OnnxModel(int8)
+            except UserError as e:  # a damaged copy: the float32 export serves
+                warnings.warn(f"{int8} is unusable ({e}); running float32.", stacklevel=2)
         try:
-            path = int8 if int8.is_file() else cached_onnx(self.checkpoint,
-                                                           _cache_root(cache_dir))
+            if model is None:
+                model = OnnxModel(cached_onnx(self.checkpoint, _cache_root(cache_dir)))
         except UserError as e:
             if backend == "onnx":
                 raise
             warnings.warn(f"ONNX export failed, PyTorch runs instead: {e}", stacklevel=2)
             return self
-        pred = Predictor(OnnxModel(path), self.pre, threshold=self.threshold,
+        pred = Predictor(model, self.pre, threshold=self.threshold,
                          classes=self.classes, checkpoint=self.checkpoint, backend="onnx",
                          max_pixels=self.max_pixels)
         pred.threshold_source = self.threshold_source

@@ -6,18 +6,18 @@ activations whose ranges are calibrated on training images; the first and last w
 layers stay float32), and scores the gate images with
 both models. The int8 model is written only if it keeps the float32 model's answers:
 
-- with labelled gate images (both classes): ROC AUC within :data:`AUC_TOLERANCE` of float32;
+- with labelled gate images (both classes): ROC AUC within :data:`AUC_TOLERANCE` of float32
+  and the same label at the model's threshold for :data:`SAME_LABEL` of the images;
 - without labels: every P(malignant) within :data:`PROB_TOLERANCE` of float32.
 
 The gate's figures go into the file's metadata (``int8``), and a copy goes into the cache
 beside the checkpoint's float32 export, so that ``Predictor.on_backend("auto")`` (``bcd
-slide``) runs the int8 model for that checkpoint from then on.
+slide`` and ``bcd predict``) runs the int8 model for that checkpoint from then on.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,12 +30,17 @@ import torch
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import UserError
 from .export import ExportError, _import, cached_onnx_path, export_onnx, write_onnx_metadata
+from .files import atomic_write
 
 AUC_TOLERANCE = 0.003
 """Largest ROC AUC the int8 model may lose against float32 on labelled gate images."""
 
 PROB_TOLERANCE = 0.05
 """Largest |P(malignant) difference| allowed on gate images without labels of both classes."""
+
+SAME_LABEL = 0.99
+"""Share of gate images that must get the same label at the model's threshold (AUC alone
+measures ranking: a shift of every probability would pass it and move every decision)."""
 
 
 @dataclass
@@ -124,8 +129,9 @@ def run_gate(float_model: Path, int8_model: Path, folder: Path, table: pd.DataFr
     labelled = set(np.unique(y)) == {0, 1}
     if labelled:
         auc_a, auc_b = roc_auc(y, a), roc_auc(y, b)
-        passed = auc_a - auc_b <= AUC_TOLERANCE
-        rule = f"ROC AUC at most {AUC_TOLERANCE} below float32"
+        passed = auc_a - auc_b <= AUC_TOLERANCE and same >= SAME_LABEL
+        rule = (f"ROC AUC at most {AUC_TOLERANCE} below float32, and the same label at the "
+                f"threshold for at least {SAME_LABEL:.0%} of the images")
     else:
         auc_a = auc_b = None
         passed = float(diff.max()) <= PROB_TOLERANCE
@@ -219,11 +225,11 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
         info = {**asdict(result), "calibration_images": int(sum(len(b) for b in cal)),
                 "calibration": cal_dir.name, "gate": gate_dir.name}
         write_onnx_metadata(tmp / "int8.onnx", int8=info)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp / "int8.onnx", out)
+        data = (tmp / "int8.onnx").read_bytes()
         cached = cached_onnx_path(ckpt, _cache_root(cache_dir), int8=True)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp / "int8.onnx", cached)
+        for path in (out, cached):  # atomically: a half-copied model must never be loaded
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: f.write(data))
     return out, result
 
 

@@ -111,7 +111,20 @@ def slide_mpp(slide, path: str | Path = "slide", override: float | None = None
         "for 20x; the scanner's documentation has the exact figure).")
 
 
-def thumbnail(slide, max_side: int) -> tuple[np.ndarray, float]:
+def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, int],
+                path: str | Path = "slide") -> Image.Image:
+    """``slide.read_region``, with OpenSlide's errors (a damaged or truncated file found
+    only when its pixels are read) as a :class:`SlideError` naming the file."""
+    openslide = _openslide()
+    try:
+        return slide.read_region(location, level, size)
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"{path}: damaged or truncated slide: reading {size[0]}x{size[1]} px "
+                         f"at {location}, level {level} failed ({e}); copy it again from its "
+                         "source.") from None
+
+
+def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndarray, float]:
     """An RGB thumbnail whose long side is at most ``max_side``, and its downsample from
     level 0.
 
@@ -133,7 +146,7 @@ def thumbnail(slide, max_side: int) -> tuple[np.ndarray, float]:
         rows = y_end - done
         if rows <= 0:
             continue
-        region = slide.read_region((0, round(y * lds)), level, (lw, hl))
+        region = read_region(slide, (0, round(y * lds)), level, (lw, hl), path)
         rgb = on_white(region).resize((tw, rows), Image.Resampling.BILINEAR)
         out[done:y_end] = np.asarray(rgb)
         done = y_end
@@ -181,8 +194,8 @@ class TileDataset(torch.utils.data.Dataset):
         if self._slide is None or self._pid != os.getpid():
             self._slide, self._pid = open_slide(self.path), os.getpid()
         x, y = (int(v) for v in self.xy[i])
-        img = on_white(self._slide.read_region((x, y), self.level,
-                                               (self.read_size, self.read_size)))
+        img = on_white(read_region(self._slide, (x, y), self.level,
+                                   (self.read_size, self.read_size), self.path))
         if self.read_size != self.size:
             img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
         return img

@@ -126,15 +126,34 @@ class SlideResult:
         return {k: d[k] for k in COLUMNS}
 
 
+def _model_identity(predictor: Predictor) -> dict[str, Any]:
+    """Which weights score the tiles: the checkpoint's weights digest and, for an ONNX model,
+    its file's SHA-256 (a retrained model with the same architecture differs in both);
+    computed once per predictor."""
+    cached = getattr(predictor, "_slide_identity", None)
+    if cached is None:
+        from ..data.download import sha256_of
+        from ..export import weights_digest
+
+        ckpt = predictor.checkpoint
+        path = getattr(predictor.model, "path", None) if predictor.backend == "onnx" else None
+        cached = {"arch": predictor.arch, "threshold": predictor.threshold,
+                  "backend": predictor.backend_note,
+                  "weights": None if ckpt is None else weights_digest(ckpt),
+                  "onnx": None if path is None else sha256_of(path)}
+        predictor._slide_identity = cached
+    return cached
+
+
+_FLOATS = {"score", "tissue_mm2", "seconds", "tiles_per_s", "mpp"}
+
+
 def _settings(predictor: Predictor, path: Path, **kw) -> dict[str, Any]:
     """What a slide's outputs depend on: a slide done with the same settings is reused."""
-    st = path.stat()
-    ckpt = predictor.checkpoint
-    model = {"arch": predictor.arch, "threshold": predictor.threshold,
-             "backend": predictor.backend_note,
-             "created": None if ckpt is None else ckpt.created,
-             "trained_model": getattr(predictor.trained_model, "name", None)}
     from .. import __version__
+
+    st = path.stat()
+    model = _model_identity(predictor)
 
     return jsonable({"version": __version__, "slide": str(path.resolve()), "size": st.st_size,
                      "mtime": st.st_mtime_ns, "model": model, **kw})
@@ -148,8 +167,9 @@ def _done(folder: Path, settings: dict[str, Any]) -> SlideResult | None:
     if d.get("settings") != settings:
         return None
     d.pop("settings")
-    return SlideResult(**{k: v for k, v in d.items() if k in COLUMNS},
-                       settings=settings)
+    # JSON keeps NaN as null (a slide with no tissue tiles has no score): NaN again.
+    return SlideResult(**{k: float("nan") if v is None and k in _FLOATS else v
+                          for k, v in d.items() if k in COLUMNS}, settings=settings)
 
 
 def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *,
@@ -200,6 +220,8 @@ def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *
                              top_k=top_k, thumb_side=thumb_side)
         if not force and (done := _done(out_dir, settings)) is not None:
             return done
+        # Outputs are about to be replaced: the old summary must not vouch for them.
+        (out_dir / SUMMARY).unlink(missing_ok=True)
         result.settings = settings
         _analyse(predictor, path, out_dir, result, model_scale=model_scale, mpp=mpp,
                  tissue_threshold=tissue_threshold, min_tissue=min_tissue,
@@ -237,7 +259,7 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
                                   model_mpp=model_scale[0])
         result.level = grid.level
         side = min(8192, max(thumb_side, math.ceil(4 * max(slide.dimensions) / grid.tile0)))
-        thumb, tds = thumbnail(slide, side)
+        thumb, tds = thumbnail(slide, side, path)
     finally:
         slide.close()
     mask, cut = tissue_mask(thumb, threshold=tissue_threshold,
@@ -304,8 +326,10 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
 
     ``slides.csv`` is rewritten after every slide, so an interrupted run keeps what it
     finished (and a rerun skips it). With ``shard=(i, n)`` this process takes every n-th
-    slide from the i-th on and writes ``slides.part-i-of-n.csv``; whichever process writes
-    the last missing part merges all parts into ``slides.csv``.
+    slide from the i-th on, writes its rows to ``slides.part-i-of-n.partial.csv`` as it
+    goes and renames it ``slides.part-i-of-n.csv`` when its share is done; a process that
+    finds all n finished parts then merges them into ``slides.csv`` (each finished part is
+    final, so any process that merges writes the same complete table).
 
     Args:
         predictor: The model.
@@ -325,8 +349,11 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
     jobs = list(zip(paths, folders))
     if shard is not None:
         jobs = jobs[shard[0]::shard[1]]
-    table = out / ("slides.csv" if shard is None else
+    final = out / ("slides.csv" if shard is None else
                    f"slides.part-{shard[0]}-of-{shard[1]}.csv")
+    table = final if shard is None else final.with_suffix(".partial.csv")
+    if shard is not None:
+        final.unlink(missing_ok=True)  # a previous run's part must not be merged as this one's
     rows: list[dict[str, Any]] = []
     for path, folder in jobs:
         r = analyse_slide(predictor, path, out / folder, model_scale=scale, **kwargs)
@@ -335,7 +362,8 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
     if not rows:
         _write_csv(table, pd.DataFrame(columns=COLUMNS))
     if shard is not None:
-        _merge_parts(out, shard[1], [f for _, f in zip(paths, folders)])
+        table.replace(final)
+        _merge_parts(out, shard[1], folders)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -104,6 +104,13 @@ class TileGrid:
     @classmethod
     def for_slide(cls, slide, *, size: int, slide_mpp: float, model_mpp: float) -> TileGrid:
         downsample = model_mpp / slide_mpp
+        if downsample < 0.8:
+            raise ValueError(
+                f"the slide's pixels ({slide_mpp:g} um) are coarser than the model's "
+                f"({model_mpp:g} um): its tiles would be enlarged {1 / downsample:.1f}x, "
+                "detail the model was trained on that the scan does not have. Scan at a higher "
+                "magnification, or use a model trained at this scale; if the slide's scale is "
+                "wrong, give the right one with --mpp")
         tile0 = size * downsample
         w0, h0 = slide.dimensions
         if tile0 > min(w0, h0):
@@ -125,7 +132,7 @@ class TileGrid:
         (a summed-area table, so any mask size costs the same)."""
         h, w = mask.shape
         sat = np.zeros((h + 1, w + 1), np.int32)  # counts up to 2**31: masks to 46k px square
-        sat[1:, 1:] = np.cumsum(np.cumsum(mask, 0), 1)
+        sat[1:, 1:] = np.cumsum(np.cumsum(mask, 0, dtype=np.int32), 1, dtype=np.int32)
 
         def bounds(n: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
             lo = np.floor(np.arange(n) * self.tile0 / mask_downsample).astype(int)
