@@ -27,6 +27,7 @@ Prints the CPU and its vector extensions first, then JSON lines; run by hand, no
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -211,6 +212,7 @@ def breakhis(tmp: Path, args) -> None:
         shutil.copyfile(f, flat / f"{i:03d}.png")
     preds = backends(ckpt, tmp / "cache-densenet", calibration=flat, gate=flat,
                      gate_images=None)
+    gc.collect()  # the quantizer's calibration sessions, whose threads may still spin
     ratios: dict[str, list[float]] = {k: [] for k in preds}
     for r in range(args.repeats):
         seed = emit({"what": "seed_predict", "repeat": r,
@@ -239,10 +241,11 @@ def pcam(tmp: Path, args) -> None:
     files = every[:: max(1, len(every) // args.patches)][: args.patches]
     preds = backends(resolve_trained("pcam-patch-cnn"), tmp / "cache-pcam",
                      calibration=PCAM / "train", gate=valid, gate_images=None)
-    peak = emit({"what": "machine_peak", "gflops_float32": peak_gflops(),
-                 "how": "2048x2048 float32 matmul, torch threads"})["gflops_float32"]
+    gc.collect()  # the quantizer's calibration sessions, whose threads may still spin
     flops = model_flops(preds["torch"].model.float(), 96)
     for r in range(args.repeats):
+        peak = emit({"what": "machine_peak", "repeat": r, "gflops_float32": peak_gflops(),
+                     "how": "2048x2048 float32 matmul, torch threads"})["gflops_float32"]
         for name, pred in rotated(preds, r):
             alone = model_only(pred, 96)
             emit({"what": "pcam_patch_cnn", "repeat": r, "backend": name,
