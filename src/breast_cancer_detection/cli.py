@@ -285,9 +285,14 @@ def _names_a_checkpoint(arg: str) -> bool:
     return not Path(arg).exists() and is_trained_name(arg)
 
 
-def _model_then_inputs(args: argparse.Namespace, what: str) -> None:
+def _model_then_inputs(args: argparse.Namespace, what: str, collect, suffixes) -> list[Path]:
     """`bcd predict/slide [MODEL] PATH...`: moves a first positional that names a model into
-    ``args.checkpoint`` (see :func:`_names_a_checkpoint`), then :func:`_model_choice`."""
+    ``args.checkpoint`` (see :func:`_names_a_checkpoint`), checks the model choice
+    (:func:`_model_choice`), and returns the input files ``collect(paths)`` finds.
+
+    Raises:
+        UserError: no inputs after the model, both a model and --model, or no files.
+    """
     from .errors import UserError
 
     args.checkpoint = None
@@ -300,6 +305,11 @@ def _model_then_inputs(args: argparse.Namespace, what: str) -> None:
         raise UserError(f"--model {args.model} was given, and also a checkpoint among the "
                         f"{what}s; keep one of them.")
     _model_choice(args)
+    files = collect(args.paths)
+    if not files:
+        raise UserError(f"no {what} files ({', '.join(suffixes)}) under "
+                        f"{', '.join(args.paths)}.")
+    return files
 
 
 def _model_choice(args: argparse.Namespace) -> None:
@@ -348,11 +358,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .files import unique_stems
     from .inference import collect_images, predictions_frame, summarize_patients
 
-    _model_then_inputs(args, "image")
-    files = collect_images(args.paths)
-    if not files:
-        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
-                        f"{', '.join(args.paths)}.")
+    files = _model_then_inputs(args, "image", collect_images, sorted(IMAGE_SUFFIXES))
     if args.cam and args.backend == "onnx":
         raise UserError("--cam needs PyTorch's gradients: drop --backend onnx (or --cam).")
     predictor = _load_predictor(args)
@@ -430,12 +436,9 @@ def _cmd_slide(args: argparse.Namespace) -> int:
 
     from .errors import UserError
     from .slides import SLIDE_SUFFIXES, analyse_slides, collect_slides, parse_shard
+    from .slides.reader import positive_mpp
 
-    _model_then_inputs(args, "slide")
-    slides = collect_slides(args.paths)
-    if not slides:
-        raise UserError(f"no slide files ({', '.join(SLIDE_SUFFIXES)}) under "
-                        f"{', '.join(args.paths)}.")
+    slides = _model_then_inputs(args, "slide", collect_slides, SLIDE_SUFFIXES)
     shard = parse_shard(args.shard)
     if (args.device == "auto" and "LOCAL_RANK" in os.environ
             and __import__("torch").cuda.is_available()):
@@ -448,9 +451,8 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1 or (args.workers or 0) < 0:
         raise UserError("--top-k and --batch-size must be at least 1, --workers at least 0.")
     for flag, value in (("--mpp", args.mpp), ("--model-mpp", args.model_mpp)):
-        if value is not None and not value > 0:
-            raise UserError(f"{flag} {value}: a positive number of micrometres per pixel "
-                            "(about 0.25 for a 40x scan; 0.972 for PatchCamelyon models).")
+        if value is not None:
+            positive_mpp(value, flag)
     predictor = _load_predictor(args).on_backend(args.backend)
     print(f"Tiles are scored with {predictor.backend_note}.", file=sys.stderr)
     table = analyse_slides(

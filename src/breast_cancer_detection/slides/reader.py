@@ -75,6 +75,18 @@ def open_slide(path: str | Path):
                          "from its source.") from None
 
 
+def positive_mpp(value: float, flag: str) -> float:
+    """``value`` (micrometres per pixel, from ``flag``) if positive.
+
+    Raises:
+        SlideError: it is not.
+    """
+    if not value > 0:
+        raise SlideError(f"{flag} {value}: a positive number of micrometres per pixel (about "
+                         "0.25 for a 40x scan; 0.972 for PatchCamelyon models).")
+    return float(value)
+
+
 def slide_mpp(slide, path: str | Path = "slide", override: float | None = None
               ) -> tuple[float, str]:
     """Micrometres per level-0 pixel of a slide, and where the figure came from.
@@ -86,10 +98,7 @@ def slide_mpp(slide, path: str | Path = "slide", override: float | None = None
         SlideError: none of the three is known.
     """
     if override is not None:
-        if not override > 0:
-            raise SlideError(f"--mpp {override}: give a positive number of micrometres per "
-                             "pixel, e.g. 0.25 for a 40x scan.")
-        return float(override), "--mpp"
+        return positive_mpp(override, "--mpp"), "--mpp"
     props = slide.properties
     try:
         mx = float(props.get("openslide.mpp-x", "nan"))

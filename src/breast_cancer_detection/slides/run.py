@@ -22,7 +22,7 @@ import pandas as pd
 from ..data.batch_augment import normalize_batch
 from ..errors import UserError
 from ..files import atomic_write_text, jsonable, unique_stems
-from .reader import SlideError, TileDataset, open_slide, slide_mpp, thumbnail
+from .reader import SlideError, TileDataset, open_slide, positive_mpp, slide_mpp, thumbnail
 from .regions import feature_collection, region_features
 from .tissue import TileGrid, tissue_mask
 
@@ -59,10 +59,7 @@ def model_mpp(predictor: Predictor, override: float | None = None) -> tuple[floa
         UserError: none of them is known.
     """
     if override is not None:
-        if not override > 0:
-            raise UserError(f"--model-mpp {override}: a positive number of micrometres per "
-                            "pixel (0.972 for PatchCamelyon models).")
-        return float(override), "--model-mpp"
+        return positive_mpp(override, "--model-mpp"), "--model-mpp"
     ckpt = predictor.checkpoint
     if ckpt is not None and ckpt.mpp:
         return float(ckpt.mpp), "checkpoint"
