@@ -886,7 +886,8 @@ def _add_use_commands(sub) -> None:
                     "mean P(tumour) of its K highest tiles (default 10)")
     _tta(sl, "average the 8 flips and quarter turns of each tile (8x the time)")
     sl.add_argument("--shard", metavar="I/N", help="take every N-th slide from the I-th "
-                    "(0-based); the last shard to finish merges slides.csv. Under torchrun "
+                    "(0-based); each shard writes slides.part-I-of-N.csv when its share is done, "
+                    "and the one that finds all N merges them into slides.csv. Under torchrun "
                     "the rank and world size are used")
     sl.add_argument("--force", action="store_true", help="redo slides already done with the "
                     "same model and settings (by default they are skipped)")
