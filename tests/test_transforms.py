@@ -336,3 +336,27 @@ def test_dihedral_is_the_group_of_rotations_and_flips():
     assert ours == set(reached)
     # Closed under composition.
     assert {_key(dihedral(dihedral(x, a), b)) for a in range(8) for b in range(8)} == ours
+
+
+def test_colour_jitter_is_torchvisions_arithmetic_in_a_fixed_order():
+    import torchvision.transforms.v2.functional as TF
+
+    from breast_cancer_detection.data.transforms import RandomColour
+
+    x = torch.rand(3, 20, 24)
+    torch.manual_seed(3)
+    out = RandomColour(0.3, 0.0)(x)
+    torch.manual_seed(3)
+    b, c, s = (0.7 + 0.6 * torch.rand(3)).tolist()
+    expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s)
+    # torchvision weighs red 0.2989, not 0.299: within 1e-4.
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    assert not torch.equal(out, x) and x.min() >= 0  # the input is left alone
+
+    grey = torch.full((3, 8, 8), 0.4)
+    torch.testing.assert_close(RandomColour(0.0, 0.5)(grey), grey, atol=1e-5, rtol=0)
+    tinted = torch.tensor([0.6, 0.3, 0.3]).view(3, 1, 1).expand(3, 8, 8)
+    torch.manual_seed(0)
+    turned = [RandomColour(0.0, 0.25)(tinted) for _ in range(20)]
+    assert max(float((t - tinted).abs().max()) for t in turned) > 0.05
+    assert all(0 <= t.min() <= t.max() <= 1 for t in turned)

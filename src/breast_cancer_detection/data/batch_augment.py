@@ -17,7 +17,13 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 
 from .stain import _EPS, _HED_FROM_RGB, _RGB_FROM_HED, _uniform
-from .transforms import Augmentation, Preprocessing, TransformConfigError
+from .transforms import (
+    LUMA,
+    Augmentation,
+    Preprocessing,
+    TransformConfigError,
+    hue_matrices,
+)
 
 
 def _batch_to_float(x: Tensor) -> Tensor:
@@ -89,14 +95,7 @@ _TURNS = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],
                        [[0.0, 1.0], [-1.0, 0.0]]])
 
 # ITU-R 601 luma, the weights torchvision's rgb_to_grayscale uses.
-_LUMA = torch.tensor([0.299, 0.587, 0.114])
-
-# RGB <-> YIQ: rotating the I/Q chroma plane shifts hue, a linear stand-in for the HSV hue
-# shift of ColorJitter that vectorises over the batch.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
-                            [0.595716, -0.274453, -0.321263],
-                            [0.211456, -0.522591, 0.311135]])
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+_LUMA = LUMA
 
 # On the CPU a batch goes through a few images at a time. A whole batch of 256 x 389 images as
 # float32 is over glibc's 32 MiB mmap threshold, so every call would get fresh pages from the
@@ -194,17 +193,6 @@ def _affine_grid(theta: Tensor, size: int) -> Tensor:
     across = lin[None, :, None] * theta[:, None, :, 0] + theta[:, None, :, 2]  # (n, size, 2)
     right = torch.stack([down, across], dim=1).reshape(n, 2, 2 * size)
     return torch.matmul(rows, right).view(n, size, size, 2)
-
-
-def _hue_matrices(turns: Tensor) -> Tensor:
-    """``(N, 3, 3)`` RGB to RGB maps rotating each image's chroma by ``turns`` of a circle."""
-    theta = 2 * math.pi * turns
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
-    rot = torch.stack([torch.stack([one, zero, zero], -1),
-                       torch.stack([zero, cos, -sin], -1),
-                       torch.stack([zero, sin, cos], -1)], -2)
-    return _YIQ_TO_RGB.to(turns.device) @ rot @ _RGB_TO_YIQ.to(turns.device)
 
 
 def _hed_maps(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
@@ -375,7 +363,7 @@ class BatchAugment(torch.nn.Module):
             contrast = draw(n, lo, 1.0 + s)
             saturation = draw(n, lo, 1.0 + s)
         if aug.hue > 0:
-            hue = _hue_matrices(draw(n, -aug.hue, aug.hue))
+            hue = hue_matrices(draw(n, -aug.hue, aug.hue))
         if aug.hed > 0:
             # Drawn as stain.hed_jitter draws them: alpha, then beta, (N, 3) each.
             alpha = draw((n, 3), 1.0 - aug.hed, 1.0 + aug.hed)

@@ -149,6 +149,64 @@ class Augmentation:
 # ---------------------------------------------------------------------------------------------
 
 
+LUMA = torch.tensor([0.299, 0.587, 0.114])
+"""RGB weights of grey (ITU-R 601), as torchvision's colour functions use them."""
+
+
+# RGB <-> YIQ: rotating the I/Q chroma plane shifts hue, a linear stand-in for the HSV hue
+# shift of ColorJitter that vectorises over a batch.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
+                            [0.595716, -0.274453, -0.321263],
+                            [0.211456, -0.522591, 0.311135]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+def hue_matrices(turns: Tensor) -> Tensor:
+    """``(N, 3, 3)`` RGB to RGB maps rotating each image's chroma by ``turns`` of a circle."""
+    theta = 2 * math.pi * turns
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    rot = torch.stack([torch.stack([one, zero, zero], -1),
+                       torch.stack([zero, cos, -sin], -1),
+                       torch.stack([zero, sin, cos], -1)], -2)
+    return _YIQ_TO_RGB.to(turns.device) @ rot @ _RGB_TO_YIQ.to(turns.device)
+
+
+class RandomColour(torch.nn.Module):
+    """Brightness, contrast, saturation and hue jitter on a float ``(3, H, W)`` image in
+    [0, 1], with the arithmetic of the batched path (:class:`BatchAugment`).
+
+    Brightness, contrast and saturation factors are drawn uniformly from
+    ``[1 - jitter, 1 + jitter]``, as ColorJitter draws them, and applied in that fixed order
+    (ColorJitter shuffles it); hue turns the chroma by up to ``hue`` of a circle in YIQ, a
+    linear stand-in for ColorJitter's HSV shift. Every step clamps to [0, 1]. It costs about
+    a sixth of ColorJitter, which was most of the per-image training transform's time
+    (docs/benchmarks.md, "Training loader").
+    """
+
+    def __init__(self, jitter: float, hue: float):
+        super().__init__()
+        self.jitter, self.hue = float(jitter), float(hue)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.clone()
+        if self.jitter > 0:
+            s = self.jitter
+            b, c, sat = (1 - s + 2 * s * torch.rand(3)).tolist()
+            y.mul_(b).clamp_(0.0, 1.0)
+            luma = LUMA.to(y.dtype)
+            mean = float(y.mean(dim=(1, 2)) @ luma)
+            y.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
+            grey = torch.tensordot(luma, y, dims=1)
+            y.mul_(sat).add_(grey.mul_(1 - sat)).clamp_(0.0, 1.0)
+        if self.hue > 0:
+            turn = (2 * torch.rand(1) - 1) * self.hue
+            y = torch.tensordot(hue_matrices(turn)[0].to(y.dtype), y, dims=1).clamp_(0.0, 1.0)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"jitter={self.jitter}, hue={self.hue}"
+
+
 class RandomRot90(torch.nn.Module):
     """Rotate an image by a random multiple of 90 degrees (tensor ``(..., H, W)`` or PIL)."""
 
@@ -185,15 +243,12 @@ def build_train_transform(*, pre: Preprocessing,
         steps.append(T.Resize((size, size), antialias=True))
     if aug.flips:
         steps += [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
-    # Colour work on uint8 tensors rather than PIL: the same code path as everything after it.
     steps.append(T.ToImage())
     if aug.rot90:
         steps.append(RandomRot90())
-    if aug.color_jitter > 0 or aug.hue > 0:
-        cj = aug.color_jitter or None
-        steps.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj,
-                                   hue=aug.hue or None))
     steps.append(T.ToDtype(torch.float32, scale=True))
+    if aug.color_jitter > 0 or aug.hue > 0:
+        steps.append(RandomColour(aug.color_jitter, aug.hue))
     if aug.hed > 0:
         steps.append(HEDJitter(sigma=aug.hed, bias=aug.hed))
     # Plain tensors out, so collate and torch.save never see the tv_tensors subclass.
