@@ -95,6 +95,17 @@ def test_hed_jitter_changes_the_image_and_is_reproducible():
     assert not torch.allclose(a, c)
 
 
+def test_hed_jitter_is_scaled_and_shifted_stains_and_back():
+    """The one-step map equals the definition: to stains, alpha * c + beta, back to RGB."""
+    x = _rand_images(2, 3, 16, 16).double()
+    out = hed_jitter(x, sigma=0.2, bias=0.1, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    alpha = 0.8 + 0.4 * torch.rand((2, 3), generator=g, dtype=torch.float64)
+    beta = -0.1 + 0.2 * torch.rand((2, 3), generator=g, dtype=torch.float64)
+    expected = hed_to_rgb(rgb_to_hed(x) * alpha[..., None, None] + beta[..., None, None])
+    torch.testing.assert_close(out, expected.clamp(0, 1), atol=1e-9, rtol=0)
+
+
 @pytest.mark.parametrize(("sigma", "bias"), [(0.1, 0.0), (0.0, 0.1)])
 def test_batched_hed_jitter_draws_per_image(sigma, bias):
     x = _rand_images(3, 16, 16).expand(4, 3, 16, 16)

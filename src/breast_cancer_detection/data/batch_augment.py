@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
-from .stain import _EPS, _HED_FROM_RGB, _RGB_FROM_HED, _uniform
+from .stain import _EPS, _uniform, hed_jitter_maps
 from .transforms import (
     LUMA,
     Augmentation,
@@ -195,30 +195,6 @@ def _affine_grid(theta: Tensor, size: int) -> Tensor:
     return torch.matmul(rows, right).view(n, size, size, 2)
 
 
-def _hed_maps(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`stain.hed_jitter` as one affine map of log intensities per image.
-
-    ``hed = H @ -log(rgb)`` and ``rgb' = exp(-R @ (alpha * hed + beta))`` (``H``, ``R`` the
-    stain matrices, transposed from stain.py's row-vector layout) make
-    ``log(rgb') = R diag(alpha) H @ log(rgb) - R @ beta``: one log, one 3x3 product, one exp.
-
-    Args:
-        alpha: ``(N, 3)`` stain scale factors.
-        beta: ``(N, 3)`` stain offsets.
-
-    Returns:
-        ``(N, 3, 3)`` matrices and ``(N, 3, 1)`` offsets, for base-2 logs:
-        ``log2(rgb') = M @ log2(rgb) + b``.
-    """
-    # float32 on the device: float64 is missing on some (MPS), and 3x3 products lose nothing
-    # that matters next to eight-bit images.
-    to_hed = _HED_FROM_RGB.T.to(alpha.device, torch.float32)
-    to_rgb = _RGB_FROM_HED.T.to(alpha.device, torch.float32)
-    # The offset is in natural-log units; divided by ln 2 it offsets base-2 logs, which the
-    # matrix maps unchanged.
-    return to_rgb @ (alpha[:, :, None] * to_hed), -(to_rgb @ beta[:, :, None]) / math.log(2)
-
-
 _RESAMPLERS = ("auto", "grid", "crop")
 
 
@@ -368,7 +344,7 @@ class BatchAugment(torch.nn.Module):
             # Drawn as stain.hed_jitter draws them: alpha, then beta, (N, 3) each.
             alpha = draw((n, 3), 1.0 - aug.hed, 1.0 + aug.hed)
             beta = draw((n, 3), -aug.hed, aug.hed)
-            hed, hed_bias = _hed_maps(alpha, beta)
+            hed, hed_bias = hed_jitter_maps(alpha, beta)
         return _Draws(theta, gain, contrast, saturation, hue, hed, hed_bias, boxes, flip_x, flip_y,
                       turns)
 

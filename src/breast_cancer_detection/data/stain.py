@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -82,6 +83,31 @@ def _uniform(shape: int | tuple[int, ...], low: float, high: float, *, device: t
     return low + (high - low) * u
 
 
+def hed_jitter_maps(alpha: Tensor, beta: Tensor, dtype: torch.dtype = torch.float32
+                    ) -> tuple[Tensor, Tensor]:
+    """:func:`hed_jitter` as one affine map of log intensities per image.
+
+    ``hed = H @ -log(rgb)`` and ``rgb' = exp(-R @ (alpha * hed + beta))`` (``H``, ``R`` the
+    stain matrices, transposed from stain.py's row-vector layout) make
+    ``log(rgb') = R diag(alpha) H @ log(rgb) - R @ beta``: one log, one 3x3 product, one exp.
+
+    Args:
+        alpha: ``(N, 3)`` stain scale factors.
+        beta: ``(N, 3)`` stain offsets.
+
+    Returns:
+        ``(N, 3, 3)`` matrices and ``(N, 3, 1)`` offsets, for base-2 logs:
+        ``log2(rgb') = M @ log2(rgb) + b``.
+    """
+    # float32 by default: float64 is missing on some devices (MPS), and 3x3 products lose
+    # nothing that matters next to eight-bit images.
+    to_hed = _HED_FROM_RGB.T.to(alpha.device, dtype)
+    to_rgb = _RGB_FROM_HED.T.to(alpha.device, dtype)
+    # The offset is in natural-log units; divided by ln 2 it offsets base-2 logs, which the
+    # matrix maps unchanged.
+    return to_rgb @ (alpha[:, :, None] * to_hed), -(to_rgb @ beta[:, :, None]) / math.log(2)
+
+
 def hed_jitter(x: Tensor, *, sigma: float = 0.05, bias: float = 0.05,
                generator: torch.Generator | None = None) -> Tensor:
     """Randomly perturb the amount of each stain, independently per image.
@@ -108,10 +134,12 @@ def hed_jitter(x: Tensor, *, sigma: float = 0.05, bias: float = 0.05,
     # Drawn in the working precision of the images, float64 for float64 input.
     draw = functools.partial(_uniform, device=images.device, dtype=images.dtype,
                              generator=generator)
-    alpha = draw((n, 3, 1, 1), 1.0 - sigma, 1.0 + sigma)
-    beta = draw((n, 3, 1, 1), -bias, bias)
-    hed = rgb_to_hed(images) * alpha + beta
-    out = hed_to_rgb(hed).clamp_(0.0, 1.0)
+    alpha = draw((n, 3), 1.0 - sigma, 1.0 + sigma)
+    beta = draw((n, 3), -bias, bias)
+    # To stains, jittered, and back in one step: base-2 logs through one affine map.
+    matrix, offset = hed_jitter_maps(alpha, beta, images.dtype)
+    logs = images.clamp(min=_EPS).log2().reshape(n, 3, -1)
+    out = torch.baddbmm(offset, matrix, logs).exp2_().clamp_(0.0, 1.0)
     return out.reshape(x.shape).to(x.dtype)
 
 
