@@ -178,9 +178,9 @@ class RandomColour(torch.nn.Module):
     Brightness, contrast and saturation factors are drawn uniformly from
     ``[1 - jitter, 1 + jitter]``, as ColorJitter draws them, and applied in that fixed order
     (ColorJitter shuffles it); hue turns the chroma by up to ``hue`` of a circle in YIQ, a
-    linear stand-in for ColorJitter's HSV shift. Every step clamps to [0, 1]. It costs about
-    a sixth of ColorJitter, which was most of the per-image training transform's time
-    (docs/benchmarks.md, "Training loader").
+    linear stand-in for ColorJitter's HSV shift. Every step clamps to [0, 1]. On float
+    tensors this costs far less than ColorJitter on uint8, which was most of the per-image
+    training transform's time (docs/benchmarks.md, "Training loader").
     """
 
     def __init__(self, jitter: float, hue: float):
