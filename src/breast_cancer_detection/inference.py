@@ -552,7 +552,7 @@ class Predictor:
         ``onnx`` exports the checkpoint once into the cache (``onnx/`` under ``cache_dir``,
         default ``$BCD_CACHE`` or ``~/.cache/breast_cancer_detection``), checked against
         PyTorch within 1e-4, and runs it with ONNX Runtime, which scores small convolutional
-        networks faster than PyTorch on a CPU (docs/benchmarks.md, "Whole slides").
+        networks faster than PyTorch on a CPU (docs/benchmarks.md, "CPU inference").
         ``auto`` does that on a CPU when onnxruntime is installed and the model came from a
         checkpoint, and otherwise keeps this predictor, as does a failed export (with a
         warning). ``torch`` keeps a PyTorch predictor. Either ONNX choice runs the int8
