@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +118,13 @@ def test_a_shift_that_keeps_the_auc_fails_the_gate(patches, cache, tmp_path, mon
         return out
 
     monkeypatch.setattr(Predictor, "predict_table", shifted)
-    with pytest.raises(ExportError, match="same label"):
+    with pytest.raises(ExportError, match="fails the accuracy gate") as failed:
         quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
                              calibration=patches, gate=patches, progress=False)
+    aucs = re.search(r"ROC AUC ([\d.]+) \(float32\) vs ([\d.]+) \(int8\)", str(failed.value))
+    assert aucs[1] == aucs[2]  # the AUC rule holds: the label rule refused it
+    assert not quantize.gate_holds({"passed": True, "auc_float32": 0.9, "auc_int8": 0.9,
+                                    "same_label": 0.5})
 
 
 @pytest.mark.real_data

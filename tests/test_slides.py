@@ -451,9 +451,13 @@ def test_a_read_error_mid_slide_is_that_slide_s_error_row(bundled, slides, tmp_p
 
     monkeypatch.setattr(openslide.OpenSlide, "read_region", flaky)
     path, _ = slides["tumour"]
-    r = analyse_slide(bundled, path, tmp_path / "t", workers=0, progress=False)
-    assert r.error.startswith(f"{path}: damaged or truncated slide: reading 96x96 px")
-    assert not (tmp_path / "t" / "slide.json").exists()
+    for workers in (0, 1):  # read in this process, or in a DataLoader worker
+        calls["n"] = 0
+        r = analyse_slide(bundled, path, tmp_path / f"t{workers}", workers=workers,
+                          progress=False)
+        assert r.error.startswith(f"{path}: damaged or truncated slide: reading 96x96 px")
+        assert "Traceback" not in r.error and "worker" not in r.error
+        assert not (tmp_path / f"t{workers}" / "slide.json").exists()
 
 
 @pytest.mark.slow
@@ -505,3 +509,8 @@ def test_a_previous_run_s_part_is_not_merged(bundled, slides, tmp_path):
     analyse_slides(bundled, paths, out, shard=(0, 2), workers=0, progress=False)
     merged = pd.read_csv(out / "slides.csv", keep_default_na=False)
     assert list(merged["folder"]) == ["tumour", "normal"]
+    # Another run's part (other slides) is never merged, and a new sharded run starts
+    # without the old table.
+    stale.write_text("slide,folder,error\nold.svs,old,\n")
+    analyse_slides(bundled, paths, out, shard=(0, 2), workers=0, progress=False)
+    assert not (out / "slides.csv").exists()

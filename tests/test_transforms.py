@@ -355,6 +355,7 @@ def test_colour_jitter_is_torchvisions_arithmetic_in_a_fixed_order():
     from breast_cancer_detection.data.transforms import RandomColour
 
     x = torch.rand(3, 20, 24)
+    x0 = x.clone()
     torch.manual_seed(3)
     out = RandomColour(0.3, 0.0)(x)
     torch.manual_seed(3)
@@ -362,7 +363,16 @@ def test_colour_jitter_is_torchvisions_arithmetic_in_a_fixed_order():
     expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s)
     # torchvision weighs red 0.2989, not 0.299: within 1e-4.
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
-    assert not torch.equal(out, x) and x.min() >= 0  # the input is left alone
+    assert not torch.equal(out, x) and torch.equal(x, x0)  # the input is left alone
+    # A jitter over 1 floors the factors at 0, as ColorJitter does: contrast 0 gives a flat
+    # image (a negative factor would invert it instead).
+    real_rand = torch.rand
+    torch.rand = lambda *a, **k: torch.tensor([0.4, 0.0, 0.4])
+    try:
+        flat = RandomColour(1.5, 0.0)(x)
+    finally:
+        torch.rand = real_rand
+    assert float(flat.std()) < 1e-6
 
     grey = torch.full((3, 8, 8), 0.4)
     torch.testing.assert_close(RandomColour(0.0, 0.5)(grey), grey, atol=1e-5, rtol=0)

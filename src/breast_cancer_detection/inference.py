@@ -580,9 +580,16 @@ class Predictor:
         int8 = cached_onnx_path(self.checkpoint, _cache_root(cache_dir), int8=True)
         model = None
         if int8.is_file():
+            from .quantize import gate_holds
+
             try:
                 model = OnnxModel(int8)
+                if not gate_holds(model.metadata.get("int8")):
+                    model = None
+                    warnings.warn(f"{int8} was not checked by the current accuracy gate; "
+                                  "running float32 (export it again with --int8).", stacklevel=2)
             except UserError as e:  # a damaged copy: the float32 export serves
+                model = None
                 warnings.warn(f"{int8} is unusable ({e}); running float32.", stacklevel=2)
         try:
             if model is None:

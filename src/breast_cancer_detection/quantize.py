@@ -234,6 +234,11 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
     return out, result
 
 
-def int8_info(metadata: dict[str, Any]) -> dict[str, Any] | None:
-    """The gate record of an int8 model's metadata, or None for a float32 model."""
-    return metadata.get("int8")
+def gate_holds(record: dict[str, Any] | None) -> bool:
+    """Whether an int8 model's gate record (its ``int8`` metadata) passes today's gate."""
+    if not record or not record.get("passed"):
+        return False
+    if record.get("auc_float32") is None:  # the probability rule
+        return (record.get("max_abs_diff") or 0.0) <= PROB_TOLERANCE
+    return (record["auc_float32"] - record["auc_int8"] <= AUC_TOLERANCE
+            and record.get("same_label", 0.0) >= SAME_LABEL)

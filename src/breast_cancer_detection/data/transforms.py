@@ -190,8 +190,8 @@ class RandomColour(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = x.clone()
         if self.jitter > 0:
-            s = self.jitter
-            b, c, sat = (1 - s + 2 * s * torch.rand(3)).tolist()
+            lo = max(0.0, 1 - self.jitter)  # as ColorJitter and BatchAugment draw them
+            b, c, sat = (lo + (1 + self.jitter - lo) * torch.rand(3)).tolist()
             y.mul_(b).clamp_(0.0, 1.0)
             luma = LUMA.to(y.dtype)
             mean = float(y.mean(dim=(1, 2)) @ luma)

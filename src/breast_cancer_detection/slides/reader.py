@@ -222,8 +222,14 @@ class TileDataset(torch.utils.data.Dataset):
         model (docs/benchmarks.md, "Whole slides").
         """
         if workers > 0:
-            yield from torch.utils.data.DataLoader(self, batch_size=batch_size,
-                                                   num_workers=workers)
+            try:
+                yield from torch.utils.data.DataLoader(self, batch_size=batch_size,
+                                                       num_workers=workers)
+            except UserError as e:
+                # A worker's error comes back with the worker's traceback in its message:
+                # keep the sentence, which names the file and what to do.
+                last = str(e).strip().splitlines()[-1]
+                raise type(e)(last.split(": ", 1)[-1] if "Error: " in last else last) from None
             return
         from concurrent.futures import ThreadPoolExecutor
 

@@ -127,19 +127,18 @@ def _model_identity(predictor: Predictor) -> dict[str, Any]:
     """Which weights score the tiles: the checkpoint's weights digest and, for an ONNX model,
     its file's SHA-256 (a retrained model with the same architecture differs in both);
     computed once per predictor."""
-    cached = getattr(predictor, "_slide_identity", None)
-    if cached is None:
+    digests = getattr(predictor, "_slide_digests", None)  # the costly part, hashed once
+    if digests is None:
         from ..data.download import sha256_of
         from ..export import weights_digest
 
         ckpt = predictor.checkpoint
         path = getattr(predictor.model, "path", None) if predictor.backend == "onnx" else None
-        cached = {"arch": predictor.arch, "threshold": predictor.threshold,
-                  "backend": predictor.backend_note,
-                  "weights": None if ckpt is None else weights_digest(ckpt),
-                  "onnx": None if path is None else sha256_of(path)}
-        predictor._slide_identity = cached
-    return cached
+        digests = {"weights": None if ckpt is None else weights_digest(ckpt),
+                   "onnx": None if path is None else sha256_of(path)}
+        predictor._slide_digests = digests
+    return {"arch": predictor.arch, "threshold": predictor.threshold,
+            "backend": predictor.backend_note, **digests}
 
 
 _FLOATS = {"score", "tissue_mm2", "seconds", "tiles_per_s", "mpp"}
@@ -350,7 +349,9 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
                    f"slides.part-{shard[0]}-of-{shard[1]}.csv")
     table = final if shard is None else final.with_suffix(".partial.csv")
     if shard is not None:
-        final.unlink(missing_ok=True)  # a previous run's part must not be merged as this one's
+        # A previous run's part and table must not pass for this run's.
+        final.unlink(missing_ok=True)
+        (out / "slides.csv").unlink(missing_ok=True)
     rows: list[dict[str, Any]] = []
     for path, folder in jobs:
         r = analyse_slide(predictor, path, out / folder, model_scale=scale, **kwargs)
@@ -361,6 +362,7 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
     if shard is not None:
         table.replace(final)
         _merge_parts(out, shard[1], folders)
+
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -374,9 +376,11 @@ def _merge_parts(out: Path, n: int, order: list[str]) -> Path | None:
     if not all(p.exists() for p in parts):
         return None
     text = {c: str for c in ("slide", "mpp_source", "error", "folder")}
-    merged = pd.concat([pd.read_csv(p, dtype=text, keep_default_na=False,
-                                    na_values={c: [""] for c in COLUMNS if c not in text})
-                        for p in parts], ignore_index=True)
+    tables = [pd.read_csv(p, dtype=text, keep_default_na=False,
+                          na_values={c: [""] for c in COLUMNS if c not in text}) for p in parts]
+    if any(list(t.get("folder", [])) != order[i::n] for i, t in enumerate(tables)):
+        return None  # a part of another run (other slides): the shard that writes it merges
+    merged = pd.concat(tables, ignore_index=True)
     rank = {f: k for k, f in enumerate(order)}
     merged = merged.sort_values("folder", key=lambda s: s.map(rank)).reset_index(drop=True)
     _write_csv(out / "slides.csv", merged)
