@@ -362,7 +362,6 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
     if shard is not None:
         table.replace(final)
         _merge_parts(out, shard[1], folders)
-
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -371,7 +370,8 @@ def _write_csv(path: Path, table: pd.DataFrame) -> None:
 
 
 def _merge_parts(out: Path, n: int, order: list[str]) -> Path | None:
-    """Merges ``slides.part-*-of-n.csv`` into ``slides.csv`` once all n exist."""
+    """Merges ``slides.part-*-of-n.csv`` into ``slides.csv`` once all n exist and each holds
+    the slides of its share of ``order``."""
     parts = [out / f"slides.part-{i}-of-{n}.csv" for i in range(n)]
     if not all(p.exists() for p in parts):
         return None
