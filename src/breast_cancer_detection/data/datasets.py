@@ -130,6 +130,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
         im = im.convert("RGBA")
+        if im.getextrema()[3][0] == 255:
+            return im.convert("RGB")  # opaque: nothing to composite
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, im).convert("RGB")
     return im.convert("RGB")

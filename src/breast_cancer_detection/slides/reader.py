@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.datasets import open_rgb
 from ..errors import UserError
 
 # What OpenSlide reads (its vendor formats; .tif/.tiff covers Philips, Ventana and generic
@@ -156,19 +157,10 @@ def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndar
         if rows <= 0:
             continue
         region = read_region(slide, (0, round(y * lds)), level, (lw, hl), path)
-        rgb = on_white(region).resize((tw, rows), Image.Resampling.BILINEAR)
+        rgb = open_rgb(region, max_pixels=None).resize((tw, rows), Image.Resampling.BILINEAR)
         out[done:y_end] = np.asarray(rgb)
         done = y_end
     return out, ds
-
-
-def on_white(region: Image.Image) -> Image.Image:
-    """An RGBA region (transparent where the slide has no data) composited on white, as RGB."""
-    if region.mode != "RGBA" or region.getextrema()[3][0] == 255:
-        return region.convert("RGB")  # opaque: nothing to composite
-    bg = Image.new("RGBA", region.size, (255, 255, 255, 255))
-    bg.alpha_composite(region)
-    return bg.convert("RGB")
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -203,8 +195,9 @@ class TileDataset(torch.utils.data.Dataset):
         if self._slide is None or self._pid != os.getpid():
             self._slide, self._pid = open_slide(self.path), os.getpid()
         x, y = (int(v) for v in self.xy[i])
-        img = on_white(read_region(self._slide, (x, y), self.level,
-                                   (self.read_size, self.read_size), self.path))
+        # RGBA, transparent where the slide has no data: composited on white.
+        img = open_rgb(read_region(self._slide, (x, y), self.level,
+                                   (self.read_size, self.read_size), self.path), max_pixels=None)
         if self.read_size != self.size:
             img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
         return img
