@@ -18,10 +18,10 @@ from torch.utils.data import get_worker_info
 
 from .stain import _EPS, _uniform, hed_jitter_maps
 from .transforms import (
-    LUMA,
     Augmentation,
     Preprocessing,
     TransformConfigError,
+    contrast_saturation_,
     hue_matrices,
 )
 
@@ -95,7 +95,6 @@ _TURNS = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],
                        [[0.0, 1.0], [-1.0, 0.0]]])
 
 # ITU-R 601 luma, the weights torchvision's rgb_to_grayscale uses.
-_LUMA = LUMA
 
 # On the CPU a batch goes through a few images at a time. A whole batch of 256 x 389 images as
 # float32 is over glibc's 32 MiB mmap threshold, so every call would get fresh pages from the
@@ -365,12 +364,7 @@ class BatchAugment(torch.nn.Module):
         y.mul_(d.gain.view(view))
         if d.contrast is not None:
             y.clamp_(0.0, 1.0)  # the brightness step's clamp
-            c = d.contrast.view(view)
-            mean = (y.mean(dim=(2, 3)) @ _LUMA.to(y.device)).view(view)
-            y.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
-            s = d.saturation.view(view)
-            grey = torch.matmul(_LUMA.to(y.device), y.view(n, 3, -1)).view(n, 1, size, size)
-            y.mul_(s).add_(grey.mul_(1 - s)).clamp_(0.0, 1.0)
+            contrast_saturation_(y, d.contrast, d.saturation)
         if d.hue is not None:
             y = torch.bmm(d.hue, y.view(n, 3, -1)).view(n, 3, size, size)
             if d.hed is None:

@@ -171,6 +171,24 @@ def hue_matrices(turns: Tensor) -> Tensor:
     return _YIQ_TO_RGB.to(turns.device) @ rot @ _RGB_TO_YIQ.to(turns.device)
 
 
+def contrast_saturation_(y: Tensor, contrast: Tensor, saturation: Tensor) -> Tensor:
+    """Contrast, then saturation, of float ``(N, 3, H, W)`` images in [0, 1], in place.
+
+    torchvision's arithmetic (blend with the mean grey, then with each pixel's grey), one
+    factor per image (``(N,)``), clamped to [0, 1] after each step; shared by
+    :class:`RandomColour` and the batched path.
+    """
+    n, _, height, width = y.shape
+    view = (n, 1, 1, 1)
+    luma = LUMA.to(y.device, y.dtype)
+    c = contrast.view(view)
+    mean = (y.mean(dim=(2, 3)) @ luma).view(view)
+    y.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
+    s = saturation.view(view)
+    grey = torch.matmul(luma, y.reshape(n, 3, -1)).view(n, 1, height, width)
+    return y.mul_(s).add_(grey.mul_(1 - s)).clamp_(0.0, 1.0)
+
+
 class RandomColour(torch.nn.Module):
     """Brightness, contrast, saturation and hue jitter on a float ``(3, H, W)`` image in
     [0, 1], with the arithmetic of the batched path (:class:`BatchAugment`).
@@ -191,13 +209,9 @@ class RandomColour(torch.nn.Module):
         y = x.clone()
         if self.jitter > 0:
             lo = max(0.0, 1 - self.jitter)  # as ColorJitter and BatchAugment draw them
-            b, c, sat = (lo + (1 + self.jitter - lo) * torch.rand(3)).tolist()
+            b, c, sat = lo + (1 + self.jitter - lo) * torch.rand(3)
             y.mul_(b).clamp_(0.0, 1.0)
-            luma = LUMA.to(y.dtype)
-            mean = float(y.mean(dim=(1, 2)) @ luma)
-            y.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
-            grey = torch.tensordot(luma, y, dims=1)
-            y.mul_(sat).add_(grey.mul_(1 - sat)).clamp_(0.0, 1.0)
+            y = contrast_saturation_(y[None], c.view(1), sat.view(1))[0]
         if self.hue > 0:
             turn = (2 * torch.rand(1) - 1) * self.hue
             y = torch.tensordot(hue_matrices(turn)[0].to(y.dtype), y, dims=1).clamp_(0.0, 1.0)
