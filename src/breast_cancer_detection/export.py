@@ -98,9 +98,7 @@ def export_onnx(checkpoint: str | Path | Checkpoint, out: str | Path, *, opset: 
                     "input": f"{INPUT_NAME}: float32 (N, 3, {size}, {size}), normalised",
                     "output": f"{OUTPUT_NAME}: (N, classes), apply softmax"}
             del proto.metadata_props[:]
-            for key, value in meta.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, json.dumps(value)
+            _set_metadata(proto, meta)
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
             if verify:
@@ -166,12 +164,17 @@ def write_onnx_metadata(path: str | Path, **values: Any) -> Path:
 
     onnx = _import("onnx")
     proto = onnx.load(str(path))
+    _set_metadata(proto, values)
+    return atomic_write(path, lambda f: f.write(proto.SerializeToString()))
+
+
+def _set_metadata(proto, values: dict[str, Any]) -> None:
+    """Sets metadata properties of a ModelProto to JSON ``values``, replacing same names."""
     keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
     del proto.metadata_props[:]
     for key, value in keep + [(k, json.dumps(v)) for k, v in values.items()]:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    return atomic_write(path, lambda f: f.write(proto.SerializeToString()))
 
 
 def read_onnx_metadata(path_or_session) -> dict[str, Any]:
