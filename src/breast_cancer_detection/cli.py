@@ -912,8 +912,9 @@ def _add_use_commands(sub) -> None:
                    help="skip the ONNX Runtime comparison")
     x.add_argument("--int8", action="store_true", help="write an int8 model (static "
                    "quantization, per-channel weights) instead, only if it passes the accuracy "
-                   "gate: ROC AUC within 0.003 of float32 on labelled --gate images (else every "
-                   "probability within 0.05)")
+                   "gate: on labelled --gate images ROC AUC within 0.003 of float32 and at "
+                   "least 99%% of the labels unchanged at the threshold; else every probability "
+                   "within 0.05)")
     x.add_argument("--calibration", metavar="DIR", help="with --int8: training images that set "
                    "the activation ranges")
     x.add_argument("--calibration-images", type=int, default=256, metavar="N",
