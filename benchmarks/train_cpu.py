@@ -1,22 +1,27 @@
 #!/usr/bin/env python3
-"""CPU training throughput of the pcam-cpu recipe: the previous preset's epoch against today's.
+"""CPU training throughput of the pcam-cpu recipe: the previous presets' epochs against today's.
 
 Both sides train ``patch_cnn`` in float32 on the same PCam patches (from the prepared cache,
 whole-batch augmentation in the training process) and are timed in the same run, in turns:
 
 - ``previous``: the preset before the time budget: 8-view TTA validation every epoch, no
   weight averaging.
-- ``today``: the preset now: one-view validation every epoch (8 views once, on the final
-  model), a moving average of the weights updated every step.
-- ``today_compiled``: the same with ``--compile`` (torch.compile on the CPU; needs a C++
-  compiler at run time), to show what it would add.
+- ``whole``: the preset now without its early windows: one-view validation every epoch (8
+  views once, on the final model), a moving average of the weights updated every step, every
+  epoch on whole 96 px patches.
+- ``today``: the preset now: the same, with the first half of the epochs on random 64 px
+  windows (``early_crop``); its epoch is the mean over a 30-epoch schedule (15 windowed, 15
+  whole).
+- ``whole_compiled``: ``whole`` with ``--compile`` (torch.compile on the CPU; needs a C++
+  compiler at run time), to show what it would add (``--no-compile`` skips it).
 
 For each, ``--steps`` training steps are timed on a throwaway copy of the model (after one
 warm-up step; the engine's ``_time_steps``, which the time budget uses), then one validation
 pass over ``--val`` patches; the epoch estimate is
 steps_per_epoch x step time + the validation over all 3,000 valid patches. It prints JSON
 lines (CPU model and flags first), then each side's training images/s and epoch estimate, and
-today's epochs per 30 minutes against the previous preset's.
+the epochs per 30 minutes of today's preset against the previous preset's and against
+``whole``.
 
     python benchmarks/train_cpu.py [--data ../shared/data/pcam-subset] [--steps 30] [--val 512]
                                    [--repeats 3]
@@ -62,12 +67,25 @@ def build(data: Path, runs: Path, name: str, **overrides):
 
 
 def time_side(run, steps: int, n_val: int, tta: bool, compiled: bool) -> dict:
-    """The engine's own timing of the first steps (the one the time budget uses)."""
+    """The engine's own timing of the first steps (the one the time budget uses); with early
+    windows, the epoch is the mean over a 30-epoch schedule of windowed and whole epochs."""
+    from breast_cancer_detection.config import TrainConfig
     from breast_cancer_detection.engine import _time_steps
 
     step_s, val_s = _time_steps(run, steps, tta=tta, compiled=compiled, val_images=n_val)
-    return {"train_img_per_s": run.cfg.batch_size / step_s, "step_s": step_s,
-            "val_s_per_epoch": val_s, "epoch_s": run.opt.steps_per_epoch * step_s + val_s}
+    whole = run.opt.steps_per_epoch * step_s + val_s
+    out = {"train_img_per_s": run.cfg.batch_size / step_s, "step_s": step_s,
+           "val_s_per_epoch": val_s, "epoch_s": whole}
+    if run.cfg.early_crop:
+        window_s, _ = _time_steps(run, steps, window=run.cfg.early_crop, validate=False)
+        early = TrainConfig.from_dict({**run.cfg.to_dict(), "epochs": 30}).early_epochs
+        windowed = run.opt.steps_per_epoch * window_s + val_s
+        out.update(window_step_s=window_s,
+                   window_img_per_s=run.cfg.batch_size / window_s,
+                   epoch_s=(early * windowed + (30 - early) * whole) / 30,
+                   train_img_per_s=run.cfg.batch_size * 30 / (
+                       early * window_s + (30 - early) * step_s))
+    return out
 
 
 def main() -> None:
@@ -81,9 +99,10 @@ def main() -> None:
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: no PCam folder; pass --data.")
     print(json.dumps(cpu_line()), flush=True)
-    sides = {"previous": ({"ema": None}, True, False), "today": ({}, False, False)}
+    sides = {"previous": ({"ema": None, "early_crop": None}, True, False),
+             "whole": ({"early_crop": None}, False, False), "today": ({}, False, False)}
     if not args.no_compile:
-        sides["today_compiled"] = ({}, False, True)
+        sides["whole_compiled"] = ({"early_crop": None}, False, True)
     results: dict[str, list[dict]] = {k: [] for k in sides}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {k: build(args.data, Path(tmp), k, **o) for k, (o, _, _) in sides.items()}
@@ -96,11 +115,15 @@ def main() -> None:
     for k, m in med.items():
         print(f"{k:>15}: {m['train_img_per_s']:6.0f} training img/s, epoch "
               f"{m['epoch_s']:5.0f} s ({m['val_s_per_epoch']:.0f} s of it validation)")
-    ratio = med["previous"]["epoch_s"] / med["today"]["epoch_s"]
-    spread = [p["epoch_s"] / t["epoch_s"] for p, t in zip(results["previous"], results["today"])]
-    print(f"epochs per 30 minutes: today {1800 / med['today']['epoch_s']:.1f}, previous "
-          f"{1800 / med['previous']['epoch_s']:.1f}: {ratio:.2f}x (per repeat "
-          f"{min(spread):.2f}-{max(spread):.2f}x)")
+    if "window_step_s" in med["today"]:
+        print(f"{'today':>15}: {med['today']['window_img_per_s']:6.0f} training img/s on 64 px "
+              "windows")
+    for base in ("previous", "whole"):
+        ratio = med[base]["epoch_s"] / med["today"]["epoch_s"]
+        spread = [p["epoch_s"] / t["epoch_s"] for p, t in zip(results[base], results["today"])]
+        print(f"epochs per 30 minutes: today {1800 / med['today']['epoch_s']:.1f}, {base} "
+              f"{1800 / med[base]['epoch_s']:.1f}: {ratio:.2f}x (per repeat "
+              f"{min(spread):.2f}-{max(spread):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from breast_cancer_detection.data.batch_augment import (
     BatchEval,
     _affine_grid,
     _crop_boxes,
+    random_windows,
 )
 from breast_cancer_detection.data.stain import hed_jitter
 from breast_cancer_detection.data.transforms import (
@@ -365,3 +366,41 @@ def test_batch_eval_matches_eval_transform(pre, hw):
     # PIL works in uint8, so the two differ by about one grey level at most.
     diff = (batched - single).abs()
     assert diff.mean() < 0.02 and diff.max() < 0.1
+
+
+def _windows(x: torch.Tensor, side: int) -> list[torch.Tensor]:
+    """Every ``side`` x ``side`` window of one ``(C, H, W)`` image."""
+    return [x[:, t:t + side, left:left + side] for t in range(x.shape[1] - side + 1)
+            for left in range(x.shape[2] - side + 1)]
+
+
+def test_random_windows_cut_each_image_at_its_own_scale():
+    x = _uint8_batch(16, 12, 10).contiguous(memory_format=torch.channels_last)
+    out = random_windows(x, 6, torch.Generator().manual_seed(0))
+    assert out.shape == (16, 3, 6, 6) and out.dtype == torch.uint8
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    places = []
+    for img, win in zip(x, out):
+        hits = [i for i, w in enumerate(_windows(img, 6)) if torch.equal(w, win)]
+        assert hits, "every output is an exact window of its own image"
+        places.append(hits[0])
+    assert len(set(places)) > 4  # drawn per image, not one place for the batch
+    again = random_windows(x, 6, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert random_windows(x, 12) is x or random_windows(x, 12).shape[-1] == 10
+    with pytest.raises(TransformConfigError, match="does not fit"):
+        random_windows(x, 11)
+
+
+def test_batch_augment_with_a_window_augments_that_window_at_its_own_scale():
+    """No colour: each output is one of the 8 symmetries of one window of its image."""
+    aug = dataclasses.replace(NO_AUG, flips=True, rot90=True)
+    x = _uint8_batch(8, 12, 12, seed=3)
+    out = BatchAugment(pre=PRE, aug=aug)(x, torch.Generator().manual_seed(1), window=8)
+    assert out.shape == (8, 3, 8, 8)
+    for img, o in zip(x, out):
+        got = (unnormalize(o, PRE) * 255).round()
+        candidates = [dihedral(w.float(), k) for w in _windows(img, 8) for k in range(8)]
+        assert any(torch.allclose(got, c, atol=0.51) for c in candidates)
+    whole = BatchAugment(pre=PRE, aug=aug)(x, torch.Generator().manual_seed(1))
+    assert whole.shape == (8, 3, PRE.size, PRE.size)  # no window: resized to size as before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,14 @@ class TrainConfig:
     # Optimisation
     epochs: int = 20
     """Passes over the training images (the most, when ``time_budget`` is set)."""
+    early_crop: int | None = None
+    """Train the first ``early_fraction`` of the epochs on a random ``early_crop``-px window of
+    each image, cut at the image's own scale (no resizing), and the rest on whole images:
+    a step costs about ``(early_crop / size)**2`` as much. For PatchCamelyon's 96 px patches,
+    whose label speaks of the centre 32 px, every 64 px window still holds that centre.
+    Validation always sees whole images. None trains on whole images throughout."""
+    early_fraction: float = 0.5
+    """Share of the epochs trained on ``early_crop`` windows (rounded to whole epochs)."""
     time_budget: str | None = None
     """Wall-clock budget for the whole run, e.g. ``30m``, ``1h``, ``900s``: the first steps
     are timed and the epochs (at most ``epochs``) sized so that the schedule, validation
@@ -152,6 +161,12 @@ class TrainConfig:
             parse_duration(self.time_budget)  # a bad budget fails here, with the fix
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1.")
+        if self.early_crop is not None and not 32 <= self.early_crop < self.size:
+            raise ConfigError(f"early_crop={self.early_crop}: windows must be at least 32 px "
+                              f"and smaller than size={self.size}, or null for whole images.")
+        if not 0 <= self.early_fraction < 1:
+            raise ConfigError(f"early_fraction={self.early_fraction}: use a share in [0, 1), "
+                              "e.g. 0.5 (the rest of the epochs see whole images).")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ConfigError(f"ema={self.ema}: the decay must be between 0 and 1, e.g. 0.999, "
                               "or null for no averaging.")
@@ -176,6 +191,20 @@ class TrainConfig:
         if self.magnification:
             self.magnification = [str(m).upper() if str(m).upper().endswith("X")
                                   else f"{m}X" for m in self.magnification]
+
+    def window(self, epoch: int) -> int | None:
+        """The ``early_crop`` window epoch ``epoch`` (0-based) trains on, or None (whole)."""
+        if self.early_crop is None or epoch >= self.early_epochs:
+            return None
+        return self.early_crop
+
+    @property
+    def early_epochs(self) -> int:
+        """How many of the ``epochs`` train on ``early_crop`` windows (0 without)."""
+        if not self.early_crop:
+            return 0
+        # Rounded half up, and the last epoch always whole (BatchNorm sees whole images).
+        return min(self.epochs - 1, math.floor(self.early_fraction * self.epochs + 0.5))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, for YAML and for ``torch.load(weights_only=True)``."""

@@ -35,6 +35,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, load_config
+from .data.batch_augment import random_windows
 from .data.breakhis import CLASSES, build_index
 from .data.datasets import EpochSampler, ImageTableDataset, collate_skip_bad, run_seed
 from .data.splits import check_split, load_split, make_split, split_hash, write_split
@@ -128,7 +129,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                     state: EpochState | None = None, bad: dict[str, str] | None = None,
                     paths: list[str] | None = None, log_every: int = 10, progress=None,
                     log=print, batch_transform: nn.Module | None = None,
-                    aug_seed: int = 0, ema=None) -> EpochState:
+                    aug_seed: int = 0, ema=None, window: int | None = None) -> EpochState:
     """Trains over ``loader`` once.
 
     Args:
@@ -138,8 +139,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
         progress: A tqdm bar to advance, or None.
         batch_transform: Augmentation applied to whole uint8 batches on the device (e.g.
             :class:`bcd.data.transforms.BatchAugment`); None when the loader already did it.
-        aug_seed: With ``batch_transform``, batch k is augmented with seed ``aug_seed + k``
-            (k counted from the start of the epoch, so a resumed epoch draws the same).
+        aug_seed: With ``batch_transform`` or ``window``, batch k is augmented with seed
+            ``aug_seed + k`` (k counted from the start of the epoch, so a resumed epoch draws
+            the same).
+        window: Train on a random ``window``-px part of each image, at its own scale
+            (``TrainConfig.early_crop``); cut before ``batch_transform`` augments it.
 
     Raises:
         TrainingError: the loss became NaN or infinite.
@@ -157,9 +161,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                 continue
             x = batch["x"].to(device, non_blocking=True)
             y = batch["y"].to(device, non_blocking=True)
-            if batch_transform is not None:
+            if batch_transform is not None or window is not None:
                 g = torch.Generator(device=device).manual_seed(aug_seed + state.step)
-                x = batch_transform(x, generator=g)
+                if batch_transform is not None:
+                    x = batch_transform(x, generator=g, window=window)
+                else:  # already augmented whole in the workers
+                    x = random_windows(x, window, generator=g)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -351,6 +358,10 @@ class _Run:
     """``time.perf_counter()`` when ``fit`` began, for the time budget; None on resume."""
     final_s: float = 0.0
     """Predicted cost of the final pass (threshold, TTA), kept out of the time budget."""
+    pace: dict[str, float] = field(default_factory=dict)
+    """Predicted seconds of an epoch on ``whole`` images and on early ``window``s."""
+    most_epochs: int = 0
+    """The epochs the run was given, which the time budget never exceeds."""
 
     @property
     def eval_model(self) -> nn.Module:
@@ -630,7 +641,8 @@ def _precision_line(amp: str, dtype: torch.dtype | None, device: torch.device) -
 
 
 def _time_steps(run: _Run, steps: int, *, tta: bool = False, compiled: bool = False,
-                val_images: int | None = None) -> tuple[float, float]:
+                val_images: int | None = None, window: int | None = None,
+                validate: bool = True) -> tuple[float, float]:
     """Seconds per training step and per validation pass, timed on a throwaway copy.
 
     The copy trains (``train_one_epoch``, weight averaging included when the run has it) on
@@ -642,6 +654,8 @@ def _time_steps(run: _Run, steps: int, *, tta: bool = False, compiled: bool = Fa
     Args:
         tta: Time an 8-view validation.
         compiled: Time the copy under ``torch.compile``.
+        window: Time steps on ``window``-px windows (``TrainConfig.early_crop``).
+        validate: False skips the validation timing (returned as 0).
     """
     import copy
 
@@ -661,7 +675,7 @@ def _time_steps(run: _Run, steps: int, *, tta: bool = False, compiled: bool = Fa
         return train_one_epoch(forward, loader, opt, constant, run.opt.loss_fn, run.device,
                                dtype=run.dtype, channels_last=cfg.channels_last,
                                log_every=10**9, log=lambda msg: None,
-                               batch_transform=run.batch_aug, ema=ema)
+                               batch_transform=run.batch_aug, ema=ema, window=window)
 
     train(0, 1)
     t0 = time.perf_counter()
@@ -671,7 +685,7 @@ def _time_steps(run: _Run, steps: int, *, tta: bool = False, compiled: bool = Fa
         raise UserError(f"no readable training image to time the first steps with under "
                         f"{run.root}; check the data folder.")
     val_s = 0.0
-    if len(run.val_ds):
+    if validate and len(run.val_ds):
         n = min(len(run.val_ds), val_images or 4 * cfg.batch_size)
         vs = EpochSampler(len(run.val_ds), seed=0, epoch=0, shuffle=False)
         vs.indices = vs.indices[:n]
@@ -689,6 +703,25 @@ def _averaged(model: nn.Module, decay: float):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _epoch_costs(cfg: TrainConfig, epochs: int, pace: dict[str, float]) -> list[float]:
+    """Predicted seconds of each of ``epochs`` epochs under ``cfg``'s early windows.
+
+    ``pace`` holds ``whole`` and ``window`` (seconds of an epoch on whole images, and on
+    ``early_crop`` windows, validation included)."""
+    early = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs}).early_epochs
+    return [pace["window"] if e < early else pace["whole"] for e in range(epochs)]
+
+
+def _fitting_epochs(cfg: TrainConfig, done: int, most: int, left: float,
+                    pace: dict[str, float]) -> int:
+    """The most epochs (``done`` to ``most``) whose epochs after ``done`` cost <= ``left``."""
+    best = done
+    for epochs in range(done + 1, most + 1):
+        if sum(_epoch_costs(cfg, epochs, pace)[done:]) <= left:
+            best = epochs
+    return best
 
 
 def _plan_epochs(run: _Run, started: float) -> None:
@@ -713,20 +746,34 @@ def _plan_epochs(run: _Run, started: float) -> None:
                 "use the CPU recipe (--preset pcam-cpu on PCam-sized patches).")
     if not cfg.time_budget:
         return
+    pace = {"whole": per_epoch, "window": per_epoch}
+    window_note = ""
+    if cfg.early_crop:
+        window_s, _ = _time_steps(run, steps=12, window=cfg.early_crop, validate=False)
+        pace["window"] = steps * window_s + val_s
+        window_note = f" ({window_s:.2f} s on {cfg.early_crop} px windows)"
     budget = parse_duration(cfg.time_budget)
-    run.started, run.final_s = started, final_s  # for _replan after each epoch
+    run.started, run.final_s, run.pace, run.most_epochs = started, final_s, pace, cfg.epochs
     # 5% kept back: a run's later steps are a little slower than the timed ones (progress
     # bars, checkpoint writes, a busier page cache); _replan corrects the rest.
     left = 0.95 * budget - (time.perf_counter() - started) - final_s
-    epochs = max(1, min(cfg.epochs, int(left // per_epoch)))
+    epochs = max(1, _fitting_epochs(cfg, 0, cfg.epochs, left, pace))
     epochs = int(max(_gather(epochs, run.dist)))  # every rank runs the same schedule
-    run.log(f"Time budget {cfg.time_budget}: {steps} steps x {step_s:.2f} s + "
-            f"{val_s:.0f} s validation per epoch -> {epochs} epoch(s) (at most {cfg.epochs}).")
-    if epochs != cfg.epochs:
-        run.cfg = cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
-        _set_schedule_end(run.opt, epochs)
-        if run.dist.is_main:
-            cfg.save(run.run_dir / "config.yaml")
+    _set_epochs(run, epochs)
+    early = run.cfg.early_epochs
+    run.log(f"Time budget {cfg.time_budget}: {steps} steps x {step_s:.2f} s{window_note} + "
+            f"{val_s:.0f} s validation per epoch -> {epochs} epoch(s) (at most {cfg.epochs})"
+            + (f", the first {early} on {cfg.early_crop} px windows" if early else "") + ".")
+
+
+def _set_epochs(run: _Run, epochs: int) -> None:
+    """Moves the run's end (and the cosine's) to ``epochs``, saved in ``config.yaml``."""
+    if epochs == run.cfg.epochs:
+        return
+    run.cfg = TrainConfig.from_dict({**run.cfg.to_dict(), "epochs": epochs})
+    _set_schedule_end(run.opt, epochs)
+    if run.dist.is_main:
+        run.cfg.save(run.run_dir / "config.yaml")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -801,7 +848,7 @@ def _train(run: _Run, state: RunState) -> TrainResult:
                 if run.dist.is_main:
                     history.to_csv(metrics_path, index=False)
                 last_row = row
-                run.log(_epoch_line(row, run.cfg.epochs, improved))
+                run.log(_epoch_line(row, run.cfg.epochs, improved, run.cfg.size))
                 _check_stop()  # a SIGTERM during the bookkeeping above
                 if cfg.early_stop and state.since_best >= cfg.early_stop:
                     run.log(f"Early stop: no better validation AUC for {state.since_best} "
@@ -834,32 +881,42 @@ def _train(run: _Run, state: RunState) -> TrainResult:
 
 
 def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
-    """Shortens the schedule when epochs take longer than the first steps said.
+    """Re-sizes the schedule to the measured pace of the epochs so far.
 
-    After each epoch the epochs still to run are sized from the mean measured epoch; when
-    fewer fit than planned, the cosine's end moves closer (the learning rate steps down a
-    little) so that the run still ends inside ``time_budget``. Never lengthens it.
+    After each epoch the epochs still to run are costed from the first steps' timing, scaled
+    by how the recent epochs measured against it. When fewer fit than planned, the cosine's
+    end moves closer (the learning rate steps down a little) so that the run still ends
+    inside ``time_budget``; when more fit, it moves later, but only while the run is still in
+    its first half (and its ``early_crop`` epochs), where the learning rate is near its top,
+    and never past the ``epochs`` the run was given.
     """
     cfg, done = run.cfg, int(row["epoch"])
     if run.started is None or not cfg.time_budget or done >= cfg.epochs:
         return
     from .config import parse_duration
 
-    seconds = [*history.get("seconds", pd.Series(dtype=float)).tolist(), row["seconds"]]
-    per_epoch = float(np.mean(seconds[-3:]))  # the recent pace
+    rows = [*history.to_dict("records"), row][-3:]  # the recent pace
+    predicted = [run.pace["window"] if r.get("train_size", cfg.size) < cfg.size
+                 else run.pace["whole"] for r in rows]
+    factor = float(np.mean([r["seconds"] / p for r, p in zip(rows, predicted)]))
+    pace = {k: v * factor for k, v in run.pace.items()}
     left = 0.95 * parse_duration(cfg.time_budget) - (time.perf_counter() - run.started) - (
         run.final_s)
     # No time for another epoch: stop here (the cosine ends unfinished) rather than overrun.
-    epochs = done + max(0, int(left // per_epoch))
+    epochs = _fitting_epochs(cfg, done, cfg.epochs, left, pace)
+    if epochs == cfg.epochs and done < cfg.epochs / 2 and (
+            not cfg.early_crop or done < cfg.early_epochs):
+        # Grown only with half an epoch to spare, so that a plan on the edge does not flip
+        # back and forth between two lengths.
+        epochs = max(epochs, _fitting_epochs(cfg, done, run.most_epochs,
+                                             left - 0.5 * pace["whole"], pace))
     epochs = int(max(_gather(epochs, run.dist)))
-    if epochs >= cfg.epochs:
+    if epochs == cfg.epochs:
         return
-    run.log(f"Time budget {cfg.time_budget}: epochs take {per_epoch:.0f} s, more than the first "
-            f"steps said; the schedule now ends after {epochs} epochs instead of {cfg.epochs}.")
-    run.cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
-    _set_schedule_end(run.opt, epochs)
-    if run.dist.is_main:
-        run.cfg.save(run.run_dir / "config.yaml")
+    run.log(f"Time budget {cfg.time_budget}: the last epochs took {factor:.0%} of the time "
+            f"the first steps predicted; the schedule now ends after {epochs} epochs instead "
+            f"of {cfg.epochs}.")
+    _set_epochs(run, epochs)
 
 
 def _finish_best(run: _Run) -> dict[str, float]:
@@ -917,6 +974,7 @@ def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     cfg, epoch, o = run.cfg, state.epoch, run.opt
+    window = cfg.window(epoch)
     t0 = time.perf_counter()
     progress = EpochState(step=state.step, loss_sum=state.partial[0],
                           correct=int(state.partial[1]), seen=int(state.partial[2]))
@@ -936,7 +994,8 @@ def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
                         state=progress, bad=state.bad_images, paths=run.train_ds.paths,
                         log_every=cfg.log_every, progress=bar, log=run.log,
                         batch_transform=run.batch_aug,
-                        aug_seed=run_seed(cfg.seed, epoch, "batches"), ema=run.ema)
+                        aug_seed=run_seed(cfg.seed, epoch, "batches"), ema=run.ema,
+                        window=window)
     finally:
         # An interrupt saves the steps done so far, and what they scored.
         state.step = progress.step
@@ -951,7 +1010,7 @@ def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
             f"(limit {cfg.max_bad_fraction:.0%}); run `bcd index {run.root} --verify` to list "
             "them, fix or remove them, or raise max_bad_fraction.")
     row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-           "lr": o.optimizer.param_groups[0]["lr"]}
+           "lr": o.optimizer.param_groups[0]["lr"], "train_size": window or cfg.size}
     row.update(validate_epoch(run))
     seconds = time.perf_counter() - t0
     row.update(seconds=seconds, images_per_s=totals[2] / seconds)
@@ -1055,9 +1114,11 @@ def _gather(obj, dist_info: DistInfo) -> list:
     return out
 
 
-def _epoch_line(row: dict[str, float], epochs: int, improved: bool) -> str:
+def _epoch_line(row: dict[str, float], epochs: int, improved: bool, size: int = 0) -> str:
     s = (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} "
          f"acc {row['train_acc']:.3f}")
+    if row.get("train_size", size) < size:
+        s += f" ({row['train_size']} px windows)"
     if "val_loss" in row:
         s += (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} "
               f"auc {row['val_auc']:.3f}")

@@ -218,9 +218,11 @@ def _crop_resample(x: Tensor, d: _Draws, size: int) -> Tensor:
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         x1, y1 = min(max(x1, 0), width - 1), min(max(y1, 0), height - 1)
         x2, y2 = min(max(x2, x1 + 1), width), min(max(y2, y1 + 1), height)
-        crop = x[i:i + 1, :, y1:y2, x1:x2].contiguous(memory_format=torch.channels_last)
-        img = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                            align_corners=False)
+        img = x[i:i + 1, :, y1:y2, x1:x2]
+        if (y2 - y1, x2 - x1) != (size, size):  # a box of the output's size is copied as it is
+            img = F.interpolate(img.contiguous(memory_format=torch.channels_last),
+                                size=(size, size), mode="bilinear", antialias=True,
+                                align_corners=False)
         dims = [d for d, flip in ((3, flip_x[i]), (2, flip_y[i])) if flip]
         if dims:
             img = img.flip(dims)
@@ -228,6 +230,30 @@ def _crop_resample(x: Tensor, d: _Draws, size: int) -> Tensor:
             img = img.rot90(turns[i], dims=(2, 3))
         resized[i] = img[0]
     return resized.to(torch.float32)
+
+
+def random_windows(x: Tensor, side: int, generator: torch.Generator | None = None) -> Tensor:
+    """A random ``side`` x ``side`` window of each image, at the image's own scale.
+
+    Args:
+        x: ``(N, C, H, W)`` batch of any dtype, with ``H, W >= side``.
+        generator: Source of the window positions, on ``x.device``; None uses the global one.
+
+    Returns:
+        ``(N, C, side, side)``, ``x``'s dtype and memory format; ``x`` itself when it is no
+        larger than ``side``.
+    """
+    n, _, height, width = x.shape
+    if side >= height and side >= width:
+        return x
+    if side > height or side > width:
+        raise TransformConfigError(f"a {side} px window does not fit {height}x{width} images.")
+    tops = torch.randint(height - side + 1, (n,), generator=generator, device=x.device)
+    lefts = torch.randint(width - side + 1, (n,), generator=generator, device=x.device)
+    out = torch.empty_like(x[:, :, :side, :side])  # x's layout (channels-last stays so)
+    for i, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist())):
+        out[i] = x[i, :, top:top + side, left:left + side]
+    return out
 
 
 def new_batch_tensor(shape: tuple[int, ...], device: torch.device | str = "cpu",
@@ -287,19 +313,25 @@ class BatchAugment(torch.nn.Module):
         return "crop" if x.device.type == "cpu" else "grid"
 
     @torch.no_grad()
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                window: int | None = None) -> Tensor:
         """Augment and normalise a batch.
 
         Args:
             x: ``(N, 3, H, W)`` uint8, or float in [0, 1], on any device.
             generator: Source of the random draws, on ``x.device``; None uses the global one.
+            window: Cut a random ``window`` x ``window`` part of each image first, at its own
+                scale, and augment that into a ``window``-px output (cheaper training steps;
+                see ``TrainConfig.early_crop``); None augments whole images to ``size``.
 
         Returns:
-            Normalised float32 ``(N, 3, size, size)`` on ``x.device``.
+            Normalised float32 ``(N, 3, size, size)`` (``window`` when given) on ``x.device``.
         """
         _check_batch(x)
-        n, _, height, width = x.shape
         size = self.pre.size
+        if window is not None:
+            x, size = random_windows(x, window, generator), window
+        n, _, height, width = x.shape
         draws = self._draw(x, generator)
         out = new_batch_tensor((n, 3, size, size), x.device)
         step = max(1, n)
@@ -307,7 +339,7 @@ class BatchAugment(torch.nn.Module):
             step = max(1, _CPU_CHUNK_ELEMENTS // (3 * height * width))
         for start in range(0, n, step):
             part = slice(start, start + step)
-            self._augment(x[part], draws.rows(part), out[part])
+            self._augment(x[part], draws.rows(part), out[part], size)
         return out
 
     def _draw(self, x: Tensor, generator: torch.Generator | None) -> _Draws:
@@ -347,9 +379,10 @@ class BatchAugment(torch.nn.Module):
         return _Draws(theta, gain, contrast, saturation, hue, hed, hed_bias, boxes, flip_x, flip_y,
                       turns)
 
-    def _augment(self, x: Tensor, d: _Draws, out: Tensor) -> None:
-        """Augment ``x`` with the draws ``d`` and write the normalised result into ``out``."""
-        n, size = x.shape[0], self.pre.size
+    def _augment(self, x: Tensor, d: _Draws, out: Tensor, size: int) -> None:
+        """Augment ``x`` with the draws ``d`` and write the normalised ``size``-px result into
+        ``out``."""
+        n = x.shape[0]
         view = (n, 1, 1, 1)
         # uint8 values are kept 0..255 through the sampling; d.gain folds in the 1/255.
         if self._resampler(x) == "grid":
