@@ -24,6 +24,7 @@ from .data.datasets import (
     ImageTableDataset,
     collate_skip_bad,
     open_rgb,
+    read_ahead,
 )
 from .data.download import (
     DEFAULT_DEADLINE_S,
@@ -720,7 +721,8 @@ class Predictor:
                 owners.clear()
 
         with tqdm(total=len(items), desc="predict", unit="image", disable=not progress) as bar:
-            for batch in loader:
+            # Without workers, a thread prepares the next batch while the model scores this.
+            for batch in (loader if workers else read_ahead(loader)):
                 for item in batch:
                     prepared[item.index] = item
                     if item.error is not None:

@@ -263,7 +263,8 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
     result.tissue_mm2 = round(float(mask.sum()) * (tds * s_mpp) ** 2 / 1e6, 4)
     rows, cols = np.nonzero(grid.tissue_fraction(mask, tds) >= min_tissue)
     xy = grid.origins(rows, cols)
-    dataset = TileDataset(path, xy, grid.level, grid.read_size, grid.size)
+    dataset = TileDataset(path, xy, grid.level, grid.read_size, grid.size,
+                          grid.level_downsample)
     workers = default_workers() if workers is None else workers
     prob = np.full(len(xy), np.nan, np.float32)
     t_read = time.perf_counter()
