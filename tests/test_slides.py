@@ -225,8 +225,14 @@ def test_parse_shard(monkeypatch):
 
 
 def test_model_scale_comes_from_override_checkpoint_registry_or_magnification(bundled, predictor):
-    assert model_mpp(bundled) == (0.972, "trained model pcam-patch-cnn")
+    assert model_mpp(bundled) == (0.972, "checkpoint")  # trained with the pcam-cpu preset
     assert model_mpp(bundled, 0.5) == (0.5, "--model-mpp")
+    stored = bundled.checkpoint.mpp
+    try:  # a checkpoint that does not carry its scale: the registry entry's
+        bundled.checkpoint.mpp = None
+        assert model_mpp(bundled) == (0.972, "trained model pcam-patch-cnn")
+    finally:
+        bundled.checkpoint.mpp = stored
     with pytest.raises(UserError, match="--model-mpp"):
         model_mpp(predictor)  # the tiny BreakHis run trained on all magnifications
     ckpt = predictor.checkpoint
@@ -425,7 +431,7 @@ def test_auto_backend_runs_onnx_on_a_cpu_with_the_same_answers(bundled, tmp_path
     fast = bundled.on_backend("auto", cache_dir=tmp_path)
     assert fast.backend == "onnx" and fast.backend_note == "ONNX Runtime (CPU)"
     assert fast.threshold == bundled.threshold and fast.trained_model is bundled.trained_model
-    assert model_mpp(fast) == (0.972, "trained model pcam-patch-cnn")
+    assert model_mpp(fast) == (0.972, "checkpoint")
     (cached,) = (tmp_path / "onnx").glob("patch_cnn-*.onnx")
     stamp = cached.stat().st_mtime_ns
     x = torch.randn(5, 3, 96, 96)
@@ -445,7 +451,7 @@ def test_a_read_error_mid_slide_is_that_slide_s_error_row(bundled, slides, tmp_p
 
     def flaky(self, location, level, size):
         calls["n"] += 1
-        if level == 1 and size == (96, 96) and calls["n"] > 20:
+        if level == 1 and calls["n"] > 3:  # tiles are read in strips of 96 px high
             raise openslide.OpenSlideError("TIFFRGBAImageGet failed")
         return real(self, location, level, size)
 
@@ -455,9 +461,80 @@ def test_a_read_error_mid_slide_is_that_slide_s_error_row(bundled, slides, tmp_p
         calls["n"] = 0
         r = analyse_slide(bundled, path, tmp_path / f"t{workers}", workers=workers,
                           progress=False)
-        assert r.error.startswith(f"{path}: damaged or truncated slide: reading 96x96 px")
+        assert r.error.startswith(f"{path}: damaged or truncated slide: reading ")
+        assert "x96 px at" in r.error
         assert "Traceback" not in r.error and "worker" not in r.error
         assert not (tmp_path / f"t{workers}" / "slide.json").exists()
+
+
+@pytest.mark.parametrize("level, read_size", [(1, 96), (0, 192)])
+def test_strips_read_the_pixels_of_one_call_per_tile(slides, level, read_size):
+    path, _ = slides["tumour"]
+    slide = open_slide(path)
+    cols, rows = (d // 192 for d in slide.dimensions)
+    slide.close()
+    keep = [(r, c) for r in range(rows) for c in range(cols) if (r * cols + c) % 7 != 3]
+    xy = np.array([[c * 192, r * 192] for r, c in keep])
+    ds = TileDataset(path, xy, level, read_size, 96)
+    runs = ds.runs(0, len(ds))
+    assert sum(k for _, k in runs) == len(ds) and max(k for _, k in runs) <= ds.MAX_RUN
+    assert max(k for _, k in runs) > 2  # strips, not one call a tile
+    for first, k in runs:  # one row, side by side
+        assert len(set(xy[first:first + k, 1])) == 1
+        assert (np.diff(xy[first:first + k, 0]) == 192).all()
+    batch = ds.read_batch(3, len(ds))
+    assert batch.shape == (len(ds) - 3, 3, 96, 96) and batch.dtype == torch.uint8
+    each = torch.stack([ds[i][0] for i in range(3, len(ds))])
+    assert torch.equal(batch, each)
+    by_workers = list(ds.batches(10, workers=1))
+    by_thread = list(ds.batches(10, workers=0))
+    assert [len(i) for _, i in by_thread] == [10] * (len(ds) // 10) + (
+        [len(ds) % 10] if len(ds) % 10 else [])
+    for (a, i), (b, j) in zip(by_workers, by_thread):
+        assert torch.equal(a, b) and torch.equal(i, j)
+
+
+@pytest.mark.slow
+def test_two_lanes_score_every_tile_as_one_lane_does(bundled, slides, tmp_path, monkeypatch):
+    import threading
+
+    import breast_cancer_detection.slides.run as run_module
+
+    pytest.importorskip("onnxruntime")
+    fast = bundled.on_backend("onnx", cache_dir=tmp_path)
+    monkeypatch.setattr(run_module.os, "cpu_count", lambda: 2)
+    assert run_module.lanes_for(fast, 0) == 2
+    assert run_module.lanes_for(fast, 1) == 1 and run_module.lanes_for(bundled, 0) == 1
+    path, _ = slides["tumour"]
+    xy = np.array([[c * 192, r * 192] for r in range(8) for c in range(10)])
+    one = run_module.score_tiles(fast, TileDataset(path, xy, 1, 96, 96), batch_size=7,
+                                 workers=1)
+    two = run_module.score_tiles(fast, TileDataset(path, xy, 1, 96, 96), batch_size=7,
+                                 workers=0)
+    assert np.isfinite(two).all()
+    np.testing.assert_allclose(two, one, atol=1e-5)
+
+    real = TileDataset.read_batch
+
+    def failing(self, start, stop):
+        if start >= 35:
+            raise SlideError(f"{path}: damaged or truncated slide: reading at {start}")
+        return real(self, start, stop)
+
+    monkeypatch.setattr(TileDataset, "read_batch", failing)
+    before = threading.active_count()
+    with pytest.raises(SlideError, match="damaged or truncated"):
+        run_module.score_tiles(fast, TileDataset(path, xy, 1, 96, 96), batch_size=7, workers=0)
+    assert threading.active_count() == before  # the other lane stopped and was joined
+
+
+def test_strips_end_where_a_tile_would_land_off_its_own_place(slides):
+    path, _ = slides["tumour"]
+    # Neighbours 193 level-0 px apart where a level-1 strip steps 192: the second tile is
+    # 1 px (half a level pixel) off, the third 2 px: a new strip starts there.
+    xy = np.array([[x, 0] for x in range(0, 193 * 6, 193)])
+    assert TileDataset(path, xy, 1, 96, 96).runs(0, 6) == [(0, 2), (2, 2), (4, 2)]
+    assert TileDataset(path, xy[:3], 1, 96, 96).runs(1, 3) == [(1, 2)]
 
 
 @pytest.mark.slow

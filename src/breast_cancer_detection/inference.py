@@ -607,6 +607,21 @@ class Predictor:
         pred.trained_model = self.trained_model
         return pred
 
+    def with_threads(self, threads: int) -> Predictor:
+        """This predictor with each ONNX Runtime run limited to ``threads`` threads (a new
+        session on the same file), for callers that score batches from several threads at
+        once (``bcd slide``'s lanes); a PyTorch predictor, or an ONNX model without a file,
+        comes back as it is."""
+        import copy
+
+        from .export import OnnxModel
+
+        if self.backend != "onnx" or getattr(self.model, "path", None) is None:
+            return self
+        pred = copy.copy(self)
+        pred.model = OnnxModel(self.model.path, device=self.model.device, threads=threads)
+        return pred
+
     @property
     def backend_note(self) -> str:
         """Where the model runs, in words: ``PyTorch on cpu``, ``ONNX Runtime (CPU)``."""

@@ -201,7 +201,8 @@ class TileDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.xy)
 
-    def _open(self):
+    def open(self):
+        """The slide's handle in this process (opened on first use)."""
         if self._slide is None or self._pid != os.getpid():
             self._slide, self._pid = open_slide(self.path), os.getpid()
             if self._downsample is None:
@@ -212,7 +213,7 @@ class TileDataset(torch.utils.data.Dataset):
         """Tile ``i`` as an RGB image of ``size`` x ``size`` pixels, read on its own."""
         x, y = (int(v) for v in self.xy[i])
         # RGBA, transparent where the slide has no data: composited on white.
-        img = open_rgb(read_region(self._open(), (x, y), self.level,
+        img = open_rgb(read_region(self.open(), (x, y), self.level,
                                    (self.read_size, self.read_size), self.path), max_pixels=None)
         if self.read_size != self.size:
             img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
@@ -223,7 +224,7 @@ class TileDataset(torch.utils.data.Dataset):
 
     def runs(self, start: int, stop: int) -> list[tuple[int, int]]:
         """``(first, count)`` of the strips tiles ``start..stop-1`` are read in."""
-        self._open()
+        self.open()
         step = self.read_size * self._downsample  # level-0 pixels between strip neighbours
         out: list[tuple[int, int]] = []
         first = start
@@ -239,7 +240,7 @@ class TileDataset(torch.utils.data.Dataset):
 
     def read_batch(self, start: int, stop: int) -> torch.Tensor:
         """Tiles ``start..stop-1`` as ``(B, 3, size, size)`` uint8 (channels-last memory)."""
-        slide, rs, size = self._open(), self.read_size, self.size
+        slide, rs, size = self.open(), self.read_size, self.size
         out = np.empty((stop - start, size, size, 3), np.uint8)
         for first, k in self.runs(start, stop):
             x, y = (int(v) for v in self.xy[first])
@@ -257,6 +258,11 @@ class TileDataset(torch.utils.data.Dataset):
                     tile.resize((size, size), Image.Resampling.BILINEAR))
         return torch.from_numpy(out).permute(0, 3, 1, 2)
 
+    def batches_by_index(self, batch_size: int) -> _Batches:
+        """Batch ``k`` as ``self.batches_by_index(batch_size)[k]``: ``(uint8 tiles,
+        indices)``."""
+        return _Batches(self, batch_size)
+
     def batches(self, batch_size: int, workers: int) -> Iterator[tuple[torch.Tensor,
                                                                       torch.Tensor]]:
         """``(uint8 (B, 3, size, size), indices)`` batches in order.
@@ -266,7 +272,7 @@ class TileDataset(torch.utils.data.Dataset):
         PyTorch release the GIL): on 2 cores that beats worker processes, which take cores
         from the model (docs/benchmarks.md, "Whole slides").
         """
-        batches = _Batches(self, batch_size)
+        batches = self.batches_by_index(batch_size)
         if workers > 0:
             try:
                 yield from torch.utils.data.DataLoader(batches, batch_size=None,

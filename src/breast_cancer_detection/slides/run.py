@@ -27,6 +27,8 @@ from .regions import feature_collection, region_features
 from .tissue import TileGrid, tissue_mask
 
 if TYPE_CHECKING:
+    import torch
+
     from ..inference import Predictor
 
 # Approximate micrometres per pixel of BreakHis images (Olympus BX-50, 3.3x relay lens,
@@ -46,6 +48,81 @@ def default_workers() -> int:
     where reading a tile costs a fraction of scoring it and a worker process only takes
     time from the model (docs/benchmarks.md, "Whole slides"); else 2."""
     return 0 if (os.cpu_count() or 1) <= 2 else 2
+
+
+def lanes_for(predictor: Predictor, workers: int) -> int:
+    """How many threads each read and score whole batches side by side: 2 when tiles are read
+    in this process (no workers) by an ONNX Runtime model on a CPU of 2 or more cores, else 1.
+
+    Two lanes whose model runs use half the cores each keep both cores busy: while one lane
+    reads its strips, the other's model runs undisturbed. One lane with a reading thread
+    beside a model that uses every core stalls the model's threads whenever a read takes a
+    core (docs/benchmarks.md, "Whole slides"). A PyTorch model keeps one lane: its thread
+    count is process-wide.
+    """
+    cores = os.cpu_count() or 1
+    if workers or predictor.backend != "onnx" or predictor.device.type != "cpu" or cores < 2:
+        return 1
+    return 2
+
+
+def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, workers: int,
+                tta: bool = False, bar=None) -> np.ndarray:
+    """P(malignant) of every tile of ``dataset``, read in batches (see :func:`lanes_for`).
+
+    An error in any lane (a damaged region) stops the others after their batch in hand and
+    is raised here.
+    """
+    import threading
+
+    prob = np.full(len(dataset), np.nan, np.float32)
+    lanes = lanes_for(predictor, workers)
+
+    def score(model: Predictor, x: torch.Tensor, idx: torch.Tensor) -> None:
+        x = normalize_batch(x, model.pre)
+        prob[idx.numpy()] = model.probabilities(x, tta=tta, batch_size=batch_size)[:, 1]
+
+    if lanes == 1:
+        for x, idx in dataset.batches(batch_size, workers):
+            score(predictor, x, idx)
+            if bar is not None:
+                bar.update(len(idx))
+        return prob
+    model = predictor.with_threads(max(1, (os.cpu_count() or 1) // lanes))
+    batches = dataset.batches_by_index(batch_size)
+    lock, stop, failed = threading.Lock(), threading.Event(), []
+    order = iter(range(len(batches)))
+
+    def lane() -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    k = next(order, None)
+                if k is None:
+                    return
+                x, idx = batches[k]
+                score(model, x, idx)
+                if bar is not None:
+                    with lock:
+                        bar.update(len(idx))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller
+            failed.append(e)
+            stop.set()
+
+    dataset.open()  # before the lanes, which share the handle (OpenSlide reads are thread-safe)
+    others = [threading.Thread(target=lane, name=f"bcd-lane-{i}", daemon=True)
+              for i in range(1, lanes)]
+    for t in others:
+        t.start()
+    try:
+        lane()  # this thread is a lane too, so Ctrl-C reaches the loop
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+    if failed:
+        raise failed[0]
+    return prob
 
 
 def model_mpp(predictor: Predictor, override: float | None = None) -> tuple[float, str]:
@@ -266,13 +343,10 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
     dataset = TileDataset(path, xy, grid.level, grid.read_size, grid.size,
                           grid.level_downsample)
     workers = default_workers() if workers is None else workers
-    prob = np.full(len(xy), np.nan, np.float32)
     t_read = time.perf_counter()
     with tqdm(total=len(xy), desc=path.name, unit="tile", disable=not progress) as bar:
-        for x, idx in dataset.batches(batch_size, workers):
-            x = normalize_batch(x, predictor.pre)
-            prob[idx.numpy()] = predictor.probabilities(x, tta=tta, batch_size=batch_size)[:, 1]
-            bar.update(len(idx))
+        prob = score_tiles(predictor, dataset, batch_size=batch_size, workers=workers, tta=tta,
+                           bar=bar)
     elapsed = time.perf_counter() - t_read
     if len(xy) and not np.isfinite(prob).all():
         raise RuntimeError("the model gave NaN or infinity for some tiles: its weights are "
