@@ -20,6 +20,9 @@ the large one 4x the area of the small one. For each, interleaved ``--repeats`` 
   ``OpenSlide.read_region`` at level 0, converted to RGB, resized to 96 px and passed to
   ``Predictor.predict`` alone (what a first script does).
 
+- ``reading``: in this process, the tiles bcd read, read alone one OpenSlide call a tile
+  against in strips of side-by-side tiles (what ``bcd slide`` does); the same pixels either way.
+
 Ratios are bcd over baseline, per repeat; the median and min-max are printed. Whole-command
 rates include interpreter start, imports and the model load, which favour the faster-starting
 command on small slides; tile-loop rates leave those out. Prints JSON lines, then a table.
@@ -388,6 +391,34 @@ def run_naive(slide: Path, tiles_csv: Path, work: Path, args) -> dict:
     return {**r, **measured, "loop_tiles_per_s": r["tiles"] / r["loop_s"]}
 
 
+def run_reading(slide: Path, out: Path) -> dict:
+    """Reading alone, in this process: the tiles ``bcd slide`` read (its tiles.csv and
+    slide.json in ``out``), one OpenSlide call a tile (``TileDataset[i]``) against strips of
+    tiles side by side (``TileDataset.read_batch``, what ``bcd slide`` does), batches of 64."""
+    import numpy as np
+    import torch
+
+    from breast_cancer_detection.slides.reader import TileDataset, open_slide
+
+    tiles = pd.read_csv(out / "tiles.csv")
+    level = int(json.loads((out / "slide.json").read_text())["level"])
+    handle = open_slide(slide)
+    downsample = float(handle.level_downsamples[level])
+    handle.close()
+    ds = TileDataset(slide, tiles[["x", "y"]].to_numpy(), level,
+                     round(float(tiles["width"].iloc[0]) / downsample), 96, downsample)
+    t = time.perf_counter()
+    one = torch.stack([ds[i][0] for i in range(len(ds))])
+    per_tile = time.perf_counter() - t
+    t = time.perf_counter()
+    strips = torch.cat([ds.read_batch(i, min(len(ds), i + 64)) for i in range(0, len(ds), 64)])
+    in_strips = time.perf_counter() - t
+    return {"tiles": len(ds), "strips": len(ds.runs(0, len(ds))),
+            "same_pixels": bool(torch.equal(one, strips)),
+            "per_tile_ms": 1e3 * per_tile / len(ds), "strip_ms": 1e3 * in_strips / len(ds),
+            "speedup": per_tile / in_strips if in_strips > 0 else float(np.nan)}
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -483,7 +514,8 @@ def main() -> int:
 
         caches = prepare_caches(tmp, args)
         runs: dict[str, dict[str, list[dict]]] = {
-            n: {"bcd": [], "bcd_int8": [], "tiatoolbox": [], "naive": []} for n in slides}
+            n: {"bcd": [], "bcd_int8": [], "tiatoolbox": [], "naive": [], "reading": []}
+            for n in slides}
         for r in range(args.repeats):
             for name, slide in slides.items():
                 out = tmp / f"bcd-{name}-{r}"
@@ -494,6 +526,8 @@ def main() -> int:
                     runs[name]["bcd_int8"].append(
                         emit({"what": "bcd_int8", "size": name, "repeat": r, **b8}))
                 tiles_csv = out / slide.stem / "tiles.csv"
+                runs[name]["reading"].append(emit({"what": "reading", "size": name, "repeat": r,
+                                                   **run_reading(slide, out / slide.stem)}))
                 if r == 0:
                     emit({"what": "tissue_check", "size": name,
                           **tissue_check(tiles_csv, truth[name])})
@@ -515,6 +549,11 @@ def main() -> int:
              "bcd_peak_tree_rss_mb": max(b["peak_tree_rss_mb"] for b in bcd_runs),
              "bcd_peak_tree_pss_mb": max(b["peak_tree_pss_mb"] for b in bcd_runs),
              "bcd_peak_main_rss_mb": max(b["peak_main_rss_mb"] for b in bcd_runs)}
+        reads = by["reading"]
+        s.update({"reading_per_tile_ms": statistics.median(r["per_tile_ms"] for r in reads),
+                  "reading_strip_ms": statistics.median(r["strip_ms"] for r in reads),
+                  "reading_strips": reads[0]["strips"],
+                  "reading_same_pixels": all(r["same_pixels"] for r in reads)})
         if by["bcd_int8"]:
             b8 = by["bcd_int8"]
             s.update({
@@ -608,6 +647,10 @@ def print_table(summary: dict, growth: dict) -> None:
             print(f"{s['size']}: bcd slide with the int8 model: {s['bcd_int8_tiles_per_s']:.0f} "
                   f"tiles/s command, {s['bcd_int8_loop_tiles_per_s']:.0f} loop; loop over "
                   f"TIAToolbox {r(s.get('ratio_loop_int8'))}")
+    for s in summary.values():
+        print(f"{s['size']}: reading alone (one core): {s['reading_per_tile_ms']:.3f} ms a tile "
+              f"with one OpenSlide call each, {s['reading_strip_ms']:.3f} ms in "
+              f"{s['reading_strips']} strips (same pixels: {s['reading_same_pixels']})")
     print(f"peak memory, large over small slide ({growth['area_ratio']:.0f}x the area, "
           f"{growth['tiles_ratio']:.2f}x the tiles): bcd tree RSS "
           f"{growth['bcd_tree_rss_large_over_small']:.2f}, tree PSS "
