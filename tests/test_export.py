@@ -71,6 +71,39 @@ def test_onnx_probabilities_match_pytorch(onnx_path, checkpoint, fake_breakhis):
     np.testing.assert_allclose(tb.heatmap, ta.heatmap, atol=1e-4, rtol=0)
 
 
+def test_two_lanes_predict_what_one_does_in_order_with_bad_inputs_in_place(
+        onnx_path, fake_breakhis, tmp_path, monkeypatch):
+    import os
+    import threading
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    onnx_pred = Predictor.from_onnx(onnx_path)
+    assert onnx_pred.lanes(0) == 2 and onnx_pred.lanes(2) == 1
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    big = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    files = sorted(fake_breakhis.rglob("*.png"))[:7]
+    inputs = [*files[:3], tmp_path / "bad.png", big, *files[3:]]
+    seen = set()
+    real = Predictor.probabilities
+
+    def spy(self, x, **kw):
+        seen.add(threading.current_thread().name)
+        return real(self, x, **kw)
+
+    monkeypatch.setattr(Predictor, "probabilities", spy)
+    lanes = onnx_pred.predict(inputs, batch_size=2)
+    assert len(seen) == 2  # both lanes scored
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    one = onnx_pred.predict(inputs, batch_size=2)
+    assert [p.source for p in lanes] == [p.source for p in one]
+    assert [p.source for p in lanes][:3] == [str(f) for f in files[:3]]
+    assert lanes[3].label == "error" and "bad.png" in lanes[3].error
+    assert lanes[4].heatmap is not None
+    ok = [i for i in range(len(inputs)) if i != 3]
+    np.testing.assert_allclose([lanes[i].p_malignant for i in ok],
+                               [one[i].p_malignant for i in ok], atol=1e-5)
+
+
 def test_onnx_backend_runs_predict_table(onnx_path, checkpoint, fake_breakhis):
     index = build_index(fake_breakhis).iloc[:6]
     a = Predictor.from_checkpoint(checkpoint).predict_table(fake_breakhis, index, progress=False)

@@ -502,9 +502,10 @@ def test_two_lanes_score_every_tile_as_one_lane_does(bundled, slides, tmp_path, 
 
     pytest.importorskip("onnxruntime")
     fast = bundled.on_backend("onnx", cache_dir=tmp_path)
-    monkeypatch.setattr(run_module.os, "cpu_count", lambda: 2)
-    assert run_module.lanes_for(fast, 0) == 2
-    assert run_module.lanes_for(fast, 1) == 1 and run_module.lanes_for(bundled, 0) == 1
+    import breast_cancer_detection.inference as inference_module
+
+    monkeypatch.setattr(inference_module.os, "cpu_count", lambda: 2)
+    assert fast.lanes(0) == 2 and fast.lanes(1) == 1 and bundled.lanes(0) == 1
     path, _ = slides["tumour"]
     xy = np.array([[c * 192, r * 192] for r in range(8) for c in range(10)])
     one = run_module.score_tiles(fast, TileDataset(path, xy, 1, 96, 96), batch_size=7,

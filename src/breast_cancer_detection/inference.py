@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import re
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .data.datasets import (
     collate_skip_bad,
     open_rgb,
     read_ahead,
+    run_lanes,
 )
 from .data.download import (
     DEFAULT_DEADLINE_S,
@@ -607,6 +609,22 @@ class Predictor:
         pred.trained_model = self.trained_model
         return pred
 
+    def lanes(self, workers: int = 0) -> int:
+        """How many threads each read and score whole batches side by side: 2 when inputs are
+        read in this process (no ``workers``) for an ONNX Runtime model on a CPU of 2 or more
+        cores, else 1 (see :func:`~breast_cancer_detection.data.datasets.run_lanes`).
+
+        Two lanes whose model runs use half the cores each keep both cores busy: while one
+        lane decodes or reads, the other's model runs undisturbed. A reading thread beside a
+        model run on every core stalls the model's threads whenever it takes a core
+        (docs/benchmarks.md). A PyTorch model keeps one lane: its thread count is
+        process-wide.
+        """
+        cores = os.cpu_count() or 1
+        if workers or self.backend != "onnx" or self.device.type != "cpu" or cores < 2:
+            return 1
+        return 2
+
     def with_threads(self, threads: int) -> Predictor:
         """This predictor with each ONNX Runtime run limited to ``threads`` threads (a new
         session on the same file), for callers that score batches from several threads at
@@ -683,7 +701,10 @@ class Predictor:
         """Predicts paths, folders, PIL images or arrays (one, or a list).
 
         Inputs are read and prepared by a DataLoader (``workers`` processes) and run in
-        batches. An input with no honest answer gives a Prediction with label ``"error"``,
+        batches. Without workers, an ONNX Runtime model on a CPU of 2 or more cores runs in
+        two lanes (:meth:`lanes`): each decodes a share of the images and scores them on half
+        the cores; otherwise a thread prepares the next batch while the model scores this
+        one. An input with no honest answer gives a Prediction with label ``"error"``,
         ``error`` saying why and NaN probabilities; the others carry on. That is: a file
         that cannot be read, or is not PNG, JPEG, TIFF, BMP or WebP; an image whose short
         side is under half the model's input size; one predicted whole whose long side is
@@ -719,37 +740,60 @@ class Predictor:
                  for i, x in enumerate(items)]
         preparer = _Preparer(self.pre, self.transform, max_pixels=self.max_pixels,
                              tile_factor=tile_factor, tile_size=tile_size)
-        loader = torch.utils.data.DataLoader(_ItemDataset(items, preparer),
-                                             batch_size=batch_size, num_workers=workers,
-                                             collate_fn=_as_list)
         tile_probs: dict[int, list[np.ndarray]] = {}
         prepared: dict[int, _Prepared] = {}
-        buffer: list[torch.Tensor] = []
-        owners: list[int] = []
 
-        def flush() -> None:
-            if buffer:
-                probs = self.probabilities(torch.cat(buffer), tta=tta, batch_size=batch_size)
-                for owner, p in zip(owners, probs):
-                    tile_probs.setdefault(owner, []).append(p)
-                buffer.clear()
-                owners.clear()
+        def score(model: Predictor, batch: list[_Prepared]) -> None:
+            """Scores the model inputs of ``batch`` (tiles of several images share passes)."""
+            buffer: list[torch.Tensor] = []
+            owners: list[int] = []
 
+            def flush() -> None:
+                if buffer:
+                    probs = model.probabilities(torch.cat(buffer), tta=tta,
+                                                batch_size=batch_size)
+                    for owner, p in zip(owners, probs):
+                        tile_probs.setdefault(owner, []).append(p)
+                    buffer.clear()
+                    owners.clear()
+
+            for item in batch:
+                prepared[item.index] = item
+                if item.error is not None:
+                    continue
+                for x in preparer.tiles(item, batch_size):
+                    buffer.append(x)
+                    owners.extend([item.index] * len(x))
+                    if len(owners) >= batch_size:
+                        flush()
+                item.x = item.image = None  # keep only the answer, not the pixels
+            flush()
+
+        lanes = self.lanes(workers)
         with tqdm(total=len(items), desc="predict", unit="image", disable=not progress) as bar:
-            # Without workers, a thread prepares the next batch while the model scores this.
-            for batch in (loader if workers else read_ahead(loader)):
-                for item in batch:
-                    prepared[item.index] = item
-                    if item.error is not None:
-                        continue
-                    for x in preparer.tiles(item, batch_size):
-                        buffer.append(x)
-                        owners.extend([item.index] * len(x))
-                        if len(owners) >= batch_size:
-                            flush()
-                    item.x = item.image = None  # keep only the answer, not the pixels
-                flush()
-                bar.update(len(batch))
+            if lanes > 1:
+                # Each lane decodes a share of the images and scores them on half the cores.
+                model = self.with_threads(max(1, (os.cpu_count() or 1) // lanes))
+                step = max(1, min(batch_size, math.ceil(len(items) / lanes)))
+                lock = threading.Lock()
+
+                def work(k: int) -> None:
+                    batch = [preparer(i, items[i])
+                             for i in range(k * step, min(len(items), (k + 1) * step))]
+                    score(model, batch)
+                    with lock:
+                        bar.update(len(batch))
+
+                run_lanes(lanes, math.ceil(len(items) / step), work)
+            else:
+                loader = torch.utils.data.DataLoader(
+                    _ItemDataset(items, preparer), batch_size=batch_size, num_workers=workers,
+                    collate_fn=_as_list)
+                # Without workers, a thread prepares the next batch while the model scores
+                # this one.
+                for batch in (loader if workers else read_ahead(loader)):
+                    score(self, batch)
+                    bar.update(len(batch))
         return [self._result(names[i], prepared[i], tile_probs.get(i))
                 for i in range(len(items))]
 

@@ -200,6 +200,49 @@ def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
         thread.join()
 
 
+def run_lanes(lanes: int, units: int, work: Callable[[int], None]) -> None:
+    """Calls ``work(k)`` for every ``k < units`` from ``lanes`` threads (this one among them),
+    each taking the next unit when it is done with its last.
+
+    For read-then-score work on a CPU of few cores: each lane reads its batch and scores it
+    with a model run on its share of the cores, so one lane's reading overlaps the other's
+    scoring without stalling a model that would use every core. An exception in any lane
+    stops the others after their unit in hand and is raised here (this thread being a lane,
+    Ctrl-C reaches it).
+    """
+    if lanes <= 1:
+        for k in range(units):
+            work(k)
+        return
+    lock, stop, failed = threading.Lock(), threading.Event(), []
+    order = iter(range(units))
+
+    def lane() -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    k = next(order, None)
+                if k is None:
+                    return
+                work(k)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller
+            failed.append(e)
+            stop.set()
+
+    others = [threading.Thread(target=lane, name=f"bcd-lane-{i}", daemon=True)
+              for i in range(1, lanes)]
+    for t in others:
+        t.start()
+    try:
+        lane()
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+    if failed:
+        raise failed[0]
+
+
 def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
     """A dataset key as ``(row, seed)``: EpochSampler hands out pairs, plain loaders rows."""
     return key if isinstance(key, tuple) else (key, None)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.batch_augment import normalize_batch
+from ..data.datasets import run_lanes
 from ..errors import UserError
 from ..files import atomic_write_text, jsonable, unique_stems
 from .reader import SlideError, TileDataset, open_slide, positive_mpp, slide_mpp, thumbnail
@@ -50,33 +51,18 @@ def default_workers() -> int:
     return 0 if (os.cpu_count() or 1) <= 2 else 2
 
 
-def lanes_for(predictor: Predictor, workers: int) -> int:
-    """How many threads each read and score whole batches side by side: 2 when tiles are read
-    in this process (no workers) by an ONNX Runtime model on a CPU of 2 or more cores, else 1.
-
-    Two lanes whose model runs use half the cores each keep both cores busy: while one lane
-    reads its strips, the other's model runs undisturbed. One lane with a reading thread
-    beside a model that uses every core stalls the model's threads whenever a read takes a
-    core (docs/benchmarks.md, "Whole slides"). A PyTorch model keeps one lane: its thread
-    count is process-wide.
-    """
-    cores = os.cpu_count() or 1
-    if workers or predictor.backend != "onnx" or predictor.device.type != "cpu" or cores < 2:
-        return 1
-    return 2
-
-
 def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, workers: int,
                 tta: bool = False, bar=None) -> np.ndarray:
-    """P(malignant) of every tile of ``dataset``, read in batches (see :func:`lanes_for`).
+    """P(malignant) of every tile of ``dataset``, read in batches, in
+    :meth:`Predictor.lanes` lanes when tiles are read in this process.
 
     An error in any lane (a damaged region) stops the others after their batch in hand and
-    is raised here.
+    is raised here (:func:`run_lanes`).
     """
     import threading
 
     prob = np.full(len(dataset), np.nan, np.float32)
-    lanes = lanes_for(predictor, workers)
+    lanes = predictor.lanes(workers)
 
     def score(model: Predictor, x: torch.Tensor, idx: torch.Tensor) -> None:
         x = normalize_batch(x, model.pre)
@@ -90,38 +76,17 @@ def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, 
         return prob
     model = predictor.with_threads(max(1, (os.cpu_count() or 1) // lanes))
     batches = dataset.batches_by_index(batch_size)
-    lock, stop, failed = threading.Lock(), threading.Event(), []
-    order = iter(range(len(batches)))
+    lock = threading.Lock()
 
-    def lane() -> None:
-        try:
-            while not stop.is_set():
-                with lock:
-                    k = next(order, None)
-                if k is None:
-                    return
-                x, idx = batches[k]
-                score(model, x, idx)
-                if bar is not None:
-                    with lock:
-                        bar.update(len(idx))
-        except BaseException as e:  # noqa: BLE001 - raised in the caller
-            failed.append(e)
-            stop.set()
+    def work(k: int) -> None:
+        x, idx = batches[k]
+        score(model, x, idx)
+        if bar is not None:
+            with lock:
+                bar.update(len(idx))
 
     dataset.open()  # before the lanes, which share the handle (OpenSlide reads are thread-safe)
-    others = [threading.Thread(target=lane, name=f"bcd-lane-{i}", daemon=True)
-              for i in range(1, lanes)]
-    for t in others:
-        t.start()
-    try:
-        lane()  # this thread is a lane too, so Ctrl-C reaches the loop
-    finally:
-        stop.set()
-        for t in others:
-            t.join()
-    if failed:
-        raise failed[0]
+    run_lanes(lanes, len(batches), work)
     return prob
 
 
