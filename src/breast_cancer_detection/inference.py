@@ -774,7 +774,9 @@ class Predictor:
             if lanes > 1:
                 # Each lane decodes a share of the images and scores them on half the cores.
                 model = self.with_threads(max(1, (os.cpu_count() or 1) // lanes))
-                step = max(1, min(batch_size, math.ceil(len(items) / lanes)))
+                # Four or more chunks a lane, so that the lanes fall out of step: one decodes
+                # while the other scores (two halves would decode, then score, together).
+                step = max(1, min(batch_size, math.ceil(len(items) / (4 * lanes))))
                 lock = threading.Lock()
 
                 def work(k: int) -> None:
