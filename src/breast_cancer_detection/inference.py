@@ -626,19 +626,23 @@ class Predictor:
         return 2
 
     def with_threads(self, threads: int) -> Predictor:
-        """This predictor with each ONNX Runtime run limited to ``threads`` threads (a new
-        session on the same file), for callers that score batches from several threads at
-        once (``bcd slide``'s lanes); a PyTorch predictor, or an ONNX model without a file,
-        comes back as it is."""
+        """This predictor with each ONNX Runtime run limited to ``threads`` threads (a second
+        session on the same file, made once and kept), for callers that score batches from
+        several threads at once (lanes); a PyTorch predictor, or an ONNX model without a
+        file, comes back as it is."""
         import copy
 
         from .export import OnnxModel
 
         if self.backend != "onnx" or getattr(self.model, "path", None) is None:
             return self
-        pred = copy.copy(self)
-        pred.model = OnnxModel(self.model.path, device=self.model.device, threads=threads)
-        return pred
+        kept = self.__dict__.setdefault("_by_threads", {})
+        if threads not in kept:
+            pred = copy.copy(self)
+            pred._by_threads = {threads: pred}
+            pred.model = OnnxModel(self.model.path, device=self.model.device, threads=threads)
+            kept[threads] = pred
+        return kept[threads]
 
     @property
     def backend_note(self) -> str:
@@ -769,7 +773,7 @@ class Predictor:
                 item.x = item.image = None  # keep only the answer, not the pixels
             flush()
 
-        lanes = self.lanes(workers)
+        lanes = self.lanes(workers) if len(items) > 1 else 1
         with tqdm(total=len(items), desc="predict", unit="image", disable=not progress) as bar:
             if lanes > 1:
                 # Each lane decodes a share of the images and scores them on half the cores.

@@ -62,7 +62,7 @@ def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, 
     import threading
 
     prob = np.full(len(dataset), np.nan, np.float32)
-    lanes = predictor.lanes(workers)
+    lanes = predictor.lanes(workers) if len(dataset) > batch_size else 1
 
     def score(model: Predictor, x: torch.Tensor, idx: torch.Tensor) -> None:
         x = normalize_batch(x, model.pre)
