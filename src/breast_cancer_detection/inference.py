@@ -25,7 +25,6 @@ from .data.datasets import (
     ImageTableDataset,
     collate_skip_bad,
     open_rgb,
-    read_ahead,
     run_lanes,
 )
 from .data.download import (
@@ -707,8 +706,7 @@ class Predictor:
         Inputs are read and prepared by a DataLoader (``workers`` processes) and run in
         batches. Without workers, an ONNX Runtime model on a CPU of 2 or more cores runs in
         two lanes (:meth:`lanes`): each decodes a share of the images and scores them on half
-        the cores; otherwise a thread prepares the next batch while the model scores this
-        one. An input with no honest answer gives a Prediction with label ``"error"``,
+        the cores. An input with no honest answer gives a Prediction with label ``"error"``,
         ``error`` saying why and NaN probabilities; the others carry on. That is: a file
         that cannot be read, or is not PNG, JPEG, TIFF, BMP or WebP; an image whose short
         side is under half the model's input size; one predicted whole whose long side is
@@ -795,9 +793,7 @@ class Predictor:
                 loader = torch.utils.data.DataLoader(
                     _ItemDataset(items, preparer), batch_size=batch_size, num_workers=workers,
                     collate_fn=_as_list)
-                # Without workers, a thread prepares the next batch while the model scores
-                # this one.
-                for batch in (loader if workers else read_ahead(loader)):
+                for batch in loader:
                     score(self, batch)
                     bar.update(len(batch))
         return [self._result(names[i], prepared[i], tile_probs.get(i))

@@ -170,10 +170,11 @@ class TileDataset(torch.utils.data.Dataset):
     than a per-tile float transform and sends a quarter of the bytes between processes.
 
     Tiles side by side in a row of the grid are read with one ``read_region`` call (a strip of
-    up to :attr:`MAX_RUN` tiles) and cut apart: each OpenSlide call costs about as much as the
-    pixels it returns, so a strip of 16 tiles reads in a fraction of 16 calls' time. A strip is
-    used only where each tile's place in it is within half a level pixel of where its own
-    call would read it (always, when the tile side is a whole number of level pixels).
+    up to :attr:`MAX_RUN` tiles) and cut apart, straight into the batch: that saves the
+    per-call work and a PIL image per tile (about a fifth of the reading time on the demo
+    slides, docs/benchmarks.md "Whole slides"). A strip is used only where each tile's place
+    in it is within half a level pixel of where its own call would read it (always, when the
+    tile side is a whole number of level pixels).
 
     Each process (the main one or a worker) opens the slide once itself: OpenSlide handles
     are not shared between processes.
