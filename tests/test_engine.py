@@ -485,15 +485,30 @@ def test_no_threshold_is_stored_when_validation_cannot_choose_one(fake_breakhis,
 
 @pytest.mark.parametrize("batch_augment", ["on", "off"])
 def test_early_epochs_train_on_windows_then_whole_images(fake_breakhis, tmp_path, capsys,
-                                                         batch_augment):
+                                                         monkeypatch, batch_augment):
     root = tmp_path / "data"
     shutil.copytree(fake_breakhis, root)
     cfg = _cfg(root, tmp_path, epochs=4, size=48, resize=None, early_crop=32,
                early_fraction=0.5, batch_augment=batch_augment, cache="auto")
     assert [cfg.window(e) for e in range(4)] == [32, 32, None, None]
+    import breast_cancer_detection.engine as engine
+
+    seen = []  # (training?, input side) of every forward pass of the network
+    real = engine._build_model
+
+    def build(cfg, dist_info):
+        raw, model = real(cfg, dist_info)
+        raw.register_forward_pre_hook(lambda m, args: seen.append((m.training,
+                                                                   args[0].shape[-1])))
+        return raw, model
+
+    monkeypatch.setattr(engine, "_build_model", build)
     result = fit(cfg, progress=False)
     rows = pd.read_csv(result.run_dir / "metrics.csv")
     assert list(rows["train_size"]) == [32, 32, 48, 48]
+    trained = [side for training, side in seen if training]
+    assert set(trained) == {32, 48} and trained[0] == 32 and trained[-1] == 48
+    assert {side for training, side in seen if not training} == {48}  # validation: whole
     out = capsys.readouterr().out
     assert out.count("(32 px windows)") == 2
     assert load_checkpoint(result.run_dir / "best.pt").epoch >= 1
