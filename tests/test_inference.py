@@ -416,33 +416,3 @@ def test_cli_predict_writes_csv_figures_cams_and_fails_on_bad_input(trained, fak
     assert main(["predict", str(trained), str(tmp_path / "res")]) == 2  # no images at all
     assert "no image files" in capsys.readouterr().err
 
-
-def test_read_ahead_keeps_order_reads_in_another_thread_and_stops_early():
-    import threading
-
-    from breast_cancer_detection.data.datasets import read_ahead
-
-    where = []
-
-    def produce(n):
-        for i in range(n):
-            where.append(threading.current_thread().name)
-            yield i
-
-    assert list(read_ahead(produce(7))) == list(range(7))
-    assert set(where) == {"bcd-read-ahead"}
-    before = threading.active_count()
-    it = read_ahead(produce(10**6))
-    assert next(it) == 0
-    it.close()  # leaving the loop early stops and joins the thread
-    assert threading.active_count() == before
-
-    def failing():
-        yield 1
-        raise ValueError("unreadable batch 2")
-
-    got = []
-    with pytest.raises(ValueError, match="unreadable batch 2"):
-        for x in read_ahead(failing()):
-            got.append(x)
-    assert got == [1]  # the error comes where its item would have

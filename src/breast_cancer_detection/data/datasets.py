@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -152,52 +151,6 @@ def _array_to_rgb(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
         return _to_rgb(Image.fromarray(arr, "RGB" if arr.shape[2] == 3 else "RGBA"))
     raise ImageError(f"array of shape {arr.shape} is not an HxW or HxWx3/4 image")
-
-
-def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
-    """``items``, produced by a background thread up to ``depth`` (+1 in hand) ahead.
-
-    For a loop that reads and then computes: the thread reads the next batch while the caller
-    scores this one. Decoding (Pillow, OpenSlide) and the model (PyTorch, ONNX Runtime) release
-    the GIL, so on 2 cores this overlaps them without worker processes, which would take cores
-    from the model. An exception in the thread is raised in the caller where that item would
-    have come; leaving the loop early stops the thread after the item in hand.
-    """
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-    done = object()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
-            put((None, e))
-
-    thread = threading.Thread(target=work, name="bcd-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = q.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def run_lanes(lanes: int, units: int, work: Callable[[int], None]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.datasets import open_rgb, read_ahead
+from ..data.datasets import open_rgb
 from ..errors import UserError
 
 # What OpenSlide reads (its vendor formats; .tif/.tiff covers Philips, Ventana and generic
@@ -284,7 +284,15 @@ class TileDataset(torch.utils.data.Dataset):
                 last = str(e).strip().splitlines()[-1]
                 raise type(e)(last.split(": ", 1)[-1] if "Error: " in last else last) from None
             return
-        yield from read_ahead(batches[k] for k in range(len(batches)))
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="bcd-tiles") as pool:
+            ahead = pool.submit(batches.__getitem__, 0) if len(batches) else None
+            for k in range(len(batches)):
+                batch = ahead.result()
+                if k + 1 < len(batches):
+                    ahead = pool.submit(batches.__getitem__, k + 1)
+                yield batch
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None, "_pid": None}
