@@ -79,8 +79,9 @@ def test_two_lanes_predict_what_one_does_in_order_with_bad_inputs_in_place(
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     onnx_pred = Predictor.from_onnx(onnx_path)
     assert onnx_pred.lanes(0) == 2 and onnx_pred.lanes(2) == 1
-    one_thread = onnx_pred.with_threads(1)
-    assert one_thread is onnx_pred.with_threads(1) and one_thread.model is not onnx_pred.model
+    assert onnx_pred.for_lanes(1) is onnx_pred
+    per_lane = onnx_pred.for_lanes(2)  # one thread a run: a session of its own, kept
+    assert per_lane is onnx_pred.for_lanes(2) and per_lane.model is not onnx_pred.model
     (tmp_path / "bad.png").write_bytes(b"not an image")
     big = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     files = sorted(fake_breakhis.rglob("*.png"))[:7]

@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import re
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -429,6 +428,7 @@ class Predictor:
         self.arch = checkpoint.arch if checkpoint is not None else (
             arch or type(model).__name__)
         self.max_pixels = max_pixels
+        self._by_threads: dict[int, Predictor] = {}  # for_lanes' sessions, by threads a run
         self.transform = build_eval_transform(pre=pre)
         # Autocast on CUDA only: a CPU answers in float32, so its numbers match ONNX Runtime's.
         self.dtype = amp_dtype("auto", self.device) if self.device.type == "cuda" else None
@@ -619,29 +619,30 @@ class Predictor:
         (docs/benchmarks.md). A PyTorch model keeps one lane: its thread count is
         process-wide.
         """
-        cores = os.cpu_count() or 1
-        if workers or self.backend != "onnx" or self.device.type != "cpu" or cores < 2:
+        if workers or self.backend != "onnx" or (os.cpu_count() or 1) < 2:
+            return 1
+        if "CUDAExecutionProvider" in self.model.session.get_providers():
             return 1
         return 2
 
-    def with_threads(self, threads: int) -> Predictor:
-        """This predictor with each ONNX Runtime run limited to ``threads`` threads (a second
-        session on the same file, made once and kept), for callers that score batches from
-        several threads at once (lanes); a PyTorch predictor, or an ONNX model without a
-        file, comes back as it is."""
+    def for_lanes(self, lanes: int) -> Predictor:
+        """The predictor each of ``lanes`` lanes scores with: this one for one lane; for more,
+        the same model with each ONNX Runtime run on its share of the cores (a second
+        session on the same file, made once and kept). A PyTorch predictor, or an ONNX model
+        without a file, comes back as it is."""
         import copy
 
         from .export import OnnxModel
 
-        if self.backend != "onnx" or getattr(self.model, "path", None) is None:
+        if lanes <= 1 or self.backend != "onnx" or getattr(self.model, "path", None) is None:
             return self
-        kept = self.__dict__.setdefault("_by_threads", {})
-        if threads not in kept:
+        threads = max(1, (os.cpu_count() or 1) // lanes)
+        if threads not in self._by_threads:
             pred = copy.copy(self)
-            pred._by_threads = {threads: pred}
+            pred._by_threads = {}
             pred.model = OnnxModel(self.model.path, device=self.model.device, threads=threads)
-            kept[threads] = pred
-        return kept[threads]
+            self._by_threads[threads] = pred
+        return self._by_threads[threads]
 
     @property
     def backend_note(self) -> str:
@@ -774,21 +775,19 @@ class Predictor:
         lanes = self.lanes(workers) if len(items) > 1 else 1
         with tqdm(total=len(items), desc="predict", unit="image", disable=not progress) as bar:
             if lanes > 1:
-                # Each lane decodes a share of the images and scores them on half the cores.
-                model = self.with_threads(max(1, (os.cpu_count() or 1) // lanes))
+                # Each lane decodes a share of the images and scores them on its cores.
+                model = self.for_lanes(lanes)
                 # Four or more chunks a lane, so that the lanes fall out of step: one decodes
                 # while the other scores (two halves would decode, then score, together).
                 step = max(1, min(batch_size, math.ceil(len(items) / (4 * lanes))))
-                lock = threading.Lock()
 
-                def work(k: int) -> None:
+                def work(k: int) -> int:
                     batch = [preparer(i, items[i])
                              for i in range(k * step, min(len(items), (k + 1) * step))]
                     score(model, batch)
-                    with lock:
-                        bar.update(len(batch))
+                    return len(batch)
 
-                run_lanes(lanes, math.ceil(len(items) / step), work)
+                run_lanes(lanes, math.ceil(len(items) / step), work, bar)
             else:
                 loader = torch.utils.data.DataLoader(
                     _ItemDataset(items, preparer), batch_size=batch_size, num_workers=workers,

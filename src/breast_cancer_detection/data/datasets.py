@@ -153,9 +153,10 @@ def _array_to_rgb(arr: np.ndarray) -> Image.Image:
     raise ImageError(f"array of shape {arr.shape} is not an HxW or HxWx3/4 image")
 
 
-def run_lanes(lanes: int, units: int, work: Callable[[int], None]) -> None:
+def run_lanes(lanes: int, units: int, work: Callable[[int], int], bar=None) -> None:
     """Calls ``work(k)`` for every ``k < units`` from ``lanes`` threads (this one among them),
-    each taking the next unit when it is done with its last.
+    each taking the next unit when it is done with its last; ``work`` returns how many items
+    it did, which advance the tqdm ``bar``.
 
     For read-then-score work on a CPU of few cores: each lane reads its batch and scores it
     with a model run on its share of the cores, so one lane's reading overlaps the other's
@@ -163,10 +164,6 @@ def run_lanes(lanes: int, units: int, work: Callable[[int], None]) -> None:
     stops the others after their unit in hand and is raised here (this thread being a lane,
     Ctrl-C reaches it).
     """
-    if lanes <= 1:
-        for k in range(units):
-            work(k)
-        return
     lock, stop, failed = threading.Lock(), threading.Event(), []
     order = iter(range(units))
 
@@ -177,7 +174,10 @@ def run_lanes(lanes: int, units: int, work: Callable[[int], None]) -> None:
                     k = next(order, None)
                 if k is None:
                     return
-                work(k)
+                done = work(k)
+                if bar is not None:
+                    with lock:
+                        bar.update(done)
         except BaseException as e:  # noqa: BLE001 - raised in the caller
             failed.append(e)
             stop.set()

@@ -59,8 +59,6 @@ def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, 
     An error in any lane (a damaged region) stops the others after their batch in hand and
     is raised here (:func:`run_lanes`).
     """
-    import threading
-
     prob = np.full(len(dataset), np.nan, np.float32)
     lanes = predictor.lanes(workers) if len(dataset) > batch_size else 1
 
@@ -74,19 +72,16 @@ def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, 
             if bar is not None:
                 bar.update(len(idx))
         return prob
-    model = predictor.with_threads(max(1, (os.cpu_count() or 1) // lanes))
+    model = predictor.for_lanes(lanes)
     batches = dataset.batches_by_index(batch_size)
-    lock = threading.Lock()
 
-    def work(k: int) -> None:
+    def work(k: int) -> int:
         x, idx = batches[k]
         score(model, x, idx)
-        if bar is not None:
-            with lock:
-                bar.update(len(idx))
+        return len(idx)
 
     dataset.open()  # before the lanes, which share the handle (OpenSlide reads are thread-safe)
-    run_lanes(lanes, len(batches), work)
+    run_lanes(lanes, len(batches), work, bar)
     return prob
 
 
