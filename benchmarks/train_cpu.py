@@ -69,22 +69,22 @@ def build(data: Path, runs: Path, name: str, **overrides):
 def time_side(run, steps: int, n_val: int, tta: bool, compiled: bool) -> dict:
     """The engine's own timing of the first steps (the one the time budget uses); with early
     windows, the epoch is the mean over a 30-epoch schedule of windowed and whole epochs."""
-    from breast_cancer_detection.config import TrainConfig
-    from breast_cancer_detection.engine import _time_steps
+    from breast_cancer_detection.engine import _epoch_costs, _time_steps
 
     step_s, val_s = _time_steps(run, steps, tta=tta, compiled=compiled, val_images=n_val)
-    whole = run.opt.steps_per_epoch * step_s + val_s
+    steps_per_epoch = run.opt.steps_per_epoch
     out = {"train_img_per_s": run.cfg.batch_size / step_s, "step_s": step_s,
-           "val_s_per_epoch": val_s, "epoch_s": whole}
+           "val_s_per_epoch": val_s, "epoch_s": steps_per_epoch * step_s + val_s}
     if run.cfg.early_crop:
         window_s, _ = _time_steps(run, steps, window=run.cfg.early_crop, validate=False)
-        early = TrainConfig.from_dict({**run.cfg.to_dict(), "epochs": 30}).early_epochs
-        windowed = run.opt.steps_per_epoch * window_s + val_s
+        # The schedule's epochs as the time budget costs them (validation left out for the
+        # training rate, kept in for the epoch).
+        costs = _epoch_costs(run.cfg, 30, {"whole": steps_per_epoch * step_s,
+                                           "window": steps_per_epoch * window_s})
         out.update(window_step_s=window_s,
                    window_img_per_s=run.cfg.batch_size / window_s,
-                   epoch_s=(early * windowed + (30 - early) * whole) / 30,
-                   train_img_per_s=run.cfg.batch_size * 30 / (
-                       early * window_s + (30 - early) * step_s))
+                   epoch_s=sum(costs) / 30 + val_s,
+                   train_img_per_s=run.cfg.batch_size * steps_per_epoch * 30 / sum(costs))
     return out
 
 
