@@ -549,7 +549,8 @@ def test_the_budget_grows_the_plan_only_with_half_an_epoch_to_spare(monkeypatch)
     import breast_cancer_detection.engine as engine
 
     changed = []
-    monkeypatch.setattr(engine, "_set_epochs", lambda run, epochs: changed.append(epochs))
+    monkeypatch.setattr(engine, "_set_epochs",
+                        lambda run, epochs, early=None: changed.append(epochs))
     cfg = TrainConfig(size=96, resize=None, epochs=10, time_budget="1000s")
     pace = {"whole": 10.0, "window": 10.0}
 
@@ -570,3 +571,42 @@ def test_the_budget_grows_the_plan_only_with_half_an_epoch_to_spare(monkeypatch)
     assert replan(65.0) == 8  # too slow: shortened to what fits
     assert replan(65.0, done=6) == 10 and replan(200.0, done=6) == 10  # second half: kept
     assert replan(85.0, seconds=20.0) == 6  # epochs take twice the plan: 4 more fit
+
+
+def test_the_budget_grows_whole_epochs_once_their_pace_is_measured(monkeypatch):
+    """A pessimistic first timing of whole-image steps is corrected after the first whole
+    epochs: the added epochs are whole ones, the windowed ones stay as trained."""
+    import time
+    import types
+
+    import breast_cancer_detection.engine as engine
+
+    changed = []
+    monkeypatch.setattr(engine, "_set_epochs",
+                        lambda run, epochs, early=None: changed.append((epochs, early)))
+    # 20 epochs: 10 on 64 px windows (pace 5 s), 10 whole (predicted 20 s, measured 10 s).
+    cfg = TrainConfig(size=96, resize=None, epochs=20, early_crop=64, early_fraction=0.5,
+                      time_budget="1000s")
+    assert cfg.early_epochs == 10
+    pace = {"whole": 20.0, "window": 5.0}
+    history = pd.DataFrame([{"epoch": e + 1, "seconds": 5.0, "train_size": 64}
+                            for e in range(10)])
+
+    def replan(done: int, left: float, seconds: float = 10.0):
+        run = types.SimpleNamespace(cfg=cfg, pace=pace, most_epochs=40, final_s=0.0,
+                                    dist=types.SimpleNamespace(world=1), log=lambda msg: None)
+        run.started = time.perf_counter() - (0.95 * 1000 - left)
+        rows = pd.concat([history, pd.DataFrame([{"epoch": e, "seconds": seconds,
+                                                  "train_size": 96}
+                                                 for e in range(11, done)])])
+        changed.clear()
+        engine._replan(run, rows, {"epoch": done, "seconds": seconds, "train_size": 96})
+        return changed[-1] if changed else (cfg.epochs, None)
+
+    # After the first whole epoch (10 s, not 20): 9 whole epochs planned, 128 s left. At the
+    # measured 10 s, 12 fit with half an epoch to spare: 23 epochs, still 10 windowed.
+    assert replan(11, left=128.0) == (23, 10)
+    assert replan(12, left=128.0) == (24, 10)  # the second whole epoch may still grow it
+    assert replan(13, left=128.0) == (20, None)  # later: the cosine is past its top, kept
+    # Whole epochs slower than planned shrink the plan at any point, windows kept.
+    assert replan(15, left=35.0, seconds=30.0) == (16, 10)

@@ -705,21 +705,24 @@ def _averaged(model: nn.Module, decay: float):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def _epoch_costs(cfg: TrainConfig, epochs: int, pace: dict[str, float]) -> list[float]:
+def _epoch_costs(cfg: TrainConfig, epochs: int, pace: dict[str, float],
+                 early: int | None = None) -> list[float]:
     """Predicted seconds of each of ``epochs`` epochs under ``cfg``'s early windows.
 
     ``pace`` holds ``whole`` and ``window`` (seconds of an epoch on whole images, and on
-    ``early_crop`` windows, validation included)."""
-    early = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs}).early_epochs
+    ``early_crop`` windows, validation included). ``early`` fixes how many epochs are
+    windowed (once they have run); by default it follows ``early_fraction`` of ``epochs``."""
+    if early is None:
+        early = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs}).early_epochs
     return [pace["window"] if e < early else pace["whole"] for e in range(epochs)]
 
 
 def _fitting_epochs(cfg: TrainConfig, done: int, most: int, left: float,
-                    pace: dict[str, float]) -> int:
+                    pace: dict[str, float], early: int | None = None) -> int:
     """The most epochs (``done`` to ``most``) whose epochs after ``done`` cost <= ``left``."""
     best = done
     for epochs in range(done + 1, most + 1):
-        if sum(_epoch_costs(cfg, epochs, pace)[done:]) <= left:
+        if sum(_epoch_costs(cfg, epochs, pace, early)[done:]) <= left:
             best = epochs
     return best
 
@@ -766,11 +769,17 @@ def _plan_epochs(run: _Run, started: float) -> None:
             + (f", the first {early} on {cfg.early_crop} px windows" if early else "") + ".")
 
 
-def _set_epochs(run: _Run, epochs: int) -> None:
-    """Moves the run's end (and the cosine's) to ``epochs``, saved in ``config.yaml``."""
+def _set_epochs(run: _Run, epochs: int, early: int | None = None) -> None:
+    """Moves the run's end (and the cosine's) to ``epochs``, saved in ``config.yaml``.
+
+    ``early`` keeps that many epochs on ``early_crop`` windows (those already trained), by
+    setting ``early_fraction`` to ``early / epochs``; by default the share stays."""
     if epochs == run.cfg.epochs:
         return
-    run.cfg = TrainConfig.from_dict({**run.cfg.to_dict(), "epochs": epochs})
+    changes: dict[str, Any] = {"epochs": epochs}
+    if early is not None and run.cfg.early_crop:
+        changes["early_fraction"] = early / epochs
+    run.cfg = TrainConfig.from_dict({**run.cfg.to_dict(), **changes})
     _set_schedule_end(run.opt, epochs)
     if run.dist.is_main:
         run.cfg.save(run.run_dir / "config.yaml")
@@ -884,39 +893,54 @@ def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
     """Re-sizes the schedule to the measured pace of the epochs so far.
 
     After each epoch the epochs still to run are costed from the first steps' timing, scaled
-    by how the recent epochs measured against it. When fewer fit than planned, the cosine's
-    end moves closer (the learning rate steps down a little) so that the run still ends
-    inside ``time_budget``; when more fit, it moves later, but only while the run is still in
-    its first half (and its ``early_crop`` epochs), where the learning rate is near its top,
-    and never past the ``epochs`` the run was given.
+    by how the recent epochs of the same kind (windowed or whole) measured against it. When
+    fewer fit than planned, the cosine's end moves closer (the learning rate steps down a
+    little) so that the run still ends inside ``time_budget``. When more fit, it moves later,
+    never past the ``epochs`` the run was given, and only where the learning rate is still
+    near its top: in the run's first half while it trains on ``early_crop`` windows, and after
+    the first one or two whole-image epochs (the first measure of their pace: a slow first
+    timing would otherwise leave minutes of the budget unused); there the added epochs are
+    whole ones and the windowed ones stay as trained.
     """
     cfg, done = run.cfg, int(row["epoch"])
     if run.started is None or not cfg.time_budget or done >= cfg.epochs:
         return
     from .config import parse_duration
 
-    rows = [*history.to_dict("records"), row][-3:]  # the recent pace
-    predicted = [run.pace["window"] if r.get("train_size", cfg.size) < cfg.size
-                 else run.pace["whole"] for r in rows]
-    factor = float(np.mean([r["seconds"] / p for r, p in zip(rows, predicted)]))
-    pace = {k: v * factor for k, v in run.pace.items()}
+    rows = [*history.to_dict("records"), row]
+    factors = {}
+    for kind in ("window", "whole"):
+        recent = [r for r in rows if _epoch_kind(cfg, r) == kind][-3:]
+        if recent:
+            factors[kind] = float(np.mean([r["seconds"] / run.pace[kind] for r in recent]))
+    factor = factors[_epoch_kind(cfg, row)]
+    pace = {k: v * factors.get(k, factor) for k, v in run.pace.items()}
     left = 0.95 * parse_duration(cfg.time_budget) - (time.perf_counter() - run.started) - (
         run.final_s)
+    # Past the windows, their number is fixed: what changes is how many whole epochs follow.
+    early = cfg.early_epochs if cfg.early_crop and done >= cfg.early_epochs else None
     # No time for another epoch: stop here (the cosine ends unfinished) rather than overrun.
-    epochs = _fitting_epochs(cfg, done, cfg.epochs, left, pace)
-    if epochs == cfg.epochs and done < cfg.epochs / 2 and (
-            not cfg.early_crop or done < cfg.early_epochs):
+    epochs = _fitting_epochs(cfg, done, cfg.epochs, left, pace, early)
+    windowed_first_half = done < cfg.epochs / 2 and (
+        not cfg.early_crop or done < cfg.early_epochs)
+    first_whole = bool(cfg.early_crop) and 1 <= done - cfg.early_epochs <= 2
+    if epochs == cfg.epochs and (windowed_first_half or first_whole):
         # Grown only with half an epoch to spare, so that a plan on the edge does not flip
         # back and forth between two lengths.
         epochs = max(epochs, _fitting_epochs(cfg, done, run.most_epochs,
-                                             left - 0.5 * pace["whole"], pace))
+                                             left - 0.5 * pace["whole"], pace, early))
     epochs = int(max(_gather(epochs, run.dist)))
     if epochs == cfg.epochs:
         return
     run.log(f"Time budget {cfg.time_budget}: the last epochs took {factor:.0%} of the time "
             f"the first steps predicted; the schedule now ends after {epochs} epochs instead "
             f"of {cfg.epochs}.")
-    _set_epochs(run, epochs)
+    _set_epochs(run, epochs, early)
+
+
+def _epoch_kind(cfg: TrainConfig, row: dict) -> str:
+    """``window`` for a metrics row trained on ``early_crop`` windows, else ``whole``."""
+    return "window" if row.get("train_size", cfg.size) < cfg.size else "whole"
 
 
 def _finish_best(run: _Run) -> dict[str, float]:
