@@ -2,6 +2,7 @@
 """A bounded load test of `bcd serve` on 127.0.0.1: throughput, latency, errors, peak RSS.
 
     python benchmarks/load.py [--requests 500] [--concurrency 16] [--model densenet121]
+                              [--backend auto|torch|onnx]
 
 Writes a randomly initialised checkpoint to a temporary folder (``densenet121``, the model
 the project trains, or ``tiny``, the 2-block SmallCNN of the tests; both at 224 px crops of a
@@ -10,7 +11,9 @@ that size, as its full-resolution first blocks cost as much as DenseNet), starts
 ``bcd serve`` on it in a subprocess on a free port of 127.0.0.1, and sends N requests, C at
 a time, each posting one image of ``../shared/data/breakhis-samples`` (in turn; a synthetic
 700x460 image when they are absent). Every answer includes the Grad-CAM overlay, so a
-request is a forward and a backward pass plus the PNG work. The server's queue is
+request is a scoring pass on the server's ``--backend`` (default ``auto``, as ``bcd serve``:
+ONNX Runtime on a CPU when installed), a PyTorch forward and backward pass for Grad-CAM, and
+the PNG work. The server's queue is
 ``--max-queue`` (default: the concurrency, so that no request is refused); a smaller one
 shows the 503s the server answers instead of queueing. Prints one JSON line per result,
 then a summary; stops the server and exits by itself. Run by hand, not in CI.
@@ -160,6 +163,8 @@ def main() -> None:
                     "concurrency)")
     ap.add_argument("--max-concurrency", type=int, default=1,
                     help="the server's --max-concurrency (default 1)")
+    ap.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                    help="the server's --backend: what scores the uploads (default auto)")
     ap.add_argument("--retry", action="store_true", help="clients wait Retry-After and resend "
                     "a request answered 503, as the page does (default: count it as an error)")
     ap.add_argument("--timeout", type=float, default=120,
@@ -174,7 +179,8 @@ def main() -> None:
         url = f"http://{HOST}:{port}"
         cmd = [sys.executable, "-m", "breast_cancer_detection.cli", "serve", str(ckpt),
                "--host", HOST, "--port", str(port), "--device", "cpu", "--quiet",
-               "--max-queue", str(max_queue), "--max-concurrency", str(args.max_concurrency)]
+               "--max-queue", str(max_queue), "--max-concurrency", str(args.max_concurrency),
+               "--backend", args.backend]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             health = wait_until_up(url, proc, timeout=120)
@@ -184,6 +190,7 @@ def main() -> None:
                 raise SystemExit(f"warm-up request failed: {warm.status_code} {warm.text}")
             idle = memory_kb(proc.pid)
             emit({"what": "server", "model": health["model"], "device": health["device"],
+                  "backend": health["backend"],
                   "max_concurrency": health["max_concurrency"], "max_queue": health["max_queue"],
                   "cpus": os.cpu_count(), "images": len(files),
                   "rss_after_warmup_mb": idle["VmRSS"] / 1024})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import io
 import json
 import shutil
@@ -435,6 +436,30 @@ def test_create_app_checks_its_arguments(predictor, best):
         create_app(predictor, max_upload_mb=0)
 
 
+def test_uploads_are_scored_on_onnx_runtime_and_explained_with_pytorch(predictor, best):
+    pytest.importorskip("onnxruntime")
+    app = create_app(predictor, backend="onnx")
+    service = app.state.service
+    assert service.scorer.backend == "onnx" and service.predictor is predictor
+    client = _client(app)
+    assert client.get("/api/health").json()["backend"] == "onnx"
+    card = client.get("/api/model").json()
+    assert card["backend"] == "onnx" and card["backend_note"] == "ONNX Runtime (CPU)"
+    r = client.post("/api/predict", files=_files(("tissue.png", GOOD)))
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    direct = predictor.predict(Image.open(io.BytesIO(GOOD)))[0]
+    assert res["p_malignant"] == pytest.approx(direct.p_malignant, abs=1e-4)
+    assert _decode_data_url(res["cam"]).size == (32, 32)  # Grad-CAM still from PyTorch
+    with pytest.raises(UserError, match="backend"):
+        create_app(predictor, backend="tensorflow")
+    # A checkpoint loaded at start-up gets the same choice.
+    app = create_app(checkpoint=best, device="cpu", backend="onnx")
+    with _client(app) as client:
+        assert client.get("/api/health").json()["backend"] == "onnx"
+        assert app.state.service.predictor.backend == "torch"
+
+
 def test_a_checkpoint_loads_once_at_start_up(best):
     app = create_app(checkpoint=best, device="cpu")
     assert app.state.service.predictor is None  # nothing loaded until the server starts
@@ -474,7 +499,14 @@ def test_bcd_serve_binds_to_localhost_by_default(best, monkeypatch, capsys):
     for host in ("lab.example", "other.example:8000", "127.0.0.1"):
         assert client.get("/api/health", headers={"Host": host}).status_code == 200, host
     assert client.get("/api/health", headers={"Host": "evil.example"}).status_code == 400
-    assert "http://127.0.0.1:8000/" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:8000/" in out
+    # `bcd serve` scores with the fastest backend it has (ONNX Runtime on a CPU, when
+    # installed), and says so; Grad-CAM stays on PyTorch.
+    onnx = importlib.util.find_spec("onnxruntime") is not None
+    assert app.state.service.scorer.backend == ("onnx" if onnx else "torch")
+    assert ("scored with ONNX Runtime (CPU); Grad-CAM with PyTorch." if onnx
+            else "scored with PyTorch on cpu; Grad-CAM with PyTorch.") in out
 
     calls.clear()
     assert main(["serve", str(best), "--host", "0.0.0.0", "--port", "9001", "--quiet"]) == 0

@@ -199,6 +199,53 @@ def test_only_allowed_formats_are_decoded(tmp_path, monkeypatch):
     assert not isinstance(info.value, ImageFormatError)
 
 
+@pytest.mark.parametrize("decoder", ["imagecodecs", "torchvision"])
+def test_rgb_pngs_decode_faster_to_the_same_pixels_and_damaged_ones_still_fail(
+        decoder, tmp_path, monkeypatch):
+    import breast_cancer_detection.data.datasets as datasets
+
+    if decoder == "imagecodecs":
+        pytest.importorskip("imagecodecs")
+    else:  # as where imagecodecs is not installed
+        import builtins
+
+        real_import = builtins.__import__
+
+        def no_imagecodecs(name, *args, **kwargs):
+            if name == "imagecodecs":
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", no_imagecodecs)
+    monkeypatch.setattr(datasets, "_PNG_DECODER", None)
+    used = []
+    name, decode = datasets._png_decoder()
+    assert name == decoder
+    monkeypatch.setattr(datasets, "_png_decoder",
+                        lambda: (name, lambda data: used.append(1) or decode(data)))
+    rgb = np.random.default_rng(0).integers(0, 256, (46, 70, 3), dtype=np.uint8)
+    path = tmp_path / "tissue.png"
+    Image.fromarray(rgb).save(path)
+    image = open_rgb(path)
+    assert used == [1] and image.mode == "RGB" and np.array_equal(np.asarray(image), rgb)
+    # Uploads (file objects), alpha and palette PNGs are Pillow's.
+    assert np.array_equal(np.asarray(open_rgb(io.BytesIO(path.read_bytes()))), rgb)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(np.dstack([rgb, np.full((46, 70), 255, np.uint8)])).save(tmp_path / "a.png")
+    for other in ("palette.png", "a.png"):
+        assert open_rgb(tmp_path / other).size == (70, 46)
+    assert used == [1]
+    # The pixel limit is checked from the header first, and a truncated file gets Pillow's
+    # error, naming the file.
+    with pytest.raises(ImageError, match="over the limit"):
+        open_rgb(path, max_pixels=100)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(ImageError, match="truncated.png"):
+        open_rgb(truncated)
+    assert used == [1, 1]  # the fast decoder refused it first
+
+
 def test_predict_gives_a_format_refusal_as_an_error_row(predictor, tmp_path):
     gif = tmp_path / "a.gif"
     gif.write_bytes(_saved("GIF"))

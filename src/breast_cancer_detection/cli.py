@@ -524,13 +524,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      max_request_megapixels=args.max_request_megapixels,
                      max_request_tiles=args.max_request_tiles,
                      upload_timeout=args.upload_timeout, max_uploads=args.max_uploads,
-                     allowed_hosts=hosts, slides=args.slides)
+                     allowed_hosts=hosts, slides=args.slides, backend=args.backend)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: --host {args.host} makes the app reachable from other machines; it "
               "has no authentication.", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {predictor.arch} at "
-          f"http://{host}:{args.port}/ (API documentation at /docs); Ctrl-C stops it.")
+          f"http://{host}:{args.port}/ (API documentation at /docs); Ctrl-C stops it. Images "
+          f"are scored with {app.state.service.scorer.backend_note}"
+          + ("; Grad-CAM with PyTorch." if predictor.backend == "torch" else "."))
     if args.slides:
         print(f"Whole slides: the results of `bcd slide ... --out {args.slides}`, on the page "
               "and at /api/slides.")
@@ -969,6 +971,7 @@ def _add_use_commands(sub) -> None:
                     "each slide's heat map, regions and top tiles")
     _sha256(sv)
     _device(sv)
+    _backend(sv)
     _quiet(sv, "no progress bar or request log")
     sv.set_defaults(func=_cmd_serve)
 

@@ -445,7 +445,8 @@ def _evaluation(report: EvaluationResult, predictor: Predictor) -> dict[str, Any
     }
 
 
-def model_card(predictor: Predictor, report: EvaluationResult | None = None) -> dict[str, Any]:
+def model_card(predictor: Predictor, report: EvaluationResult | None = None, *,
+               scorer: Predictor | None = None) -> dict[str, Any]:
     """What the model is, what it was trained and tested on, and what it is for.
 
     Read from the checkpoint the predictor was loaded from; test-set metrics with confidence
@@ -454,6 +455,8 @@ def model_card(predictor: Predictor, report: EvaluationResult | None = None) -> 
     Args:
         predictor: The loaded model.
         report: The evaluation report of this checkpoint, or None.
+        scorer: The same model on the backend that scores the images, when that is not
+            ``predictor`` (:meth:`Predictor.on_backend`).
 
     Returns:
         The card as plain JSON values (NaN as null).
@@ -473,7 +476,8 @@ def model_card(predictor: Predictor, report: EvaluationResult | None = None) -> 
     card = {
         "name": f"breast_cancer_detection {predictor.arch}",
         "architecture": predictor.arch,
-        "backend": predictor.backend,
+        "backend": (scorer or predictor).backend,
+        "backend_note": (scorer or predictor).backend_note,
         "classes": predictor.classes,
         "preprocessing": {**pre.to_dict(), "description": (
             f"RGB, {resize}, normalised with mean {', '.join(f'{m:g}' for m in pre.mean)} and "
@@ -650,15 +654,20 @@ class _Service:
         self.upload_timeout = upload_timeout
         self.report = report
         self.predictor: Predictor | None = None
+        self.scorer: Predictor | None = None
         self.card: dict[str, Any] = {}
         # Grad-CAM hooks the shared model; a forward pass of another request in between
         # would mix their activations. Model calls therefore take turns; decoding and
         # encoding do not.
         self._model_lock = threading.Lock()
 
-    def load(self, predictor: Predictor) -> None:
-        self.card = _without_local_paths(model_card(predictor, self.report))
-        self.predictor = predictor
+    def load(self, predictor: Predictor, backend: str = "torch") -> None:
+        """Serves ``predictor``: uploads are scored on ``backend`` (``auto`` picks ONNX Runtime
+        on a CPU when it is installed, see :meth:`Predictor.on_backend`), and Grad-CAM runs on
+        ``predictor`` itself when that is PyTorch (it needs gradients)."""
+        scorer = predictor.on_backend(backend)
+        self.card = _without_local_paths(model_card(predictor, self.report, scorer=scorer))
+        self.predictor, self.scorer = predictor, scorer
 
     @property
     def arch(self) -> str:
@@ -772,7 +781,7 @@ class _Service:
             # One image at a time, so that a client that left stops costing model time.
             for upload, image in zip(uploads, images):
                 check()
-                (p,) = predictor.predict([image])
+                (p,) = self.scorer.predict([image])
                 if p.error is not None:
                     # A model that outputs NaN is the server's fault, not the upload's.
                     status = 500 if p.error.startswith(NON_FINITE) else 400
@@ -888,7 +897,8 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
                max_request_megapixels: float = MAX_REQUEST_MEGAPIXELS,
                max_request_tiles: int = MAX_REQUEST_TILES,
                upload_timeout: float = UPLOAD_TIMEOUT, max_uploads: int = MAX_UPLOADS,
-               allowed_hosts: Iterable[str] = (), slides: str | Path | None = None) -> FastAPI:
+               allowed_hosts: Iterable[str] = (), slides: str | Path | None = None,
+               backend: str = "torch") -> FastAPI:
     """Builds the web app: the page at ``/``, the API under ``/api``, OpenAPI at ``/docs``.
 
     Give a loaded ``predictor`` (used as it is), or a ``checkpoint`` to load once when the
@@ -932,6 +942,9 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         allowed_hosts: Host names answered to besides IP addresses and localhost; ``"*"``
             answers any.
         slides: The folder ``bcd slide SLIDE... --out DIR`` writes, or None.
+        backend: What scores the uploads: ``torch``, ``onnx``, or ``auto`` (ONNX Runtime on a
+            CPU when installed: faster; ``bcd serve`` uses ``auto``). Grad-CAM runs on
+            PyTorch either way, when the model is a checkpoint.
 
     Raises:
         UserError: neither or both of ``predictor`` and ``checkpoint``, a bad limit, a
@@ -958,8 +971,10 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
     service = _Service(max_upload_mb=max_upload_mb, max_pixels=max_pixels, report=report,
                        max_request_megapixels=max_request_megapixels,
                        max_request_tiles=max_request_tiles, upload_timeout=upload_timeout)
+    if backend not in ("auto", "torch", "onnx"):
+        raise UserError(f"backend={backend!r}: use 'auto', 'torch' or 'onnx'.")
     if predictor is not None:
-        service.load(predictor)
+        service.load(predictor, backend)
     gate = _Gate(max_concurrency, max_queue, max_uploads)
     shown = None if slides is None else _Slides(slides)
 
@@ -969,7 +984,7 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
             kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
             loaded = await run_in_threadpool(Predictor.from_checkpoint, checkpoint,
                                              device=device, progress=False, **kwargs)
-            service.load(loaded)
+            await run_in_threadpool(service.load, loaded, backend)
         yield
 
     app = FastAPI(
@@ -999,7 +1014,7 @@ def _add_routes(app: FastAPI, service: _Service, gate: _Gate, slides: _Slides | 
     @app.get("/api/health", response_model=Health, tags=["service"])
     async def health() -> Health:
         """The service is up; which model answers, and how busy it is."""
-        p = service.predictor
+        p = service.scorer
         return Health(status="ok", model=service.arch, backend=p.backend, device=str(p.device),
                       threshold=p.threshold, version=__version__,
                       max_upload_mb=service.max_upload_mb, max_concurrency=gate.concurrency,
