@@ -402,6 +402,20 @@ def test_batch_augmentation_builds_the_missing_cache(fake_breakhis, tmp_path, ca
     out = capsys.readouterr().out
     assert "building it now" in out and "augmenting whole batches" in out
     assert (result.run_dir / "best.pt").is_file()
+    # A stale cache is rebuilt the same way: the log says why, and no warning tells the user
+    # to run `bcd prepare` for what the run does itself.
+    import os
+    import warnings
+
+    image = next(root.rglob("*.png"))
+    os.utime(image, (image.stat().st_atime, image.stat().st_mtime + 100))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(_cfg(root, tmp_path, batch_augment="on", name="again"), progress=False)
+    out = capsys.readouterr().out
+    assert "was modified after it was cached): building it now" in out, out
+    assert "run `bcd prepare" not in out
+    assert not [w for w in caught if "image cache" in str(w.message)]
 
 
 def test_weight_averaging_ships_the_average_and_resumes(fake_breakhis, tmp_path):
@@ -571,6 +585,8 @@ def test_the_budget_grows_the_plan_only_with_half_an_epoch_to_spare(monkeypatch)
     assert replan(65.0) == 8  # too slow: shortened to what fits
     assert replan(65.0, done=6) == 10 and replan(200.0, done=6) == 10  # second half: kept
     assert replan(85.0, seconds=20.0) == 6  # epochs take twice the plan: 4 more fit
+    # The first epoch's pace (once-only start-up costs in it) is not used.
+    assert replan(50.0, done=1, seconds=30.0) == 10
 
 
 def test_the_budget_grows_whole_epochs_once_their_pace_is_measured(monkeypatch):

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,23 +455,37 @@ def _datasets(cfg: TrainConfig, root: Path, train_tab: pd.DataFrame, val_tab: pd
     from .data.transforms import build_eval_transform, build_train_transform
 
     train_tf, eval_tf = build_train_transform(pre=pre, aug=aug), build_eval_transform(pre=pre)
+    from .data.cache import StaleCacheWarning
+
     cache = None
     if cfg.cache != "off":
         from .data.cache import find_cache, open_cache
 
         both = pd.concat([train_tab, val_tab])
         size = cfg.resize or cfg.size
-        cache = (find_cache(root, both, size) if cfg.cache == "auto"
-                 else open_cache(cfg.cache, root, both))
+        with warnings.catch_warnings(record=True) as stale:
+            warnings.simplefilter("always")
+            cache = (find_cache(root, both, size) if cfg.cache == "auto"
+                     else open_cache(cfg.cache, root, both))
+    else:
+        stale = []
     on_batches = cfg.batch_augment == "on" or (
         cfg.batch_augment == "auto" and device.type == "cuda" and cache is not None)
-    if on_batches and cache is None and cfg.cache == "auto":
+    building = on_batches and cache is None and cfg.cache == "auto"
+    for w in stale:  # why the cache found is unusable: said below when it is rebuilt
+        if not (building and issubclass(w.category, StaleCacheWarning)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if building:
         # The recipe reads whole batches from the cache: build it (once) rather than stop.
         from .data.cache import prepare_cache
 
         size = cfg.resize or cfg.size
+        # The reason without its advice to run `bcd prepare`: that is what happens now.
+        why = "".join(f" ({str(w.message).split('; ')[0]})" for w in stale
+                      if issubclass(w.category, StaleCacheWarning))
         log(f"Batch augmentation reads decoded images from a cache, and {root} has no fresh "
-            f"one at {size} px: building it now (once; `bcd prepare` does the same ahead).")
+            f"one at {size} px{why}: building it now (once; `bcd prepare` does the same "
+            "ahead).")
         prepare_cache(root, pd.concat([train_tab, val_tab]), size,
                       workers=min(2, os.cpu_count() or 1))
         cache = find_cache(root, pd.concat([train_tab, val_tab]), size)
@@ -892,10 +907,12 @@ def _train(run: _Run, state: RunState) -> TrainResult:
 def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
     """Re-sizes the schedule to the measured pace of the epochs so far.
 
-    After each epoch the epochs still to run are costed from the first steps' timing, scaled
-    by how the recent epochs of the same kind (windowed or whole) measured against it. When
-    fewer fit than planned, the cosine's end moves closer (the learning rate steps down a
-    little) so that the run still ends inside ``time_budget``. When more fit, it moves later,
+    After each epoch from the second on, the epochs still to run are costed from the first
+    steps' timing, scaled by how the recent epochs of the same kind (windowed or whole)
+    measured against it. When fewer fit than planned, the cosine's end moves closer (the
+    learning rate steps down a little) so that the run still ends inside ``time_budget``
+    (the first epoch's timing includes once-only costs; a run that really is slower is
+    corrected after its second epoch). When more fit, it moves later,
     never past the ``epochs`` the run was given, and only where the learning rate is still
     near its top: in the run's first half while it trains on ``early_crop`` windows, and after
     the first one or two whole-image epochs (the first measure of their pace: a slow first
@@ -907,7 +924,11 @@ def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
         return
     from .config import parse_duration
 
-    rows = [*history.to_dict("records"), row]
+    # The first epoch pays once-only costs (workers starting, the cache's first reads) that
+    # would make the plan shrink for nothing: its pace is not used.
+    rows = [r for r in [*history.to_dict("records"), row] if int(r["epoch"]) > 1]
+    if not rows:
+        return
     factors = {}
     for kind in ("window", "whole"):
         recent = [r for r in rows if _epoch_kind(cfg, r) == kind][-3:]

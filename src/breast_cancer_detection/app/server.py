@@ -664,8 +664,9 @@ class _Service:
     def load(self, predictor: Predictor, backend: str = "torch") -> None:
         """Serves ``predictor``: uploads are scored on ``backend`` (``auto`` picks ONNX Runtime
         on a CPU when it is installed, see :meth:`Predictor.on_backend`), and Grad-CAM runs on
-        ``predictor`` itself when that is PyTorch (it needs gradients)."""
-        scorer = predictor.on_backend(backend)
+        ``predictor`` itself when that is PyTorch (it needs gradients). An ONNX model is
+        served as it is, whatever ``backend`` says."""
+        scorer = predictor if backend == "torch" else predictor.on_backend(backend)
         self.card = _without_local_paths(model_card(predictor, self.report, scorer=scorer))
         self.predictor, self.scorer = predictor, scorer
 
