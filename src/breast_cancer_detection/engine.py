@@ -912,12 +912,12 @@ def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
     measured against it. When fewer fit than planned, the cosine's end moves closer (the
     learning rate steps down a little) so that the run still ends inside ``time_budget``
     (the first epoch's timing includes once-only costs; a run that really is slower is
-    corrected after its second epoch). When more fit, it moves later,
-    never past the ``epochs`` the run was given, and only where the learning rate is still
-    near its top: in the run's first half while it trains on ``early_crop`` windows, and after
-    the first one or two whole-image epochs (the first measure of their pace: a slow first
-    timing would otherwise leave minutes of the budget unused); there the added epochs are
-    whole ones and the windowed ones stay as trained.
+    corrected after its second epoch). When more fit, it moves later, never past the
+    ``epochs`` the run was given, and only where the learning rate is still near its top: in
+    the run's first half while it trains on ``early_crop`` windows, and after the first one
+    or two whole-image epochs (the first measure of their pace: a slow first timing would
+    otherwise leave minutes of the budget unused); there the added epochs are whole ones and
+    the windowed ones stay as trained.
     """
     cfg, done = run.cfg, int(row["epoch"])
     if run.started is None or not cfg.time_budget or done >= cfg.epochs:
