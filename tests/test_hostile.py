@@ -232,7 +232,12 @@ def test_rgb_pngs_decode_faster_to_the_same_pixels_and_damaged_ones_still_fail(
     assert np.array_equal(np.asarray(open_rgb(io.BytesIO(path.read_bytes()))), rgb)
     Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
     Image.fromarray(np.dstack([rgb, np.full((46, 70), 255, np.uint8)])).save(tmp_path / "a.png")
-    for other in ("palette.png", "a.png"):
+    from PIL.PngImagePlugin import PngInfo
+
+    bulky = PngInfo()
+    bulky.add_text("note", "x" * (2 << 20))  # 2 MB of text: more than the pixels
+    Image.fromarray(rgb).save(tmp_path / "bulky.png", pnginfo=bulky)
+    for other in ("palette.png", "a.png", "bulky.png"):
         assert open_rgb(tmp_path / other).size == (70, 46)
     assert used == [1]
     # The pixel limit is checked from the header first, and a truncated file gets Pillow's

@@ -123,10 +123,13 @@ _PNG_DECODER: tuple[str, Callable[[bytes], np.ndarray]] | None = None
 def _decode_png(source, im: Image.Image) -> Image.Image | None:
     """An 8-bit RGB PNG file (``source`` a path; ``im`` its header, already checked) decoded
     with :func:`_png_decoder`, or None to leave it to Pillow: other modes (palette, alpha,
-    16-bit, grey), file objects (uploads), and any file the fast decoder refuses or reads to
+    16-bit, grey), file objects (uploads), files larger than their pixels (bulky metadata
+    chunks: the file is read whole here), and any file the fast decoder refuses or reads to
     another shape, so that a damaged file gets Pillow's error message."""
     global _PNG_DECODER
     if im.format != "PNG" or im.mode != "RGB" or not isinstance(source, (str, Path)):
+        return None
+    if Path(source).stat().st_size > 3 * im.width * im.height + (1 << 20):
         return None
     if _PNG_DECODER is None:
         _PNG_DECODER = _png_decoder()
