@@ -428,6 +428,16 @@ def _ignore_sigterm(worker_id: int) -> None:
     # makes the main process fail inside backward with "DataLoader worker killed"; ignoring it
     # here leaves the shutdown to the main process, which saves last.pt and stops the workers.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A worker that ignores SIGTERM also ignores the main process's terminate() at shutdown:
+    # one blocked writing a batch nobody reads would outlive it, holding its pipes open. On
+    # Linux the kernel kills it when the main process is gone.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def _loader(ds, sampler, cfg: TrainConfig, device: torch.device, *, seed: int, drop_last: bool):
