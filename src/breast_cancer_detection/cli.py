@@ -558,7 +558,9 @@ def _sha256(p: argparse.ArgumentParser, help: str = "expected SHA-256 of the che
 
 
 def _backend(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+    from .inference import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): ONNX Runtime on a CPU when it is installed (the "
                    "checkpoint is exported once into the cache and checked against PyTorch; "
                    "an int8 model that `bcd export --int8` left there runs instead), else "

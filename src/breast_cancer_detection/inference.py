@@ -380,6 +380,16 @@ def _local_file(path: str | Path, *, sha256: str | None, cache: str | Path | Non
 # ----------------------------------------------------------------------------- predictor
 
 
+BACKENDS = ("auto", "torch", "onnx")
+"""What :meth:`Predictor.on_backend` (and ``--backend``) accepts."""
+
+
+def check_backend(backend: str) -> None:
+    """Raises UserError unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise UserError(f"backend={backend!r}: use 'auto', 'torch' or 'onnx'.")
+
+
 class Predictor:
     """A trained model with the preprocessing and decision threshold it was saved with.
 
@@ -567,8 +577,7 @@ class Predictor:
         import importlib.util
         import warnings
 
-        if backend not in ("auto", "torch", "onnx"):
-            raise UserError(f"backend={backend!r}: use 'auto', 'torch' or 'onnx'.")
+        check_backend(backend)
         if backend == "torch" or self.backend == "onnx" or (
                 backend == "auto" and (self.device.type != "cpu" or self.checkpoint is None
                                        or importlib.util.find_spec("onnxruntime") is None)):

@@ -39,7 +39,7 @@ from ..errors import UserError
 from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
 from ..files import jsonable
-from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts
+from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts, check_backend
 
 log = logging.getLogger(__name__)
 
@@ -972,8 +972,7 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
     service = _Service(max_upload_mb=max_upload_mb, max_pixels=max_pixels, report=report,
                        max_request_megapixels=max_request_megapixels,
                        max_request_tiles=max_request_tiles, upload_timeout=upload_timeout)
-    if backend not in ("auto", "torch", "onnx"):
-        raise UserError(f"backend={backend!r}: use 'auto', 'torch' or 'onnx'.")
+    check_backend(backend)  # before a checkpoint is loaded at start-up
     if predictor is not None:
         service.load(predictor, backend)
     gate = _Gate(max_concurrency, max_queue, max_uploads)
