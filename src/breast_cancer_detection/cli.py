@@ -558,7 +558,7 @@ def _sha256(p: argparse.ArgumentParser, help: str = "expected SHA-256 of the che
 
 
 def _backend(p: argparse.ArgumentParser) -> None:
-    from .inference import BACKENDS
+    from .config import BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): ONNX Runtime on a CPU when it is installed (the "

@@ -263,3 +263,14 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
 def load_config(path: str | Path) -> TrainConfig:
     """Reads a ``config.yaml`` written by a run."""
     return TrainConfig.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+
+BACKENDS = ("auto", "torch", "onnx")
+"""What ``Predictor.on_backend`` (and ``--backend``) accepts; here, where the CLI can read it
+without importing torch."""
+
+
+def check_backend(backend: str) -> None:
+    """Raises UserError unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise UserError(f"backend={backend!r}: use 'auto', 'torch' or 'onnx'.")

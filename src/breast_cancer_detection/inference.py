@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, amp_dtype, load_checkpoint, resolve_device
+from .config import check_backend
 from .data.breakhis import CLASSES, IMAGE_SUFFIXES, parse_breakhis_name
 from .data.datasets import (
     DEFAULT_MAX_PIXELS,
@@ -378,16 +379,6 @@ def _local_file(path: str | Path, *, sha256: str | None, cache: str | Path | Non
 
 
 # ----------------------------------------------------------------------------- predictor
-
-
-BACKENDS = ("auto", "torch", "onnx")
-"""What :meth:`Predictor.on_backend` (and ``--backend``) accepts."""
-
-
-def check_backend(backend: str) -> None:
-    """Raises UserError unless ``backend`` is one of :data:`BACKENDS`."""
-    if backend not in BACKENDS:
-        raise UserError(f"backend={backend!r}: use 'auto', 'torch' or 'onnx'.")
 
 
 class Predictor:

@@ -34,12 +34,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..config import check_backend
 from ..data.datasets import ALLOWED_FORMATS, ImageError, ImageFormatError, open_rgb
 from ..errors import UserError
 from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
 from ..files import jsonable
-from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts, check_backend
+from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts
 
 log = logging.getLogger(__name__)
 
