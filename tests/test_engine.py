@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from breast_cancer_detection import engine
 from breast_cancer_detection.checkpoint import amp_dtype, load_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.config import ConfigError, TrainConfig, load_preset
@@ -57,8 +61,6 @@ def test_one_epoch_writes_every_file(fake_breakhis, tmp_path):
 
 def _interrupt_in_epoch(monkeypatch, epoch: int, after_batches: int):
     """Makes the next fit raise KeyboardInterrupt after some real batches of one epoch."""
-    import breast_cancer_detection.engine as engine
-
     real = engine.train_one_epoch
     seen = {"epochs": 0}
 
@@ -83,8 +85,6 @@ def _interrupt_in_epoch(monkeypatch, epoch: int, after_batches: int):
 @pytest.mark.parametrize("after_batches", [0, 2])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(
         fake_breakhis, tmp_path, monkeypatch, capsys, after_batches):
-    import breast_cancer_detection.engine as engine
-
     straight = fit(_cfg(fake_breakhis, tmp_path / "a", epochs=3), progress=False)
     real = _interrupt_in_epoch(monkeypatch, epoch=2, after_batches=after_batches)
     run = tmp_path / "b" / "runs" / "r"
@@ -137,8 +137,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_breakhis, tmp_path, 
     cfg = _cfg(fake_breakhis, tmp_path, epochs=2)
     real_forward = torch.nn.CrossEntropyLoss.forward
     state = {"epoch2": False}
-    import breast_cancer_detection.engine as engine
-
     real_epoch = engine.train_one_epoch
 
     def epoch(*a, **k):
@@ -269,10 +267,6 @@ def test_training_reads_the_prepared_cache(fake_breakhis, tmp_path, monkeypatch,
 
 @pytest.mark.slow
 def test_sigterm_saves_last_like_ctrl_c(fake_breakhis, tmp_path, monkeypatch):
-    import signal
-
-    import breast_cancer_detection.engine as engine
-
     real = engine.train_one_epoch
     seen = {"n": 0}
 
@@ -293,9 +287,6 @@ def test_sigterm_saves_last_like_ctrl_c(fake_breakhis, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_and_exits_143(fake_breakhis, tmp_path):
     # What `timeout`, SLURM and systemd do: signal the whole group, DataLoader workers too.
-    import signal
-    import time
-
     run = tmp_path / "runs" / "r"
     cmd = [sys.executable, "-m", "breast_cancer_detection.train", "--preset", "cpu-smoke",
            "--data", str(fake_breakhis), "--runs-dir", str(tmp_path / "runs"), "--name", "r",
@@ -310,7 +301,12 @@ def test_sigterm_to_the_process_group_saves_and_exits_143(fake_breakhis, tmp_pat
             time.sleep(0.2)
         time.sleep(1.0)  # into a later epoch, while its loader's workers run
         os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"still running 120 s after SIGTERM; its stderr:\n{err}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -324,6 +320,54 @@ def test_sigterm_to_the_process_group_saves_and_exits_143(fake_breakhis, tmp_pat
     assert main(["train", "--resume", str(run), "--epochs", str(saved.epoch + 1),
                  "--quiet"]) == 0
     assert load_checkpoint(run / "last.pt").epoch == saved.epoch + 1
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.tensor([i])
+
+
+def _slow_start(worker_id):
+    time.sleep(0.5)  # a worker still starting up when the group's SIGTERM arrives
+    engine._ignore_sigterm(worker_id)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_a_sigterm_while_workers_start_does_not_kill_them():
+    loader = engine._Loader(_Numbers(), batch_size=8, num_workers=2, worker_init_fn=_slow_start)
+    it = iter(loader)
+    for w in it._workers:
+        os.kill(w.pid, signal.SIGTERM)  # before _ignore_sigterm ran in them
+    assert torch.cat(list(it)).flatten().tolist() == list(range(64))
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # unblocked again here
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork start method")
+def test_a_run_ending_on_an_exception_does_not_wait_for_its_workers(tmp_path):
+    # multiprocessing's exit hook terminate()s live workers and waits: ours ignore SIGTERM.
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from breast_cancer_detection import engine
+
+        class Numbers(torch.utils.data.Dataset):
+            def __len__(self):
+                return 10_000
+
+            def __getitem__(self, i):
+                return torch.tensor([i])
+
+        it = iter(engine._Loader(Numbers(), batch_size=1, num_workers=2,
+                                 worker_init_fn=engine._ignore_sigterm))
+        next(it)
+        raise RuntimeError("boom")
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr, proc.stderr
 
 
 # ----------------------------------------------------------------------------- the CPU recipe
@@ -342,8 +386,6 @@ def test_training_stores_the_threshold_chosen_on_val(fake_breakhis, tmp_path, ca
 
 @pytest.mark.slow
 def test_a_time_budget_sizes_the_epochs(fake_breakhis, tmp_path, capsys, monkeypatch):
-    import breast_cancer_detection.engine as engine
-
     # 1 s per step and 2 s of validation: 60 s leave room for a few epochs of 4 steps, not 50.
     monkeypatch.setattr(engine, "_time_steps", lambda run, steps, **kw: (1.0, 2.0))
     cfg = _cfg(fake_breakhis, tmp_path, epochs=50, time_budget="60s", batch_size=8)
@@ -363,8 +405,6 @@ def test_a_time_budget_sizes_the_epochs(fake_breakhis, tmp_path, capsys, monkeyp
 
 def test_a_gpu_recipe_on_a_cpu_says_how_long_it_would_take(fake_breakhis, tmp_path, capsys,
                                                          monkeypatch):
-    import breast_cancer_detection.engine as engine
-
     monkeypatch.setattr(engine, "_time_steps", lambda run, steps, **kw: (2.0, 10.0))
     fit(_cfg(fake_breakhis, tmp_path, epochs=1, expects_gpu=True), progress=False)
     out = capsys.readouterr().out
@@ -444,10 +484,6 @@ def test_amp_auto_on_a_cpu_follows_native_bf16(monkeypatch):
 @pytest.mark.slow
 def test_the_budget_shortens_the_schedule_when_epochs_run_slow(fake_breakhis, tmp_path, capsys,
                                                                monkeypatch):
-    import time
-
-    import breast_cancer_detection.engine as engine
-
     # The first steps claim to be nearly free, so the plan is the 50-epoch maximum...
     monkeypatch.setattr(engine, "_time_steps", lambda run, steps, **kw: (0.001, 0.001))
     real = engine._train_epoch
@@ -505,8 +541,6 @@ def test_early_epochs_train_on_windows_then_whole_images(fake_breakhis, tmp_path
     cfg = _cfg(root, tmp_path, epochs=4, size=48, resize=None, early_crop=32,
                early_fraction=0.5, batch_augment=batch_augment, cache="auto")
     assert [cfg.window(e) for e in range(4)] == [32, 32, None, None]
-    import breast_cancer_detection.engine as engine
-
     seen = []  # (training?, input side) of every forward pass of the network
     real = engine._build_model
 
@@ -557,10 +591,7 @@ def test_the_budget_counts_window_epochs_at_their_own_pace():
 
 
 def test_the_budget_grows_the_plan_only_with_half_an_epoch_to_spare(monkeypatch):
-    import time
     import types
-
-    import breast_cancer_detection.engine as engine
 
     changed = []
     monkeypatch.setattr(engine, "_set_epochs",
@@ -592,10 +623,7 @@ def test_the_budget_grows_the_plan_only_with_half_an_epoch_to_spare(monkeypatch)
 def test_the_budget_grows_whole_epochs_once_their_pace_is_measured(monkeypatch):
     """A pessimistic first timing of whole-image steps is corrected after the first whole
     epochs: the added epochs are whole ones, the windowed ones stay as trained."""
-    import time
     import types
-
-    import breast_cancer_detection.engine as engine
 
     changed = []
     monkeypatch.setattr(engine, "_set_epochs",

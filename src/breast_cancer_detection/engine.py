@@ -7,6 +7,7 @@ lives in a :class:`RunState` that goes into every checkpoint and comes back out 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,7 +429,11 @@ def _ignore_sigterm(worker_id: int) -> None:
     # `timeout`, SLURM and systemd signal the whole process group. A worker that dies of it
     # makes the main process fail inside backward with "DataLoader worker killed"; ignoring it
     # here leaves the shutdown to the main process, which saves last.pt and stops the workers.
+    # The worker starts with SIGTERM blocked (_Loader.__iter__): one that arrived since the
+    # fork is pending, and ignoring it discards it before it is unblocked.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     # A worker that ignores SIGTERM also ignores the main process's terminate() at shutdown:
     # one blocked writing a batch nobody reads would outlive it, holding its pipes open. On
     # Linux the kernel kills it when the main process is gone.
@@ -440,6 +446,49 @@ def _ignore_sigterm(worker_id: int) -> None:
             pass
 
 
+@contextlib.contextmanager
+def _sigterm_blocked():
+    """SIGTERM held back (not lost) in this thread, and in processes it forks, until exit."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, no fork
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _kill_workers_at_exit() -> None:
+    # At exit, multiprocessing terminate()s the workers still running and waits for them; ours
+    # ignore SIGTERM, so a run that ended on an exception (its iterator kept alive by the
+    # traceback) would wait forever. Registered after multiprocessing's own exit hook, so it
+    # runs first.
+    for it in list(_LIVE_ITERATORS):
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                w.kill()
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers survive a SIGTERM to the process group (see above)."""
+
+    def __iter__(self):
+        # Workers start with SIGTERM blocked, so one that arrives between the fork and
+        # _ignore_sigterm cannot kill them; the main process gets it when the workers are up.
+        with _sigterm_blocked():
+            it = super().__iter__()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+atexit.register(_kill_workers_at_exit)
+
+
 def _loader(ds, sampler, cfg: TrainConfig, device: torch.device, *, seed: int, drop_last: bool):
     kw: dict[str, Any] = {}
     # More workers than cores only adds switching (and a warning from PyTorch).
@@ -447,7 +496,7 @@ def _loader(ds, sampler, cfg: TrainConfig, device: torch.device, *, seed: int, d
     if workers > 0:
         kw.update(prefetch_factor=4 if device.type == "cuda" else 2,
                   worker_init_fn=_ignore_sigterm)
-    return torch.utils.data.DataLoader(
+    return _Loader(
         ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
         collate_fn=collate_skip_bad, pin_memory=device.type == "cuda", drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed), **kw)
