@@ -2,6 +2,7 @@
 """Inference speed on this CPU: Predictor against the seed notebook's predict(), same images.
 
     python benchmarks/inference.py [--images 48] [--batch-size 32] [--repeats 3]
+                                   [--only breakhis|pcam|jpeg]
 
 1. BreakHis, DenseNet-121 (random weights, no download) at 224 px. The seed is timed by
    ``../shared/baseline/seed_pipeline.py predict`` (one image at a time, PIL + numpy) on a
@@ -20,6 +21,11 @@
    matrix product timed here).
 3. Cold start: ``bcd predict CKPT one.png`` in a fresh process, time to the first prediction
    and peak resident memory.
+4. JPEG (``--only jpeg``): the same DenseNet-121 on the BreakHis samples saved as JPEG
+   (quality 90) at twice their pixel size (1400x920, bicubic), as a camera with more pixels
+   gives them. The seed, ours on ONNX Runtime (a JPEG predicted whole is decoded at a reduced
+   scale, never below the 256 px resize), and ours with the full decode (the reduction
+   switched off in this process), interleaved ``--repeats`` times.
 
 Prints the CPU and its vector extensions first, then JSON lines; run by hand, not in CI.
 """
@@ -255,6 +261,52 @@ def pcam(tmp: Path, args) -> None:
                   "share_of_float32_peak": alone * flops / 1e9 / peak})
 
 
+def jpeg(tmp: Path, args) -> None:
+    from PIL import Image
+
+    import breast_cancer_detection.inference as inference
+    from breast_cancer_detection.inference import Predictor
+
+    files = []
+    for src in cycled_images(tmp / "png", args.images):
+        dst = tmp / "jpeg" / src.parent.name / (src.stem + ".jpg")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            big = im.convert("RGB").resize((im.width * 2, im.height * 2),
+                                           Image.Resampling.BICUBIC)
+        big.save(dst, quality=90)
+        files.append(dst)
+    ckpt = tmp / "densenet121.pt"
+    if not ckpt.exists():
+        save_densenet_checkpoint(ckpt)
+    pred = Predictor.from_checkpoint(ckpt, device="cpu", progress=False).on_backend(
+        "onnx", cache_dir=tmp / "cache-densenet" / "float32")
+    real = inference.open_rgb
+
+    def full_decode(*a, reduced=None, **k):
+        return real(*a, **k)
+
+    ratios: dict[str, list[float]] = {"reduced": [], "full": [], "reduced_over_full": []}
+    for r in range(args.repeats):
+        seed = emit({"what": "seed_predict_jpeg", "repeat": r, "images_per_s":
+                     time_seed(tmp / "jpeg", args.images)})["images_per_s"]
+        got = {}
+        for name in (("reduced", "full") if r % 2 == 0 else ("full", "reduced")):
+            inference.open_rgb = full_decode if name == "full" else real
+            try:
+                got[name] = emit({"what": "bcd_predict_jpeg", "repeat": r, "decode": name,
+                                  "backend": pred.backend, "images_per_s":
+                                  time_predict(pred, files, args.batch_size)})["images_per_s"]
+            finally:
+                inference.open_rgb = real
+            ratios[name].append(got[name] / seed)
+        ratios["reduced_over_full"].append(got["reduced"] / got["full"])
+    for name, values in ratios.items():
+        emit({"what": "ratio_jpeg", "model": "densenet121 224 px, 1400x920 JPEG",
+              "ratio": name if name == "reduced_over_full" else f"{name} decode over seed",
+              **spread(values)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,7 +317,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--patches", type=int, default=512, help="PCam patches per timed run "
                     "(default 512)")
-    ap.add_argument("--only", choices=["breakhis", "pcam"], help="run one part")
+    ap.add_argument("--only", choices=["breakhis", "pcam", "jpeg"],
+                    help="run one part")
     args = ap.parse_args()
 
     emit({"what": "machine", **cpu_info(), "torch_threads": torch.get_num_threads(),
@@ -276,6 +329,8 @@ def main() -> None:
             breakhis(tmp, args)
         if args.only in (None, "pcam"):
             pcam(tmp, args)
+        if args.only in (None, "jpeg"):
+            jpeg(tmp, args)
 
 
 if __name__ == "__main__":

@@ -435,7 +435,9 @@ def test_the_first_steps_are_timed_even_when_the_data_is_smaller_than_a_batch(fa
     assert step_s > 0 and val_s > 0
 
 
-def test_batch_augmentation_builds_the_missing_cache(fake_breakhis, tmp_path, capsys):
+def test_batch_augmentation_builds_the_missing_cache(fake_breakhis, tmp_path, capsys,
+                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default cache folder is under the working directory
     root = tmp_path / "data"
     shutil.copytree(fake_breakhis, root)
     result = fit(_cfg(root, tmp_path, batch_augment="on"), progress=False)
@@ -444,7 +446,6 @@ def test_batch_augmentation_builds_the_missing_cache(fake_breakhis, tmp_path, ca
     assert (result.run_dir / "best.pt").is_file()
     # A stale cache is rebuilt the same way: the log says why, and no warning tells the user
     # to run `bcd prepare` for what the run does itself.
-    import os
     import warnings
 
     image = next(root.rglob("*.png"))
@@ -536,6 +537,7 @@ def test_no_threshold_is_stored_when_validation_cannot_choose_one(fake_breakhis,
 @pytest.mark.parametrize("batch_augment", ["on", "off"])
 def test_early_epochs_train_on_windows_then_whole_images(fake_breakhis, tmp_path, capsys,
                                                          monkeypatch, batch_augment):
+    monkeypatch.chdir(tmp_path)  # the default cache folder is under the working directory
     root = tmp_path / "data"
     shutil.copytree(fake_breakhis, root)
     cfg = _cfg(root, tmp_path, epochs=4, size=48, resize=None, early_crop=32,

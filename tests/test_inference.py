@@ -18,6 +18,7 @@ from PIL import Image
 from breast_cancer_detection.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.data.breakhis import build_index
+from breast_cancer_detection.data.datasets import open_rgb
 from breast_cancer_detection.data.transforms import dihedral
 from breast_cancer_detection.errors import UserError
 from breast_cancer_detection.inference import (
@@ -152,6 +153,49 @@ def test_large_images_are_tiled_with_a_heat_map(predictor):
         predictor.predict(big, tile_factor=0.5)
     tta = predictor.predict(big, tta=True, batch_size=5)[0]
     assert tta.heatmap.shape == (5, 8) and not np.allclose(tta.heatmap, out.heatmap)
+
+
+def test_a_jpeg_predicted_whole_is_decoded_at_a_reduced_scale(predictor, tmp_path,
+                                                              monkeypatch):
+    import breast_cancer_detection.inference as inference
+
+    decoded = []
+
+    def spy(*a, **k):
+        image = open_rgb(*a, **k)
+        decoded.append(image.size)
+        return image
+
+    monkeypatch.setattr(inference, "open_rgb", spy)
+    smooth = _tissue(33, 40, True, 3).resize((400, 330), Image.Resampling.BICUBIC)
+    smooth.save(tmp_path / "big.jpg", quality=95)
+    smooth.save(tmp_path / "big.png")
+    # The eval resize is 40 px: 1/8 scale keeps both sides >= 40 (400/8 = 50, 330/8 = 42).
+    reduced = predictor.predict(tmp_path / "big.jpg", tile_factor=None)[0]
+    assert decoded == [(50, 42)] and reduced.tiles == 1
+    whole = predictor.predict(Image.open(tmp_path / "big.jpg"), tile_factor=None)[0]
+    assert decoded[-1] == (400, 330)  # an image already opened is taken as it is
+    assert reduced.p_malignant == pytest.approx(whole.p_malignant, abs=0.02)
+    # Tiles are cut at the image's own scale: a tiled JPEG is decoded whole.
+    tiled = predictor.predict(tmp_path / "big.jpg")[0]
+    assert decoded[-1] == (400, 330) and tiled.tiles > 1
+    predictor.predict(tmp_path / "big.png", tile_factor=None)
+    assert decoded[-1] == (400, 330)  # PNG has no reduced decoding
+
+
+def test_open_rgb_reduces_a_jpeg_only_as_far_as_asked(tmp_path):
+    _tissue(300, 500, False).save(tmp_path / "a.jpg")
+    seen = []
+
+    def side(w, h):
+        seen.append((w, h))
+        return 100
+
+    assert open_rgb(tmp_path / "a.jpg", reduced=side).size == (250, 150)  # 1/2: 300 // 100 = 3
+    assert seen == [(500, 300)]
+    assert open_rgb(tmp_path / "a.jpg", reduced=lambda w, h: 37).size == (63, 38)  # 1/8
+    assert open_rgb(tmp_path / "a.jpg", reduced=lambda w, h: 151).size == (500, 300)
+    assert open_rgb(tmp_path / "a.jpg", reduced=lambda w, h: None).size == (500, 300)
 
 
 def test_folders_are_searched_and_batched(predictor, fake_breakhis, tmp_path):

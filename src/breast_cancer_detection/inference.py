@@ -208,9 +208,18 @@ class _Preparer:
         name = item if _is_path(item) else getattr(item, "name", None)
         prefix = f"{name}: " if name else ""
         size = "the image"
+        full: list[tuple[int, int]] = []
+
+        def reduced(w: int, h: int) -> int | None:
+            # A JPEG predicted whole is resized down to the model's input: decoding it at a
+            # reduced scale (never below that input) skips most of the work. Tiles are cut at
+            # the image's own scale, so a tiled one is decoded whole.
+            full.append((w, h))
+            return None if self.tiled(w, h) else (self.pre.resize or self.pre.size)
+
         try:
-            image = open_rgb(item, max_pixels=self.max_pixels)
-            w, h = image.size
+            image = open_rgb(item, max_pixels=self.max_pixels, reduced=reduced)
+            w, h = full[0] if full else image.size  # the checks below judge the file's size
             size = f"{w}x{h} pixels"
             refusal = self._refusal(w, h)
             if refusal is not None:

@@ -35,7 +35,8 @@ class ImageFormatError(ImageError):
     where a damaged image of an allowed format is a plain :class:`ImageError`)."""
 
 
-def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             reduced: Callable[[int, int], int | None] | None = None) -> Image.Image:
     """Opens an image as 8-bit RGB.
 
     Grayscale, 16-bit, palette, RGBA/LA (composited on white, like a slide's background) and
@@ -46,6 +47,11 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
     Args:
         source: Path, file object, PIL image or HxW / HxWxC array.
         max_pixels: Refuse larger images; None disables the check.
+        reduced: For a JPEG file (not a PIL image): called with its width and height before
+            decoding, returns the side in pixels that both dimensions must keep, or None for
+            the full image. The file is then decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+            scaled inverse DCT, which skips most of the decoding work) where that keeps both
+            sides at least that long. For callers that resize the image down anyway.
 
     Raises:
         ImageFormatError: a file in another format (GIF, EPS, PSD...) or not an image at all.
@@ -85,6 +91,10 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
             f"{_name(source)}: {w}x{h} pixels is over the limit of {max_pixels:,} (a possible "
             "decompression bomb); raise the limit (max_pixels / --max-pixels) if it is genuine."
         )
+    if reduced is not None and im.format == "JPEG" and im is not source:  # files only
+        side = reduced(w, h)
+        if side:
+            im.draft(None, (side, side))  # the largest scale that keeps both sides >= side
     fast = _decode_png(source, im)
     if fast is not None:
         return fast
