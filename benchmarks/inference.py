@@ -22,10 +22,13 @@
 3. Cold start: ``bcd predict CKPT one.png`` in a fresh process, time to the first prediction
    and peak resident memory.
 4. JPEG (``--only jpeg``): the same DenseNet-121 on the BreakHis samples saved as JPEG
-   (quality 90) at twice their pixel size (1400x920, bicubic), as a camera with more pixels
-   gives them. The seed, ours on ONNX Runtime (a JPEG predicted whole is decoded at a reduced
-   scale, never below the 256 px resize), and ours with the full decode (the reduction
-   switched off in this process), interleaved ``--repeats`` times.
+   (quality 90) at ``--jpeg-scale`` times their pixel size (default 2: 1400x920; bicubic), as
+   a camera with more pixels gives them, each predicted whole as the seed does
+   (``tile_factor=None``: by default images this large are cut into tiles at their own
+   scale). The seed, ours on ONNX Runtime (a JPEG
+   predicted whole is decoded at a reduced scale, never below the 256 px resize), and ours
+   with the full decode (the reduction switched off in this process), interleaved
+   ``--repeats`` times.
 
 Prints the CPU and its vector extensions first, then JSON lines; run by hand, not in CI.
 """
@@ -98,11 +101,11 @@ def save_densenet_checkpoint(path: Path) -> Path:
     return save_checkpoint(untrained_checkpoint("densenet121"), path)
 
 
-def time_predict(predictor, files: list[Path], batch_size: int) -> float:
-    """Images per second of ``predictor.predict(files)``, after a short warm-up."""
-    predictor.predict(files[:4], batch_size=4)  # allocator, oneDNN/ORT kernels
+def time_predict(predictor, files: list[Path], batch_size: int, **kw) -> float:
+    """Images per second of ``predictor.predict(files, **kw)``, after a short warm-up."""
+    predictor.predict(files[:4], batch_size=4, **kw)  # allocator, oneDNN/ORT kernels
     start = time.perf_counter()
-    out = predictor.predict(files, batch_size=batch_size)
+    out = predictor.predict(files, batch_size=batch_size, **kw)
     seconds = time.perf_counter() - start
     assert all(p.error is None for p in out), [p.error for p in out if p.error]
     return len(files) / seconds
@@ -272,7 +275,8 @@ def jpeg(tmp: Path, args) -> None:
         dst = tmp / "jpeg" / src.parent.name / (src.stem + ".jpg")
         dst.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(src) as im:
-            big = im.convert("RGB").resize((im.width * 2, im.height * 2),
+            big = im.convert("RGB").resize((im.width * args.jpeg_scale,
+                                            im.height * args.jpeg_scale),
                                            Image.Resampling.BICUBIC)
         big.save(dst, quality=90)
         files.append(dst)
@@ -296,13 +300,15 @@ def jpeg(tmp: Path, args) -> None:
             try:
                 got[name] = emit({"what": "bcd_predict_jpeg", "repeat": r, "decode": name,
                                   "backend": pred.backend, "images_per_s":
-                                  time_predict(pred, files, args.batch_size)})["images_per_s"]
+                                  time_predict(pred, files, args.batch_size,
+                                               tile_factor=None)})["images_per_s"]
             finally:
                 inference.open_rgb = real
             ratios[name].append(got[name] / seed)
         ratios["reduced_over_full"].append(got["reduced"] / got["full"])
     for name, values in ratios.items():
-        emit({"what": "ratio_jpeg", "model": "densenet121 224 px, 1400x920 JPEG",
+        emit({"what": "ratio_jpeg", "model": "densenet121 224 px",
+              "jpeg": f"{700 * args.jpeg_scale}x{460 * args.jpeg_scale}",
               "ratio": name if name == "reduced_over_full" else f"{name} decode over seed",
               **spread(values)})
 
@@ -317,6 +323,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--patches", type=int, default=512, help="PCam patches per timed run "
                     "(default 512)")
+    ap.add_argument("--jpeg-scale", type=int, default=2, help="the JPEGs' size in BreakHis "
+                    "sizes (default 2: 1400x920; 4: 2800x1840, a 5 MP camera)")
     ap.add_argument("--only", choices=["breakhis", "pcam", "jpeg"],
                     help="run one part")
     args = ap.parse_args()

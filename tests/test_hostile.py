@@ -217,9 +217,8 @@ def test_rgb_pngs_decode_faster_to_the_same_pixels_and_damaged_ones_still_fail(
             return real_import(name, *args, **kwargs)
 
         monkeypatch.setattr(builtins, "__import__", no_imagecodecs)
-    monkeypatch.setattr(datasets, "_PNG_DECODER", None)
     used = []
-    name, decode = datasets._png_decoder()
+    name, decode = datasets._png_decoder.__wrapped__()  # not the one cached
     assert name == decoder
     monkeypatch.setattr(datasets, "_png_decoder",
                         lambda: (name, lambda data: used.append(1) or decode(data)))

@@ -514,34 +514,28 @@ def _datasets(cfg: TrainConfig, root: Path, train_tab: pd.DataFrame, val_tab: pd
     from .data.transforms import build_eval_transform, build_train_transform
 
     train_tf, eval_tf = build_train_transform(pre=pre, aug=aug), build_eval_transform(pre=pre)
-    from .data.cache import StaleCacheWarning
-
-    cache = None
+    cache, stale = None, None
     if cfg.cache != "off":
-        from .data.cache import find_cache, open_cache
+        from .data.cache import check_cache, open_cache
 
         both = pd.concat([train_tab, val_tab])
         size = cfg.resize or cfg.size
-        with warnings.catch_warnings(record=True) as stale:
-            warnings.simplefilter("always")
-            cache = (find_cache(root, both, size) if cfg.cache == "auto"
-                     else open_cache(cfg.cache, root, both))
-    else:
-        stale = []
+        cache, stale = (check_cache(root, both, size) if cfg.cache == "auto"
+                        else (open_cache(cfg.cache, root, both), None))
     on_batches = cfg.batch_augment == "on" or (
         cfg.batch_augment == "auto" and device.type == "cuda" and cache is not None)
     building = on_batches and cache is None and cfg.cache == "auto"
-    for w in stale:  # why the cache found is unusable: said below when it is rebuilt
-        if not (building and issubclass(w.category, StaleCacheWarning)):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if stale is not None and not building:
+        from .data.cache import StaleCacheWarning
+
+        warnings.warn(f"not using the image cache: {stale}", StaleCacheWarning, stacklevel=3)
     if building:
         # The recipe reads whole batches from the cache: build it (once) rather than stop.
-        from .data.cache import prepare_cache
+        from .data.cache import find_cache, prepare_cache
 
         size = cfg.resize or cfg.size
         # The reason without its advice to run `bcd prepare`: that is what happens now.
-        why = "".join(f" ({str(w.message).split('; ')[0]})" for w in stale
-                      if issubclass(w.category, StaleCacheWarning))
+        why = f" ({stale.split('; ')[0]})" if stale else ""
         log(f"Batch augmentation reads decoded images from a cache, and {root} has no fresh "
             f"one at {size} px{why}: building it now (once; `bcd prepare` does the same "
             "ahead).")

@@ -319,6 +319,29 @@ def open_cache(cache_dir: str | Path, root: str | Path, index: pd.DataFrame) -> 
     return ImageCache(cache_dir, manifest)
 
 
+def check_cache(root: str | Path, index: pd.DataFrame, size: int,
+                cache_dir: str | Path | None = None) -> tuple[ImageCache | None, str | None]:
+    """The fresh cache of ``root`` at ``size`` px, or why there is none to use.
+
+    Args: as :func:`find_cache`.
+
+    Returns:
+        ``(cache, None)`` for a fresh cache; ``(None, why)`` for one that is stale, unfinished
+        or of another size (``why`` ends with "; " and how to fix it); ``(None, None)`` when
+        none was prepared.
+    """
+    d = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, size)
+    if not d.is_dir():
+        return None, None
+    try:
+        cache = open_cache(d, root, index)
+    except StaleCacheError as e:
+        return None, str(e)
+    if cache.size != int(size):
+        return None, f"{d} holds {cache.size} px images, not {size} px; {_fix(root, size)}."
+    return cache, None
+
+
 def find_cache(root: str | Path, index: pd.DataFrame, size: int,
                cache_dir: str | Path | None = None) -> ImageCache | None:
     """The fresh cache of ``root`` at ``size`` px, if one was prepared.
@@ -333,18 +356,9 @@ def find_cache(root: str | Path, index: pd.DataFrame, size: int,
         The cache; None when there is none, or when it is stale, unfinished or of another
         size, in which case a :class:`StaleCacheWarning` says why and callers decode the files.
     """
-    d = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, size)
-    if not d.is_dir():
-        return None
-    try:
-        cache = open_cache(d, root, index)
-    except StaleCacheError as e:
-        warnings.warn(f"not using the image cache: {e}", StaleCacheWarning, stacklevel=2)
-        return None
-    if cache.size != int(size):
-        warnings.warn(f"not using the image cache: {d} holds {cache.size} px images, not {size} "
-                      f"px; {_fix(root, size)}.", StaleCacheWarning, stacklevel=2)
-        return None
+    cache, why = check_cache(root, index, size, cache_dir)
+    if why is not None:
+        warnings.warn(f"not using the image cache: {why}", StaleCacheWarning, stacklevel=2)
     return cache
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Callable
@@ -105,6 +106,7 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     return _to_rgb(im)
 
 
+@functools.cache
 def _png_decoder() -> tuple[str, Callable[[bytes], np.ndarray]]:
     """The fastest PNG decoder at hand, as ``(name, bytes -> (H, W, C) uint8)``.
 
@@ -127,24 +129,18 @@ def _png_decoder() -> tuple[str, Callable[[bytes], np.ndarray]]:
         return "torchvision", decode
 
 
-_PNG_DECODER: tuple[str, Callable[[bytes], np.ndarray]] | None = None
-
-
 def _decode_png(source, im: Image.Image) -> Image.Image | None:
     """An 8-bit RGB PNG file (``source`` a path; ``im`` its header, already checked) decoded
     with :func:`_png_decoder`, or None to leave it to Pillow: other modes (palette, alpha,
     16-bit, grey), file objects (uploads), files larger than their pixels (bulky metadata
     chunks: the file is read whole here), and any file the fast decoder refuses or reads to
     another shape, so that a damaged file gets Pillow's error message."""
-    global _PNG_DECODER
     if im.format != "PNG" or im.mode != "RGB" or not isinstance(source, (str, Path)):
         return None
     if Path(source).stat().st_size > 3 * im.width * im.height + (1 << 20):
         return None
-    if _PNG_DECODER is None:
-        _PNG_DECODER = _png_decoder()
     try:
-        arr = _PNG_DECODER[1](Path(source).read_bytes())
+        arr = _png_decoder()[1](Path(source).read_bytes())
     except Exception:  # noqa: BLE001 - Pillow reads it again and names the problem
         return None
     if arr.shape != (im.height, im.width, 3) or arr.dtype != np.uint8:
