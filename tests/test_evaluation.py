@@ -309,3 +309,30 @@ def test_a_registered_model_file_is_never_rewritten(run, fake_breakhis, tmp_path
     assert hashlib.sha256((run / "best.pt").read_bytes()).hexdigest() == before
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert any("registered trained model" in c for c in m["caveats"])
+
+
+def test_ensemble_tool_averages_the_checkpoints(trained, fake_breakhis, tmp_path):
+    import subprocess
+    import sys
+
+    from breast_cancer_detection.data.breakhis import build_index
+    from breast_cancer_detection.inference import Predictor
+    from breast_cancer_detection.metrics import roc_auc
+
+    other = tmp_path / "other.pt"
+    shutil.copyfile(trained, other)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ensemble_auc.py"
+    run = subprocess.run([sys.executable, str(tool), str(fake_breakhis), str(trained),
+                          str(other), "--bootstrap", "50"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    index = build_index(fake_breakhis)
+    y = index["label"].eq("malignant").astype(int)
+    p = [o.p_malignant for o in Predictor.from_checkpoint(trained, device="cpu").predict(
+        [fake_breakhis / q for q in index["path"]])]
+    alone = round(roc_auc(y, p), 4)
+    assert [line["roc_auc"] for line in lines[:2]] == [alone, alone]
+    # Two copies of one model: their average is that model.
+    assert lines[-1]["ensemble_of"] == 2 and lines[-1]["roc_auc"] == alone
+    assert lines[-1]["roc_auc_95ci"][0] <= alone <= lines[-1]["roc_auc_95ci"][1]
