@@ -327,8 +327,8 @@ def check_cache(root: str | Path, index: pd.DataFrame, size: int,
 
     Returns:
         ``(cache, None)`` for a fresh cache; ``(None, why)`` for one that is stale, unfinished
-        or of another size (``why`` ends with "; " and how to fix it); ``(None, None)`` when
-        none was prepared.
+        or of another size (``why`` says what is wrong, then, after "; ", how to fix it);
+        ``(None, None)`` when none was prepared.
     """
     d = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, size)
     if not d.is_dir():
