@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -656,3 +657,56 @@ def test_the_budget_grows_whole_epochs_once_their_pace_is_measured(monkeypatch):
     assert replan(13, left=128.0) == (20, None)  # later: the cosine is past its top, kept
     # Whole epochs slower than planned shrink the plan at any point, windows kept.
     assert replan(15, left=35.0, seconds=30.0) == (16, 10)
+
+
+def test_mixup_blends_each_batch_with_a_shuffled_copy_and_its_loss_alike():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    y = torch.tensor([0, 1] * 4)
+    seen = []
+
+    def run(mixup: float) -> float:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+        torch.nn.init.zeros_(model[1].weight)
+        torch.nn.init.zeros_(model[1].bias)
+        model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        state = engine.train_one_epoch(model, [{"x": x, "y": y, "bad": []}], opt, sched,
+                                       torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                                       aug_seed=5, mixup=mixup)
+        return state.loss_sum / state.seen
+
+    assert run(0.0) == pytest.approx(math.log(2))
+    run(0.4)
+    lam, perm = engine.mixup_draw(8, 0.4, 5)
+    assert 0.5 <= lam < 1 and sorted(perm.tolist()) == list(range(8))
+    assert not torch.equal(perm, torch.arange(8))
+    assert torch.allclose(seen[0], x) and torch.allclose(seen[1], lam * x + (1 - lam) * x[perm])
+    assert engine.mixup_draw(8, 0.4, 5)[0] == lam and engine.mixup_draw(8, 0.4, 6)[0] != lam
+    # The loss follows the mix: with a model that prefers class 1, mixing changes it.
+    bias = torch.tensor([0.0, 2.0])
+    logits = torch.zeros(8, 2) + bias
+    ce = torch.nn.functional.cross_entropy
+    mixed = lam * ce(logits, y) + (1 - lam) * ce(logits, y[perm])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+    torch.nn.init.zeros_(model[1].weight)
+    with torch.no_grad():
+        model[1].bias.copy_(bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    state = engine.train_one_epoch(model, [{"x": x, "y": y, "bad": []}], opt,
+                                   torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                                   torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                                   aug_seed=5, mixup=0.4)
+    assert state.loss_sum / state.seen == pytest.approx(mixed.item(), rel=1e-5)
+
+
+def test_mixup_trains_from_the_cache_and_is_refused_when_negative(fake_breakhis, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default cache folder is under the working directory
+    result = fit(_cfg(fake_breakhis, tmp_path, epochs=2, mixup=0.2, batch_augment="on"),
+                 progress=False)
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["mixup"] == 0.2
+    assert (result.run_dir / "best.pt").is_file()
+    with pytest.raises(ConfigError, match="mixup=-1"):
+        _cfg(fake_breakhis, tmp_path, mixup=-1.0)

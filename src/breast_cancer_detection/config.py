@@ -97,6 +97,10 @@ class TrainConfig:
     statistics included); None uses the trained weights as they are."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss; 0 trains on hard labels."""
+    mixup: float = 0.0
+    """Mixup: each training batch is blended with a shuffled copy of itself, by a weight drawn
+    from Beta(mixup, mixup) and kept at 0.5 or more, and its loss likewise (e.g. 0.2); 0
+    trains on the images as they are."""
     balance: str = "loss"
     """Class imbalance: ``loss`` (weighted loss), ``sampler`` (balanced sampling), ``none``."""
     tta: bool = False
@@ -167,6 +171,9 @@ class TrainConfig:
         if not 0 <= self.early_fraction < 1:
             raise ConfigError(f"early_fraction={self.early_fraction}: use a share in [0, 1), "
                               "e.g. 0.5 (the rest of the epochs see whole images).")
+        if not self.mixup >= 0:
+            raise ConfigError(f"mixup={self.mixup}: the Beta concentration must be 0 (off) or "
+                              "positive, e.g. 0.2.")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ConfigError(f"ema={self.ema}: the decay must be between 0 and 1, e.g. 0.999, "
                               "or null for no averaging.")

@@ -132,7 +132,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                     state: EpochState | None = None, bad: dict[str, str] | None = None,
                     paths: list[str] | None = None, log_every: int = 10, progress=None,
                     log=print, batch_transform: nn.Module | None = None,
-                    aug_seed: int = 0, ema=None, window: int | None = None) -> EpochState:
+                    aug_seed: int = 0, ema=None, window: int | None = None,
+                    mixup: float = 0.0) -> EpochState:
     """Trains over ``loader`` once.
 
     Args:
@@ -147,6 +148,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
             the same).
         window: Train on a random ``window``-px part of each image, at its own scale
             (``TrainConfig.early_crop``); cut before ``batch_transform`` augments it.
+        mixup: Beta concentration of mixup (``TrainConfig.mixup``); 0 is off. Batch k is
+            mixed by :func:`mixup_draw` with seed ``aug_seed + k``.
 
     Raises:
         TrainingError: the loss became NaN or infinite.
@@ -170,11 +173,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                     x = batch_transform(x, generator=g, window=window)
                 else:  # already augmented whole in the workers
                     x = random_windows(x, window, generator=g)
+            if mixup > 0:
+                lam, perm = mixup_draw(len(y), mixup, aug_seed + state.step, device)
+                x = torch.lerp(x[perm], x, lam)  # lam * x + (1 - lam) * x[perm]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)
+                if mixup > 0:
+                    loss = lam * loss + (1 - lam) * loss_fn(logits.float(), y[perm])
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -201,6 +209,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
         raise
     _sync_running(state, running)
     return state
+
+
+def mixup_draw(n: int, alpha: float, seed: int, device: torch.device | str = "cpu"
+               ) -> tuple[float, torch.Tensor]:
+    """The mixup weight (from Beta(alpha, alpha), kept >= 0.5 so that each image's own label
+    leads) and the partner of each of the ``n`` images, the same for the same seed (a resumed
+    epoch mixes as the interrupted one did)."""
+    rng = np.random.default_rng([seed, 0x6D6978])
+    lam = float(rng.beta(alpha, alpha))
+    return max(lam, 1.0 - lam), torch.from_numpy(rng.permutation(n)).to(device)
 
 
 def _sync_running(state: EpochState, running: torch.Tensor) -> None:
@@ -743,7 +761,8 @@ def _time_steps(run: _Run, steps: int, *, tta: bool = False, compiled: bool = Fa
         return train_one_epoch(forward, loader, opt, constant, run.opt.loss_fn, run.device,
                                dtype=run.dtype, channels_last=cfg.channels_last,
                                log_every=10**9, log=lambda msg: None,
-                               batch_transform=run.batch_aug, ema=ema, window=window)
+                               batch_transform=run.batch_aug, ema=ema, window=window,
+                               mixup=cfg.mixup)
 
     train(0, 1)
     t0 = time.perf_counter()
@@ -1093,7 +1112,7 @@ def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
                         log_every=cfg.log_every, progress=bar, log=run.log,
                         batch_transform=run.batch_aug,
                         aug_seed=run_seed(cfg.seed, epoch, "batches"), ema=run.ema,
-                        window=window)
+                        window=window, mixup=cfg.mixup)
     finally:
         # An interrupt saves the steps done so far, and what they scored.
         state.step = progress.step
