@@ -551,15 +551,13 @@ def _datasets(cfg: TrainConfig, root: Path, train_tab: pd.DataFrame, val_tab: pd
         # The recipe reads whole batches from the cache: build it (once) rather than stop.
         from .data.cache import find_cache, prepare_cache
 
-        size = cfg.resize or cfg.size
         # The reason without its advice to run `bcd prepare`: that is what happens now.
         why = f" ({stale.split('; ')[0]})" if stale else ""
         log(f"Batch augmentation reads decoded images from a cache, and {root} has no fresh "
             f"one at {size} px{why}: building it now (once; `bcd prepare` does the same "
             "ahead).")
-        prepare_cache(root, pd.concat([train_tab, val_tab]), size,
-                      workers=min(2, os.cpu_count() or 1))
-        cache = find_cache(root, pd.concat([train_tab, val_tab]), size)
+        prepare_cache(root, both, size, workers=min(2, os.cpu_count() or 1))
+        cache = find_cache(root, both, size)
     if on_batches and cache is None:
         raise UserError(f"batch augmentation reads the prepared cache, and {root} has none at "
                         f"{cfg.resize or cfg.size} px: run `bcd prepare {root} --size "
