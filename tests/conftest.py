@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real data (../shared/data); $BCD_SHARED_DATA points the tests at another folder.
+SHARED_DATA = Path(os.environ.get("BCD_SHARED_DATA")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 # (subtype code, subtype folder, class, slide id, magnifications, images per magnification)
 FAKE_SLIDES = [
@@ -101,18 +103,24 @@ def _download_cache(tmp_path_factory):
         os.environ["BCD_CACHE"] = before
 
 
-def _has_shared_data() -> bool:
-    return (SHARED_DATA / "breakhis-filelist.txt").is_file()
+def _missing_shared_data(marker) -> list[Path]:
+    """What a ``real_data`` marker needs that is missing: the paths its arguments name under
+    :data:`SHARED_DATA` (``@pytest.mark.real_data("pcam-subset")``), or the folder itself
+    when it names none."""
+    needed = [SHARED_DATA / name for name in marker.args] or [SHARED_DATA]
+    return [p for p in needed if not p.exists()]
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_data = pytest.mark.skip(reason=f"real data not found at {SHARED_DATA}")
     import torch
 
     skip_gpu = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if "real_data" in item.keywords and not _has_shared_data():
-            item.add_marker(skip_data)
+        marker = item.get_closest_marker("real_data")
+        missing = _missing_shared_data(marker) if marker is not None else []
+        if missing:
+            item.add_marker(pytest.mark.skip(
+                reason="real data not found: " + ", ".join(map(str, missing))))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 

@@ -153,7 +153,7 @@ def test_cli_index(tmp_path, fake_breakhis, capsys):
     assert main(["index", str(fake_breakhis), "--strict", "--quiet"]) == 1
 
 
-@pytest.mark.real_data
+@pytest.mark.real_data("breakhis-filelist.txt")
 def test_full_filelist_totals(full_breakhis_index):
     index = full_breakhis_index
     assert len(index) == BREAKHIS_TOTALS["images"]
@@ -170,7 +170,7 @@ def test_full_filelist_totals(full_breakhis_index):
     assert (index.groupby("patient")["target"].nunique() == 1).all()
 
 
-@pytest.mark.real_data
+@pytest.mark.real_data("breakhis-samples")
 def test_index_real_samples():
     root = SHARED_DATA / "breakhis-samples"
     index = build_index(root)

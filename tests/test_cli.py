@@ -82,8 +82,23 @@ def test_every_train_config_field_has_a_flag_whose_help_is_its_docstring():
         default = ("" if f.default in (None, dataclasses.MISSING)
                    else f" (default: {f.default})")
         shown = actions[f.name].help.replace("%%", "%")
-        assert _unmarked(shown) == _unmarked(docs[f.name]) + default, f.name
+        doc = docs[f.name]
+        if "None" in str(f.type):  # the docstring's None is `none` on the command line
+            doc = re.sub(r"(^|\. )None", r"\1Unset (or `none`)", doc).replace(
+                "None", "unset (or `none`)")
+        assert _unmarked(shown) == _unmarked(doc) + default, f.name
         assert "``" not in shown and ":class:" not in shown  # reST marks are for Sphinx
+
+
+def test_none_unsets_an_optional_setting_a_preset_gave():
+    from breast_cancer_detection.cli import _train_settings
+
+    args = _train_parser().parse_args(["--preset", "pcam-cpu", "--early-crop", "none",
+                                       "--ema", "None", "--time-budget", "none", "--mpp", "0.5"])
+    cfg = config.TrainConfig.from_dict(_train_settings(args))
+    assert (cfg.early_crop, cfg.ema, cfg.time_budget, cfg.mpp) == (None, None, None, 0.5)
+    with pytest.raises(SystemExit):  # anything else still has to be a number
+        _train_parser().parse_args(["--early-crop", "nan-ish"])
 
 
 def test_train_flags_set_the_config_fields_and_only_when_given():

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from breast_cancer_detection import engine
+from breast_cancer_detection import checkpoint, engine
 from breast_cancer_detection.checkpoint import amp_dtype, load_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.config import ConfigError, TrainConfig, load_preset
@@ -186,10 +186,15 @@ def test_cli_train_with_preset_and_overrides(fake_breakhis, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_amp_settings_per_device():
+def test_amp_settings_per_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # On a CPU ``auto`` follows the hardware check: patch it both ways so the host does not matter.
+    monkeypatch.setattr(checkpoint, "cpu_has_native_bf16", lambda: False)
     assert amp_dtype("auto", cpu) is None and amp_dtype("fp16", cpu) is None
     assert amp_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(checkpoint, "cpu_has_native_bf16", lambda: True)
+    assert amp_dtype("auto", cpu) == torch.bfloat16 and amp_dtype("fp16", cpu) is None
+    assert amp_dtype("off", cpu) is None
     assert amp_dtype("off", cuda) is None and amp_dtype("fp16", cuda) == torch.float16
     assert amp_dtype("bf16", cuda) == torch.bfloat16
 
@@ -352,7 +357,7 @@ def test_a_run_ending_on_an_exception_does_not_wait_for_its_workers(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(textwrap.dedent("""
         import torch
-        from breast_cancer_detection import engine
+        from breast_cancer_detection import checkpoint, engine
 
         class Numbers(torch.utils.data.Dataset):
             def __len__(self):

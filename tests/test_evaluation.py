@@ -115,6 +115,35 @@ def test_leakage_guard_fires_and_allow_leakage_overrides(run, fake_breakhis, tmp
 
 
 @pytest.mark.slow
+def test_a_validation_subset_that_leaks_is_caught(run, fake_breakhis, tmp_path, capsys):
+    split = load_split(run / "split.csv")
+    ckpt_val = load_checkpoint(run / "best.pt").split_patients["val"]
+    # A training patient in val: its threshold is used, with the caveat, but NOT stored.
+    leaked = sorted(set(split.loc[split["split"] == "train", "patient"]))[0]
+    moved = split.copy()
+    moved.loc[moved["patient"] == leaked, "split"] = "val"
+    moved.to_csv(tmp_path / "val_leak.csv", index=False)
+    out = tmp_path / "val_leak"
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--split",
+                     tmp_path / "val_leak.csv", "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["leakage"] == [] and m["threshold"]["chosen_on"] == "val"
+    caveat = next(c for c in m["caveats"] if "NOT stored in the checkpoint" in c)
+    assert leaked in caveat and caveat in (out / "report.md").read_text()
+    assert load_checkpoint(run / "best.pt").threshold is None
+
+    # A validation patient in test: the numbers are leaked (exit 3).
+    moved = split.copy()
+    moved.loc[moved["patient"] == sorted(ckpt_val)[0], "split"] = "test"
+    moved.to_csv(tmp_path / "test_leak.csv", index=False)
+    capsys.readouterr()
+    assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--split",
+                     tmp_path / "test_leak.csv", "--out", tmp_path / "test_leak") == (
+        LEAKAGE_EXIT_CODE)
+    assert "validation subset, which picked its best epoch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_evaluating_a_folder_without_split_flags_every_training_patient(run, fake_breakhis,
                                                                          tmp_path, capsys):
     lone = tmp_path / "lone"

@@ -118,14 +118,36 @@ def test_overlay_colours_high_red_and_low_blue():
     assert (half == 128).all()
 
 
+def _threshold_against_the_top_logit(pred: Predictor, image) -> tuple[int, int]:
+    """Sets ``pred.threshold`` so that the label at it is not the top logit's class; returns
+    (class at the threshold, class of the top logit)."""
+    p = pred.predict(image)[0].p_malignant
+    top = int(p >= 0.5)
+    pred.threshold = (p + 1.0) / 2 if top else p / 2  # benign above p, malignant below it
+    assert pred.predict(image)[0].label == pred.classes[1 - top]
+    return 1 - top, top
+
+
 def test_explain_uses_the_predicted_label(trained_run):
+    # The threshold flips the label away from the top logit: the map must follow the label.
     pred = Predictor.from_checkpoint(trained_run / "best.pt", device="cpu")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (46, 70, 3), np.uint8))
+    label, top = _threshold_against_the_top_logit(pred, image)
     view, cam = explain(pred, image)
     assert view.size == (32, 32) and cam.shape == (32, 32)
-    label = pred.predict(image)[0].label
-    manual = GradCAM(pred.model)(pred.transform(image)[None], target=pred.classes.index(label))
-    np.testing.assert_allclose(cam, manual[0], atol=1e-6)
+    x = pred.transform(image)[None]
+    np.testing.assert_allclose(cam, GradCAM(pred.model)(x, target=label)[0], atol=1e-6)
+    assert not np.allclose(cam, GradCAM(pred.model)(x, target=top)[0], atol=1e-3)
     pred.backend = "onnx"
     with pytest.raises(UserError, match="PyTorch checkpoint"):
         explain(pred, image)
+
+
+def test_explain_of_a_tiled_image_uses_the_predicted_label(trained_run):
+    pred = Predictor.from_checkpoint(trained_run / "best.pt", device="cpu")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (120, 160, 3), np.uint8))
+    assert pred.predict(image)[0].tiles > 1
+    label, top = _threshold_against_the_top_logit(pred, image)
+    _, cam = explain(pred, image)
+    np.testing.assert_allclose(cam, explain(pred, image, target=label)[1], atol=1e-6)
+    assert not np.allclose(cam, explain(pred, image, target=top)[1], atol=1e-3)

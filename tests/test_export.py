@@ -12,7 +12,12 @@ from breast_cancer_detection.checkpoint import load_checkpoint, save_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.data.breakhis import build_index
 from breast_cancer_detection.errors import UserError
-from breast_cancer_detection.export import export_onnx, read_onnx_metadata
+from breast_cancer_detection.export import (
+    ExportError,
+    OnnxModel,
+    export_onnx,
+    read_onnx_metadata,
+)
 from breast_cancer_detection.inference import Predictor
 
 ort = pytest.importorskip("onnxruntime")
@@ -115,6 +120,26 @@ def test_onnx_backend_runs_predict_table(onnx_path, checkpoint, fake_breakhis):
                                                   progress=False)
     np.testing.assert_allclose(b["probability"], a["probability"], atol=1e-4, rtol=0)
     assert (b["prediction"] == a["prediction"]).all()
+
+
+def test_an_export_that_disagrees_with_pytorch_is_refused(checkpoint, tmp_path, monkeypatch):
+    # The check against PyTorch: an ONNX model whose malignant logit is off by 0.5 is refused.
+    real = OnnxModel.forward
+    monkeypatch.setattr(OnnxModel, "forward", lambda self, x: real(self, x) + torch.tensor(
+        [0.0, 0.5]))
+    with pytest.raises(ExportError, match="differs from PyTorch by"):
+        export_onnx(checkpoint, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_with_non_finite_output_is_not_blamed_on_onnx(checkpoint, tmp_path):
+    # NaN weights: the message names the broken model, not "differs by nan, try an opset".
+    ckpt = load_checkpoint(checkpoint)
+    first = next(k for k, v in ckpt.state_dict.items() if v.is_floating_point())
+    ckpt.state_dict[first] = torch.full_like(ckpt.state_dict[first], float("nan"))
+    with pytest.raises(ExportError, match="own PyTorch output is not finite") as failed:
+        export_onnx(ckpt, tmp_path / "m.onnx")
+    assert "weights are broken" in str(failed.value) and "opset" not in str(failed.value)
 
 
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")

@@ -454,9 +454,14 @@ def test_cli_predict_writes_csv_figures_cams_and_fails_on_bad_input(trained, fak
     assert sorted(patients["patient"]) == ["14-22549", "14-2523"]
     assert main(["predict", str(trained), str(folder), "--out", str(out), "--quiet",
                  "--tta"]) == 0
+    capsys.readouterr()
     assert main(["predict", str(trained), str(tmp_path / "missing.png"), "--out", str(out),
-                 "--quiet"]) == 1
-    assert "missing.png" in pd.read_csv(out, keep_default_na=False)["error"].iloc[0]
+                 "--quiet"]) == 2  # nothing to score: said before the model loads
+    assert f"no such file or folder: {tmp_path / 'missing.png'}" in capsys.readouterr().err
+    assert main(["predict", str(trained), str(picked[0]), str(tmp_path / "missing.png"),
+                 "--out", str(out), "--quiet"]) == 1  # one of several: an error row
+    assert pd.read_csv(out, keep_default_na=False)["error"].iloc[1] == (
+        f"{tmp_path / 'missing.png'}: no such file.")
     assert main(["predict", str(trained), str(tmp_path / "res")]) == 2  # no images at all
     assert "no image files" in capsys.readouterr().err
 

@@ -312,3 +312,17 @@ def test_bootstrap_reports_nan_for_a_mostly_undefined_metric():
     assert all(math.isnan(v) for v in bootstrap_ci(df, lambda d: float("nan"), n=20))
     with pytest.raises(ValueError, match="at least one"):
         bootstrap_ci(df, _acc, n=0)
+
+
+@pytest.mark.parametrize("nan_share, defined", [(0.7, False), (0.3, True)])
+def test_bootstrap_interval_needs_the_metric_in_most_resamples(nan_share, defined):
+    # NaN in more than half of the resamples gives (nan, nan); in fewer, an interval of the rest.
+    calls = iter(range(1000))
+
+    def sometimes(d):
+        k = next(calls)
+        return {"m": float("nan") if k % 10 < 10 * nan_share else float(k % 10)}
+
+    low, high = bootstrap_metrics(_cohort(10), sometimes, n=20)["m"]
+    assert (math.isfinite(low) and math.isfinite(high) and low <= high) is defined
+    assert math.isnan(low) is not defined

@@ -14,6 +14,8 @@ from PIL import Image
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.errors import UserError
 
+from conftest import SHARED_DATA
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
@@ -24,7 +26,7 @@ from breast_cancer_detection.inference import Predictor  # noqa: E402
 from breast_cancer_detection.pretrained import resolve_trained  # noqa: E402
 from breast_cancer_detection.slides.make import _synthetic_patch  # noqa: E402
 
-PCAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcam-subset"
+PCAM = SHARED_DATA / "pcam-subset"
 
 
 # 128 images: the 99%-same-label rule then tolerates one patch that sits on the threshold.
@@ -95,14 +97,32 @@ def test_unlabelled_gate_uses_the_probability_rule(patches, cache, tmp_path):
 
 
 def test_an_int8_model_that_failed_its_gate_is_refused(tmp_path):
-    from breast_cancer_detection.export import export_onnx
+    from breast_cancer_detection.export import cached_onnx_path, export_onnx
 
-    path = export_onnx(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx", verify=False)
+    released = resolve_trained("pcam-patch-cnn")
+    ckpt = load_checkpoint(released)
+    path = export_onnx(ckpt, tmp_path / "m.onnx", verify=False)
     write_onnx_metadata(path, int8={"passed": False})
-    with pytest.raises(UserError, match="failed its accuracy gate"):
+    with pytest.raises(UserError, match="did not pass today's accuracy gate"):
         Predictor.from_onnx(path)
-    write_onnx_metadata(path, int8={"passed": True})
-    assert Predictor.from_onnx(path).backend_note.endswith("int8)")
+    write_onnx_metadata(path, int8={"passed": True})  # named directly: the figures count too
+    with pytest.raises(UserError, match="did not pass today's accuracy gate"):
+        Predictor.from_onnx(path)
+    # In the cache, "passed" without the gate's figures is not trusted: float32 runs, warned.
+    cache = tmp_path / "cache"
+    export_onnx(ckpt, cached_onnx_path(ckpt, cache), verify=False)  # the float32 fallback
+    int8 = cached_onnx_path(ckpt, cache, int8=True)
+    int8.write_bytes(path.read_bytes())
+    write_onnx_metadata(int8, int8={"passed": True})
+    torch_model = Predictor.from_checkpoint(released, device="cpu")
+    with pytest.warns(UserWarning, match="not checked by the current accuracy gate"):
+        assert torch_model.on_backend("onnx", cache_dir=cache).backend_note == (
+            "ONNX Runtime (CPU)")
+    write_onnx_metadata(int8, int8={"passed": True, "auc_float32": None, "max_abs_diff": 0.01})
+    assert torch_model.on_backend("onnx", cache_dir=cache).backend_note.endswith("int8)")
+    # The probability rule reads the figure, not the flag.
+    assert not quantize.gate_holds({"passed": True, "auc_float32": None, "max_abs_diff": 0.06})
+    assert not quantize.gate_holds({"passed": True, "auc_float32": 0.9, "same_label": 1.0})
 
 
 def test_cli_int8_needs_calibration_and_gate(tmp_path, capsys):
@@ -135,7 +155,32 @@ def test_a_shift_that_keeps_the_auc_fails_the_gate(patches, cache, tmp_path, mon
                                     "same_label": 0.5})
 
 
-@pytest.mark.real_data
+@pytest.mark.slow
+def test_a_shift_of_unlabelled_probabilities_fails_the_gate(patches, cache, tmp_path,
+                                                            monkeypatch):
+    """Without labels every int8 P(malignant) must stay within 0.05 of float32's."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(patches.rglob("*.png"))[::4]:
+        (flat / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
+    real = Predictor.predict_table
+
+    def shifted(self, root, table, **kw):
+        out = real(self, root, table, **kw)
+        if self.model.path.name == "int8.onnx":  # every probability moved by 0.06, inward
+            p = out["probability"]
+            out["probability"] = np.where(p < 0.5, p + 0.06, p - 0.06)
+        return out
+
+    monkeypatch.setattr(Predictor, "predict_table", shifted)
+    with pytest.raises(ExportError, match=r"fails the accuracy gate \(every P\(malignant\)"):
+        quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
+                             calibration=patches, gate=flat, progress=False)
+    assert not (tmp_path / "m.onnx").exists()
+    assert not list(cache.rglob("*.int8.onnx"))
+
+
+@pytest.mark.real_data("pcam-subset/train", "pcam-subset/valid")
 @pytest.mark.slow
 def test_bundled_model_int8_keeps_its_auc_on_pcam_valid(cache, tmp_path, capsys):
     ckpt = str(resolve_trained("pcam-patch-cnn"))

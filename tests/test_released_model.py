@@ -39,7 +39,7 @@ def test_the_released_model_is_the_registered_file_and_fits_the_size_limit():
     assert entry.sha256 in CARD.read_text()
 
 
-@pytest.mark.real_data
+@pytest.mark.real_data("pcam-subset")
 @pytest.mark.slow
 def test_the_released_model_reproduces_its_validation_auc(shared_data):
     root = shared_data / "pcam-subset"

@@ -30,10 +30,12 @@ from breast_cancer_detection.slides import (
 from breast_cancer_detection.slides.reader import TileDataset, thumbnail
 from breast_cancer_detection.slides.regions import _polygons, region_features
 
+from conftest import SHARED_DATA
+
 openslide = pytest.importorskip("openslide")
 pytest.importorskip("tifffile")
 
-PCAM_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcam-subset" / "valid"
+PCAM_VALID = SHARED_DATA / "pcam-subset" / "valid"
 
 
 class FakeSlide:
@@ -88,7 +90,7 @@ def test_written_slide_is_a_pyramid_openslide_reads_with_its_mpp(tmp_path):
 
 
 def test_slide_without_mpp_is_refused_with_how_to_give_it(tmp_path):
-    path = write_slide(tmp_path / "s.tif", np.full((600, 600, 3), 200, np.uint8), mpp=None)
+    path = write_slide(tmp_path / "new" / "s.tif", np.full((600, 600, 3), 200, np.uint8), mpp=None)
     slide = open_slide(path)
     with pytest.raises(SlideError, match=r"s\.tif.*--mpp"):
         slide_mpp(slide, path)
@@ -333,6 +335,11 @@ def test_cli_exit_codes_and_summary(slides, tmp_path, capsys):
     out = capsys.readouterr()
     assert "Using the default trained model pcam-patch-cnn" in out.err
     assert "normal.tif: score" in out.out and "1 slides, 0 failed" in out.out
+    assert "kept; --force redoes it" not in out.out
+    assert main(["slide", str(path), "--out", str(tmp_path / "o"), "--workers", "0",
+                 "--quiet"]) == 0  # the same again: said to be kept, not silently reprinted
+    assert "normal.tif: score" in (out := capsys.readouterr().out)
+    assert "done before with the same model and settings: kept; --force redoes it" in out
     bad = tmp_path / "bad.svs"
     bad.write_text("x")
     assert main(["slide", str(path), str(bad), "--out", str(tmp_path / "o"), "--workers", "0",
@@ -353,6 +360,7 @@ def test_done_slides_are_skipped_and_force_redoes_them(bundled, slides, tmp_path
     stamp = (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns
     again = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False)
     assert again.score == first.score and again.tiles == first.tiles
+    assert again.reused and not first.reused
     assert (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns == stamp
     changed = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False,
                             min_tissue=0.9)
@@ -361,7 +369,7 @@ def test_done_slides_are_skipped_and_force_redoes_them(bundled, slides, tmp_path
     stamp = (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns
     forced = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False,
                            min_tissue=0.9, force=True)
-    assert forced.tiles == changed.tiles
+    assert forced.tiles == changed.tiles and not forced.reused
     assert (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns != stamp
 
 
@@ -382,7 +390,7 @@ def test_shards_split_the_slides_and_the_last_merges(bundled, slides, tmp_path):
 # --- real tissue ----------------------------------------------------------------------------
 
 
-@pytest.mark.real_data
+@pytest.mark.real_data("pcam-subset/valid")
 @pytest.mark.slow
 def test_bundled_model_finds_the_tumour_disc_in_real_patches(bundled, tmp_path):
     from sklearn.metrics import roc_auc_score

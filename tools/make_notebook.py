@@ -101,7 +101,11 @@ result = bcd.fit(bcd.TrainConfig.from_dict(settings))
 best = result.run_dir / "best.pt"
 display(bcd.plot_history(result.run_dir / "metrics.csv"))""", []),
     ("code", """# 6. Evaluate on the held-out test patients: metrics with 95% CIs, ROC, confusion, calibration
-ev = bcd.evaluate_checkpoint(best, root, split=split_path, subset="test", bootstrap=200)
+subset = "test" if (split["split"] == "test").any() else "val"
+if subset == "val":  # a data set with its own train/valid split (PatchCamelyon) has no test
+    print("This data set's own split has no test subset: evaluating on val, which also chose "
+          "the best epoch, so the figures lean optimistic.")
+ev = bcd.evaluate_checkpoint(best, root, split=split_path, subset=subset, bootstrap=200)
 m = ev.metrics
 print(m.protocol)
 rows = []
@@ -142,7 +146,9 @@ Run cells 1, 2 and this one: nothing above needs to have run. By default it load
 model shipped in the repository (`pcam-patch-cnn`: 96 px H&E patches of lymph-node sections
 at about 0.97 um/px; no training, no download). For your own checkpoint set `CHECKPOINT` in
 cell 1 (a local `best.pt`, an https URL, optionally with `#sha256=...`, or a Google Drive link);
-put your images in `MY_IMAGES`.""", []),
+put your images in `MY_IMAGES`. The bundled model is for lymph-node patches, not for BreakHis
+images: without `MY_IMAGES` it scores one patch of each class from `SLIDE_PATCHES` when that
+is set, and your own checkpoint scores two images of the data set above.""", []),
     ("code", """# 9. Load the bundled trained model (or your checkpoint) and predict your own images
 TRAINED = "pcam-patch-cnn"   # `bcd models --trained` lists the named trained models
 # CHECKPOINT = "runs/NAME/best.pt"   # your own checkpoint instead: a path, or an https / Google Drive URL
@@ -159,9 +165,18 @@ else:
     print(f"The trained model {TRAINED!r} is not in this copy ({bcd.trained_model(TRAINED).where}); "
           "update the clone (`git pull`) or make a fresh one to get it, or set CHECKPOINT. Skipping this cell.")
 if predictor is not None:
-    images = MY_IMAGES or ([root / p for p in index["path"][:2]] if "index" in globals() else [])
+    images = list(MY_IMAGES)
+    if not images and CHECKPOINT and "index" in globals():
+        images = [root / p for p in index["path"][:2]]  # your model, on your data
+    elif not images and SLIDE_PATCHES:  # the bundled model, on PatchCamelyon patches
+        images = [sorted((Path(SLIDE_PATCHES) / c).glob("*.*"))[0] for c in ("0", "1")]
     if not images:
-        print("Set MY_IMAGES in cell 1 to a list of image files.")
+        print("Set MY_IMAGES in cell 1 to a list of image files: for the bundled model, 96 px "
+              "H&E patches of lymph-node sections at about 0.97 um/px (e.g. PatchCamelyon). "
+              "For BreakHis images, set CHECKPOINT to a model trained on them (cell 7's best.pt).")
+    note = predictor.wrong_data_note(images)
+    if note:
+        print("WARNING:", note)
     for pred in predictor.predict(images):
         if pred.error:
             print(pred.source, "->", pred.error)

@@ -42,7 +42,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without it is an error with advice."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"device {spec!r} is not a device: use auto, cpu, cuda or cuda:N.") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {spec!r} asked for, but PyTorch sees no CUDA GPU here. Use "
                         "--device cpu, or on Colab pick Runtime > Change runtime type > GPU.")
@@ -301,18 +304,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        if "GLOBAL" in str(e):  # torch's wording for a pickled class or function
-            raise CheckpointError(
-                f"{path} holds pickled Python objects, which could run code when loaded; it "
-                "was refused. Use a checkpoint written by `bcd train`.") from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {first}); the file "
-                              "may be truncated: re-download or re-train it.") from e
+        raise CheckpointError(why_unloadable(path, e)) from e
     ckpt = Checkpoint.from_dict(raw, str(path))
     # Weights stored in half precision (to fit a release in a few MiB) run as float32.
     ckpt.state_dict = {k: (v.float() if v.is_floating_point() else v)
                        for k, v in ckpt.state_dict.items()}
     return ckpt
+
+
+def why_unloadable(path: Path, e: Exception) -> str:
+    """What to tell the user when ``torch.load(path, weights_only=True)`` raised ``e``.
+
+    Never torch's own text: it suggests loading with ``weights_only=False``, which runs any
+    code a hostile file holds.
+    """
+    if "GLOBAL" in str(e):  # torch's wording for a pickled class or function
+        return (f"{path} holds pickled Python objects, which could run code when loaded; it "
+                "was refused. Use a checkpoint written by `bcd train` (or a state dict saved "
+                "with torch.save(model.state_dict(), PATH)).")
+    return (f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}): the file is "
+            "damaged, truncated, or not a .pt file. Download it again, or train one with "
+            "`bcd train`.")
 
 
 def state_dict_of(obj: Any) -> Any:

@@ -27,6 +27,18 @@ def _load_or_build_index(path: str, group_by: str = "patient"):
     return build_index(p, group_by=group_by) if p.is_dir() else read_index(p)
 
 
+def _csv_out(value: str, name: str) -> Path:
+    """The CSV file an ``--out`` names: ``value`` itself, or ``value/name`` when it is a
+    folder (an existing one, or a path ending in a separator), so a folder given where a file
+    is asked for gets the file inside it rather than failing after the work is done."""
+    import os
+
+    path = Path(value)
+    if path.is_dir() or value.endswith(("/", os.sep)):
+        return path / name
+    return path
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from .data.breakhis import (
         build_index,
@@ -37,6 +49,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         write_index,
     )
 
+    out = _csv_out(args.out, "index.csv") if args.out else None
     index = build_index(args.root, group_by=args.group_by)
     print(summarize_index(index))
     skipped = count_non_images(args.root)
@@ -54,8 +67,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print(f"BAD IMAGE {b.path}: {b.reason}", file=sys.stderr)
         print(f"\nverify: {len(index) - len(bad)} of {len(index)} images decode; {len(bad)} bad.")
         status = 1 if bad else 0
-    if args.out:
-        print(f"\nIndex of {len(index)} images written to {write_index(index, args.out)}")
+    if out:
+        print(f"\nIndex of {len(index)} images written to {write_index(index, out)}")
     if problems and args.strict:
         return 1
     return status
@@ -103,6 +116,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
         write_split,
     )
 
+    out = _csv_out(args.out, "split.csv")
     index = _load_or_build_index(args.index, args.group_by)
     if args.protocol:
         split = read_protocol_folds(args.protocol, index, args.fold, args.magnification)
@@ -118,7 +132,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
     if "fold" not in split.columns:
         print(summarize_split(split))
         print("No patient is in more than one subset.")
-    print(f"Split written to {write_split(split, args.out)}")
+    print(f"Split written to {write_split(split, out)}")
     return 0
 
 
@@ -253,12 +267,16 @@ def _prediction_lines(files: list[Path], table, limit: int) -> str:
     folder, as the full paths are in the CSV."""
     import os
 
+    files = [Path(os.path.abspath(f)) for f in files]  # commonpath refuses a mix
     parents = [str(f.parent) for f in files]
-    base = Path(os.path.commonpath(parents)) if parents else Path()
+    try:
+        base = Path(os.path.commonpath(parents)) if parents else Path()
+    except ValueError:  # different drives on Windows
+        base = None
     names = []
     for f in files[:limit]:
         try:
-            names.append(str(f.relative_to(base)))
+            names.append(str(f.relative_to(base)) if base is not None else str(f))
         except ValueError:
             names.append(str(f))
     width = max([4, *map(len, names)])
@@ -305,6 +323,9 @@ def _model_then_inputs(args: argparse.Namespace, what: str, collect, suffixes) -
         raise UserError(f"--model {args.model} was given, and also a checkpoint among the "
                         f"{what}s; keep one of them.")
     _model_choice(args)
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing and len(missing) == len(args.paths):  # before the model loads
+        raise UserError(f"no such file or folder: {', '.join(missing)}.")
     files = collect(args.paths)
     if not files:
         raise UserError(f"no {what} files ({', '.join(suffixes)}) under "
@@ -358,6 +379,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .files import unique_stems
     from .inference import collect_images, predictions_frame, summarize_patients
 
+    out = _csv_out(args.out, "predictions.csv")
     files = _model_then_inputs(args, "image", collect_images, sorted(IMAGE_SUFFIXES))
     if args.cam and args.backend == "onnx":
         raise UserError("--cam needs PyTorch's gradients: drop --backend onnx (or --cam).")
@@ -369,11 +391,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         predictor = predictor.on_backend(args.backend)
     if not args.quiet:
         print(f"Images are scored with {predictor.backend_note}.", file=sys.stderr)
+    note = predictor.wrong_data_note(files)
+    if note:
+        print(f"WARNING: {note}", file=sys.stderr)
     preds = predictor.predict(files, batch_size=args.batch_size, tta=args.tta,
                               tile_factor=args.tile_factor or None, tile_size=args.tile_size,
                               workers=args.workers, progress=not args.quiet)
     table = predictions_frame(preds)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
 
@@ -388,7 +412,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         f"{predictor.threshold_source}{'; 8-view TTA' if args.tta else ''}. "
         f"Predictions written to {out}")
     for f, e in zip(failed["file"], failed["error"]):
-        print(f"FAILED {f}: {e}", file=sys.stderr)
+        print(f"FAILED {f}: {e.removeprefix(f'{f}: ')}", file=sys.stderr)
 
     if args.patients:
         patients = summarize_patients(table)
@@ -469,7 +493,9 @@ def _cmd_slide(args: argparse.Namespace) -> int:
             print(f"{r.slide}: score {_figure(r.score, '.4f')}, {r.tiles} tissue tiles "
                   f"({r.tumour_tiles} at or above {predictor.threshold:.3f}), "
                   f"{_figure(r.tissue_mm2, '.2f')} mm2 tissue, {r.seconds:.1f} s, "
-                  f"{_figure(r.tiles_per_s, '.0f')} tiles/s -> {out / r.folder}")
+                  f"{_figure(r.tiles_per_s, '.0f')} tiles/s -> {out / r.folder}"
+                  + (" (done before with the same model and settings: kept; --force redoes "
+                     "it)" if r.slide in table.attrs.get("reused", ()) else ""))
     part = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     print(f"{len(table)} slides{part}, {int((table['error'] != '').sum())} failed. Score: mean "
           f"P(tumour) of the {args.top_k} highest tiles. Summary: "
@@ -510,11 +536,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port_free(host: str, port: int) -> None:
+    """Refuses, before the model loads, a port that another program holds."""
+    import socket
+
+    from .errors import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}): another "
+                            "program (another `bcd serve`?) holds that port, or the address is "
+                            "not this machine's. Pick another with --port.") from e
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from .errors import UserError
 
-    from .app.server import create_app
+    try:
+        import uvicorn
 
+        from .app.server import create_app
+    except ImportError as e:
+        raise UserError(f"`bcd serve` needs the web app's packages ({e.name} is missing): "
+                        'pip install -e ".[app]"') from e
+    _port_free(args.host, args.port)
     _model_choice(args)
     predictor = _load_predictor(args)  # loaded before serving, so a bad file fails here
     # The bound name is answered to as well as IP addresses and localhost (DNS rebinding).
@@ -530,7 +579,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               "has no authentication.", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {predictor.arch} at "
-          f"http://{host}:{args.port}/ (API documentation at /docs); Ctrl-C stops it. Images "
+          f"http://{host}:{args.port}/ (API schema at /openapi.json); Ctrl-C stops it. Images "
           f"are scored with {app.state.service.scorer.backend_note}"
           + ("; Grad-CAM with PyTorch." if predictor.backend == "torch" else "."))
     if args.slides:
@@ -667,14 +716,40 @@ def plain_help(docstring: str) -> str:
 @functools.cache
 def train_flag_help() -> dict[str, str]:
     """The help of each TrainConfig field's flag: its docstring, then its default if it has one."""
+    import re
+
     from .config import TrainConfig
 
     docs = field_docstrings(TrainConfig)
     helps = {}
     for f in dataclasses.fields(TrainConfig):
         default = "" if f.default in (None, dataclasses.MISSING) else f" (default: {f.default})"
-        helps[f.name] = (plain_help(docs.get(f.name, "")) + default).strip()
+        text = plain_help(docs.get(f.name, ""))
+        if _optional_value(f.name):  # the docstring's None is `none` on the command line
+            text = re.sub(r"(^|\. )None\b|\bNone\b",
+                          lambda m: f"{m[1]}Unset (or `none`)" if m[1] is not None
+                          else "unset (or `none`)", text)
+        helps[f.name] = (text + default).strip()
     return helps
+
+
+def _optional_value(name: str) -> type | None:
+    """The value type of a TrainConfig field that may be None (int, float or str), else None."""
+    from .config import TrainConfig
+
+    kinds = [t.strip() for t in str(TrainConfig.__dataclass_fields__[name].type).split("|")]
+    if "None" not in kinds or len(kinds) != 2:
+        return None
+    return {"int": int, "float": float, "str": str}.get(next(k for k in kinds if k != "None"))
+
+
+def _none_or(kind: type):
+    """An argparse type: ``none`` (any case) is None, anything else ``kind(text)``."""
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def _train_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str,
@@ -693,6 +768,8 @@ def _train_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str,
         kwargs = {"type": int if kind == "int" else float}
     else:
         kwargs = {}
+    if _optional_value(name) is not None:  # `--early-crop none` unsets what a preset set
+        kwargs["type"] = _none_or(_optional_value(name))
     extras = dict(_TRAIN_FLAG_EXTRAS.get(name, {}))
     flags = extras.pop("flags", ["--" + name.replace("_", "-")])
     # SUPPRESS: only options actually given override the preset.
@@ -935,8 +1012,8 @@ def _add_use_commands(sub) -> None:
 
     sv = sub.add_parser("serve", help="the web app: upload images, see the answer and why",
                         description="Serve the page and the API (POST /api/predict, GET "
-                        "/api/health, GET /api/model, GET /api/slides with --slides; OpenAPI at "
-                        "/docs) for one checkpoint, "
+                        "/api/health, GET /api/model, GET /api/slides with --slides; the "
+                        "OpenAPI schema at /openapi.json) for one checkpoint, "
                         "loaded once: a checkpoint, a named trained model, or by default "
                         "the default trained model (`bcd models --trained`). A research tool, "
                         "not a medical device.")

@@ -44,7 +44,7 @@ class TrainConfig:
     test: float = 0.15
     """Test share when the split is made here (never trained or selected on)."""
     magnification: list[str] | None = None
-    """Keep only these magnifications, e.g. ``[40X]``."""
+    """Keep only these magnifications, e.g. ``40X`` (in YAML a list: ``[40X]``)."""
     group_by: str = "patient"
     """What a split keeps together: ``patient`` (numeric BreakHis id) or ``slide``."""
     mpp: float | None = None
@@ -82,7 +82,7 @@ class TrainConfig:
     time_budget: str | None = None
     """Wall-clock budget for the whole run, e.g. ``30m``, ``1h``, ``900s``: the first steps
     are timed and the epochs (at most ``epochs``) sized so that the schedule, validation
-    included, ends inside it."""
+    included, ends inside it. A bare number is seconds."""
     batch_size: int = 32
     """Images per step, per process (per GPU under torchrun)."""
     lr: float = 3e-4
@@ -132,7 +132,8 @@ class TrainConfig:
     ``off``, or a cache folder (then a stale cache is an error)."""
     batch_augment: str = "auto"
     """Augment whole batches on the device instead of per image in the workers: ``auto`` (on
-    with CUDA and a cache), ``on``, ``off``. Needs a prepared cache."""
+    with CUDA and a cache), ``on``, ``off``. Reads the prepared cache, which ``on`` builds on
+    first use (``bcd prepare`` does it ahead)."""
     max_bad_fraction: float = 0.01
     """Unreadable images are skipped; the run fails when more than this share is bad."""
 

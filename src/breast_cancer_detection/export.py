@@ -116,6 +116,10 @@ def _verify(model: nn.Module, path: Path, size: int) -> None:
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = torch.softmax(model(x), 1).numpy()
+    if not np.isfinite(expected).all():  # no ONNX opset can fix that
+        raise ExportError(f"{path.name} not exported: the model's own PyTorch output is not "
+                          "finite (NaN or infinity) on test inputs, so its weights are broken. "
+                          "Check the checkpoint (retrain, or export an earlier one).")
     got = torch.softmax(OnnxModel(path)(x), 1).numpy()
     diff = float(np.abs(expected - got).max())
     if not diff <= 1e-4:

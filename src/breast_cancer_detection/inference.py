@@ -541,13 +541,15 @@ class Predictor:
             UserError: onnxruntime is missing, or the file is not one of our exports.
         """
         from .export import OnnxModel
+        from .quantize import gate_holds
 
         local = _local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
         model = OnnxModel(local, device=device)
         meta = model.metadata
-        if meta.get("int8") is not None and not meta["int8"].get("passed"):
-            raise UserError(f"{path}: an int8 model that failed its accuracy gate; use the "
-                            "float32 export.")
+        if meta.get("int8") is not None and not gate_holds(meta["int8"]):
+            raise UserError(f"{path}: an int8 model that did not pass today's accuracy gate "
+                            "(or whose gate figures are missing); use the float32 export, or "
+                            "export it again with `bcd export --int8`.")
         threshold = meta.get("threshold")
         pred = cls(model, Preprocessing(size=meta["size"], resize=meta["resize"],
                                         mean=meta["mean"], std=meta["std"]),
@@ -616,6 +618,32 @@ class Predictor:
         pred.threshold_source = self.threshold_source
         pred.trained_model = self.trained_model
         return pred
+
+    def wrong_data_note(self, files: list[str | Path]) -> str | None:
+        """A warning when images of BreakHis (named as the data set names them) are given to
+        a model trained at a stated scale on other data, such as the bundled PatchCamelyon
+        model (96 px lymph-node patches at 0.97 um/px); None when nothing looks wrong.
+
+        A model trained on BreakHis stores no ``mpp`` (its checkpoint states magnifications
+        instead), so only models trained elsewhere are flagged.
+        """
+        ckpt = self.checkpoint
+        mpp = ckpt.mpp if ckpt is not None else None
+        if mpp is None and self.trained_model is not None:
+            mpp = self.trained_model.mpp
+        if mpp is None or (ckpt is not None and ckpt.magnification):
+            return None
+        names = [parse_breakhis_name(Path(str(f)).name) for f in files]
+        found = [n for n in names if n is not None]
+        if not found:
+            return None
+        mags = ", ".join(sorted({n.magnification for n in found}, key=lambda m: int(m[:-1])))
+        model = self.trained_model.name if self.trained_model is not None else self.arch
+        return (f"{len(found)} of these {len(files)} images are BreakHis breast biopsies by "
+                f"their names ({mags}); {model} was trained on images at {mpp:g} um/px of "
+                "other tissue, not on BreakHis, so its answers on them mean nothing. Score "
+                "BreakHis images with a model trained on BreakHis (`bcd train --preset "
+                "breakhis-gpu`, then `bcd predict runs/NAME/best.pt ...`).")
 
     def lanes(self, workers: int = 0) -> int:
         """How many threads each read and score whole batches side by side: 2 when inputs are

@@ -389,8 +389,8 @@ def bootstrap_metrics(df: pd.DataFrame, metrics_fn: Callable[[pd.DataFrame], dic
         group: The column to resample by.
 
     Returns:
-        ``{name: (low, high)}``; ``(nan, nan)`` for a metric that was undefined (NaN) in more
-        than half of the resamples, e.g. an AUC when most resamples hold one class.
+        ``{name: (low, high)}``; ``(nan, nan)`` for a metric that was undefined (NaN) in half
+        of the resamples or more, e.g. an AUC when most resamples hold one class.
     """
     if n < 1:
         raise ValueError(f"n={n}: the bootstrap needs at least one resample.")

@@ -151,11 +151,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file.")
+    from .checkpoint import state_dict_of, why_unloadable
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{path}: not a loadable state dict ({type(e).__name__}: {e}).") from e
-    from .checkpoint import state_dict_of
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise WeightsError(why_unloadable(path, e)) from e
 
     obj = state_dict_of(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

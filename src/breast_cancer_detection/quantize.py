@@ -235,10 +235,25 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
 
 
 def gate_holds(record: dict[str, Any] | None) -> bool:
-    """Whether an int8 model's gate record (its ``int8`` metadata) passes today's gate."""
+    """Whether an int8 model's gate record (its ``int8`` metadata) passes today's gate.
+
+    The record must carry the figures its rule reads (``max_abs_diff`` for the probability
+    rule; ``auc_float32``, ``auc_int8`` and ``same_label`` for the AUC rule): ``passed``
+    alone, or a figure missing or not a finite number, does not hold.
+    """
     if not record or not record.get("passed"):
         return False
+
+    def figure(key: str) -> float | None:
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value) if np.isfinite(value) else None
+
     if record.get("auc_float32") is None:  # the probability rule
-        return (record.get("max_abs_diff") or 0.0) <= PROB_TOLERANCE
-    return (record["auc_float32"] - record["auc_int8"] <= AUC_TOLERANCE
-            and record.get("same_label", 0.0) >= SAME_LABEL)
+        diff = figure("max_abs_diff")
+        return diff is not None and diff <= PROB_TOLERANCE
+    auc_a, auc_b, same = figure("auc_float32"), figure("auc_int8"), figure("same_label")
+    if auc_a is None or auc_b is None or same is None:
+        return False
+    return auc_a - auc_b <= AUC_TOLERANCE and same >= SAME_LABEL

@@ -13,7 +13,7 @@ from ..errors import UserError
 CLASSES = ("benign", "malignant")
 """Class names, in the order of the model's outputs (index 1 = malignant = positive)."""
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 SUBTYPES = {
     "A": "adenosis",
@@ -149,14 +149,14 @@ def build_index(root: str | Path, *, group_by: str = "patient") -> pd.DataFrame:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(
-            f"{root}: no such folder. Run `bcd download --dest data` or pass --data PATH to a "
-            "copy of BreakHis or an ImageFolder (ROOT/benign/*, ROOT/malignant/*)."
+            f"{root}: no such folder. Give the folder of a BreakHis copy or of an ImageFolder "
+            "(ROOT/benign/*, ROOT/malignant/*), or get BreakHis with `bcd download --dest data`."
         )
     files, _ = _image_files(root)
     if not files:
         raise DatasetError(
             f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}). "
-            "Point --data at the folder that holds the images."
+            "Give the folder that holds the images."
         )
     parsed = [parse_breakhis_name(p.name) for p in files]
     rows = []

@@ -78,6 +78,8 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 f"{_name(source)}: not a {_FORMAT_NAMES} image, the formats accepted; convert "
                 "it to PNG or TIFF (other formats are refused unread, as some run external "
                 "programs when decoded).") from e
+        except FileNotFoundError as e:
+            raise ImageError(f"{_name(source)}: no such file.") from e
         except Image.DecompressionBombError as e:
             raise ImageError(
                 f"{_name(source)}: refused before decoding, its header claims more pixels than "

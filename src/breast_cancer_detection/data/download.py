@@ -678,7 +678,8 @@ def _clear_unusable_root(root: Path) -> None:
         return
     raise DownloadError(
         f"{root} exists but does not contain the BreakHis {_SLIDES_DIRNAME} tree with PNG "
-        "images. Move or delete it and run again, or pass --data PATH to a complete copy."
+        "images. Move or delete it and run again, or train on a complete copy you have with "
+        "`bcd train --data PATH`."
     )
 
 
@@ -713,7 +714,7 @@ def _download(
     raise DownloadError(
         f"Could not download BreakHis ({'; '.join(reasons)}). Download {_ARCHIVE_NAME} by "
         f"hand from {BREAKHIS_PAGE} , put it at {archive} (or extract it under {dest}/) "
-        "and run again, or pass --data PATH to an extracted copy."
+        "and run again, or train on an extracted copy with `bcd train --data PATH`."
     )
 
 

@@ -37,6 +37,7 @@ def write_slide(path: str | Path, image: np.ndarray, *, mpp: float | None,
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image: (H, W, 3) uint8 RGB, not {image.shape} {image.dtype}")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     level, downsample = np.ascontiguousarray(image), 1
     with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31) as tw:
         while True:

@@ -154,6 +154,8 @@ class SlideResult:
     error: str = ""
     folder: str = ""
     settings: dict[str, Any] = field(default_factory=dict, repr=False)
+    reused: bool = field(default=False, repr=False)
+    """The outputs of an earlier run with the same model and settings, not redone."""
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
@@ -202,7 +204,7 @@ def _done(folder: Path, settings: dict[str, Any]) -> SlideResult | None:
     d.pop("settings")
     # JSON keeps NaN as null (a slide with no tissue tiles has no score): NaN again.
     return SlideResult(**{k: float("nan") if v is None and k in _FLOATS else v
-                          for k, v in d.items() if k in COLUMNS}, settings=settings)
+                          for k, v in d.items() if k in COLUMNS}, settings=settings, reused=True)
 
 
 def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *,
@@ -371,7 +373,8 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
         **kwargs: Passed to :func:`analyse_slide`.
 
     Returns:
-        This process's rows, one per slide.
+        This process's rows, one per slide; ``attrs["reused"]`` names the slides whose outputs
+        from an earlier run with the same model and settings were kept (not redone).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -388,16 +391,21 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
         final.unlink(missing_ok=True)
         (out / "slides.csv").unlink(missing_ok=True)
     rows: list[dict[str, Any]] = []
+    reused = []
     for path, folder in jobs:
         r = analyse_slide(predictor, path, out / folder, model_scale=scale, **kwargs)
         rows.append(r.row())
+        if r.reused:
+            reused.append(r.slide)
         _write_csv(table, pd.DataFrame(rows, columns=COLUMNS))
     if not rows:
         _write_csv(table, pd.DataFrame(columns=COLUMNS))
     if shard is not None:
         table.replace(final)
         _merge_parts(out, shard[1], folders)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    result = pd.DataFrame(rows, columns=COLUMNS)
+    result.attrs["reused"] = reused  # slides whose earlier outputs stand (no --force)
+    return result
 
 
 def _write_csv(path: Path, table: pd.DataFrame) -> None:
