@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -111,3 +112,64 @@ def test_breakhis_images_given_to_a_model_of_other_tissue_are_flagged(
     assert main(["predict", str(patch_model), *map(str, files), "--out",
                  str(tmp_path / "p.csv"), "--quiet"]) == 0
     assert "WARNING: 2 of these 2 images are BreakHis" in capsys.readouterr().err
+
+
+def test_resume_names_a_missing_folder_a_stray_one_and_takes_a_checkpoint_path(
+        trained_run, tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in _error(capsys)
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "is not a run folder (it has no config.yaml)" in _error(capsys)
+    # last.pt itself names its run; this one has trained all its epochs already.
+    assert main(["train", "--resume", str(trained_run / "last.pt")]) == 2
+    assert f"{trained_run} already trained 3 epochs" in _error(capsys)
+
+
+def test_split_shares_and_folds_out_of_range_say_what_fits(fake_breakhis, tmp_path, capsys):
+    out = str(tmp_path / "s.csv")
+    assert main(["split", str(fake_breakhis), "--out", out, "--val", "0.9", "--test", "0.9"]) == 2
+    assert "--val 0.9 and --test 0.9" in _error(capsys)
+    assert main(["split", str(fake_breakhis), "--out", out, "--folds", "1"]) == 2
+    assert "--folds 1: at least 2" in _error(capsys)
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_no_run_folder(fake_imagefolder,
+                                                                      tmp_path, capsys):
+    assert main(["train", "--preset", "cpu-smoke", "--data", str(fake_imagefolder),
+                 "--runs-dir", str(tmp_path), "--name", "bad", "--model", "no_such_net",
+                 "--quiet"]) == 2
+    assert "no_such_net" in _error(capsys)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_closing_line_says_how_the_split_was_made(fake_imagefolder, tmp_path, capsys):
+    flat = tmp_path / "flat"  # the same images without train/valid folders
+    for f in fake_imagefolder.rglob("*.png"):
+        dest = flat / f.parent.name / f"{f.parent.parent.name}-{f.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dest)
+    assert main(["train", "--preset", "cpu-smoke", "--data", str(fake_imagefolder),
+                 "--runs-dir", str(tmp_path / "runs"), "--name", "own", "--quiet"]) == 0
+    assert "the data folder's own split" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="no patient ids, so this split groups by image"):
+        assert main(["train", "--preset", "cpu-smoke", "--data", str(flat), "--runs-dir",
+                     str(tmp_path / "runs"), "--name", "flat", "--quiet"]) == 0
+    assert "split by image: the data carries no patient ids" in capsys.readouterr().out
+    # The split's warning reaches the user as one line, not as a Python source location (in
+    # a process of its own: pytest records warnings instead of printing them).
+    err = subprocess.run([sys.executable, "-m", "breast_cancer_detection.cli", "split",
+                          str(flat), "--out", str(tmp_path / "s.csv")], capture_output=True,
+                         text=True, check=True).stderr
+    assert err.startswith("warning: The data carries no patient ids")
+    assert "UserWarning" not in err and "warnings.warn" not in err
+
+
+def test_evaluate_refuses_a_subset_that_all_images_data_does_not_have(trained, fake_imagefolder,
+                                                                       tmp_path, capsys):
+    out = ["--out", str(tmp_path / "r"), "--bootstrap", "0", "--quiet"]
+    # Data the run never saw is evaluated whole, as one subset: 'val' is not there.
+    assert main(["evaluate", str(trained), "--data", str(fake_imagefolder), "--subset", "val",
+                 *out]) == 2
+    assert "it has no 'val' subset. Drop --subset" in _error(capsys)
+    assert main(["evaluate", str(trained), "--data", str(fake_imagefolder), *out]) == 0
+    assert capsys.readouterr().out.startswith("all: 48 images")

@@ -868,7 +868,8 @@ def _add_model_commands(sub) -> None:
                    "one in the checkpoint's config)")
     e.add_argument("--split", help="split CSV (default: split.csv next to the checkpoint; "
                    "without one, every image under --data is evaluated)")
-    e.add_argument("--subset", default="test", help="subset to evaluate (default: test)")
+    e.add_argument("--subset", help="subset to evaluate: test (the default), val, train, or all "
+                   "(the only one of external data or a folder without subsets, and its default)")
     e.add_argument("--out", help="report folder (default: reports/<run name>-<subset>)")
     _target_sensitivity(e, "choose the threshold reaching this sensitivity on val (e.g. 0.95) "
                         "instead of Youden's J")
@@ -1071,14 +1072,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `bcd`; returns the exit code."""
+    import warnings
+
     args = build_parser().parse_args(argv)
     from .errors import UserError
 
+    # A warning reaches a command-line user as one line, not as a Python source location.
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, load_config
 from .data.batch_augment import random_windows
-from .data.breakhis import CLASSES, build_index
+from .data.breakhis import CLASSES, build_index, layout_split
 from .data.datasets import EpochSampler, ImageTableDataset, collate_skip_bad, run_seed
 from .data.splits import check_split, load_split, make_split, split_hash, write_split
 from .errors import UserError
@@ -885,9 +885,45 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """
     started = time.perf_counter()
     run_dir = _new_run_dir(cfg)
-    run = _build_run(cfg, run_dir, None, progress)
-    _plan_epochs(run, started)
+    fresh = not run_dir.exists()
+    try:
+        run = _build_run(cfg, run_dir, None, progress)
+        _plan_epochs(run, started)
+    except BaseException:
+        if fresh:  # a run that failed before its first epoch leaves no folder to mistake for one
+            _remove_unstarted(run_dir)
+        raise
     return _train(run, RunState())
+
+
+def _remove_unstarted(run_dir: Path) -> None:
+    """Removes what a new run wrote before its first epoch (its settings and split), and
+    the folder when nothing else is in it."""
+    for name in ("config.yaml", "split.csv"):
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:  # missing, or holds something else: leave it
+        pass
+
+
+def _run_folder(path: str | Path) -> Path:
+    """The run folder ``--resume`` names: the folder itself, or the folder of a ``last.pt`` /
+    ``best.pt`` given instead.
+
+    Raises:
+        UserError: no such folder, or one that ``bcd train`` did not make.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".pt":
+        path = path.parent
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run folder. Resume a folder that `bcd train` made, "
+                        "e.g. `bcd train --resume runs/NAME`.")
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{path} is not a run folder (it has no config.yaml): resume the folder "
+                        "that `bcd train` made, e.g. `bcd train --resume runs/NAME`.")
+    return path
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -901,14 +937,14 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
     Raises:
         UserError: the run has already trained ``epochs`` epochs.
     """
-    run_dir = Path(run_dir)
+    run_dir = _run_folder(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     if overrides:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
     ckpt = load_checkpoint(run_dir / "last.pt")
     if ckpt.epoch >= cfg.epochs:
-        raise UserError(f"{run_dir} already trained {ckpt.epoch} epochs; pass a larger --epochs "
-                        "to train on.")
+        raise UserError(f"{run_dir} already trained {_count(ckpt.epoch, 'epoch')}; pass a "
+                        "larger --epochs to train on.")
     run = _build_run(cfg, run_dir, ckpt, progress)
     state = RunState.from_checkpoint(ckpt)
     run.log(f"Resuming {run_dir} at epoch {state.epoch + 1}"
@@ -1024,8 +1060,8 @@ def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
     if epochs == cfg.epochs:
         return
     run.log(f"Time budget {cfg.time_budget}: the last epochs took {factor:.0%} of the time "
-            f"the first steps predicted; the schedule now ends after {epochs} epochs instead "
-            f"of {cfg.epochs}.")
+            f"the first steps predicted; the schedule now ends after {_count(epochs, 'epoch')} "
+            f"instead of {cfg.epochs}.")
     _set_epochs(run, epochs, early)
 
 
@@ -1241,15 +1277,22 @@ def _epoch_line(row: dict[str, float], epochs: int, improved: bool, size: int = 
         "  *" if improved else "")
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _closing_line(result: TrainResult, val_tab: pd.DataFrame, cfg: TrainConfig) -> str:
     b = result.best
     if "val_auc" not in b:
         return f"Done. No validation subset; last checkpoint {result.run_dir / 'best.pt'}."
     if val_tab["patient"].ne("").any():
         who = f"{len(val_tab)} images, {val_tab['patient'].nunique()} patients, patient-disjoint"
-    else:
+    elif val_tab["path"].map(layout_split).eq("val").all():
         who = f"{len(val_tab)} images, the data folder's own split"
-    budget = (f" (the {cfg.time_budget} time budget allowed {cfg.epochs} epochs)"
+    else:
+        who = f"{len(val_tab)} images, split by image: the data carries no patient ids"
+    budget = (f" (the {cfg.time_budget} time budget allowed {_count(cfg.epochs, 'epoch')})"
               if cfg.time_budget else "")
     tta = (f"; with 8-view TTA AUC {b['val_auc_tta']:.4f}, accuracy {b['val_acc_tta']:.4f}"
            if "val_auc_tta" in b else "")

@@ -287,7 +287,7 @@ def _default_out(checkpoint: Path, subset: str) -> Path:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *,
-                        split: str | Path | None = None, subset: str = "test",
+                        split: str | Path | None = None, subset: str | None = None,
                         out: str | Path | None = None, target_sensitivity: float | None = None,
                         bootstrap: int = 1000, seed: int = 0, alpha: float = 0.05,
                         allow_leakage: bool = False, store_threshold: bool = True,
@@ -301,7 +301,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
             checkpoint's config.
         split: A split CSV; None uses ``split.csv`` next to the checkpoint, or else indexes
             ``data`` and evaluates everything (said in the report).
-        subset: The subset to evaluate (``test``; ``val`` gives optimistic numbers).
+        subset: The subset to evaluate (``val`` gives optimistic numbers); None: ``test``,
+            or ``all`` where every image is evaluated as one subset (external data, or a
+            folder without subsets), which only None or ``all`` accept.
         out: The report folder; None gives ``reports/<run name>-<subset>``.
         target_sensitivity: Choose the threshold for this sensitivity instead of Youden's J.
         bootstrap: Resamples for the intervals (0 leaves them out).
@@ -331,7 +333,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     external = data is not None and split is None and _is_other_data(checkpoint, root)
     table, source, notes = _resolve_table(checkpoint, root, split, ckpt.group_by, external)
     if (table["split"] == "all").all():
+        if subset not in (None, "all"):
+            raise UserError(
+                f"{source} is evaluated as one subset, 'all': it has no '{subset}' subset. Drop "
+                f"--subset (or pass --subset all); to evaluate one of its folders alone, give "
+                f"that folder as --data (e.g. {root / 'valid'} when it has one).")
         subset = "all"
+    subset = subset or "test"
     available = [s for s in (*SUBSETS, "all") if s in set(table["split"])]
     if subset not in available:
         raise UserError(f"{source} has no '{subset}' subset; it has "
@@ -361,12 +369,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     threshold, threshold_info, caveats = _decide_threshold(ckpt, val_pred, target_sensitivity,
                                                            val_leak, this_hash)
     caveats = _subset_caveats(subset, threshold_info) + caveats
-    if store_threshold and _is_registered(checkpoint):
+    chosen_now = threshold_info.get("source") == "chosen on val now"
+    if store_threshold and chosen_now and _is_registered(checkpoint):
         store_threshold = False
         caveats.append(f"{checkpoint} is a registered trained model, whose SHA-256 is checked "
                        "before use: the threshold was not stored in it (evaluate a copy to "
                        "store one).")
-    if threshold_info.get("source") == "chosen on val now" and store_threshold and not val_leak:
+    if chosen_now and store_threshold and not val_leak:
         try:
             _store_threshold(checkpoint, threshold, threshold_info)
             threshold_info["stored_in"] = str(checkpoint)

@@ -119,6 +119,14 @@ def _class_of_folder(name: str, root: Path) -> int:
         ) from None
 
 
+def layout_split(path: str | Path) -> str:
+    """The subset (``train``, ``val``, ``test``) that a pre-split ImageFolder's layout gives
+    an image, from its path relative to the data folder (``valid/1/x.png`` -> ``val``); ``""``
+    for any other path."""
+    parts = Path(path).parts
+    return _SPLIT_ALIASES.get(parts[0].lower(), "") if len(parts) == 3 else ""
+
+
 def build_index(root: str | Path, *, group_by: str = "patient") -> pd.DataFrame:
     """Builds the index table of every image under ``root``.
 
@@ -172,8 +180,8 @@ def build_index(root: str | Path, *, group_by: str = "patient") -> pd.DataFrame:
         for p in files:
             rel = p.relative_to(root)
             parts = rel.parts
-            if len(parts) == 3 and parts[0].lower() in _SPLIT_ALIASES:
-                split, cls = _SPLIT_ALIASES[parts[0].lower()], parts[1]
+            if len(parts) == 3 and layout_split(rel):
+                split, cls = layout_split(rel), parts[1]
             elif len(parts) == 2:
                 split, cls = "", parts[0]
             else:

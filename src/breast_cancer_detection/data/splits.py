@@ -34,9 +34,9 @@ def _groups(index: pd.DataFrame) -> pd.Series:
     return index["patient"]
 
 
-def _patient_table(index: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient: its class (0/1) and image count, in a stable order."""
-    keys = _groups(index)
+def _patient_table(index: pd.DataFrame, keys: pd.Series) -> pd.DataFrame:
+    """One row per patient (``keys``, from :func:`_groups`): its class (0/1) and image
+    count, in a stable order."""
     per = index.assign(_g=keys).groupby("_g").agg(target=("target", "max"),
                                                    n_classes=("target", "nunique"),
                                                    images=("path", "size"))
@@ -116,14 +116,16 @@ def make_split(index: pd.DataFrame, *, val: float = 0.15, test: float = 0.15, se
         The split table (``SPLIT_COLUMNS``).
     """
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise ValueError(f"val ({val}) and test ({test}) must be in [0, 1) and sum to under 1.")
+        raise DatasetError(f"--val {val} and --test {test}: each a share in [0, 1), and the two "
+                           "summing to under 1 (e.g. --val 0.15 --test 0.15).")
     index = _filter_magnification(index, magnification).copy()
     if index["split"].ne("").all():
         out = index
     else:
-        patients = _patient_table(index)
+        keys = _groups(index)
+        patients = _patient_table(index, keys)
         where = _assign(patients, ["train", "val", "test"], [1 - val - test, val, test], seed)
-        out = index.assign(split=_groups(index).map(where))
+        out = index.assign(split=keys.map(where))
     out = out[SPLIT_COLUMNS].reset_index(drop=True)
     check_split(out)
     return out
@@ -138,14 +140,15 @@ def make_folds(index: pd.DataFrame, *, folds: int = 5, seed: int = 0,
         :func:`fold_split` to turn fold k into train/val/test.
     """
     if folds < 2:
-        raise ValueError("folds must be at least 2")
+        raise DatasetError(f"--folds {folds}: at least 2 (e.g. --folds 5).")
     index = _filter_magnification(index, magnification).copy()
-    patients = _patient_table(index)
+    keys = _groups(index)
+    patients = _patient_table(index, keys)
     if len(patients) < folds:
         raise DatasetError(f"{len(patients)} patients cannot fill {folds} folds.")
     names = [str(k) for k in range(folds)]
     where = _assign(patients, names, [1 / folds] * folds, seed)
-    out = index.assign(split="", fold=_groups(index).map(where).astype(int))
+    out = index.assign(split="", fold=keys.map(where).astype(int))
     return out[SPLIT_COLUMNS + ["fold"]].reset_index(drop=True)
 
 
