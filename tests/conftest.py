@@ -90,6 +90,27 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def jpeg_scan_bomb(side: int, copies: int) -> bytes:
+    """A progressive JPEG of ``side`` x ``side`` px whose smallest scan (a dozen bytes) is
+    repeated ``copies`` more times before its end: each copy is one more pass of the decoder
+    over the whole image. ``copies=0`` is the ordinary progressive JPEG (about 10 scans)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 100, 150)).save(buf, format="JPEG", progressive=True)
+    data = buf.getvalue()
+    scans, i = [], 2  # after SOI: segments of a 2-byte length, scans up to the next marker
+    while data[i + 1] != 0xD9:  # EOI
+        assert data[i] == 0xFF
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] == 0xDA:  # SOS: entropy-coded data, 0xFF stuffed with 0x00 or RSTn
+            while data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end += 1
+            scans.append(data[i:end])
+        i = end
+    return data[:i] + min(scans, key=len) * copies + data[i:]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _download_cache(tmp_path_factory):
     """Downloads and ONNX exports go to a temporary cache, never the user's home; a test

@@ -7,6 +7,7 @@ import base64
 import importlib.util
 import io
 import json
+import re
 import shutil
 import threading
 import time
@@ -25,7 +26,10 @@ pytest.importorskip("multipart", reason="the web app needs python-multipart")
 httpx = pytest.importorskip("httpx", reason="the API tests need httpx")
 
 from breast_cancer_detection.app import create_app  # noqa: E402
-from breast_cancer_detection.app.server import PREVIEW_SIDE  # noqa: E402
+from breast_cancer_detection.app.server import (  # noqa: E402
+    CONNECTION_HEADROOM,
+    PREVIEW_SIDE,
+)
 from breast_cancer_detection.checkpoint import load_checkpoint  # noqa: E402
 from breast_cancer_detection.cli import main  # noqa: E402
 from breast_cancer_detection.errors import UserError  # noqa: E402
@@ -199,6 +203,15 @@ def test_page_is_served_and_loads_nothing_from_elsewhere(client):
     assert len(list(STATIC.iterdir())) == 3  # what the page needs is all in the package
 
 
+def test_the_page_names_every_format_read_and_links_to_no_page_that_needs_a_cdn(client):
+    page = client.get("/").text
+    help_text = re.search(r'<p id="upload-help"[^>]*>(.*?)</p>', page, re.S)[1]
+    assert " ".join(help_text.split()).startswith("PNG, JPEG, TIFF, BMP or WebP;")
+    # /docs (Swagger UI) loads its script from a CDN, which the page's policy blocks.
+    links = re.findall(r'href="([^"]*)"', page)
+    assert "docs" not in links and "/docs" not in links and "openapi.json" in links
+
+
 def test_predict_one_image(client, predictor):
     r = client.post("/api/predict", files=_files(("tissue.png", GOOD)))
     assert r.status_code == 200, r.text
@@ -344,6 +357,48 @@ def test_a_request_without_files_is_422(client):
     assert r.status_code == 422 and "file uploads" in r.json()["detail"]
 
 
+def _multipart(boundary: str, *named: tuple[str, bytes]) -> bytes:
+    return b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+                    f"filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n".encode()
+                    + data + b"\r\n" for name, data in named)
+
+
+def test_a_body_without_its_closing_boundary_is_400_not_fewer_answers(client):
+    boundary = "cut"
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    whole = _multipart(boundary, ("a.png", GOOD), ("b.png", GOOD)) + b"--cut--\r\n"
+    r = client.post("/api/predict", content=whole, headers=headers)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    # Cut inside the second file, and just before the closing delimiter: two files sent,
+    # at most one would be answered; one file cut short would be "no files".
+    for body in (whole[:len(whole) - len(GOOD) // 2], whole[:-len(b"--cut--\r\n")],
+                 _multipart(boundary, ("a.png", GOOD))[:-50]):
+        r = client.post("/api/predict", content=body, headers=headers)
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert "incomplete upload (no closing boundary)" in detail and "send it again" in detail
+    # The delimiter split across two chunks, or followed by an epilogue, is a whole body.
+    at = len(whole) - 6
+    r = client.post("/api/predict", content=iter([whole[:at], whole[at:]]), headers=headers)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    r = client.post("/api/predict", content=whole + b"an epilogue\r\n", headers=headers)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    quoted = {"Content-Type": 'multipart/form-data; boundary="cut"'}
+    assert client.post("/api/predict", content=whole, headers=quoted).status_code == 200
+
+
+def test_more_files_than_the_limit_is_413_saying_how_many(client):
+    from breast_cancer_detection.app.server import MAX_FILES
+
+    r = client.post("/api/predict", files=_files(*[(f"{i}.png", GOOD)
+                                                  for i in range(MAX_FILES + 1)]))
+    assert r.status_code == 413, r.text
+    assert f"send at most {MAX_FILES} files per request" in r.json()["detail"]
+    r = client.post("/api/predict", files=_files(("a.png", GOOD)),
+                    data={f"f{i}": "x" for i in range(MAX_FILES + 1)})
+    assert r.status_code == 413 and "form fields" in r.json()["detail"], r.text
+
+
 def test_bad_requests_leave_the_server_answering(client):
     before = client.post("/api/predict", files=_files(("a.png", GOOD))).json()["results"][0]
     statuses = [client.post("/api/predict", files=_files((name, data))).status_code
@@ -484,14 +539,21 @@ def test_bcd_serve_binds_to_localhost_by_default(best, monkeypatch, capsys):
     service, gate = app.state.service, app.state.gate
     assert (service.max_request_megapixels, service.max_request_tiles) == (50, 2000)
     assert (service.upload_timeout, gate.max_uploads) == (30, 32)
+    # uvicorn closes connections that send no request head, and answers 503 past the places.
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    assert issubclass(kw["http"], H11Protocol) and kw["http"].head_timeout == 10
+    assert kw["limit_concurrency"] == 32 + 1 + 3 + CONNECTION_HEADROOM
     client = _client(app)
     assert client.get("/api/health", headers={"Host": "lab.example"}).status_code == 400
 
     calls.clear()
     assert main(["serve", str(best), "--quiet", "--max-request-megapixels", "5",
                  "--max-request-tiles", "7", "--upload-timeout", "4", "--max-uploads", "2",
-                 "--allowed-hosts", "lab.example,other.example"]) == 0
+                 "--allowed-hosts", "lab.example,other.example", "--header-timeout", "2.5"]) == 0
     app = calls[0][0]
+    assert calls[0][1]["http"].head_timeout == 2.5
+    assert calls[0][1]["limit_concurrency"] == 2 + 1 + 8 + CONNECTION_HEADROOM
     service, gate = app.state.service, app.state.gate
     assert (service.max_request_megapixels, service.max_request_tiles) == (5, 7)
     assert (service.upload_timeout, gate.max_uploads) == (4, 2)
@@ -515,4 +577,6 @@ def test_bcd_serve_binds_to_localhost_by_default(best, monkeypatch, capsys):
 
     assert main(["serve", str(best.with_name("missing.pt")), "--quiet"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["serve", str(best), "--quiet", "--header-timeout", "0"]) == 2
+    assert "--header-timeout" in capsys.readouterr().err
     assert not calls[1:]  # nothing was served

@@ -117,3 +117,34 @@ def test_upload_shows_label_bar_and_overlay(server, sample, tmp_path):
     assert [p for p in problems if "415" not in p] == []
     assert elsewhere == [], f"the page fetched from elsewhere: {elsewhere}"
     assert (ARTIFACTS / "app.png").stat().st_size > 10_000
+
+
+@pytest.mark.timeout(300)
+def test_an_answer_the_page_cannot_show_fails_its_card_and_the_queue_goes_on(server, sample,
+                                                                             tmp_path):
+    names = ["first.png", "second.png", "third.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(sample.read_bytes())
+    # The server's answers to the first two, replaced: one the page's script trips over (a
+    # null result), one without results. The third goes to the server.
+    fakes = ['{"results": [null]}', "{}"]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/api/predict", lambda route: route.fulfill(
+                status=200, content_type="application/json", body=fakes.pop(0))
+                if fakes else route.continue_())
+            page.goto(f"{server}/")
+            page.set_input_files("#files", [str(tmp_path / name) for name in names])
+            page.locator("li.card.done").wait_for(timeout=60_000)
+            cards = {c.locator("h3").inner_text(): c for c in page.locator("li.card").all()}
+            assert set(cards) == set(names)
+            assert "done" in cards["third.png"].get_attribute("class")
+            for name, says in (("first.png", "could not be shown"),
+                               ("second.png", "held no result")):
+                assert "failed" in cards[name].get_attribute("class"), name
+                assert says in cards[name].locator(".error").inner_text(), name
+        finally:
+            browser.close()

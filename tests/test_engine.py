@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -82,15 +83,35 @@ def _interrupt_in_epoch(monkeypatch, epoch: int, after_batches: int):
     return real
 
 
+class _DropoutTiny(torch.nn.Module):
+    """The tiny network with dropout: its draws come from the same generator as the
+    augmentation's, so a resumed epoch must go on from the saved generator state."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        from breast_cancer_detection.models import SmallCNN
+
+        self.net = SmallCNN(num_classes, width=8, depth=2)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        f = torch.flatten(self.net.pool(self.net.features(x)), 1)
+        return self.net.classifier(self.drop(f))
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "tiny_dropout"])
 @pytest.mark.parametrize("after_batches", [0, 2])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(
-        fake_breakhis, tmp_path, monkeypatch, capsys, after_batches):
-    straight = fit(_cfg(fake_breakhis, tmp_path / "a", epochs=3), progress=False)
+        fake_breakhis, tmp_path, monkeypatch, capsys, after_batches, model):
+    from breast_cancer_detection import models
+
+    monkeypatch.setitem(models._LOCAL, "tiny_dropout", _DropoutTiny)
+    straight = fit(_cfg(fake_breakhis, tmp_path / "a", epochs=3, model=model), progress=False)
     real = _interrupt_in_epoch(monkeypatch, epoch=2, after_batches=after_batches)
     run = tmp_path / "b" / "runs" / "r"
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(fake_breakhis, tmp_path / "b", epochs=3), progress=False)
+        fit(_cfg(fake_breakhis, tmp_path / "b", epochs=3, model=model), progress=False)
     assert f"bcd train --resume {run}" in capsys.readouterr().err
     ckpt = load_checkpoint(run / "last.pt")
     assert (ckpt.epoch, ckpt.resume.step) == (1, after_batches)
@@ -100,7 +121,12 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2, 3]
+    straight_rows, resumed_rows = (pd.read_csv(r / "metrics.csv")
+                                   for r in (straight.run_dir, run))
+    assert list(resumed_rows["epoch"]) == [1, 2, 3]
+    for column in ("train_loss", "val_loss", "val_auc"):
+        np.testing.assert_allclose(resumed_rows[column], straight_rows[column], rtol=0,
+                                   atol=1e-6, err_msg=column)
     # A finished run asked to resume with no more epochs says what to do.
     with pytest.raises(Exception, match="larger --epochs"):
         resume(run, progress=False)

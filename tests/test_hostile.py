@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from breast_cancer_detection.data.datasets import (
 from breast_cancer_detection.data.transforms import Preprocessing, build_eval_transform
 from breast_cancer_detection.explain import explain
 from breast_cancer_detection.inference import Predictor
+
+from conftest import jpeg_scan_bomb
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -248,6 +251,77 @@ def test_rgb_pngs_decode_faster_to_the_same_pixels_and_damaged_ones_still_fail(
     with pytest.raises(ImageError, match="truncated.png"):
         open_rgb(truncated)
     assert used == [1, 1]  # the fast decoder refused it first
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path,
+                                                                          monkeypatch):
+    from PIL import ImageFile
+
+    from breast_cancer_detection.data.datasets import MAX_JPEG_SCANS
+
+    bomb = jpeg_scan_bomb(1000, 2000)  # 2,010 passes over a megapixel: 24 KB
+    assert len(bomb) < 40_000
+    path = tmp_path / "scans.jpg"
+    path.write_bytes(bomb)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda im: decoded.append(im.size) or real_load(im))
+    upload = io.BytesIO(bomb)
+    upload.name = "upload.jpg"
+    for source, name in ((path, str(path)), (upload, "upload.jpg")):  # `bcd predict`, uploads
+        start = time.perf_counter()
+        with pytest.raises(ImageError) as info:
+            open_rgb(source)
+        assert time.perf_counter() - start < 1.0
+        message = str(info.value)
+        assert message.startswith(f"{name}: ") and f"more than {MAX_JPEG_SCANS} scans" in message
+        assert "baseline" in message and "PNG" in message, message
+    # Pillow opens a JPEG with a multi-picture header as MPO, and decodes its first frame:
+    # that frame's last scan, repeated, is counted too.
+    frames = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(frames, format="MPO", save_all=True, progressive=True,
+                                    append_images=[Image.new("RGB", (8, 8))])
+    two = frames.getvalue()
+    end = two.index(b"\xff\xd9")  # the first frame's EOI
+    last_scan = two[two.rindex(b"\xff\xda", 0, end):end]
+    mpo_bomb = two[:end] + last_scan * 1000 + two[end:]
+    assert Image.open(io.BytesIO(mpo_bomb)).format == "MPO"
+    with pytest.raises(ImageError, match="scans"):
+        open_rgb(io.BytesIO(mpo_bomb))
+    assert decoded == []  # refused before the decoder ran
+    # An ordinary progressive JPEG, and one with a few scans more, still decode.
+    for copies in (0, 100):
+        assert open_rgb(io.BytesIO(jpeg_scan_bomb(64, copies))).size == (64, 64)
+
+
+def test_jpegs_are_turned_upright_as_their_exif_orientation_says(tmp_path):
+    rgb = np.zeros((20, 40, 3), np.uint8)
+    rgb[:, :20] = (255, 0, 0)  # the left half red: upright, it ends on top (Orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(rgb).save(path, exif=exif, quality=95)
+    for source in (path, io.BytesIO(path.read_bytes())):
+        image = open_rgb(source)
+        assert image.size == (20, 40)  # width and height swapped
+        arr = np.asarray(image).astype(int)
+        assert arr[:15, :, 0].mean() > 200 and arr[25:, :, 0].mean() < 60
+    # The limit and the reduced-decoding callback judge the upright size.
+    with pytest.raises(ImageError, match="20x40 pixels"):
+        open_rgb(path, max_pixels=100)
+    seen = []
+    assert open_rgb(path, reduced=lambda w, h: seen.append((w, h))).size == (20, 40)
+    assert seen == [(20, 40)]
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (400, 200), (200, 100, 150)).save(big, exif=exif)
+    assert open_rgb(big, reduced=lambda w, h: 50).size == (50, 100)  # 1/4, then upright
+    # Without the tag, or from an image already decoded, nothing turns.
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(rgb).save(plain)
+    assert open_rgb(plain).size == (40, 20)
+    with Image.open(path) as im:
+        assert open_rgb(im).size == (40, 20)
 
 
 def test_predict_gives_a_format_refusal_as_an_error_row(predictor, tmp_path):

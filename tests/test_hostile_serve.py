@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import png_claiming, serve_app
+from conftest import jpeg_scan_bomb, png_claiming, serve_app
 
 pytest.importorskip("fastapi", reason="the web app needs fastapi: pip install -e '.[app]'")
 pytest.importorskip("multipart", reason="the web app needs python-multipart")
@@ -214,6 +214,31 @@ def test_formats_outside_the_allow_list_are_415_and_damaged_images_400(predictor
     assert r.status_code == 400 and "damaged" in r.json()["detail"], r.text
 
 
+def test_a_progressive_jpeg_scan_bomb_is_400_at_once(predictor):
+    # 3,010 passes over the image, 45 KB: within every budget (361 tiles of the tiny model).
+    bomb = jpeg_scan_bomb(400, 3000)
+    client = _client(create_app(predictor))
+    start = time.perf_counter()
+    r = client.post("/api/predict", files=_files(("scans.jpg", bomb)))
+    assert time.perf_counter() - start < 2.0
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("scans.jpg: ") and "scans" in detail and "baseline" in detail
+    assert client.post("/api/predict", files=_files(
+        ("ok.jpg", jpeg_scan_bomb(64, 0)))).status_code == 200
+
+
+def test_an_upload_is_answered_upright_as_its_exif_orientation_says(predictor):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (70, 46), (230, 170, 210)).save(buf, format="JPEG", exif=exif)
+    r = _client(create_app(predictor)).post("/api/predict", files=_files(("p.jpg", buf.getvalue())))
+    assert r.status_code == 200, r.text
+    answer = r.json()["results"][0]
+    assert (answer["width"], answer["height"]) == (46, 70)
+
+
 def test_a_model_that_outputs_nan_is_a_500_never_a_label(predictor):
     import torch
 
@@ -258,6 +283,94 @@ def test_stalled_uploads_hold_no_model_slot_and_time_out_with_408(predictor):
             assert b"--upload-timeout" in answer
         assert time.monotonic() - start < 2 + 5
         assert (app.state.gate.uploading, app.state.gate.admitted) == (0, 0)
+
+
+def _head_options(app, seconds: float) -> dict:
+    """uvicorn settings as `bcd serve` passes them, with a short request-head deadline."""
+    return server_module.uvicorn_options(app, header_timeout=seconds)
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    """Whether the server has closed ``s`` (EOF, or a reset after data sent too late);
+    raises TimeoutError when it stays open for the socket's timeout."""
+    try:
+        while chunk := s.recv(65536):
+            del chunk  # an answer first (the kept-alive case): read on to the close
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def _answer_of(s: socket.socket) -> bytes:
+    """One whole answer with a Content-Length, read from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head
+
+
+def test_connections_without_a_request_head_are_closed_at_the_deadline(predictor):
+    app = create_app(predictor)
+    with serve_app(app, log_level="warning", **_head_options(app, 1.0)) as port:
+        silent = socket.create_connection((HOST, port), timeout=8)
+        slow = socket.create_connection((HOST, port), timeout=8)
+        # A kept-alive connection: one whole request, then the next head a line at a time.
+        kept = socket.create_connection((HOST, port), timeout=8)
+        kept.sendall(f"GET /api/health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        assert _answer_of(kept).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        stop = threading.Event()
+
+        def trickle() -> None:
+            lines = [b"GET /api/health HTTP/1.1\r\n", f"Host: {HOST}\r\n".encode()] + [
+                f"X-Slow-{i}: 1\r\n".encode() for i in range(40)]
+            for line in lines:
+                for s in (slow, kept):
+                    with contextlib.suppress(OSError):  # closed by the server: the point
+                        s.sendall(line)
+                if stop.wait(0.2):
+                    return
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        try:
+            with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=8) as client:
+                assert client.get("/api/health").status_code == 200  # others are answered
+            for s in (silent, slow, kept):
+                assert _closed_by_server(s)
+                assert time.monotonic() - start < 1.0 + 3.0
+            with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=8) as client:
+                assert client.get("/api/health").status_code == 200
+        finally:
+            stop.set()
+            sender.join()
+            for s in (silent, slow, kept):
+                s.close()
+
+
+def test_connections_past_the_limit_get_503_at_once(predictor):
+    app = create_app(predictor, max_concurrency=1, max_queue=0, max_uploads=1)
+    options = _head_options(app, 2.0)
+    limit = 1 + 0 + 1 + server_module.CONNECTION_HEADROOM
+    assert options["limit_concurrency"] == limit
+    with serve_app(app, log_level="warning", **options) as port:
+        idle = [socket.create_connection((HOST, port), timeout=8) for _ in range(limit)]
+        try:
+            statuses = []
+            with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=8) as client:
+                _until(lambda: statuses.append(client.get("/api/health").status_code)
+                       or statuses[-1] == 503, "a 503 for a connection past the limit", 1.5)
+                # The idle ones are closed at the head deadline, and places free again.
+                _until(lambda: client.get("/api/health").status_code == 200,
+                       "the idle connections to be closed", 5)
+        finally:
+            for s in idle:
+                s.close()
 
 
 # ----------------------------------------------------------------------------- 5. leaving
@@ -343,6 +456,43 @@ def test_a_foreign_host_header_is_refused(predictor):
     assert named.get("/api/model", headers={"Host": "evil.example"}).status_code == 400
     anyone = _client(create_app(predictor, allowed_hosts=["*"]))
     assert anyone.get("/api/model", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_a_request_without_a_host_header_is_told_to_send_one(predictor):
+    app = create_app(predictor)
+    r = _client(app).get("/api/health", headers={"Host": ""})
+    assert r.status_code == 400 and "send one" in r.json()["detail"], r.text
+    assert "--allowed-hosts" not in r.json()["detail"]
+    # HTTP/1.0 lets a client leave it out altogether.
+    with _serving(app) as port, socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(b"GET /api/health HTTP/1.0\r\n\r\n")
+        answer = _read_answer(s)
+    assert answer.startswith(b"HTTP/1.1 400") and b"no Host header" in answer, answer[:300]
+
+
+def test_uploads_from_other_sites_pages_are_403(predictor):
+    client = _client(create_app(predictor, allowed_hosts=["lab.example"]))
+    own = f"http://{HOST}:8000"
+    for headers in ({"Sec-Fetch-Site": "cross-site", "Origin": own},
+                    {"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": "http://localhost:8000"}, {"Origin": "http://10.1.2.3"}):
+        r = client.post("/api/predict", files=_files(("a.png", GOOD)), headers=headers)
+        assert r.status_code == 403, (headers, r.text)
+        detail = r.json()["detail"]
+        assert "cross-site request refused" in detail and f"open http://{HOST}/" in detail
+        assert r.headers["cache-control"] == "no-store"
+    assert "--allowed-hosts evil.example" in client.post(
+        "/api/predict", files=_files(("a.png", GOOD)),
+        headers={"Origin": "http://evil.example"}).json()["detail"]
+    # The page itself (same origin), a name given with --allowed-hosts (a proxy), and
+    # clients that are not browsers (no Origin) are answered; reading is never refused.
+    for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": f"http://{HOST}"},
+                    {"Origin": "https://lab.example"}, {}):
+        r = client.post("/api/predict", files=_files(("a.png", GOOD)), headers=headers)
+        assert r.status_code == 200, (headers, r.text)
+    r = client.get("/api/health", headers={"Sec-Fetch-Site": "cross-site",
+                                           "Origin": "http://evil.example"})
+    assert r.status_code == 200
 
 
 def test_answers_carry_no_store_and_no_referrer(predictor):

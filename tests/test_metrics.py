@@ -228,6 +228,15 @@ def test_youden_matches_a_brute_force_search(scores):
     assert _youden(y, p, t) == pytest.approx(best)
 
 
+def test_youden_ties_go_to_the_highest_cut():
+    # J = 1/3 at the cuts 0.9, 0.6 and 0.2; in floating point the last one comes out a hair
+    # larger (0.33333333333333337), which must not decide.
+    y, p = [1, 1, 1, 0, 0, 0], [0.9, 0.6, 0.2, 0.7, 0.3, 0.1]
+    t = choose_threshold(y, p)
+    assert t == pytest.approx((0.9 + 0.7) / 2)
+    assert image_metrics(y, p, t)["specificity"] == 1.0
+
+
 def test_target_sensitivity_is_reached_with_the_highest_cut(scores):
     t = choose_threshold(CUT_Y, CUT_P, "target_sensitivity", target_sensitivity=0.95)
     assert t == pytest.approx((0.2 + 0.45) / 2)

@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from urllib.parse import quote, urljoin
@@ -141,6 +142,56 @@ def test_listing_is_read_afresh_on_each_request(predictor, slides_dir):
     c = _by_name(client.get("/api/slides").json())["c.tif"]
     assert (c["score"], c["tiles"], c["regions"]) == (0.5, 9, 2)
     assert client.get("/api/slides/c/heatmap.png").status_code == 200
+
+
+class _CountingRow(dict):
+    """A row of slides.csv that counts the lookups made in it."""
+
+    lookups = 0
+
+    def get(self, *args):
+        type(self).lookups += 1
+        return super().get(*args)
+
+
+def test_a_long_listing_costs_in_proportion_and_is_kept_until_the_table_changes(
+        predictor, tmp_path, monkeypatch):
+    from breast_cancer_detection.app import server
+
+    root = tmp_path / "out"
+    for i in range(3):
+        _write_slide(root / f"s{i}", regions=1)
+    n = 2000  # most of their folders are missing: a run under way, or cleaned up
+    _write_table(root, [_row(f"/data/s{i}.svs", f"s{i}", score=0.5) for i in range(n)])
+    reads = []
+    real_table = server._Slides.table
+
+    def counted(self):
+        rows, message = real_table(self)
+        reads.append(len(rows))
+        return [_CountingRow(row) for row in rows], message
+
+    monkeypatch.setattr(server._Slides, "table", counted)
+    client = _client(create_app(predictor, slides=root))
+    listing = client.get("/api/slides").json()["slides"]
+    assert len(listing) == n and reads == [n]
+    assert set(listing[0]["files"]) == set(TYPES) and listing[-1]["files"] == {}
+    # Linear: a few lookups per row, never a pass over the table for each of its files.
+    assert _CountingRow.lookups < 20 * n
+
+    # A table written just now is read again on every request (its next version may carry
+    # the same time stamp); once settled, the listing is kept until the table changes.
+    client.get("/api/slides")
+    assert reads == [n, n]
+    monkeypatch.setattr(server._Slides, "SETTLED_NS", 0)
+    first = client.get("/api/slides").json()
+    assert client.get("/api/slides").json() == first and reads == [n, n, n]
+    assert client.get("/api/slides/s1/heatmap.png").status_code == 200 and len(reads) == 3
+    with open(root / "slides.csv", "a", newline="", encoding="utf-8") as f:
+        csv.DictWriter(f, COLUMNS).writerow(_row("/data/new.svs", "new"))
+    assert len(client.get("/api/slides").json()["slides"]) == n + 1 and reads[-1] == n + 1
+    shutil.rmtree(root / "s2")  # DIR changed: files are looked for again
+    assert _by_name(client.get("/api/slides").json())["s2.svs"]["files"] == {}
 
 
 @pytest.mark.parametrize("table", [None, b"\xff\xfe\x00garbage\x00", b"name,value\nx,1\n"],

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from breast_cancer_detection.cli import main
-from breast_cancer_detection.data.breakhis import build_index
+from breast_cancer_detection.data.breakhis import DatasetError, build_index
 from breast_cancer_detection.data.splits import (
     LeakageError,
     check_split,
@@ -127,6 +127,15 @@ def test_protocol_fold_file(tmp_path, fake_breakhis):
                   "grp": ["test" if s == "test" else "train" for s in split["split"]]}
                  ).to_csv(csv, index=False)
     assert set(read_protocol_folds(csv, index, fold=1)["path"]) == set(index["path"])
+    # A file holding several folds gives each its own lines, and names a fold it lacks.
+    both = tmp_path / "dsfold12.txt"
+    flipped = [ln.replace("|1|test", "|2|train").replace("|1|train", "|2|test") for ln in lines]
+    both.write_text("\n".join(lines + flipped) + "\n")
+    fold2 = read_protocol_folds(both, index, fold=2)
+    assert set(fold2.loc[fold2["split"] == "test", "path"]) == set(
+        split.loc[split["split"] != "test", "path"])
+    with pytest.raises(DatasetError, match="no lines of fold 3"):
+        read_protocol_folds(both, index, fold=3)
 
 
 def test_protocol_fold_file_that_leaks_is_refused(tmp_path, fake_breakhis):
@@ -171,3 +180,76 @@ def test_full_breakhis_split(full_breakhis_index):
     assert (folds.groupby("patient")["fold"].nunique() == 1).all()
     for k in range(5):
         assert abs(folds.loc[folds["fold"] == k, "target"].mean() - 0.686) <= 0.05
+
+
+def _numeric_subsets(split: pd.DataFrame) -> pd.Series:
+    from breast_cancer_detection.data.splits import breakhis_patients
+
+    return split.assign(n=breakhis_patients(split["path"])).groupby("n")["split"].nunique()
+
+
+def test_grouping_by_slide_still_keeps_each_patient_in_one_subset(fake_breakhis):
+    # 14-22549 has two slide folders (22549AB, 22549CD): grouped by folder they could be split.
+    index = build_index(fake_breakhis, group_by="slide")
+    assert index["patient"].nunique() == 12  # folders, as asked: patient-level metrics use them
+    for seed in range(20):
+        split = make_split(index, val=0.25, test=0.25, seed=seed)
+        assert (_numeric_subsets(split) == 1).all(), seed
+        assert (_numeric_subsets(make_folds(index, folds=3, seed=seed)
+                                 .rename(columns={"split": "_", "fold": "split"})) == 1).all()
+
+
+@pytest.mark.parametrize("patient", ["", "SOB_B_A_14-22549CD", "someone-else"])
+def test_a_split_that_parts_one_breakhis_patient_is_refused_whatever_its_ids(fake_breakhis,
+                                                                              patient):
+    split = make_split(build_index(fake_breakhis), val=0.25, test=0.25, seed=0)
+    rows = split.index[split["patient"] == "14-22549"]
+    other = next(s for s in ("train", "val", "test") if s != split.at[rows[0], "split"])
+    # The moved image carries an id that a user's CSV or another grouping might give it.
+    split.at[rows[0], "patient"] = patient
+    split.at[rows[0], "split"] = other
+    with pytest.raises(LeakageError, match="BreakHis patient.*14-22549"):
+        check_split(split)
+
+
+def test_leakage_is_found_across_slide_and_numeric_ids(fake_breakhis):
+    index = build_index(fake_breakhis)
+    folder_b = index[index["slide"].str.endswith("22549CD")]
+    # The checkpoint was trained with --group-by slide on folder AB; folder CD is evaluated
+    # with numeric ids: the same person.
+    trained = {"train": ["SOB_B_A_14-22549AB"], "val": [], "test": []}
+    found = find_leakage(trained, folder_b, "test")
+    assert len(found) == 1 and "14-22549" in found[0]
+    assert find_leakage(trained, folder_b.assign(patient="SOB_B_A_14-22549CD"), "test")
+    assert not find_leakage({"train": ["SOB_B_F_14-25197"]}, folder_b, "test")
+
+
+def test_breakhis_images_in_split_folders_keep_that_split_unless_it_parts_a_patient(
+        fake_breakhis, tmp_path):
+    import shutil
+
+    index = build_index(fake_breakhis)
+    chosen = make_split(index, val=0.25, test=0.25, seed=0)
+    root = tmp_path / "presplit"
+    for rel, subset in zip(chosen["path"], chosen["split"]):
+        dest = root / {"val": "valid"}.get(subset, subset) / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(fake_breakhis / rel, dest)
+    kept = make_split(build_index(root), val=0.25, test=0.25, seed=5)  # another seed: unused
+    assert sorted(zip(kept["path"].str.split("/", n=1).str[1], kept["split"])) == sorted(
+        zip(chosen["path"], chosen["split"]))
+    # The same layout with one patient's image moved to another subset's folder is refused.
+    victim = next(root.rglob("*22549AB-40-001.png"))
+    subset = victim.relative_to(root).parts[0]
+    other = "test" if subset != "test" else "train"
+    moved = root / other / victim.relative_to(root / subset)
+    moved.parent.mkdir(parents=True, exist_ok=True)
+    victim.rename(moved)
+    with pytest.raises(LeakageError, match="14-22549"):
+        make_split(build_index(root), val=0.25, test=0.25, seed=0)
+
+
+def test_a_subset_with_one_patient_of_a_class_is_warned_about(fake_breakhis):
+    index = build_index(fake_breakhis)  # 4 benign patients: a quarter each cannot be 2
+    with pytest.warns(UserWarning, match="holds 1 benign patient: patient-level"):
+        make_split(index, val=0.25, test=0.25, seed=0)

@@ -203,7 +203,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, split=args.split, subset=args.subset, out=args.out,
         target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap, seed=args.seed,
         allow_leakage=args.allow_leakage, device=args.device, batch_size=args.batch_size,
-        workers=args.workers, progress=not args.quiet, tta=args.tta)
+        workers=args.workers, progress=not args.quiet, tta=args.tta,
+        store_threshold=args.store_threshold)
     from .report import format_ci
 
     m = ev.metrics
@@ -559,7 +560,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app.server import create_app
+        from .app.server import create_app, uvicorn_options
     except ImportError as e:
         raise UserError(f"`bcd serve` needs the web app's packages ({e.name} is missing): "
                         'pip install -e ".[app]"') from e
@@ -574,6 +575,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      max_request_tiles=args.max_request_tiles,
                      upload_timeout=args.upload_timeout, max_uploads=args.max_uploads,
                      allowed_hosts=hosts, slides=args.slides, backend=args.backend)
+    # Connections that send no request head are closed; past the app's places, uvicorn's 503.
+    options = uvicorn_options(app, header_timeout=args.header_timeout)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: --host {args.host} makes the app reachable from other machines; it "
               "has no authentication.", file=sys.stderr)
@@ -586,7 +589,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"Whole slides: the results of `bcd slide ... --out {args.slides}`, on the page "
               "and at /api/slides.")
     uvicorn.run(app, host=args.host, port=args.port,
-                log_level="warning" if args.quiet else "info")
+                log_level="warning" if args.quiet else "info", **options)
     return 0
 
 
@@ -871,6 +874,9 @@ def _add_model_commands(sub) -> None:
     e.add_argument("--subset", help="subset to evaluate: test (the default), val, train, or all "
                    "(the only one of external data or a folder without subsets, and its default)")
     e.add_argument("--out", help="report folder (default: reports/<run name>-<subset>)")
+    e.add_argument("--store-threshold", action=argparse.BooleanOptionalAction, default=True,
+                   help="store the threshold chosen on val in the checkpoint, for predictions "
+                   "to use (default); --no-store-threshold leaves the file as it is")
     _target_sensitivity(e, "choose the threshold reaching this sensitivity on val (e.g. 0.95) "
                         "instead of Youden's J")
     _bootstrap(e, "bootstrap resamples of patients for the 95%% CIs (0: none; default 1000)")
@@ -1041,6 +1047,9 @@ def _add_use_commands(sub) -> None:
                     "2000; 413 beyond)")
     sv.add_argument("--upload-timeout", type=float, default=30, metavar="SECONDS",
                     help="time a client has to send its request body (default 30; 408 beyond)")
+    sv.add_argument("--header-timeout", type=float, default=10, metavar="SECONDS",
+                    help="time a connection has to send a complete request head, from when it "
+                    "opens or from its previous answer (default 10; closed beyond)")
     sv.add_argument("--max-uploads", type=int, default=32, metavar="N",
                     help="requests that may be sending their body at once; they hold no model "
                     "slot or queue place (default 32; 503 beyond)")

@@ -1129,8 +1129,10 @@ def _train_epoch(run: _Run, state: RunState) -> dict[str, float]:
     t0 = time.perf_counter()
     progress = EpochState(step=state.step, loss_sum=state.partial[0],
                           correct=int(state.partial[1]), seen=int(state.partial[2]))
-    # Augmentation draws depend only on (seed, epoch), in the workers and out of them.
-    torch.manual_seed(run_seed(cfg.seed, epoch))
+    # Augmentation draws depend only on (seed, epoch), in the workers and out of them. An epoch
+    # resumed part-way goes on from the generator state saved with it (dropout included).
+    if state.step == 0:
+        torch.manual_seed(run_seed(cfg.seed, epoch))
     sampler = EpochSampler(len(run.train_ds), seed=cfg.seed, epoch=epoch,
                            weights=o.sample_weights, rank=run.dist.rank, world=run.dist.world,
                            start=state.step * cfg.batch_size)
@@ -1294,8 +1296,8 @@ def _closing_line(result: TrainResult, val_tab: pd.DataFrame, cfg: TrainConfig) 
         who = f"{len(val_tab)} images, split by image: the data carries no patient ids"
     budget = (f" (the {cfg.time_budget} time budget allowed {_count(cfg.epochs, 'epoch')})"
               if cfg.time_budget else "")
-    tta = (f"; with 8-view TTA AUC {b['val_auc_tta']:.4f}, accuracy {b['val_acc_tta']:.4f}"
-           if "val_auc_tta" in b else "")
+    tta = (f"; with 8-view TTA AUC {b['val_auc_tta']:.4f}, accuracy {b['val_acc_tta']:.4f} "
+           "at 0.5" if "val_auc_tta" in b else "")
     return (f"Done. Best epoch {result.best_epoch}{budget}: validation accuracy "
-            f"{b['val_acc']:.4f}, AUC {b['val_auc']:.4f}{tta} ({who}). Checkpoint: "
+            f"{b['val_acc']:.4f} at 0.5, AUC {b['val_auc']:.4f}{tta} ({who}). Checkpoint: "
             f"{result.run_dir / 'best.pt'}")

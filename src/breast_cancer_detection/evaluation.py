@@ -211,10 +211,24 @@ def _train_paths(checkpoint: Path, ckpt: Checkpoint,
 # ----------------------------------------------------------------------------- threshold
 
 
+MAX_STORED_IDS = 1000
+"""A stored threshold names the validation patients it was chosen on, up to this many."""
+
+
+def _views(tta: bool | None) -> str:
+    return "8-view TTA" if tta else "one-view"
+
+
 def _decide_threshold(ckpt: Checkpoint, val: pd.DataFrame, target_sensitivity: float | None,
-                      val_leak: list[str], table_hash: str | None
+                      val_leak: list[str], table_hash: str | None, *, tta: bool = False,
+                      evaluated: pd.DataFrame | None = None
                       ) -> tuple[float, dict, list[str]]:
-    """The threshold, its description, and caveats; never a silent 0.5."""
+    """The threshold, its description, and caveats; never a silent 0.5.
+
+    A threshold chosen here records whether it was chosen on ``tta`` probabilities and which
+    validation patients chose it; a stored one reused here is checked against both: other
+    views, or ``evaluated`` patients among those that chose it, get a caveat.
+    """
     method = "youden" if target_sensitivity is None else "target_sensitivity"
     caveats = []
     if len(val) and val["target"].nunique() == 2:
@@ -225,7 +239,11 @@ def _decide_threshold(ckpt: Checkpoint, val: pd.DataFrame, target_sensitivity: f
                 "val_patients": int(val["patient"].replace("", np.nan).nunique()),
                 "target_sensitivity": target_sensitivity, "split_hash": table_hash,
                 "val_sensitivity": at["sensitivity"], "val_specificity": at["specificity"],
+                "tta": bool(tta),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        ids = sorted(set(val["patient"].astype(str)) - {""})
+        if 0 < len(ids) <= MAX_STORED_IDS:
+            info["val_patient_ids"] = ids
         if val_leak:
             caveats.append("The validation subset that chose the threshold overlaps the "
                            "checkpoint's training data (" + " ".join(val_leak) + "); the "
@@ -236,6 +254,18 @@ def _decide_threshold(ckpt: Checkpoint, val: pd.DataFrame, target_sensitivity: f
     if ckpt.threshold is not None:
         info = {**ckpt.threshold_info, "value": float(ckpt.threshold),
                 "source": "stored in the checkpoint"}
+        if "tta" in info and bool(info["tta"]) != bool(tta):
+            caveats.append(f"The stored threshold was chosen on {_views(info['tta'])} "
+                           f"probabilities and is applied here to {_views(tta)} ones; "
+                           "thresholded figures may shift (AUC does not depend on it).")
+        chose = set(info.get("val_patient_ids") or [])
+        if evaluated is not None and chose:
+            shared = chose & (set(evaluated["patient"].astype(str)) - {""})
+            if shared:
+                caveats.append(f"The stored threshold was chosen on a validation subset that "
+                               f"holds {len(shared)} of the evaluated patients "
+                               f"({', '.join(sorted(shared)[:5])}): accuracy, sensitivity and "
+                               "specificity here are optimistic.")
         if target_sensitivity is not None:
             caveats.append(f"--target-sensitivity {target_sensitivity} was ignored: {why}, so "
                            "the threshold stored in the checkpoint was used.")
@@ -366,8 +396,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                         "read; check --data (the split's paths are relative to it).")
 
     this_hash = split_hash(table) if "all" not in set(table["split"]) else None
-    threshold, threshold_info, caveats = _decide_threshold(ckpt, val_pred, target_sensitivity,
-                                                           val_leak, this_hash)
+    threshold, threshold_info, caveats = _decide_threshold(
+        ckpt, val_pred, target_sensitivity, val_leak, this_hash, tta=tta, evaluated=ev_pred)
     caveats = _subset_caveats(subset, threshold_info) + caveats
     chosen_now = threshold_info.get("source") == "chosen on val now"
     if store_threshold and chosen_now and _is_registered(checkpoint):

@@ -282,7 +282,12 @@ def choose_threshold(y_true, p_malignant, method: str = "youden", *,
     # Index 0 is sklearn's "call nothing malignant" point (threshold inf): never a choice.
     fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]
     if method == "youden":
-        i = int(np.argmax(tpr - fpr))
+        # J in whole counts (J * P * N = TP * N - FP * P): ties are exact, so argmax takes the
+        # highest tied cut, not whichever one float rounding favours.
+        pos = int(y.sum())
+        neg = len(y) - pos
+        tp, fp = np.rint(tpr * pos).astype(np.int64), np.rint(fpr * neg).astype(np.int64)
+        i = int(np.argmax(tp * neg - fp * pos))
     else:
         if not 0 < target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity={target_sensitivity} must be in (0, 1].")

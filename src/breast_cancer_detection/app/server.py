@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import functools
 import io
 import ipaddress
 import json
 import logging
 import math
+import os
 import platform
 import re
 import threading
@@ -18,9 +20,10 @@ import warnings
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path, PureWindowsPath
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -75,6 +78,16 @@ MAX_UPLOADS = 32
 """Requests that may be sending their body at once (503 beyond). They hold no model slot and
 no queue place; Starlette spools each file over 1 MB to disk meanwhile, so they cost little
 memory."""
+
+HEADER_TIMEOUT = 10.0
+"""Seconds a connection has to send a complete request head, from when it opens or from the
+end of the previous answer (closed beyond). Uvicorn's own keep-alive timer stops at the first
+byte, so a client that sends nothing, or one header line a second, would keep its socket for
+ever."""
+
+CONNECTION_HEADROOM = 16
+"""Connections allowed beyond ``max_uploads + max_concurrency + max_queue``: the page, its
+files, /api/health, /api/slides. Past the total, uvicorn answers 503 at once."""
 
 LOCAL_NAMES = ("localhost",)
 """Host names answered to besides IP addresses and ``allowed_hosts``."""
@@ -296,6 +309,10 @@ def _without_local_paths(x: Any) -> Any:
     return x
 
 
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+"""Methods that change nothing: the cross-site check spares them."""
+
+
 def _host_name(host: str) -> str:
     """The name or address of a Host header, without port, brackets or trailing dot."""
     host = host.strip().lower()
@@ -315,7 +332,8 @@ def _is_ip(host: str) -> bool:
 
 
 class _Guard:
-    """Refuses Host headers the server does not answer to; adds the security headers.
+    """Refuses Host headers the server does not answer to (or none), and uploads sent by other
+    sites' pages (:meth:`_cross_site`); adds the security headers.
 
     DNS rebinding: a web page at evil.example can point its name at 127.0.0.1 and read this
     server from the victim's browser, which sends ``Host: evil.example``. A Host that is an
@@ -354,19 +372,60 @@ class _Guard:
                     headers.setdefault("Content-Security-Policy", _CSP)
             await send(message)
 
-        host = next((v.decode("latin-1") for k, v in scope.get("headers", [])
-                     if k == b"host"), "")
-        if not self.allows(host):
-            name = _host_name(host) or "(none)"
-            response = JSONResponse({"detail": (
+        headers = {k: v.decode("latin-1") for k, v in scope.get("headers", [])
+                   if k in (b"host", b"origin", b"sec-fetch-site")}
+        host = headers.get(b"host", "")
+        refusal = None
+        if not _host_name(host):
+            refusal = JSONResponse({"detail": (
+                "the request has no Host header: send one naming this server, as browsers "
+                "and HTTP clients do (Host: 127.0.0.1:8000, for one).")}, 400)
+        elif not self.allows(host):
+            name = _host_name(host)
+            refusal = JSONResponse({"detail": (
                 f"the Host header {name!r} is not a name this server answers to (it answers "
                 "to IP addresses, localhost and the names given with --allowed-hosts; a guard "
                 "against DNS rebinding). If that name is this machine's, start it with "
                 f"`bcd serve ... --allowed-hosts {name}` (comma-separated; '*' turns the "
                 "check off).")}, 400)
-            await response(scope, receive, send_with_headers)
+        elif scope.get("method") not in _SAFE_METHODS:
+            refusal = self._cross_site(f"{scope.get('scheme', 'http')}://{host}/",
+                                       host, headers.get(b"origin"),
+                                       headers.get(b"sec-fetch-site"))
+        if refusal is not None:
+            await refusal(scope, receive, send_with_headers)
             return
         await self.app(scope, receive, send_with_headers)
+
+    def _cross_site(self, page: str, host: str, origin: str | None, fetch_site: str | None
+                    ) -> JSONResponse | None:
+        """403 for a request that changes something (an upload) sent by another site's page.
+
+        A page elsewhere can make the visitor's browser post a form here (it cannot read the
+        answer, but the upload costs model time, and it can probe the server). Browsers say
+        where such a request comes from: ``Sec-Fetch-Site: cross-site``, and an ``Origin``
+        whose host is not this one. An Origin is accepted when its host is the Host header's
+        (the page itself) or one of ``allowed_hosts`` (a proxy in front that rewrites Host);
+        clients other than browsers send neither header.
+        """
+        if (fetch_site or "").strip().lower() == "cross-site":
+            return JSONResponse({"detail": (
+                "cross-site request refused: the browser says it comes from another site's "
+                f"page, and this server takes uploads only from its own; open {page} and "
+                "upload there.")}, 403)
+        if origin is None:
+            return None
+        netloc = urlsplit(origin.strip()).netloc if origin.strip() != "null" else ""
+        name = _host_name(netloc.rpartition("@")[2])
+        if name and (self.any_host or name == _host_name(host)
+                     or name in self.names - set(LOCAL_NAMES)):
+            return None
+        proxy = (f" If {name} is this server's own name (behind a proxy), start it with "
+                 f"`bcd serve ... --allowed-hosts {name}`." if name else "")
+        return JSONResponse({"detail": (
+            f"cross-site request refused: it comes from the page of {origin.strip()!r}, and "
+            f"this server takes uploads only from its own page; open {page} and upload "
+            f"there.{proxy}")}, 403)
 
 
 def _serving_versions() -> dict[str, str]:
@@ -379,6 +438,96 @@ def _serving_versions() -> dict[str, str]:
             "torchvision": str(torchvision.__version__), "fastapi": fastapi.__version__,
             "pillow": PIL.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- connections
+
+
+@functools.cache
+def head_deadline_protocol(seconds: float) -> type:
+    """Uvicorn's h11 protocol, closing every connection that has not sent a complete request
+    head within ``seconds`` of opening, or of the end of its previous answer (keep-alive).
+
+    Uvicorn bounds the wait for a request only while no byte arrives (its keep-alive timer,
+    from the end of an answer); nothing bounds the time to receive a request head, so idle
+    or trickling connections would hold their sockets, and file descriptors, for ever. For
+    ``uvicorn.run(http=...)``; :func:`uvicorn_options` passes it.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadlineProtocol(H11Protocol):
+        head_timeout = seconds
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._waiting_after = None  # the request whose answer the timer runs after
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._disarm_if_head_arrived()
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():
+                self._arm()  # before a pipelined request waiting in the buffer is started
+            super().on_response_complete()
+            self._disarm_if_head_arrived()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._waiting_after = self.cycle
+            self._head_timer = self.loop.call_later(self.head_timeout, self._timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _disarm_if_head_arrived(self) -> None:
+            # uvicorn starts a new cycle for each request head it has parsed whole.
+            if self._head_timer is not None and self.cycle is not self._waiting_after:
+                self._disarm()
+
+        def _timed_out(self) -> None:
+            self._head_timer = None
+            # A connection upgraded to another protocol is no longer this one's business.
+            if (self.transport.is_closing() or self.cycle is not self._waiting_after
+                    or self.transport.get_protocol() is not self):
+                return
+            log.debug("closed a connection from %s: no complete request head within %g s.",
+                      "{}:{}".format(*self.client) if self.client else "a client", seconds)
+            self.transport.close()
+
+    HeadDeadlineProtocol.__qualname__ = HeadDeadlineProtocol.__name__
+    return HeadDeadlineProtocol
+
+
+def uvicorn_options(app: FastAPI, header_timeout: float = HEADER_TIMEOUT) -> dict[str, Any]:
+    """The settings ``uvicorn.run`` needs to bound connections as the app bounds requests.
+
+    ``http``: :func:`head_deadline_protocol`, which closes connections that send no complete
+    request head within ``header_timeout`` seconds. ``limit_concurrency``: the app's upload,
+    model and queue places plus :data:`CONNECTION_HEADROOM`; past it uvicorn answers 503 at
+    once instead of accepting connections until the process runs out of file descriptors.
+
+    Raises:
+        UserError: ``header_timeout`` not positive.
+    """
+    if not header_timeout > 0 or not math.isfinite(header_timeout):
+        raise UserError(f"header_timeout={header_timeout} must be a positive number of "
+                        "seconds (bcd serve --header-timeout).")
+    gate: _Gate = app.state.gate
+    connections = gate.max_uploads + gate.concurrency + gate.max_queue + CONNECTION_HEADROOM
+    return {"http": head_deadline_protocol(float(header_timeout)),
+            "limit_concurrency": connections}
 
 
 # ----------------------------------------------------------------------------- model card
@@ -546,12 +695,18 @@ def _number(text: Any, kind: type = float) -> float | int | None:
 
 
 class _Slides:
-    """The results of ``bcd slide --out DIR``, read afresh on every request so that a run
-    still going shows each slide as it finishes.
+    """The results of ``bcd slide --out DIR``, read again whenever slides.csv changes, so that
+    a run still going shows each slide as it finishes.
 
     Only what ``slides.csv`` lists is served: a file of :data:`SLIDE_FILES`, in a folder named
-    in the table that is, once links are resolved, a direct child of DIR.
+    in the table that is, once links are resolved, a direct child of DIR. The table and the
+    listing are kept while slides.csv and DIR stay as they were (same file, size and times),
+    so that a listing of thousands of slides is not rebuilt on every request.
     """
+
+    SETTLED_NS = 2_000_000_000
+    """A slides.csv changed less than this long ago (ns) is read afresh every time: a file
+    rewritten within its file system's timestamp granularity keeps its modification time."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -561,6 +716,23 @@ class _Slides:
         if not (self.root / "slides.csv").is_file():
             log.warning("%s has no slides.csv yet; run `bcd slide SLIDE... --out %s`.",
                         self.root, root)
+        # (stamp, value): replaced whole, so threads answering at once see one or the other.
+        self._table: tuple[Any, tuple[list[dict[str, str]], str | None, frozenset[str]]] | \
+            None = None
+        self._listing: tuple[Any, dict[str, Any]] | None = None
+
+    def _stamp(self) -> tuple[int, ...] | None:
+        """What identifies this version of slides.csv and of DIR's entries, or None when
+        slides.csv is missing or too recent to be told from its next version."""
+        try:
+            csv_stat, dir_stat = os.stat(self.root / "slides.csv"), os.stat(self.root)
+        except OSError:
+            return None
+        if time.time_ns() - max(csv_stat.st_mtime_ns, csv_stat.st_ctime_ns,
+                                dir_stat.st_mtime_ns) < self.SETTLED_NS:
+            return None
+        return (csv_stat.st_dev, csv_stat.st_ino, csv_stat.st_size, csv_stat.st_mtime_ns,
+                csv_stat.st_ctime_ns, dir_stat.st_mtime_ns)
 
     def table(self) -> tuple[list[dict[str, str]], str | None]:
         """The rows of slides.csv, or none and why."""
@@ -581,15 +753,29 @@ class _Slides:
                         "'folder' columns); run `bcd slide SLIDE... --out DIR` again.")
         return rows, None
 
-    def file(self, folder: str, name: str, rows: list[dict[str, str]] | None = None
+    def _read(self, stamp: tuple[int, ...] | None
+              ) -> tuple[list[dict[str, str]], str | None, frozenset[str]]:
+        """:meth:`table` and the set of its folders, from the last read while ``stamp`` (of
+        :meth:`_stamp`) is that read's."""
+        cached = self._table
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
+        rows, message = self.table()
+        read = rows, message, frozenset(row.get("folder") or "" for row in rows)
+        if stamp is not None:
+            self._table = (stamp, read)
+        return read
+
+    def file(self, folder: str, name: str, folders: frozenset[str] | None = None
              ) -> Path | None:
-        """The path of ``folder/name`` if it may be served, else None."""
+        """The path of ``folder/name`` if it may be served, else None. ``folders``: those of
+        slides.csv, when the caller has them."""
         if name not in SLIDE_FILES or folder in ("", ".", "..") or any(
                 c in folder for c in "/\\\0"):
             return None
-        if rows is None:
-            rows = self.table()[0]
-        if folder not in {row.get("folder") for row in rows}:
+        if folders is None:
+            folders = self._read(self._stamp())[2]
+        if folder not in folders:
             return None
         try:
             # Links are followed, then the real folder must sit directly in DIR and the real
@@ -618,13 +804,18 @@ class _Slides:
 
     def listing(self) -> dict[str, Any]:
         """One entry per row of slides.csv, with its largest regions and file URLs."""
-        rows, message = self.table()
+        stamp = self._stamp()
+        cached = self._listing
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
+        rows, message, folders = self._read(stamp)
         slides = []
         for row in rows:
             slide, folder = row.get("slide") or "", row.get("folder") or ""
-            files = {name: f"slides/{quote(folder, safe='')}/{name}" for name in SLIDE_FILES
-                     if self.file(folder, name, rows) is not None}
-            count, top = self._regions(self.file(folder, "regions.geojson", rows))
+            paths = {name: self.file(folder, name, folders) for name in SLIDE_FILES}
+            files = {name: f"slides/{quote(folder, safe='')}/{name}"
+                     for name, path in paths.items() if path is not None}
+            count, top = self._regions(paths["regions.geojson"])
             slides.append({
                 "name": _slide_name(slide), "folder": folder,
                 "score": _number(row.get("score")), "tiles": _number(row.get("tiles"), int),
@@ -633,7 +824,10 @@ class _Slides:
                 "error": _without_paths_in(row.get("error") or "", slide),
                 "regions": count, "largest_regions": top, "files": files,
             })
-        return {"slides": slides, "message": message}
+        listing = {"slides": slides, "message": message}
+        if stamp is not None:
+            self._listing = (stamp, listing)
+        return listing
 
 
 # ----------------------------------------------------------------------------- the service
@@ -815,6 +1009,17 @@ class _Service:
                 "seconds": time.perf_counter() - start}
 
 
+def _closing_delimiter(content_type: str) -> bytes | None:
+    """``--BOUNDARY--`` of a multipart Content-Type, or None without a boundary (which the
+    multipart parser refuses)."""
+    header = Message()
+    header["content-type"] = content_type
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        return None
+    return b"--" + boundary.encode("latin-1", "replace") + b"--"
+
+
 async def _read_uploads(request: Request, max_bytes: int, max_mb: float,
                         timeout: float = UPLOAD_TIMEOUT) -> list[_Upload]:
     """The files of a multipart request, refusing it as soon as it passes ``max_bytes``, or
@@ -833,6 +1038,10 @@ async def _read_uploads(request: Request, max_bytes: int, max_mb: float,
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise _Refused(415, "send the images as multipart/form-data, in the field 'files'.")
     received = 0
+    # The close delimiter, --BOUNDARY--, ends the multipart data: a body cut short before it
+    # would lose its last file silently (the parser ends its parts where the bytes end).
+    closing = _closing_delimiter(request.headers.get("content-type", ""))
+    closed, tail = False, b""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     too_slow = _Refused(408, f"the upload took longer than {timeout:g} s; send it again on a "
@@ -843,7 +1052,7 @@ async def _read_uploads(request: Request, max_bytes: int, max_mb: float,
         # Content-Length can be absent (chunked) or wrong: count what actually arrives.
         # One deadline for the whole body: a client trickling a byte a second must not keep
         # its upload place for ever.
-        nonlocal received
+        nonlocal received, closed, tail
         try:
             message = await asyncio.wait_for(request.receive(), deadline - loop.time())
         except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
@@ -851,19 +1060,38 @@ async def _read_uploads(request: Request, max_bytes: int, max_mb: float,
         if message["type"] == "http.disconnect":
             raise _ClientGone(f"after {received:,} bytes")
         if message["type"] == "http.request":
-            received += len(message.get("body", b""))
+            body = message.get("body", b"")
+            received += len(body)
             if received > max_bytes:
                 raise too_large
+            if closing is not None and not closed:
+                # Seen whole in this chunk, or across its start (``tail``: the previous
+                # chunks' last bytes, one short of the delimiter).
+                closed = closing in body or closing in tail + body[:len(closing) - 1]
+                tail = (tail + body)[-(len(closing) - 1):]
         return message
 
     try:
         form = await Request(request.scope, counting_receive).form(
             max_files=MAX_FILES, max_fields=MAX_FILES)
     except StarletteHTTPException as e:  # Starlette's answer to malformed multipart data
-        raise _Refused(400, f"malformed upload: {e.detail}") from e
+        detail = str(e.detail)
+        if detail.startswith("Too many files"):
+            raise _Refused(413, f"more than {MAX_FILES} files in one request: send at most "
+                                f"{MAX_FILES} files per request, and the rest in further "
+                                "requests.") from e
+        if detail.startswith("Too many fields"):
+            raise _Refused(413, f"more than {MAX_FILES} form fields in one request: send only "
+                                f"images, in the field 'files', at most {MAX_FILES} per "
+                                "request.") from e
+        raise _Refused(400, f"malformed upload: {detail}") from e
     except ClientDisconnect:
         raise _ClientGone(f"after {received:,} bytes") from None
     try:
+        if not closed:
+            raise _Refused(400, "incomplete upload (no closing boundary): the body ended "
+                                "before the end of its multipart data, so files may be "
+                                "missing; send it again.")
         files = form.getlist("files")
         if not files:
             raise _Refused(422, "no files: send one or more images in the multipart field "
@@ -921,7 +1149,7 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
     ``allowed_hosts`` are answered (400 otherwise), against DNS rebinding.
 
     With ``slides``, the ``--out`` folder of ``bcd slide``, ``/api/slides`` lists its slides
-    (re-reading slides.csv on each request) and serves their heat maps, tissue masks, top
+    (reading slides.csv again whenever it changes) and serves their heat maps, tissue masks, top
     tiles, regions and tiles; without it, those answer 404.
 
     Args:
@@ -1081,7 +1309,8 @@ def _add_slide_routes(app: FastAPI, slides: _Slides | None) -> None:
     @app.get("/api/slides", tags=["slides"],
              responses=_errors(_404="The server was started without --slides."))
     def list_slides() -> Any:
-        """The slides of ``bcd slide --out DIR``, one per row of its slides.csv, read afresh.
+        """The slides of ``bcd slide --out DIR``, one per row of its slides.csv, read again
+        whenever it changes.
 
         Each has its file name (never its path), score, tiles, tumour tiles, tissue mm²,
         error (empty, or why it failed), folder, number of regions and the largest ones, and

@@ -170,11 +170,15 @@ def build_index(root: str | Path, *, group_by: str = "patient") -> pd.DataFrame:
     rows = []
     if all(n is not None for n in parsed):
         for p, n in zip(files, parsed):
+            rel = p.relative_to(root)
+            # BreakHis names give the class; train/val/test folders on top, a split.
+            top = rel.parts[0].lower() if len(rel.parts) >= 3 else ""
             rows.append({
-                "path": p.relative_to(root).as_posix(), "label": n.label,
+                "path": rel.as_posix(), "label": n.label,
                 "target": CLASSES.index(n.label), "subtype": n.subtype,
                 "patient": n.patient if group_by == "patient" else n.slide,
-                "slide": n.slide, "magnification": n.magnification, "split": "",
+                "slide": n.slide, "magnification": n.magnification,
+                "split": _SPLIT_ALIASES.get(top, ""),
             })
     else:
         for p in files:
@@ -206,6 +210,15 @@ def build_index(root: str | Path, *, group_by: str = "patient") -> pd.DataFrame:
 
 def _patient_of_slide(slide: str) -> str:
     return slide.rsplit("_", 1)[-1].rstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+_SLIDE_NAME = re.compile(r"^SOB_[BM]_[A-Z]+_\d+-\d+[A-Z]*$")
+
+
+def person_id(value: str) -> str:
+    """The numeric patient id in a BreakHis slide folder name (``SOB_B_A_14-22549AB`` ->
+    ``14-22549``), which ``--group-by slide`` stores as the patient; any other id unchanged."""
+    return _patient_of_slide(value) if _SLIDE_NAME.match(value) else value
 
 
 def is_breakhis(index: pd.DataFrame) -> bool:

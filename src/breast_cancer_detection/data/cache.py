@@ -38,8 +38,9 @@ from ..errors import UserError
 from .breakhis import DatasetError
 from .datasets import DEFAULT_MAX_PIXELS, ImageError, open_rgb, split_key, transform_seeded
 
-CACHE_VERSION = 1
-"""Bumped whenever the layout or the resize rule changes; older caches then count as stale."""
+CACHE_VERSION = 2
+"""Bumped whenever the layout, the resize rule or the decoding changes; older caches then
+count as stale (2: images turned upright by their EXIF orientation, as predictions see them)."""
 
 MANIFEST = "manifest.json"
 ARRAY = "images.npy"

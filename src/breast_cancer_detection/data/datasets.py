@@ -26,6 +26,23 @@ these."""
 
 _FORMAT_NAMES = "PNG, JPEG, TIFF, BMP or WebP"
 
+MAX_JPEG_SCANS = 256
+"""Scans a progressive JPEG may have. Each scan is a pass over the whole image, however few
+bytes it takes: 200,000 tiny ones (2.4 MB) keep the decoder busy for half a minute. Ordinary
+progressive JPEGs have about 10."""
+
+_SOS = b"\xff\xda"
+"""A JPEG's start-of-scan marker. Inside entropy-coded data every 0xFF byte is followed by a
+stuffed 0x00 (or an RSTn marker), so these two bytes occur only as markers, or by chance in
+metadata (an EXIF thumbnail has its own scans)."""
+
+# EXIF Orientation -> the transposition that shows the image upright (ImageOps.exif_transpose's
+# table); 5-8 swap width and height.
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
 
 class ImageError(UserError, ValueError):
     """A file that cannot be used as an image; the message says why."""
@@ -42,21 +59,24 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
     Grayscale, 16-bit, palette, RGBA/LA (composited on white, like a slide's background) and
     CMYK images are converted. The pixel count is checked from the header, before decoding.
-    Files are decoded only in the :data:`ALLOWED_FORMATS`; PIL images and arrays, already
-    decoded by the caller, are taken as they are.
+    Files are decoded only in the :data:`ALLOWED_FORMATS`, and turned upright as their EXIF
+    Orientation says (as browsers show them; sizes are those of the upright image); a
+    progressive JPEG of more than :data:`MAX_JPEG_SCANS` scans is refused before decoding.
+    PIL images and arrays, already decoded by the caller, are taken as they are.
 
     Args:
         source: Path, file object, PIL image or HxW / HxWxC array.
         max_pixels: Refuse larger images; None disables the check.
-        reduced: For a JPEG file (not a PIL image): called with its width and height before
-            decoding, returns the side in pixels that both dimensions must keep, or None for
-            the full image. The file is then decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
-            scaled inverse DCT, which skips most of the decoding work) where that keeps both
-            sides at least that long. For callers that resize the image down anyway.
+        reduced: For a JPEG file (not a PIL image): called with its (upright) width and
+            height before decoding, returns the side in pixels that both dimensions must
+            keep, or None for the full image. The file is then decoded at 1/2, 1/4 or 1/8
+            scale (libjpeg's scaled inverse DCT, which skips most of the decoding work) where
+            that keeps both sides at least that long. For callers that resize the image down anyway.
 
     Raises:
         ImageFormatError: a file in another format (GIF, EPS, PSD...) or not an image at all.
-        ImageError: unreadable, truncated or too large.
+        ImageError: unreadable, truncated, too large, or a progressive JPEG of too many
+            scans.
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
@@ -88,24 +108,70 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
             raise ImageError(f"{_name(source)}: not a readable image ({type(e).__name__}: {e})"
                              ) from e
+    turn = None if im is source else _ORIENTATION.get(_orientation(im))
     w, h = im.size
+    if turn in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270,
+                Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90):
+        w, h = h, w
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(
             f"{_name(source)}: {w}x{h} pixels is over the limit of {max_pixels:,} (a possible "
             "decompression bomb); raise the limit (max_pixels / --max-pixels) if it is genuine."
         )
+    # MPO: JPEG frames after a first one, which is what Pillow decodes; its scans count too.
+    if im.format in ("JPEG", "MPO") and im is not source and (
+            im.info.get("progressive") or im.info.get("progression")):
+        scans = _count_scans(im, MAX_JPEG_SCANS)
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError(
+                f"{_name(source)}: a progressive JPEG of more than {MAX_JPEG_SCANS} scans "
+                f"(ordinary ones have about 10), refused before decoding: each scan is a pass "
+                "over the whole image, so it would hold the decoder for minutes. Re-save it as "
+                "a baseline (non-progressive) JPEG or as PNG.")
     if reduced is not None and im.format == "JPEG" and im is not source:  # files only
         side = reduced(w, h)
         if side:
             im.draft(None, (side, side))  # the largest scale that keeps both sides >= side
     fast = _decode_png(source, im)
-    if fast is not None:
-        return fast
+    if fast is None:
+        try:
+            im.load()
+        except Exception as e:  # noqa: BLE001
+            raise ImageError(f"{_name(source)}: cannot decode ({type(e).__name__}: {e})"
+                             ) from e
+    rgb = fast if fast is not None else _to_rgb(im)
+    return rgb if turn is None else rgb.transpose(turn)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF Orientation of an opened file (1: upright), read without decoding: a PNG's
+    only from an eXIf chunk before its pixels (Pillow would decode the image to look for one
+    after them)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
     try:
-        im.load()
-    except Exception as e:  # noqa: BLE001
-        raise ImageError(f"{_name(source)}: cannot decode ({type(e).__name__}: {e})") from e
-    return _to_rgb(im)
+        value = im.getexif().get(0x0112, 1)  # ExifTags.Base.Orientation
+        return int(value) if isinstance(value, int) else 1
+    except Exception:  # noqa: BLE001 - damaged metadata: the pixels as they are
+        return 1
+
+
+def _count_scans(im: Image.Image, limit: int) -> int:
+    """The start-of-scan markers in an opened JPEG file, counted up to ``limit + 1`` (then it
+    stops), read in chunks from the start of the file Pillow opened (``Image.open`` reads
+    from there too), which is left where it was."""
+    f = im.fp
+    position = f.tell()
+    count, tail = 0, b""
+    try:
+        f.seek(0)
+        while count <= limit and (chunk := f.read(1 << 20)):
+            # A marker split across two chunks is counted once: ``tail`` is one byte.
+            count += (tail + chunk).count(_SOS)
+            tail = chunk[-1:]
+    finally:
+        f.seek(position)
+    return count
 
 
 @functools.cache

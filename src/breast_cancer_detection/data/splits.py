@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .breakhis import DatasetError, read_index, write_index
+from .breakhis import (
+    DatasetError,
+    parse_breakhis_name,
+    person_id,
+    read_index,
+    write_index,
+)
 
 SUBSETS = ("train", "val", "test")
 SPLIT_COLUMNS = ["path", "patient", "label", "target", "magnification", "subtype", "slide",
@@ -20,8 +26,26 @@ class LeakageError(DatasetError):
     """A patient appears in more than one subset of a split."""
 
 
+def breakhis_patients(paths) -> pd.Series:
+    """The numeric BreakHis patient id each file name carries (``14-22549`` for every folder
+    of that patient: ``22549AB``, ``22549CD``, ``22549G``); ``""`` for other names."""
+    paths = pd.Series(paths, dtype=str)
+    names = [parse_breakhis_name(Path(p).name) for p in paths]
+    return pd.Series([n.patient if n is not None else "" for n in names], index=paths.index,
+                     dtype=str)
+
+
 def _groups(index: pd.DataFrame) -> pd.Series:
-    """The grouping key of each row: the patient, or the image itself when none is known."""
+    """The grouping key of each row: the person the image comes from.
+
+    For a BreakHis file that is the numeric patient id of its name, whatever the ``patient``
+    column holds (with ``--group-by slide`` it holds the slide folder, and one patient's
+    folders must still land in one subset); else the ``patient`` column, or the image itself
+    when no patient is known.
+    """
+    numeric = breakhis_patients(index["path"])
+    if numeric.ne("").all():
+        return numeric
     if index["patient"].eq("").all():
         warnings.warn(
             "The data carries no patient ids, so this split groups by image. If several images "
@@ -98,6 +122,26 @@ def _assign(patients: pd.DataFrame, bins: list[str], fractions: list[float], see
     return best
 
 
+def _warn_thin_subsets(patients: pd.DataFrame, by_patient: bool) -> None:
+    """Warns when a subset holds patients of one class only, or a single one of a class:
+    its patient-level figures for that class can then only be 0 or 1."""
+    if not by_patient:
+        return
+    thin = []
+    for subset, part in patients.groupby("split"):
+        if subset == "train" or part.empty:
+            continue
+        for target, name in ((0, "benign"), (1, "malignant")):
+            n = int((part["target"] == target).sum())
+            if n < 2:
+                thin.append(f"{subset} holds {n} {name} patient{'' if n == 1 else 's'}")
+    if thin:
+        warnings.warn("; ".join(thin) + ": patient-level sensitivity or specificity there can "
+                      "only be 0 or 1, and its bootstrap intervals are uninformative. Another "
+                      "--seed or larger --val/--test shares may spread the patients better.",
+                      stacklevel=3)
+
+
 def make_split(index: pd.DataFrame, *, val: float = 0.15, test: float = 0.15, seed: int = 0,
                magnification: list[str] | None = None) -> pd.DataFrame:
     """Splits an index into train/val/test with no patient in two subsets.
@@ -126,6 +170,7 @@ def make_split(index: pd.DataFrame, *, val: float = 0.15, test: float = 0.15, se
         patients = _patient_table(index, keys)
         where = _assign(patients, ["train", "val", "test"], [1 - val - test, val, test], seed)
         out = index.assign(split=keys.map(where))
+        _warn_thin_subsets(patients.assign(split=pd.Series(where)), index["patient"].ne("").all())
     out = out[SPLIT_COLUMNS].reset_index(drop=True)
     check_split(out)
     return out
@@ -184,6 +229,12 @@ def read_protocol_folds(path: str | Path, index: pd.DataFrame, fold: int,
         grp = table["grp"].str.lower()
     else:
         rows = [line.strip().split("|") for line in path.read_text().splitlines() if line.strip()]
+        if any(len(r) != 4 or not r[2].strip().isdigit() for r in rows):
+            raise DatasetError(f"{path}: expected lines FILE|MAGNIFICATION|FOLD|train-or-test "
+                               "(the dsfoldN.txt layout of Spanhol et al.).")
+        rows = [r for r in rows if int(r[2]) == fold]  # a file may hold several folds
+        if not rows:
+            raise DatasetError(f"{path}: no lines of fold {fold}; pass the --fold it holds.")
         names = pd.Series([r[0] for r in rows])
         grp = pd.Series([r[-1].lower() for r in rows])
     where = dict(zip(names, grp))
@@ -214,6 +265,20 @@ def check_split(split: pd.DataFrame) -> None:
             f"{len(leaked)} patient(s) appear in more than one subset: "
             f"{', '.join(leaked[:10])}. Make the split with `bcd split` so each patient lands in "
             "one subset."
+        )
+    # BreakHis file names carry the patient whatever the patient column says (a slide folder,
+    # a blank, another id): one person's images in two subsets is leakage all the same.
+    numeric = breakhis_patients(split["path"])
+    named = split.assign(_p=numeric)[numeric != ""]
+    per = named.groupby("_p")["split"].nunique()
+    leaked = per[per > 1].index.tolist()
+    if leaked:
+        raise LeakageError(
+            f"{len(leaked)} BreakHis patient(s) have images in more than one subset, by the "
+            f"patient id their file names carry: {', '.join(leaked[:10])}. BreakHis files some "
+            "patients under several slide folders (14-22549 as 22549AB, 22549CD and 22549G), "
+            "and this split keeps folders or images together, not patients. Make the split "
+            "with `bcd split` (it groups BreakHis images by that id)."
         )
 
 
@@ -284,8 +349,12 @@ def find_leakage(split_patients: dict[str, list[str]], evaluated: pd.DataFrame, 
         run_paths: Training and validation paths of the checkpoint's run, for data without
             patient ids.
     """
-    known = split_patients or {}
-    patients = set(evaluated["patient"].astype(str)) - {""}
+    # One person, whatever form the two sides name them in: numeric BreakHis ids, or slide
+    # folders (`--group-by slide`), or the ids of other data.
+    known = {part: {person_id(str(x)) for x in ids} for part, ids in (split_patients or {}).items()}
+    numeric = breakhis_patients(evaluated["path"])
+    named = evaluated["patient"].astype(str).map(person_id)
+    patients = set(numeric.where(numeric != "", named)) - {""}
     out = []
     for part, what in (("train", "training subset"), ("val", "validation subset, which picked "
                                                        "its best epoch")):

@@ -60,7 +60,7 @@ function renderCard(card) {
 
   const val = card.metrics.validation;
   if (val) {
-    add("Validation", `AUC ${fmt(val.val_auc)}, accuracy ${fmt(val.val_acc)} at epoch ${val.epoch ?? "?"} ` +
+    add("Validation", `AUC ${fmt(val.val_auc)}, accuracy ${fmt(val.val_acc)} at threshold 0.5, epoch ${val.epoch ?? "?"} ` +
         "(chose the epoch, so optimistic)");
   }
   const ev = card.metrics.evaluation;
@@ -207,6 +207,10 @@ async function analyse(file, card) {
       showError(card, `Refused (HTTP ${response.status}): ${detail}`);
       return;
     }
+    if (!data?.results?.length) {
+      showError(card, `The server's answer (HTTP ${response.status}) held no result; try again.`);
+      return;
+    }
     showResult(card, data.results[0]);
     return;
   }
@@ -343,7 +347,12 @@ function submit(files) {
     batch.append(card.item);
     // One request per image, in turn: each gets its own answer or error, and the server's
     // queue is left to other users.
-    queue = queue.then(() => analyse(file, card));
+    // A failure of one (a script error on an odd answer) is shown on its card and must not
+    // stop the queue: the files after it still go.
+    queue = queue.then(() => analyse(file, card)).catch((error) => {
+      showError(card, `This image could not be shown (${error?.message ?? error}); reload ` +
+        "the page and try again.");
+    });
   }
   document.getElementById("results").prepend(batch); // newest batch first, in its own order
 }
