@@ -171,12 +171,22 @@ def test_a_thin_image_counts_the_pixels_of_its_resized_view(predictor, no_decodi
 
 def test_the_tile_budget_refuses_before_decoding(predictor, no_decoding):
     big = png_claiming(400, 400)  # 19 x 19 tiles of 40 px, half overlapping
-    client = _client(create_app(predictor, max_request_tiles=100))
+    # 361 tiles of 40 px are as much work as 361 * (40 / 224)**2 = 11.5 tiles of 224 px.
+    client = _client(create_app(predictor, max_request_tiles=11))
     r = client.post("/api/predict", files=_files(("big.png", big)))
     assert r.status_code == 413, r.text
     detail = r.json()["detail"]
-    assert "361 tiles" in detail and "--max-request-tiles" in detail
+    assert "361 tiles" in detail and "as much model work as 12 of 224 px" in detail
+    assert "--max-request-tiles" in detail
     assert not no_decoding
+
+
+def test_the_bundled_models_small_tiles_count_by_their_area():
+    from breast_cancer_detection.app.server import _Upload
+
+    service = create_app(Predictor.from_pretrained(progress=False)).state.service
+    # 2,704 tiles of 96 px: over 2000 by count, 497 by the work of 224 px tiles.
+    assert service.check_budget([_Upload("big.jpg", png_claiming(2500, 2500))])[1] == 2704
 
 
 def test_default_budgets_admit_ordinary_requests(tmp_path):

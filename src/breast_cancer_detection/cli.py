@@ -1043,8 +1043,9 @@ def _add_use_commands(sub) -> None:
                     help="pixels one request may cost, in millions: each image decoded plus "
                     "resized for the model, checked from the headers (default 50; 413 beyond)")
     sv.add_argument("--max-request-tiles", type=int, default=2000, metavar="N",
-                    help="model passes one request's large (tiled) images may need (default "
-                    "2000; 413 beyond)")
+                    help="model passes one request's large (tiled) images may need, over "
+                    "224 px squares (smaller tiles count by their area; default 2000; 413 "
+                    "beyond)")
     sv.add_argument("--upload-timeout", type=float, default=30, metavar="SECONDS",
                     help="time a client has to send its request body (default 30; 408 beyond)")
     sv.add_argument("--header-timeout", type=float, default=10, metavar="SECONDS",

@@ -68,8 +68,14 @@ whole-image view resized for the model and Grad-CAM. Eight 700x460 BreakHis imag
 2000x2000 ones come to about 20 MP; one 1-bit 10,000x10,000 PNG (12 KB sent) to 100 MP."""
 
 MAX_REQUEST_TILES = 2000
-"""Model passes one request may need for its tiled images. At the project's 256 px tiles a
-2000x2000 image is 225 tiles and a 5000x5000 one 1,521."""
+"""Model passes one request may need for its tiled images, counted as passes over
+:data:`TILE_UNIT` px squares: a model of smaller tiles does less work a tile, and its tiles
+count in proportion to their area (the bundled model's 96 px tiles count 0.18 each). At the
+project's 256 px tiles a 2000x2000 image is 225 tiles and a 5000x5000 one 1,521; with the
+bundled model a 2500x2500 image is 2,704 tiles of 96 px, 497 by this count."""
+
+TILE_UNIT = 224
+"""The side of the square a tile of :data:`MAX_REQUEST_TILES` stands for."""
 
 UPLOAD_TIMEOUT = 30.0
 """Seconds a client has to send its whole request body (408 beyond)."""
@@ -925,14 +931,18 @@ class _Service:
                                 f"{self.max_request_megapixels:g} MP per request; send fewer or "
                                 "smaller images, or raise the limit (bcd serve "
                                 "--max-request-megapixels).")
-        if tiles > self.max_request_tiles:
+        side = int(self.predictor.pre.resize or self.predictor.pre.size)
+        units = tiles * min(1.0, (side / TILE_UNIT) ** 2)
+        if units > self.max_request_tiles:
             _, t, name, w, h = max(costs, key=lambda c: c[1])
+            as_units = "" if side >= TILE_UNIT else (
+                f", as much model work as {units:,.0f} of {TILE_UNIT} px")
             raise _Refused(413, f"this request's images need {tiles} tiles (model passes over "
-                                f"{int(self.predictor.pre.resize or self.predictor.pre.size)} "
-                                f"px squares at the image's own scale; the largest, {name}, "
-                                f"{w}x{h}, needs {t}), over the limit of "
-                                f"{self.max_request_tiles} per request; send fewer or smaller "
-                                "images, or raise the limit (bcd serve --max-request-tiles).")
+                                f"{side} px squares at the image's own scale{as_units}; the "
+                                f"largest, {name}, {w}x{h}, needs {t}), over the limit of "
+                                f"{self.max_request_tiles} tiles of {TILE_UNIT} px per "
+                                "request; send fewer or smaller images, or raise the limit "
+                                "(bcd serve --max-request-tiles).")
         return pixels, tiles
 
     def decode(self, upload: _Upload) -> Image.Image:
