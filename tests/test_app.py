@@ -580,3 +580,16 @@ def test_bcd_serve_binds_to_localhost_by_default(best, monkeypatch, capsys):
     assert main(["serve", str(best), "--quiet", "--header-timeout", "0"]) == 2
     assert "--header-timeout" in capsys.readouterr().err
     assert not calls[1:]  # nothing was served
+
+
+def test_a_wrong_method_or_an_unknown_api_path_is_answered_in_json_that_says_what_is(client):
+    r = client.get("/api/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["detail"] == "GET is not answered at /api/predict: use POST."
+    r = client.put("/api/health")
+    assert r.status_code == 405 and "use GET" in r.json()["detail"]
+    r = client.get("/api/nope")
+    assert r.status_code == 404
+    assert "POST /api/predict" in r.json()["detail"] and "/openapi.json" in r.json()["detail"]
+    assert client.get("/api/health").status_code == 200  # the real routes come first
+    assert client.get("/").status_code == 200 and "<html" in client.get("/").text

@@ -249,8 +249,8 @@ class _Preparer:
             shown = f"{ratio:.2f}".rstrip("0").rstrip(".")
             return (f"{w}x{h} pixels has an aspect ratio of {shown}:1, over the limit of "
                     f"{MAX_ASPECT:g}:1 for an image predicted whole (the model would see only "
-                    "its centre). Crop it into pieces closer to square, or pass a smaller "
-                    "--tile-size (tile_size) so that it is cut into tiles.")
+                    "its centre). Crop it into pieces closer to square (`bcd predict` can "
+                    "also cut it into tiles: a smaller --tile-factor).")
         return None
 
     def tiles(self, prepared: _Prepared, chunk: int) -> Iterator[torch.Tensor]:

@@ -1244,8 +1244,30 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
 
     _add_routes(app, service, gate, shown)
     _add_slide_routes(app, shown)
+    _add_api_fallback(app)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
+
+
+def _add_api_fallback(app: FastAPI) -> None:
+    """Answers an unknown /api path, or a known one asked with the wrong method, in JSON that
+    lists the API (the page's mount at / would otherwise answer a bare "Not Found")."""
+    from fastapi.routing import APIRoute
+
+    api = [r for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/api/")]
+    listing = ", ".join(f"{sorted(r.methods)[0]} {r.path}" for r in api)
+
+    @app.api_route("/api/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH",
+                                                 "DELETE", "OPTIONS"], include_in_schema=False)
+    async def api_fallback(request: Request, rest: str) -> JSONResponse:
+        allowed = sorted({m for r in api if r.path_regex.match(request.url.path)
+                          for m in r.methods})
+        if allowed:
+            return JSONResponse({"detail": f"{request.method} is not answered at "
+                                           f"{request.url.path}: use {' or '.join(allowed)}."},
+                                405, headers={"Allow": ", ".join(allowed)})
+        return JSONResponse({"detail": f"no API at {request.url.path}; the API is: {listing} "
+                                       "(schema at /openapi.json)."}, 404)
 
 
 def _add_routes(app: FastAPI, service: _Service, gate: _Gate, slides: _Slides | None) -> None:
