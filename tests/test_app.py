@@ -593,3 +593,16 @@ def test_a_wrong_method_or_an_unknown_api_path_is_answered_in_json_that_says_wha
     assert "POST /api/predict" in r.json()["detail"] and "/openapi.json" in r.json()["detail"]
     assert client.get("/api/health").status_code == 200  # the real routes come first
     assert client.get("/").status_code == 200 and "<html" in client.get("/").text
+
+
+def test_model_card_counts_the_patients_that_chose_the_threshold_never_names_them(best,
+                                                                                 tmp_path):
+    from breast_cancer_detection.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(best).with_threshold(0.4, {"method": "youden", "chosen_on": "val",
+                                                      "val_patient_ids": ["14-1", "p-77"]})
+    path = save_checkpoint(ckpt, tmp_path / "t.pt")
+    card = _client(create_app(Predictor.from_checkpoint(path, device="cpu"))).get(
+        "/api/model").json()
+    assert card["threshold"]["val_patients"] == 2
+    assert "14-1" not in json.dumps(card) and "p-77" not in json.dumps(card)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import subprocess
@@ -164,7 +165,9 @@ def test_cli_predict_exits_1_on_a_checkpoint_that_outputs_nan(trained, tmp_path,
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert main(["predict", str(broken), str(image), "--out", str(out), "--quiet"]) == 1
-    assert all("not finite" in str(w.message) for w in seen if "ONNX" in str(w.message))
+    onnx = [str(w.message) for w in seen if "ONNX" in str(w.message)]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert onnx and all("not finite" in m for m in onnx)
     row = pd.read_csv(out, keep_default_na=False).iloc[0]
     assert row["label"] == "error" and "non-finite" in row["error"]
     assert "FAILED" in capsys.readouterr().err

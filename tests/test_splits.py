@@ -245,8 +245,18 @@ def test_breakhis_images_in_split_folders_keep_that_split_unless_it_parts_a_pati
     moved = root / other / victim.relative_to(root / subset)
     moved.parent.mkdir(parents=True, exist_ok=True)
     victim.rename(moved)
-    with pytest.raises(LeakageError, match="14-22549"):
+    with pytest.raises(LeakageError, match="folders split a patient.*14-22549.*into one folder"):
         make_split(build_index(root), val=0.25, test=0.25, seed=0)
+
+
+def test_breakhis_images_all_under_one_train_folder_are_split_by_patient(fake_breakhis,
+                                                                         tmp_path):
+    import shutil
+
+    shutil.copytree(fake_breakhis, tmp_path / "train")
+    with pytest.warns(UserWarning, match="under the 'train' folder: that is not a split"):
+        split = make_split(build_index(tmp_path), val=0.25, test=0.25, seed=0)
+    assert set(split["split"]) == {"train", "val", "test"}
 
 
 def test_a_subset_with_one_patient_of_a_class_is_warned_about(fake_breakhis):

@@ -121,7 +121,7 @@ for png in ("roc.png", "confusion.png", "reliability.png", "per_magnification.pn
 print(f"Full report: {ev.report}")""", []),
     ("code", """# 7. Save and reload: the reloaded checkpoint gives the same predictions
 predictor = bcd.Predictor.from_checkpoint(best)
-test = split[split["split"] == "test"]
+test = split[split["split"] == subset]  # the subset cell 6 evaluated
 again = predictor.predict_table(root, test)
 before = ev.predictions.set_index("path")["probability"]
 diff = (again.set_index("path")["probability"] - before.reindex(again["path"]).to_numpy()).abs().max()
@@ -169,11 +169,11 @@ if predictor is not None:
     if not images and CHECKPOINT and "index" in globals():
         images = [root / p for p in index["path"][:2]]  # your model, on your data
     elif not images and SLIDE_PATCHES:  # the bundled model, on PatchCamelyon patches
-        images = [sorted((Path(SLIDE_PATCHES) / c).glob("*.*"))[0] for c in ("0", "1")]
+        images = [f for c in ("0", "1") for f in sorted((Path(SLIDE_PATCHES) / c).glob("*.*"))[:1]]
     if not images:
         print("Set MY_IMAGES in cell 1 to a list of image files: for the bundled model, 96 px "
               "H&E patches of lymph-node sections at about 0.97 um/px (e.g. PatchCamelyon). "
-              "For BreakHis images, set CHECKPOINT to a model trained on them (cell 7's best.pt).")
+              "For BreakHis images, set CHECKPOINT to a model trained on them (cell 5's best.pt).")
     note = predictor.wrong_data_note(images)
     if note:
         print("WARNING:", note)

@@ -320,8 +320,7 @@ def why_unloadable(path: Path, e: Exception) -> str:
     """
     if "GLOBAL" in str(e):  # torch's wording for a pickled class or function
         return (f"{path} holds pickled Python objects, which could run code when loaded; it "
-                "was refused. Use a checkpoint written by `bcd train` (or a state dict saved "
-                "with torch.save(model.state_dict(), PATH)).")
+                "was refused. Use a checkpoint written by `bcd train`.")
     return (f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}): the file is "
             "damaged, truncated, or not a .pt file. Download it again, or train one with "
             "`bcd train`.")

@@ -811,7 +811,7 @@ def _add_data_commands(sub) -> None:
     _data_root(i)
     i.add_argument("--out", help="write the index CSV here")
     i.add_argument("--verify", action="store_true", help="decode every image; list bad ones")
-    _group_by(i, "patient: numeric BreakHis id (default, cannot leak); slide: folder id")
+    _group_by(i, "the patient column: numeric BreakHis id (default) or slide folder")
     i.add_argument("--strict", action="store_true", help="fail on an incomplete BreakHis copy")
     _quiet(i)
     i.set_defaults(func=_cmd_index)

@@ -46,7 +46,8 @@ class TrainConfig:
     magnification: list[str] | None = None
     """Keep only these magnifications, e.g. ``40X`` (in YAML a list: ``[40X]``)."""
     group_by: str = "patient"
-    """What a split keeps together: ``patient`` (numeric BreakHis id) or ``slide``."""
+    """What counts as a patient in patient-level metrics: ``patient`` (numeric BreakHis id)
+    or ``slide`` (each slide folder); splits keep each numeric id in one subset either way."""
     mpp: float | None = None
     """Micrometres per pixel of the training images, stored in the checkpoint so that ``bcd
     slide`` cuts slide tiles at that scale (PatchCamelyon: 0.972)."""

@@ -250,7 +250,8 @@ class _Preparer:
             return (f"{w}x{h} pixels has an aspect ratio of {shown}:1, over the limit of "
                     f"{MAX_ASPECT:g}:1 for an image predicted whole (the model would see only "
                     "its centre). Crop it into pieces closer to square (`bcd predict` can "
-                    "also cut it into tiles: a smaller --tile-factor).")
+                    "also cut it into tiles: a --tile-size under half its short side, or "
+                    "under its short side with --tile-factor 1).")
         return None
 
     def tiles(self, prepared: _Prepared, chunk: int) -> Iterator[torch.Tensor]:

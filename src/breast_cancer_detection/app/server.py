@@ -628,7 +628,9 @@ def model_card(predictor: Predictor, report: EvaluationResult | None = None, *,
     resize = (f"short side resized to {pre.resize} px, centre {pre.size} px crop"
               if pre.resize else f"resized to {pre.size} x {pre.size} px")
     threshold_info = {k: v for k, v in (ckpt.threshold_info if ckpt else {}).items()
-                      if k not in ("value", "source")}
+                      if k not in ("value", "source", "val_patient_ids")}
+    if ckpt and ckpt.threshold_info.get("val_patient_ids"):  # counts only, as for the split
+        threshold_info["val_patients"] = len(ckpt.threshold_info["val_patient_ids"])
     card = {
         "name": f"breast_cancer_detection {predictor.arch}",
         "architecture": predictor.arch,
@@ -940,9 +942,10 @@ class _Service:
             raise _Refused(413, f"this request's images need {tiles} tiles (model passes over "
                                 f"{side} px squares at the image's own scale{as_units}; the "
                                 f"largest, {name}, {w}x{h}, needs {t}), over the limit of "
-                                f"{self.max_request_tiles} tiles of {TILE_UNIT} px per "
-                                "request; send fewer or smaller images, or raise the limit "
-                                "(bcd serve --max-request-tiles).")
+                                f"{self.max_request_tiles} per request (a tile of {TILE_UNIT} "
+                                "px or more counts one, a smaller one by its area); send fewer "
+                                "or smaller images, or raise the limit (bcd serve "
+                                "--max-request-tiles).")
         return pixels, tiles
 
     def decode(self, upload: _Upload) -> Image.Image:

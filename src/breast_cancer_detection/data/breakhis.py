@@ -120,11 +120,11 @@ def _class_of_folder(name: str, root: Path) -> int:
 
 
 def layout_split(path: str | Path) -> str:
-    """The subset (``train``, ``val``, ``test``) that a pre-split ImageFolder's layout gives
-    an image, from its path relative to the data folder (``valid/1/x.png`` -> ``val``); ``""``
-    for any other path."""
+    """The subset (``train``, ``val``, ``test``) that a pre-split layout gives an image, from
+    its path relative to the data folder: a top folder of that name with at least a class
+    folder below it (``valid/1/x.png`` -> ``val``); ``""`` for any other path."""
     parts = Path(path).parts
-    return _SPLIT_ALIASES.get(parts[0].lower(), "") if len(parts) == 3 else ""
+    return _SPLIT_ALIASES.get(parts[0].lower(), "") if len(parts) >= 3 else ""
 
 
 def build_index(root: str | Path, *, group_by: str = "patient") -> pd.DataFrame:
@@ -142,8 +142,9 @@ def build_index(root: str | Path, *, group_by: str = "patient") -> pd.DataFrame:
     Args:
         root: Folder to index.
         group_by: ``"patient"`` (numeric BreakHis id, the default) or ``"slide"`` (the
-            slide folder, e.g. ``SOB_B_A_14-22549AB``); what the ``patient`` column, and so every
-            split, groups by.
+            slide folder, e.g. ``SOB_B_A_14-22549AB``): what the ``patient`` column holds, and
+            so what patient-level metrics count. Splits of BreakHis images keep each numeric
+            id in one subset either way.
 
     Returns:
         A DataFrame with ``INDEX_COLUMNS``; paths are relative to ``root`` (POSIX style).
@@ -171,14 +172,12 @@ def build_index(root: str | Path, *, group_by: str = "patient") -> pd.DataFrame:
     if all(n is not None for n in parsed):
         for p, n in zip(files, parsed):
             rel = p.relative_to(root)
-            # BreakHis names give the class; train/val/test folders on top, a split.
-            top = rel.parts[0].lower() if len(rel.parts) >= 3 else ""
             rows.append({
                 "path": rel.as_posix(), "label": n.label,
                 "target": CLASSES.index(n.label), "subtype": n.subtype,
                 "patient": n.patient if group_by == "patient" else n.slide,
                 "slide": n.slide, "magnification": n.magnification,
-                "split": _SPLIT_ALIASES.get(top, ""),
+                "split": layout_split(rel),  # BreakHis names give the class
             })
     else:
         for p in files:

@@ -163,8 +163,19 @@ def make_split(index: pd.DataFrame, *, val: float = 0.15, test: float = 0.15, se
         raise DatasetError(f"--val {val} and --test {test}: each a share in [0, 1), and the two "
                            "summing to under 1 (e.g. --val 0.15 --test 0.15).")
     index = _filter_magnification(index, magnification).copy()
+    given = set(index["split"])
+    if given - {""} and len(given) == 1:  # every image under one train/val/test folder
+        warnings.warn(f"Every image is under the '{given.pop()}' folder: that is not a split; "
+                      "splitting by patient instead.", stacklevel=2)
+        index["split"] = ""
     if index["split"].ne("").all():
-        out = index
+        out = index[SPLIT_COLUMNS].reset_index(drop=True)
+        try:
+            check_split(out)
+        except LeakageError as e:
+            raise LeakageError(f"the data's train/val/test folders split a patient: {e} Move "
+                               "each such patient's images into one folder, or take the "
+                               "images out of the folders to split them by patient.") from None
     else:
         keys = _groups(index)
         patients = _patient_table(index, keys)
@@ -245,11 +256,19 @@ def read_protocol_folds(path: str | Path, index: pd.DataFrame, fold: int,
         raise DatasetError(f"{path}: none of its file names match the indexed images.")
     kept["split"] = base[kept.index].map(where).replace({"tst": "test", "trn": "train"})
     train = kept[kept["split"] == "train"]
-    inner = make_split(train.assign(split=""), val=0.15, test=0.0, seed=fold)
+    with warnings.catch_warnings():  # the protocol's own subsets are what they are
+        warnings.filterwarnings("ignore", message=".*patient-level sensitivity or specificity")
+        inner = make_split(train.assign(split=""), val=0.15, test=0.0, seed=fold)
     kept.loc[kept["path"].isin(inner.loc[inner["split"] == "val", "path"]), "split"] = "val"
     out = kept[SPLIT_COLUMNS].reset_index(drop=True)
     check_split(out)
     return out
+
+
+def _in_two_subsets(split: pd.DataFrame, ids: pd.Series) -> list[str]:
+    """The non-empty ``ids`` (one per row of ``split``) found in more than one subset."""
+    per = split.assign(_id=ids)[ids != ""].groupby("_id")["split"].nunique()
+    return per[per > 1].index.tolist()
 
 
 def check_split(split: pd.DataFrame) -> None:
@@ -257,9 +276,7 @@ def check_split(split: pd.DataFrame) -> None:
     bad_values = set(split["split"]) - set(SUBSETS)
     if bad_values:
         raise DatasetError(f"Unknown subset name(s) {sorted(bad_values)}; use {SUBSETS}.")
-    known = split[split["patient"] != ""]
-    per = known.groupby("patient")["split"].nunique()
-    leaked = per[per > 1].index.tolist()
+    leaked = _in_two_subsets(split, split["patient"])
     if leaked:
         raise LeakageError(
             f"{len(leaked)} patient(s) appear in more than one subset: "
@@ -268,10 +285,7 @@ def check_split(split: pd.DataFrame) -> None:
         )
     # BreakHis file names carry the patient whatever the patient column says (a slide folder,
     # a blank, another id): one person's images in two subsets is leakage all the same.
-    numeric = breakhis_patients(split["path"])
-    named = split.assign(_p=numeric)[numeric != ""]
-    per = named.groupby("_p")["split"].nunique()
-    leaked = per[per > 1].index.tolist()
+    leaked = _in_two_subsets(split, breakhis_patients(split["path"]))
     if leaked:
         raise LeakageError(
             f"{len(leaked)} BreakHis patient(s) have images in more than one subset, by the "
