@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from breast_cancer_detection.checkpoint import load_checkpoint
@@ -291,6 +292,26 @@ def test_cv_runs_every_fold_and_summarises(fake_breakhis, tmp_path):
     assert "40X" in js["by_magnification"] and len(js["per_fold"]) == 3
     text = (out / "report.md").read_text()
     assert "Patient-disjoint 3-fold" in text and "By magnification" in text and "+-" in text
+
+
+@pytest.mark.slow
+def test_cv_under_a_time_budget_runs_again_reusing_its_folds(fake_breakhis, tmp_path, capsys):
+    from breast_cancer_detection.config import load_preset
+
+    out = tmp_path / "cv"
+    preset = tmp_path / "budget.yaml"  # a preset with a budget, as pcam-cpu has
+    preset.write_text(yaml.safe_dump({**load_preset("cpu-smoke"), "epochs": 400,
+                                      "time_budget": "4s"}))
+    args = ["cv", "--data", str(fake_breakhis), "--folds", "3", "--preset", str(preset),
+            "--size", "32", "--batch-size", "16", "--bootstrap", "0", "--out", str(out),
+            "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    planned = [yaml.safe_load((out / "runs" / f"fold-{k}" / "config.yaml").read_text())["epochs"]
+               for k in range(3)]
+    assert all(e < 400 for e in planned)  # the budget cut each fold's epochs
+    capsys.readouterr()
+    assert main(args) == 0  # the same cv again: each fold is finished, with its own epochs
+    assert capsys.readouterr().out.count("already trained, reusing") == 3
 
 
 def test_cv_needs_three_folds(fake_breakhis, tmp_path, capsys):

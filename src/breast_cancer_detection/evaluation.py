@@ -597,18 +597,27 @@ class CVResult:
 
 
 def _fold_done(run: Path, cfg) -> bool:
-    """Whether ``run`` holds this fold trained to the end with these very settings."""
+    """Whether ``run`` holds this fold trained to the end with these very settings.
+
+    With a time budget the run's own ``config.yaml`` holds the epochs the budget allowed
+    (each fold its own), so ``epochs`` is left out of the comparison and the end is the run's.
+    """
     from .checkpoint import load_checkpoint
     from .config import load_config
 
     if not (run / "config.yaml").is_file():
         return False
-    if load_config(run / "config.yaml").to_dict() != cfg.to_dict():
+    saved = load_config(run / "config.yaml")
+    mine, theirs = cfg.to_dict(), saved.to_dict()
+    if cfg.time_budget:
+        mine.pop("epochs")
+        theirs.pop("epochs")
+    if mine != theirs:
         raise UserError(f"{run} holds a run with other settings than this cv; pass another "
                         "--out, or delete that folder to retrain it.")
     if not (run / "best.pt").is_file() or not (run / "last.pt").is_file():
         return False
-    return load_checkpoint(run / "last.pt").epoch >= cfg.epochs
+    return load_checkpoint(run / "last.pt").epoch >= saved.epochs
 
 
 def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None = None,
