@@ -335,3 +335,11 @@ def test_bootstrap_interval_needs_the_metric_in_most_resamples(nan_share, define
     low, high = bootstrap_metrics(_cohort(10), sometimes, n=20)["m"]
     assert (math.isfinite(low) and math.isfinite(high) and low <= high) is defined
     assert math.isnan(low) is not defined
+
+
+@pytest.mark.parametrize("fn", [
+    lambda y, p: image_metrics(y, p), lambda y, p: expected_calibration_error(y, p),
+    lambda y, p: brier_score(y, p), lambda y, p: patient_metrics(y, p, ["a", "a", "b", "b"])])
+def test_non_finite_probabilities_are_refused_not_counted_one_way_or_another(fn):
+    with pytest.raises(ValueError, match="1 of the 4 probabilities are not finite"):
+        fn([0, 1, 0, 1], [0.1, float("nan"), 0.2, 0.9])

@@ -87,6 +87,22 @@ def _rates(y_true, y_pred) -> dict[str, float]:
     }
 
 
+def _probabilities(p_malignant) -> np.ndarray:
+    """P(malignant) as floats, refusing NaN and infinity: thresholded counts would call such an
+    image benign and calibration would skip it, each silently, and differently.
+
+    Raises:
+        ValueError: naming how many are not finite.
+    """
+    p = np.asarray(p_malignant, dtype=float)
+    bad = int((~np.isfinite(p)).sum())
+    if bad:
+        raise ValueError(f"{bad} of the {p.size} probabilities are not finite (NaN or "
+                         "infinity): leave those images out first (predict_table marks them "
+                         "as error rows).")
+    return p
+
+
 def image_metrics(y_true, p_malignant, threshold: float = 0.5) -> dict:
     """Every image-level number at one decision threshold.
 
@@ -101,7 +117,7 @@ def image_metrics(y_true, p_malignant, threshold: float = 0.5) -> dict:
         ``f1``, ``roc_auc``, ``pr_auc`` and ``confusion_matrix`` (``[[TN, FP], [FN, TP]]``).
     """
     y = np.asarray(y_true).astype(int)
-    p = np.asarray(p_malignant, dtype=float)
+    p = _probabilities(p_malignant)
     out: dict = {"images": len(y), "malignant": int(y.sum()), "threshold": float(threshold)}
     out.update(_rates(y, p >= threshold))
     out["roc_auc"] = roc_auc(y, p)
@@ -114,6 +130,7 @@ def image_metrics(y_true, p_malignant, threshold: float = 0.5) -> dict:
 
 def _per_patient(y: np.ndarray, p: np.ndarray, patients, threshold: float):
     """Patient ids (sorted) and, per patient: images, class, mean p, share of images right."""
+    p = _probabilities(p)
     codes, ids = pd.factorize(np.asarray(patients), sort=True)
     n = len(ids)
     images = np.bincount(codes, minlength=n)
@@ -204,7 +221,7 @@ def reliability_curve(y_true, p_malignant, bins: int = 10) -> dict[str, list]:
         ``count``, ``mean_predicted`` and ``fraction_malignant`` (NaN for an empty bin).
     """
     y = np.asarray(y_true).astype(float)
-    p = np.asarray(p_malignant, dtype=float)
+    p = _probabilities(p_malignant)
     ids = _bin_ids(p, bins)
     count = np.bincount(ids, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -235,7 +252,7 @@ def brier_score(y_true, p_malignant) -> float:
     y = np.asarray(y_true).astype(float)
     if len(y) == 0:
         return float("nan")
-    return float(np.mean((np.asarray(p_malignant, dtype=float) - y) ** 2))
+    return float(np.mean((_probabilities(p_malignant) - y) ** 2))
 
 
 def calibration_metrics(y_true, p_malignant, bins: int = 10) -> dict:
