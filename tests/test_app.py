@@ -606,3 +606,12 @@ def test_model_card_counts_the_patients_that_chose_the_threshold_never_names_the
         "/api/model").json()
     assert card["threshold"]["val_patients"] == 2
     assert "14-1" not in json.dumps(card) and "p-77" not in json.dumps(card)
+
+
+def test_paths_relative_to_a_parent_folder_are_cut_to_their_last_part_too():
+    from breast_cancer_detection.app.server import _without_local_paths
+
+    card = {"data": "../shared/data/pcam-subset", "split": ["./runs/r/split.csv"],
+            "here": "data/BreaKHis_v1", "home": "/home/someone/x", "win": "..\\w\\z"}
+    assert _without_local_paths(card) == {"data": "pcam-subset", "split": ["split.csv"],
+                                          "here": "data/BreaKHis_v1", "home": "x", "win": "z"}

@@ -297,11 +297,12 @@ def _clean_name(filename: str | None, i: int) -> str:
     return name or f"file {i + 1}"
 
 
-_ABSOLUTE = re.compile(r"^(~|/|file:|[A-Za-z]:[\\/]|\\\\)")
+_ABSOLUTE = re.compile(r"^(~|/|file:|[A-Za-z]:[\\/]|\\\\|\.\.?[\\/])")  # and ./ ../
 
 
 def _without_local_paths(x: Any) -> Any:
-    """``x`` with every absolute local path replaced by its last part.
+    """``x`` with every absolute local path (or one relative to ``.`` or ``..``) replaced by
+    its last part.
 
     The model card records where the model was trained (data folder, split file); over the
     network that tells strangers this machine's user names and folder layout.
