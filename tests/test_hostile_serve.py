@@ -536,3 +536,18 @@ def test_the_model_card_shows_no_local_paths(predictor, trained_run):
 
     assert not [s for s in strings(card) if os.path.isabs(s)]
     assert card["training"]["data"] == Path(predictor.checkpoint.config["data"]).name
+
+
+def test_a_full_queue_refuses_before_the_body_is_read(predictor, monkeypatch):
+    from breast_cancer_detection.app import server
+
+    app = create_app(predictor, max_concurrency=1, max_queue=1)
+    app.state.gate.admitted = 2  # one running, one waiting: full
+
+    async def never(*args, **kwargs):
+        raise AssertionError("the body was read although the queue was full")
+
+    monkeypatch.setattr(server, "_read_uploads", never)
+    r = _client(app).post("/api/predict", files=_files(("a.png", _png(Image.new("RGB", (64, 64))))))
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    assert "queue limit 1" in r.json()["detail"]

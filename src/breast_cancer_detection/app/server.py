@@ -258,14 +258,19 @@ class _Gate:
         finally:
             self.uploading -= 1
 
-    @asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Counts the request in for its whole life, or refuses it with 503."""
+    def refuse_if_full(self) -> None:
+        """503 when the queue is full: before a body is read (so a client is not made to send
+        megabytes only to be refused), and again when it has arrived."""
         if self.admitted >= self.concurrency + self.max_queue:
             after = self.retry_after()
             raise _Refused(503, f"the server is busy ({self.running} request(s) running, "
                                 f"{self.waiting} waiting, queue limit {self.max_queue}); try "
                                 f"again in {after} s.", {"Retry-After": str(after)})
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Counts the request in for its whole life, or refuses it with 503."""
+        self.refuse_if_full()
         self.admitted += 1
         try:
             yield
@@ -1317,6 +1322,7 @@ def _add_routes(app: FastAPI, service: _Service, gate: _Gate, slides: _Slides | 
         message naming it.
         """
         client = "{}:{}".format(*request.client) if request.client else "a client"
+        gate.refuse_if_full()
         try:
             async with gate.upload(service.upload_timeout):
                 uploads = await _read_uploads(request, service.max_bytes,
