@@ -421,3 +421,20 @@ def test_predict_table_gives_non_finite_outputs_an_error(tmp_path):
     out = pred.predict_table(tmp_path, build_index(tmp_path), progress=False)
     assert (out["prediction"] == -1).all()
     assert out["error"].str.contains("non-finite").all()
+
+
+def test_float_images_are_converted_without_float64_copies():
+    import tracemalloc
+
+    from breast_cancer_detection.data.datasets import _to_rgb
+
+    values = np.random.default_rng(0).random((1000, 1200), dtype=np.float32) * 300
+    im = Image.fromarray(values)  # mode F, as a 32-bit float TIFF opens
+    tracemalloc.start()
+    out = _to_rgb(im)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.mode == "RGB" and out.size == (1200, 1000)
+    assert peak / values.size < 12  # bytes a pixel: a float32 copy, uint8, RGB (float64: ~23)
+    # Values above 255 mean a 16-bit range: scaled by 65535, as before.
+    assert np.asarray(out)[0, 0, 0] == int(np.clip(values[0, 0] / 65535 * 255, 0, 255))
