@@ -261,5 +261,7 @@ def test_breakhis_images_all_under_one_train_folder_are_split_by_patient(fake_br
 
 def test_a_subset_with_one_patient_of_a_class_is_warned_about(fake_breakhis):
     index = build_index(fake_breakhis)  # 4 benign patients: a quarter each cannot be 2
-    with pytest.warns(UserWarning, match="holds 1 benign patient: patient-level"):
+    from breast_cancer_detection.data.splits import ThinSubsetWarning
+
+    with pytest.warns(ThinSubsetWarning, match="holds 1 benign patient: patient-level"):
         make_split(index, val=0.25, test=0.25, seed=0)

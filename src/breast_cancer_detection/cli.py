@@ -736,14 +736,19 @@ def train_flag_help() -> dict[str, str]:
     return helps
 
 
-def _optional_value(name: str) -> type | None:
-    """The value type of a TrainConfig field that may be None (int, float or str), else None."""
+def _field_kind(name: str) -> tuple[str, bool]:
+    """A TrainConfig field's type as written (``int``, ``list[str]``...) and whether it may
+    be None."""
     from .config import TrainConfig
 
     kinds = [t.strip() for t in str(TrainConfig.__dataclass_fields__[name].type).split("|")]
-    if "None" not in kinds or len(kinds) != 2:
-        return None
-    return {"int": int, "float": float, "str": str}.get(next(k for k in kinds if k != "None"))
+    return next(k for k in kinds if k != "None"), "None" in kinds
+
+
+def _optional_value(name: str) -> type | None:
+    """The value type of a TrainConfig field that may be None (int, float or str), else None."""
+    kind, optional = _field_kind(name)
+    return {"int": int, "float": float, "str": str}.get(kind) if optional else None
 
 
 def _none_or(kind: type):
@@ -759,10 +764,7 @@ def _train_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str,
                 help: str | None = None) -> None:
     """Adds TrainConfig field ``name``'s flag; ``help`` replaces the docstring's where the
     setting means more to this subcommand."""
-    from .config import TrainConfig
-
-    field = TrainConfig.__dataclass_fields__[name]
-    kind = next(t.strip() for t in str(field.type).split("|") if t.strip() != "None")
+    kind, _ = _field_kind(name)
     if kind == "bool":
         kwargs: dict = {"action": argparse.BooleanOptionalAction}  # --x and --no-x
     elif kind.startswith("list["):
@@ -771,8 +773,8 @@ def _train_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str,
         kwargs = {"type": int if kind == "int" else float}
     else:
         kwargs = {}
-    if _optional_value(name) is not None:  # `--early-crop none` unsets what a preset set
-        kwargs["type"] = _none_or(_optional_value(name))
+    if (value := _optional_value(name)) is not None:  # `--early-crop none` unsets a preset's
+        kwargs["type"] = _none_or(value)
     extras = dict(_TRAIN_FLAG_EXTRAS.get(name, {}))
     flags = extras.pop("flags", ["--" + name.replace("_", "-")])
     # SUPPRESS: only options actually given override the preset.

@@ -21,8 +21,16 @@ import pandas as pd
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .data.breakhis import CLASSES, build_index
-from .data.splits import SUBSETS, find_leakage, list_ids, load_split, split_hash, write_split
+from .data.breakhis import CLASSES, build_index, person_id
+from .data.splits import (
+    SUBSETS,
+    find_leakage,
+    list_ids,
+    load_split,
+    people,
+    split_hash,
+    write_split,
+)
 from .errors import UserError
 from .files import atomic_write_text, jsonable
 from .metrics import (
@@ -241,7 +249,7 @@ def _decide_threshold(ckpt: Checkpoint, val: pd.DataFrame, target_sensitivity: f
                 "val_sensitivity": at["sensitivity"], "val_specificity": at["specificity"],
                 "tta": bool(tta),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        ids = sorted(set(val["patient"].astype(str)) - {""})
+        ids = sorted(people(val))
         if 0 < len(ids) <= MAX_STORED_IDS:
             info["val_patient_ids"] = ids
         if val_leak:
@@ -258,9 +266,9 @@ def _decide_threshold(ckpt: Checkpoint, val: pd.DataFrame, target_sensitivity: f
             caveats.append(f"The stored threshold was chosen on {_views(info['tta'])} "
                            f"probabilities and is applied here to {_views(tta)} ones; "
                            "thresholded figures may shift (AUC does not depend on it).")
-        chose = set(info.get("val_patient_ids") or [])
+        chose = {person_id(str(x)) for x in info.get("val_patient_ids") or []}
         if evaluated is not None and chose:
-            shared = chose & (set(evaluated["patient"].astype(str)) - {""})
+            shared = chose & people(evaluated)
             if shared:
                 caveats.append(f"The stored threshold was chosen on a validation subset that "
                                f"holds {len(shared)} of the evaluated patients "

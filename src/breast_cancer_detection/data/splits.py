@@ -26,6 +26,10 @@ class LeakageError(DatasetError):
     """A patient appears in more than one subset of a split."""
 
 
+class ThinSubsetWarning(UserWarning):
+    """A val or test subset holds fewer than two patients of a class."""
+
+
 def breakhis_patients(paths) -> pd.Series:
     """The numeric BreakHis patient id each file name carries (``14-22549`` for every folder
     of that patient: ``22549AB``, ``22549CD``, ``22549G``); ``""`` for other names."""
@@ -33,6 +37,15 @@ def breakhis_patients(paths) -> pd.Series:
     names = [parse_breakhis_name(Path(p).name) for p in paths]
     return pd.Series([n.patient if n is not None else "" for n in names], index=paths.index,
                      dtype=str)
+
+
+def people(rows: pd.DataFrame) -> set[str]:
+    """The people ``rows`` (``path``, ``patient``) come from, named alike whatever the id
+    form: the numeric BreakHis id of each file name, else the patient column with slide
+    folders (``--group-by slide``) mapped to their numeric id. Blank ids are left out."""
+    numeric = breakhis_patients(rows["path"])
+    named = rows["patient"].astype(str).map(person_id)
+    return set(numeric.where(numeric != "", named)) - {""}
 
 
 def _groups(index: pd.DataFrame) -> pd.Series:
@@ -139,7 +152,7 @@ def _warn_thin_subsets(patients: pd.DataFrame, by_patient: bool) -> None:
         warnings.warn("; ".join(thin) + ": patient-level sensitivity or specificity there can "
                       "only be 0 or 1, and its bootstrap intervals are uninformative. Another "
                       "--seed or larger --val/--test shares may spread the patients better.",
-                      stacklevel=3)
+                      ThinSubsetWarning, stacklevel=3)
 
 
 def make_split(index: pd.DataFrame, *, val: float = 0.15, test: float = 0.15, seed: int = 0,
@@ -257,7 +270,7 @@ def read_protocol_folds(path: str | Path, index: pd.DataFrame, fold: int,
     kept["split"] = base[kept.index].map(where).replace({"tst": "test", "trn": "train"})
     train = kept[kept["split"] == "train"]
     with warnings.catch_warnings():  # the protocol's own subsets are what they are
-        warnings.filterwarnings("ignore", message=".*patient-level sensitivity or specificity")
+        warnings.simplefilter("ignore", ThinSubsetWarning)
         inner = make_split(train.assign(split=""), val=0.15, test=0.0, seed=fold)
     kept.loc[kept["path"].isin(inner.loc[inner["split"] == "val", "path"]), "split"] = "val"
     out = kept[SPLIT_COLUMNS].reset_index(drop=True)
@@ -366,9 +379,7 @@ def find_leakage(split_patients: dict[str, list[str]], evaluated: pd.DataFrame, 
     # One person, whatever form the two sides name them in: numeric BreakHis ids, or slide
     # folders (`--group-by slide`), or the ids of other data.
     known = {part: {person_id(str(x)) for x in ids} for part, ids in (split_patients or {}).items()}
-    numeric = breakhis_patients(evaluated["path"])
-    named = evaluated["patient"].astype(str).map(person_id)
-    patients = set(numeric.where(numeric != "", named)) - {""}
+    patients = people(evaluated)
     out = []
     for part, what in (("train", "training subset"), ("val", "validation subset, which picked "
                                                        "its best epoch")):
