@@ -20,8 +20,9 @@ the large one 4x the area of the small one. For each, interleaved ``--repeats`` 
   ``OpenSlide.read_region`` at level 0, converted to RGB, resized to 96 px and passed to
   ``Predictor.predict`` alone (what a first script does).
 
-- ``reading``: in this process, the tiles bcd read, read alone one OpenSlide call a tile
-  against in strips of side-by-side tiles (what ``bcd slide`` does); the same pixels either way.
+- ``reading``: in this process, the tiles bcd read, read alone: one OpenSlide call a tile,
+  OpenSlide in strips of side-by-side tiles, and strips cut from the TIFF's decoded tiles
+  (what ``bcd slide`` does on these slides); the same pixels every way.
 
 Ratios are bcd over baseline, per repeat; the median and min-max are printed. Whole-command
 rates include interpreter start, imports and the model load, which favour the faster-starting
@@ -405,18 +406,32 @@ def run_reading(slide: Path, out: Path) -> dict:
     handle = open_slide(slide)
     downsample = float(handle.level_downsamples[level])
     handle.close()
-    ds = TileDataset(slide, tiles[["x", "y"]].to_numpy(), level,
-                     round(float(tiles["width"].iloc[0]) / downsample), 96, downsample)
+    def dataset(direct: bool) -> TileDataset:
+        return TileDataset(slide, tiles[["x", "y"]].to_numpy(), level,
+                           round(float(tiles["width"].iloc[0]) / downsample), 96, downsample,
+                           direct=direct)
+
+    ds = dataset(False)
     t = time.perf_counter()
     one = torch.stack([ds[i][0] for i in range(len(ds))])
     per_tile = time.perf_counter() - t
-    t = time.perf_counter()
-    strips = torch.cat([ds.read_batch(i, min(len(ds), i + 64)) for i in range(0, len(ds), 64)])
-    in_strips = time.perf_counter() - t
+
+    def in_strips(ds: TileDataset) -> tuple[torch.Tensor, float]:
+        t = time.perf_counter()
+        got = torch.cat([ds.read_batch(i, min(len(ds), i + 64))
+                         for i in range(0, len(ds), 64)])
+        return got, time.perf_counter() - t
+
+    strips, openslide_s = in_strips(ds)
+    direct_ds = dataset(True)
+    direct, direct_s = in_strips(direct_ds)
     return {"tiles": len(ds), "strips": len(ds.runs(0, len(ds))),
-            "same_pixels": bool(torch.equal(one, strips)),
-            "per_tile_ms": 1e3 * per_tile / len(ds), "strip_ms": 1e3 * in_strips / len(ds),
-            "speedup": per_tile / in_strips if in_strips > 0 else float(np.nan)}
+            "same_pixels": bool(torch.equal(one, strips)) and bool(torch.equal(one, direct)),
+            "direct": direct_ds.reads_direct,
+            "per_tile_ms": 1e3 * per_tile / len(ds), "strip_ms": 1e3 * openslide_s / len(ds),
+            "direct_strip_ms": 1e3 * direct_s / len(ds),
+            "speedup": per_tile / openslide_s if openslide_s > 0 else float(np.nan),
+            "direct_speedup": per_tile / direct_s if direct_s > 0 else float(np.nan)}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -552,6 +567,9 @@ def main() -> int:
         reads = by["reading"]
         s.update({"reading_per_tile_ms": statistics.median(r["per_tile_ms"] for r in reads),
                   "reading_strip_ms": statistics.median(r["strip_ms"] for r in reads),
+                  "reading_direct_strip_ms": statistics.median(r["direct_strip_ms"]
+                                                               for r in reads),
+                  "reading_direct": all(r["direct"] for r in reads),
                   "reading_strips": reads[0]["strips"],
                   "reading_same_pixels": all(r["same_pixels"] for r in reads)})
         if by["bcd_int8"]:
@@ -650,7 +668,9 @@ def print_table(summary: dict, growth: dict) -> None:
     for s in summary.values():
         print(f"{s['size']}: reading alone (one core): {s['reading_per_tile_ms']:.3f} ms a tile "
               f"with one OpenSlide call each, {s['reading_strip_ms']:.3f} ms in "
-              f"{s['reading_strips']} strips (same pixels: {s['reading_same_pixels']})")
+              f"{s['reading_strips']} OpenSlide strips, {s['reading_direct_strip_ms']:.3f} ms "
+              f"in strips cut from the TIFF's tiles (direct: {s['reading_direct']}; same "
+              f"pixels: {s['reading_same_pixels']})")
     print(f"peak memory, large over small slide ({growth['area_ratio']:.0f}x the area, "
           f"{growth['tiles_ratio']:.2f}x the tiles): bcd tree RSS "
           f"{growth['bcd_tree_rss_large_over_small']:.2f}, tree PSS "

@@ -404,3 +404,19 @@ def test_batch_augment_with_a_window_augments_that_window_at_its_own_scale():
         assert any(torch.allclose(got, c, atol=0.51) for c in candidates)
     whole = BatchAugment(pre=PRE, aug=aug)(x, torch.Generator().manual_seed(1))
     assert whole.shape == (8, 3, PRE.size, PRE.size)  # no window: resized to size as before
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_normalize_batch_is_the_eval_transforms_normalisation_in_a_contiguous_tensor(layout):
+    from breast_cancer_detection.data.batch_augment import normalize_batch
+
+    x = _uint8_batch(5, 24, 30)
+    if layout == "channels_last":  # what bcd slide hands over: a permuted NHWC batch
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    out = normalize_batch(x, PRE)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    # The eval transform's own steps, image by image: ToDtype(scale=True), then Normalize.
+    ref = torch.stack([TF.normalize(TF.to_dtype(img, torch.float32, scale=True),
+                                    list(PRE.mean), list(PRE.std)) for img in x])
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(normalize_batch(x.float() / 255, PRE), ref, atol=2e-6, rtol=0)

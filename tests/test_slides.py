@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from breast_cancer_detection.cli import main
+from breast_cancer_detection.data.datasets import open_rgb
 from breast_cancer_detection.errors import UserError
 from breast_cancer_detection.slides import (
     SlideError,
@@ -27,7 +28,7 @@ from breast_cancer_detection.slides import (
     tissue_mask,
     write_slide,
 )
-from breast_cancer_detection.slides.reader import TileDataset, thumbnail
+from breast_cancer_detection.slides.reader import TileDataset, _Batches, thumbnail
 from breast_cancer_detection.slides.regions import _polygons, region_features
 
 from conftest import SHARED_DATA
@@ -152,8 +153,16 @@ def test_tissue_mask_finds_stain_drops_specks_and_fills_holes():
 
 def test_grid_reads_from_the_coarsest_level_that_has_the_resolution():
     # 0.25 um/px slide, model at 0.972: 3.888x; level 1 (4x) is too coarse, level 0 serves.
+    # The tile is read as 373 level pixels, and the grid steps by 373 too (not 373.248):
+    # tiles neither overlap nor leave gaps, and each starts on a whole level pixel.
     g = TileGrid.for_slide(FakeSlide((10000, 8000)), size=96, slide_mpp=0.25, model_mpp=0.972)
-    assert (g.level, g.read_size) == (0, 373) and g.tile0 == pytest.approx(373.248)
+    assert (g.level, g.read_size, g.tile0, g.cols) == (0, 373, 373.0, 26)
+    assert (g.origins(np.array([1]), np.array([2])) == [[746, 373]]).all()
+    # An Aperio-like level of downsample 2.0004: no whole level pixels to step by, so the
+    # grid keeps the model's field of view in level-0 pixels.
+    g = TileGrid.for_slide(FakeSlide((10000, 8000), (1.0, 2.0004)), size=96, slide_mpp=0.25,
+                           model_mpp=0.972)
+    assert (g.level, g.read_size) == (1, 187) and g.tile0 == pytest.approx(373.248)
     # 0.243 um/px: exactly 4x, so level 1 serves; 384 px tiles, 10000 // 384 and 8000 // 384.
     g = TileGrid.for_slide(FakeSlide((10000, 8000)), size=96, slide_mpp=0.243, model_mpp=0.972)
     assert (g.level, g.read_size, g.cols, g.rows) == (1, 96, 26, 20)
@@ -354,7 +363,8 @@ def test_cli_exit_codes_and_summary(slides, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_done_slides_are_skipped_and_force_redoes_them(bundled, slides, tmp_path):
+def test_done_slides_are_skipped_and_force_redoes_them(bundled, slides, tmp_path,
+                                                         monkeypatch):
     path, _ = slides["normal"]
     first = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False)
     stamp = (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns
@@ -371,6 +381,13 @@ def test_done_slides_are_skipped_and_force_redoes_them(bundled, slides, tmp_path
                            min_tissue=0.9, force=True)
     assert forced.tiles == changed.tiles and not forced.reused
     assert (tmp_path / "n" / "tiles.csv").stat().st_mtime_ns != stamp
+    # Outputs made by a version that cut tiles another way are redone, not reused.
+    import breast_cancer_detection.slides.run as run_module
+
+    monkeypatch.setattr(run_module, "GRID_VERSION", run_module.GRID_VERSION + 1)
+    redone = analyse_slide(bundled, path, tmp_path / "n", workers=0, progress=False,
+                           min_tissue=0.9)
+    assert not redone.reused
 
 
 @pytest.mark.slow
@@ -491,15 +508,29 @@ def test_strips_read_the_pixels_of_one_call_per_tile(slides, level, read_size):
         assert len(set(xy[first:first + k, 1])) == 1
         assert (np.diff(xy[first:first + k, 0]) == 192).all()
     batch = ds.read_batch(3, len(ds))
+    assert ds.reads_direct  # strips cut from the TIFF's own tiles...
     assert batch.shape == (len(ds) - 3, 3, 96, 96) and batch.dtype == torch.uint8
-    each = torch.stack([ds[i][0] for i in range(3, len(ds))])
+    each = torch.stack([ds[i][0] for i in range(3, len(ds))])  # ...OpenSlide, tile by tile
     assert torch.equal(batch, each)
+    by_openslide = TileDataset(path, xy, level, read_size, 96, direct=False)
+    assert torch.equal(by_openslide.read_batch(3, len(ds)), each)
+    assert not by_openslide.reads_direct
     by_workers = list(ds.batches(10, workers=1))
     by_thread = list(ds.batches(10, workers=0))
-    assert [len(i) for _, i in by_thread] == [10] * (len(ds) // 10) + (
-        [len(ds) % 10] if len(ds) % 10 else [])
+    sizes = [len(i) for _, i in by_thread]
+    # The fewest batches of at most 10, sizes equal within one, every tile once in order.
+    assert len(sizes) == -(-len(ds) // 10) and max(sizes) <= 10 and max(sizes) - min(sizes) <= 1
+    assert torch.equal(torch.cat([i for _, i in by_thread]), torch.arange(len(ds)))
     for (a, i), (b, j) in zip(by_workers, by_thread):
         assert torch.equal(a, b) and torch.equal(i, j)
+    # For two lanes: an even number of batches, so that both finish together.
+    assert len(ds.batches_by_index(10, multiple_of=2)) % 2 == 0
+    for n, size, lanes, expect in [(557, 64, 2, 10), (557, 64, 1, 9), (3, 64, 2, 2),
+                                   (1, 64, 2, 1), (128, 64, 2, 2), (130, 64, 2, 4)]:
+        b = _Batches(range(n), size, lanes)  # only the tiles' count matters to the bounds
+        assert len(b) == expect, (n, size, lanes)
+        assert b.bounds[0] == 0 and b.bounds[-1] == n
+        assert max(np.diff(b.bounds)) <= size and np.ptp(np.diff(b.bounds)) <= 1
 
 
 @pytest.mark.slow
@@ -535,6 +566,119 @@ def test_two_lanes_score_every_tile_as_one_lane_does(bundled, slides, tmp_path, 
     with pytest.raises(SlideError, match="damaged or truncated"):
         run_module.score_tiles(fast, TileDataset(path, xy, 1, 96, 96), batch_size=7, workers=0)
     assert threading.active_count() == before  # the other lane stopped and was joined
+
+
+@pytest.mark.parametrize("compression", ["zlib", "jpeg"])
+def test_tiff_tiles_give_openslides_pixels_everywhere_edges_included(tmp_path, compression):
+    from breast_cancer_detection.slides.reader import TiffLevel
+
+    if compression == "jpeg":
+        pytest.importorskip("imagecodecs")
+    rng = np.random.default_rng(3)
+    # Tissue-like smooth colour with noise; 704x528 so that the edge tiles of every level are
+    # partial (256 px TIFF tiles) and every downsample is a whole number (1, 2, 4).
+    yy, xx = np.mgrid[:528, :704]
+    image = np.stack([128 + 100 * np.sin(xx / 37), 128 + 100 * np.cos(yy / 23),
+                      128 + 60 * np.sin((xx + yy) / 51)], -1) + rng.normal(0, 6, (528, 704, 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    path = write_slide(tmp_path / "s.tif", image, mpp=0.25, min_side=100,
+                       compression=compression)
+    slide = open_slide(path)
+    assert list(slide.level_downsamples) == [1, 2, 4]
+    for level in range(slide.level_count):
+        tiff = TiffLevel.for_level(slide, path, level)
+        assert tiff is not None
+        ds = round(slide.level_downsamples[level])
+        w, h = slide.level_dimensions[level]
+        # Inside, across TIFF tile borders, and past the right and bottom edges (white).
+        for x, y, rw, rh in [(0, 0, 40, 30), (250, 240, 20, 30), (w - 30, h - 20, 50, 45),
+                             (w - 5, 3, 17, 9)]:
+            ref = np.asarray(open_rgb(slide.read_region((x * ds, y * ds), level, (rw, rh)),
+                                      max_pixels=None))
+            np.testing.assert_array_equal(tiff.read(x, y, rw, rh), ref)
+        tiff.close()
+    slide.close()
+
+
+def test_direct_reads_fall_back_to_openslide_where_they_cannot_serve(slides, monkeypatch):
+    from breast_cancer_detection.slides import reader as reader_module
+
+    path, _ = slides["tumour"]
+    xy = np.array([[c * 192, 192] for c in range(4)] + [[193, 384]])
+    by_openslide = TileDataset(path, xy, 1, 96, 96, direct=False).read_batch(0, 5)
+
+    # A tile that will not decode: OpenSlide reads that strip, the others stay direct.
+    calls = []
+    real_tile = reader_module.TiffLevel.tile
+
+    def tile(self, index):
+        calls.append(index)
+        if len(calls) > 3:
+            raise ValueError("corrupt tile")
+        return real_tile(self, index)
+
+    monkeypatch.setattr(reader_module.TiffLevel, "tile", tile)
+    ds = TileDataset(path, xy, 1, 96, 96)
+    assert torch.equal(ds.read_batch(0, 5), by_openslide) and ds.reads_direct
+    monkeypatch.setattr(reader_module.TiffLevel, "tile", real_tile)
+
+    # 193 is half a level pixel off the level-1 grid: only OpenSlide reads there.
+    ds = TileDataset(path, xy[4:], 1, 96, 96)
+    assert ds._read_direct(193, 384, 96, 96) is None
+    assert torch.equal(ds.read_batch(0, 1), by_openslide[4:])
+
+    # Pixels that differ from OpenSlide's on the first strip: the slide is read by OpenSlide,
+    # with a warning, and the direct reader is not used again.
+    real_read = reader_module.TiffLevel.read
+    monkeypatch.setattr(reader_module.TiffLevel, "read",
+                        lambda self, *a: 255 - real_read(self, *a))
+    ds = TileDataset(path, xy, 1, 96, 96)
+    with pytest.warns(UserWarning, match="OpenSlide reads this slide"):
+        got = ds.read_batch(0, 5)
+    assert torch.equal(got, by_openslide) and not ds.reads_direct
+    assert torch.equal(ds.read_batch(0, 5), by_openslide)
+
+
+def test_decoded_tiff_tiles_are_cached_within_a_bound(slides, monkeypatch):
+    from breast_cancer_detection.slides.reader import TiffLevel
+
+    path, _ = slides["tumour"]
+    slide = open_slide(path)
+    tiff = TiffLevel.for_level(slide, path, 0)
+    slide.close()
+    one = 256 * 256 * 3
+    monkeypatch.setattr(TiffLevel, "CACHE_BYTES", 3 * one)
+    first = tiff.tile(0)
+    assert tiff.tile(0) is first  # a cached tile is not decoded again
+    for i in range(1, 6):
+        tiff.tile(i)
+    assert len(tiff._cache) == 3 and tiff._cached_bytes == 3 * one
+    assert list(tiff._cache) == [3, 4, 5] and tiff.tile(0) is not first
+    tiff.close()
+
+
+def test_only_tiled_tiff_slides_are_read_directly(tmp_path, monkeypatch):
+    from breast_cancer_detection.slides.reader import TiffLevel
+
+    class Other(FakeSlide):
+        level_dimensions = [(100, 100)]
+
+    assert TiffLevel.for_level(Other((100, 100), properties={"openslide.vendor": "mirax"}),
+                               tmp_path / "x.mrxs", 0) is None
+    assert TiffLevel.for_level(Other((100, 100), properties={"openslide.vendor": "generic-tiff"}),
+                               tmp_path / "missing.tif", 0) is None
+    # A tiled TIFF whose tiles this machine cannot decode (JPEG without imagecodecs): None,
+    # so OpenSlide reads it rather than failing strip after strip.
+    path = write_slide(tmp_path / "s.tif", np.zeros((300, 300, 3), np.uint8), mpp=0.5)
+    slide = open_slide(path)
+    assert TiffLevel.for_level(slide, path, 0) is not None
+
+    def no_codec(self, index):
+        raise ValueError("<COMPRESSION.JPEG: 7> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(TiffLevel, "tile", no_codec)
+    assert TiffLevel.for_level(slide, path, 0) is None
+    slide.close()
 
 
 def test_strips_end_where_a_tile_would_land_off_its_own_place(slides):

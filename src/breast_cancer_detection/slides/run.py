@@ -73,7 +73,7 @@ def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, 
                 bar.update(len(idx))
         return prob
     model = predictor.for_lanes(lanes)
-    batches = dataset.batches_by_index(batch_size)
+    batches = dataset.batches_by_index(batch_size, multiple_of=lanes)
 
     def work(k: int) -> int:
         x, idx = batches[k]
@@ -182,6 +182,10 @@ def _model_identity(predictor: Predictor) -> dict[str, Any]:
 
 _FLOATS = {"score", "tissue_mm2", "seconds", "tiles_per_s", "mpp"}
 
+# Bumped whenever the tiles a slide is cut into change for the same settings (2: the grid
+# steps by whole level pixels), so that earlier outputs are redone, not reused.
+GRID_VERSION = 2
+
 
 def _settings(predictor: Predictor, path: Path, **kw) -> dict[str, Any]:
     """What a slide's outputs depend on: a slide done with the same settings is reused."""
@@ -190,8 +194,8 @@ def _settings(predictor: Predictor, path: Path, **kw) -> dict[str, Any]:
     st = path.stat()
     model = _model_identity(predictor)
 
-    return jsonable({"version": __version__, "slide": str(path.resolve()), "size": st.st_size,
-                     "mtime": st.st_mtime_ns, "model": model, **kw})
+    return jsonable({"version": __version__, "grid": GRID_VERSION, "slide": str(path.resolve()),
+                     "size": st.st_size, "mtime": st.st_mtime_ns, "model": model, **kw})
 
 
 def _done(folder: Path, settings: dict[str, Any]) -> SlideResult | None:

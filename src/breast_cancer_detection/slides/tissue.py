@@ -84,7 +84,9 @@ class TileGrid:
     """Non-overlapping tiles covering level 0, each the model's field of view.
 
     Attributes:
-        tile0: Tile side in level-0 pixels (model input side x model mpp / slide mpp).
+        tile0: Tile side in level-0 pixels (model input side x model mpp / slide mpp; on a
+            level whose downsample is a whole number, rounded to whole pixels of that level,
+            which the tile is read as anyway).
         level: The pyramid level tiles are read from: the coarsest whose pixels are no larger
             than the model's, so nothing is read from level 0 when a lower level serves.
         level_downsample: That level's downsample from level 0.
@@ -118,8 +120,15 @@ class TileGrid:
                              f"one tile of the model ({size} px at {model_mpp:g} um/px)")
         level = slide.get_best_level_for_downsample(downsample * 1.001)
         lds = float(slide.level_downsamples[level])
+        read_size = max(1, round(tile0 / lds))
+        if abs(lds - round(lds)) < 1e-9:
+            # A whole-number downsample: step by whole pixels of the level read (the tile
+            # read is read_size level pixels whatever the step), so that tiles neither
+            # overlap nor leave gaps and every tile starts on a level pixel, where the
+            # slide's own tiles can be decoded directly (TiffLevel).
+            tile0 = float(read_size * round(lds))
         return cls(tile0=tile0, level=level, level_downsample=lds,
-                   read_size=max(1, round(tile0 / lds)), size=size,
+                   read_size=read_size, size=size,
                    cols=int(w0 // tile0), rows=int(h0 // tile0))
 
     def origins(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
