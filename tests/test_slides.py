@@ -744,3 +744,19 @@ def test_a_previous_run_s_part_is_not_merged(bundled, slides, tmp_path):
     stale.write_text("slide,folder,error\nold.svs,old,\n")
     analyse_slides(bundled, paths, out, shard=(0, 2), workers=0, progress=False)
     assert not (out / "slides.csv").exists()
+
+
+def test_slides_never_import_torchvision(slides, tmp_path):
+    # torchvision's import costs about 2 s of every `bcd slide` command's start; nothing on
+    # the slide path needs it (tiles are normalised per batch).
+    import subprocess
+    import sys
+
+    path, _ = slides["normal"]
+    code = ("import sys; from breast_cancer_detection.cli import main; "
+            f"rc = main(['slide', {str(path)!r}, '--out', {str(tmp_path / 'o')!r}, "
+            "'--quiet', '--backend', 'torch']); "
+            "print('torchvision' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.split()[-2:] == ["False", "0"], out.stdout + out.stderr

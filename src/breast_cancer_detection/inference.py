@@ -7,7 +7,7 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,9 +440,18 @@ class Predictor:
             arch or type(model).__name__)
         self.max_pixels = max_pixels
         self._by_threads: dict[int, Predictor] = {}  # for_lanes' sessions, by threads a run
-        self.transform = build_eval_transform(pre=pre)
+        self._transform: Callable | None = None
         # Autocast on CUDA only: a CPU answers in float32, so its numbers match ONNX Runtime's.
         self.dtype = amp_dtype("auto", self.device) if self.device.type == "cuda" else None
+
+    @property
+    def transform(self) -> Callable:
+        """The per-image evaluation transform (PIL image or uint8 tensor -> normalised
+        float32 ``(3, size, size)``), built on first use: it needs torchvision, whose import
+        (about 2 s) ``bcd slide`` and the model card never pay for."""
+        if self._transform is None:
+            self._transform = build_eval_transform(pre=self.pre)
+        return self._transform
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", *,

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torchvision.transforms.v2 as T
 from PIL import Image
 from torch import Tensor
-from torchvision import tv_tensors
 
 from ..errors import UserError
 from .stain import HEDJitter
@@ -233,6 +231,8 @@ class RandomRot90(torch.nn.Module):
         if isinstance(x, Image.Image):
             return x if k == 0 else x.transpose(self._PIL_OPS[k])
         out = torch.rot90(x, k, dims=(-2, -1))
+        from torchvision import tv_tensors
+
         # torch ops drop the tv_tensors subclass; keep it so later v2 transforms see an image.
         return tv_tensors.wrap(out, like=x) if isinstance(x, tv_tensors.TVTensor) else out
 
@@ -249,6 +249,8 @@ def build_train_transform(*, pre: Preprocessing,
         A picklable callable taking an RGB PIL image (or uint8 tensor) and returning a
         normalised float32 tensor of shape ``(3, size, size)``.
     """
+    import torchvision.transforms.v2 as T
+
     size = pre.size
     steps: list[Any] = []
     if aug.crop:
@@ -292,11 +294,13 @@ class CapAspect(torch.nn.Module):
         self.max_aspect = max_aspect
 
     def forward(self, image: Any) -> Any:
-        h, w = T.functional.get_size(image)
+        import torchvision.transforms.v2.functional as F
+
+        h, w = F.get_size(image)
         cap = max(1, math.floor(min(h, w) * self.max_aspect))
         if max(h, w) <= cap:
             return image
-        return T.functional.center_crop(image, [min(h, cap), min(w, cap)])
+        return F.center_crop(image, [min(h, cap), min(w, cap)])
 
     def extra_repr(self) -> str:
         return f"max_aspect={self.max_aspect:g}"
@@ -317,6 +321,8 @@ def build_eval_transform(*, pre: Preprocessing) -> Callable[[Image.Image], Tenso
         A picklable callable taking an RGB PIL image (or uint8 tensor) and returning a
         normalised float32 tensor of shape ``(3, size, size)``.
     """
+    import torchvision.transforms.v2 as T
+
     if pre.resize:
         steps: list[Any] = [CapAspect(), T.Resize(pre.resize, antialias=True),
                             T.CenterCrop(pre.size)]
