@@ -155,7 +155,7 @@ def backends(ckpt: Path, cache: Path, *, calibration: Path, gate: Path,
 
     torch_pred = Predictor.from_checkpoint(ckpt, device="cpu", progress=False)
     out = {"torch": torch_pred,
-           "onnx": torch_pred.on_backend("onnx", cache_dir=cache / "float32")}
+           "onnx": torch_pred.on_backend("float32", cache_dir=cache / "float32")}
     try:
         path, gate_result = export_int8(ckpt, cache / "int8.onnx", calibration=calibration,
                                         gate=gate, gate_images=gate_images,

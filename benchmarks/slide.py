@@ -6,7 +6,9 @@ Two demonstration slides (``bcd.slides.demo_slide``; real PatchCamelyon patches 
 the large one 4x the area of the small one. For each, interleaved ``--repeats`` times:
 
 - ``bcd``: ``python -m breast_cancer_detection.cli slide SLIDE --out FRESH --quiet --force``
-  with the bundled PCam model in a subprocess: wall seconds, tiles, tiles/s over the whole
+  with the bundled PCam model in a subprocess, with its default ``--backend auto`` (on a CPU,
+  the int8 model the bundled checkpoint carries) and with ``--backend float32`` (ONNX Runtime
+  in float32; ``--no-float32`` skips it): wall seconds, tiles, tiles/s over the whole
   command and the tile loop's tiles/s from slides.csv, and the peak resident memory of the
   process tree (the main process plus its DataLoader workers), sampled every 50 ms: the peak of
   the summed RSS, of the summed PSS (shared pages counted once) and of the main process.
@@ -29,7 +31,7 @@ rates include interpreter start, imports and the model load, which favour the fa
 command on small slides; tile-loop rates leave those out. Prints JSON lines, then a table.
 Run by hand, not in CI; other load on the machine shows as spread between repeats.
 
-    python benchmarks/slide.py [--small 32x40] [--large 64x80] [--repeats 3]
+    python benchmarks/slide.py [--small 32x40] [--large 64x80] [--repeats 3] [--compression jpeg]
                                [--tiatoolbox /tmp/tiavenv/bin/python | none]
                                [--install-tiatoolbox] [--naive-tiles 300]
 
@@ -59,7 +61,6 @@ from machine import cpu_info  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PCAM = SHARED / "data" / "pcam-subset" / "valid"
-PCAM_TRAIN = SHARED / "data" / "pcam-subset" / "train"
 DEFAULT_TIA = Path("/tmp/tiavenv/bin/python")
 
 
@@ -205,12 +206,12 @@ def last_json(stdout: str) -> dict:
 # ----------------------------------------------------------------------------- bcd slide
 
 
-def run_bcd(slide: Path, out: Path, args, cache: Path) -> dict:
-    """`bcd slide` with ``$BCD_CACHE`` at ``cache``: the float32 ONNX export made ahead
-    (--backend auto), or the int8 model ``bcd export --int8`` left there."""
+def run_bcd(slide: Path, out: Path, args, cache: Path, backend: str = "auto") -> dict:
+    """`bcd slide --backend BACKEND` with ``$BCD_CACHE`` at ``cache``, where the float32
+    ONNX export and the bundled int8 model were put ahead (no run pays for either)."""
     cmd = [sys.executable, "-m", "breast_cancer_detection.cli", "slide", str(slide),
            "--out", str(out), "--quiet", "--force", "--workers", str(args.workers),
-           "--batch-size", str(args.batch_size), "--device", "cpu"]
+           "--batch-size", str(args.batch_size), "--device", "cpu", "--backend", backend]
     measured, _ = run_measured(cmd, "bcd slide", env={"BCD_CACHE": str(cache)})
     row = pd.read_csv(out / "slides.csv", keep_default_na=False).iloc[0]
     if row["error"]:
@@ -472,6 +473,9 @@ def main() -> int:
                     help="the large slide's grid (default: twice the small one each way, "
                     "4x the area)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    ap.add_argument("--compression", default="zlib", choices=["zlib", "jpeg"],
+                    help="the slides' TIFF tile compression (default zlib; jpeg, as scanners "
+                    "write, needs imagecodecs)")
     ap.add_argument("--patches", default=str(PCAM), help="PatchCamelyon 0/ and 1/ folders "
                     "for the slides; 'none' or a missing folder: synthetic textures")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers, both "
@@ -483,9 +487,9 @@ def main() -> int:
     ap.add_argument("--install-tiatoolbox", action="store_true",
                     help="create that venv and pip-install tiatoolbox when it is missing")
     ap.add_argument("--install-timeout", type=int, default=240, metavar="S")
-    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time bcd slide with the bundled model's int8 export (made with "
-                    "bcd export --int8 on PatchCamelyon train/valid, when present; default on)")
+    ap.add_argument("--float32", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time bcd slide --backend float32 (the default runs the int8 "
+                    "model the bundled checkpoint carries; default on)")
     ap.add_argument("--naive-tiles", type=int, default=300, metavar="N",
                     help="tiles the naive loop reads per run (0: skip it; default 300)")
     args = ap.parse_args()
@@ -519,28 +523,33 @@ def main() -> int:
         for name, grid in (("small", args.small), ("large", large)):
             t = time.perf_counter()
             path = tmp / f"{name}.tif"
-            truth[name] = demo_slide(path, grid=grid, patches=patches, seed=0)
+            truth[name] = demo_slide(path, grid=grid, patches=patches, seed=0,
+                                     compression=args.compression)
             slides[name] = path
             emit({"what": "slide", "size": name, "grid": f"{grid[0]}x{grid[1]}",
                   "level0_px": f"{grid[1] * 192}x{grid[0] * 192}",
                   "patches": "pcam" if patches else "synthetic",
+                  "compression": args.compression,
                   "megabytes": path.stat().st_size / 1e6,
                   "make_seconds": time.perf_counter() - t})
 
-        caches = prepare_caches(tmp, args)
+        cache = prepare_cache(tmp)
         runs: dict[str, dict[str, list[dict]]] = {
-            n: {"bcd": [], "bcd_int8": [], "tiatoolbox": [], "naive": [], "reading": []}
+            n: {"bcd": [], "bcd_float32": [], "tiatoolbox": [], "naive": [], "reading": []}
             for n in slides}
         for r in range(args.repeats):
             for name, slide in slides.items():
                 out = tmp / f"bcd-{name}-{r}"
-                b = run_bcd(slide, out, args, caches["float32"])
+                b = run_bcd(slide, out, args, cache)
                 runs[name]["bcd"].append(emit({"what": "bcd", "size": name, "repeat": r, **b}))
-                if "int8" in caches:
-                    b8 = run_bcd(slide, tmp / f"bcd8-{name}-{r}", args, caches["int8"])
-                    runs[name]["bcd_int8"].append(
-                        emit({"what": "bcd_int8", "size": name, "repeat": r, **b8}))
-                tiles_csv = out / slide.stem / "tiles.csv"
+                if args.float32:
+                    b32 = run_bcd(slide, tmp / f"bcd32-{name}-{r}", args, cache, "float32")
+                    runs[name]["bcd_float32"].append(
+                        emit({"what": "bcd_float32", "size": name, "repeat": r, **b32}))
+                # TIAToolbox runs the model in float32: its probabilities are compared with
+                # bcd's float32 run where there is one.
+                tiles_csv = ((tmp / f"bcd32-{name}-{r}") if args.float32 else out) \
+                    / slide.stem / "tiles.csv"
                 runs[name]["reading"].append(emit({"what": "reading", "size": name, "repeat": r,
                                                    **run_reading(slide, out / slide.stem)}))
                 if r == 0:
@@ -572,16 +581,19 @@ def main() -> int:
                   "reading_direct": all(r["direct"] for r in reads),
                   "reading_strips": reads[0]["strips"],
                   "reading_same_pixels": all(r["same_pixels"] for r in reads)})
-        if by["bcd_int8"]:
-            b8 = by["bcd_int8"]
+        if by["bcd_float32"]:
+            b32 = by["bcd_float32"]
             s.update({
-                "bcd_int8_tiles_per_s": statistics.median(b["tiles_per_s"] for b in b8),
-                "bcd_int8_loop_tiles_per_s": statistics.median(b["loop_tiles_per_s"]
-                                                               for b in b8)})
+                "bcd_float32_tiles_per_s": statistics.median(b["tiles_per_s"] for b in b32),
+                "bcd_float32_loop_tiles_per_s": statistics.median(b["loop_tiles_per_s"]
+                                                                  for b in b32)})
             if by["tiatoolbox"]:
-                s["ratio_loop_int8"] = spread([
+                s["ratio_loop_float32"] = spread([
                     b["loop_tiles_per_s"] / t["loop_tiles_per_s"]
-                    for b, t in zip(b8, by["tiatoolbox"], strict=True)])
+                    for b, t in zip(b32, by["tiatoolbox"], strict=True)])
+                s["ratio_command_float32"] = spread([
+                    b["tiles_per_s"] / t["tiles_per_s"]
+                    for b, t in zip(b32, by["tiatoolbox"], strict=True)])
         if by["tiatoolbox"]:
             tia = by["tiatoolbox"]
             s.update({
@@ -618,27 +630,18 @@ def main() -> int:
     return 0
 
 
-def prepare_caches(tmp: Path, args) -> dict[str, Path]:
-    """Model caches for the timed runs, filled ahead so no run pays for an export: the
-    float32 ONNX export (what --backend auto uses), and, with --int8 and PatchCamelyon's
-    train/valid here, the int8 model that passed its gate (bcd export --int8)."""
+def prepare_cache(tmp: Path) -> Path:
+    """The model cache for the timed runs, filled ahead so that no run pays for an export:
+    the float32 ONNX export (``--backend float32``) and the int8 model the bundled
+    checkpoint carries (``--backend auto``, the default)."""
     from breast_cancer_detection.inference import Predictor
 
-    caches = {"float32": tmp / "cache-float32"}
-    Predictor.from_pretrained(device="cpu", progress=False).on_backend(
-        "onnx", cache_dir=caches["float32"])
-    if args.int8 and PCAM_TRAIN.is_dir() and PCAM.is_dir():
-        from breast_cancer_detection.pretrained import resolve_trained
-        from breast_cancer_detection.quantize import export_int8
-
-        caches["int8"] = tmp / "cache-int8"
-        _, gate = export_int8(resolve_trained("pcam-patch-cnn"), tmp / "int8.onnx",
-                              calibration=PCAM_TRAIN, gate=PCAM, cache_dir=caches["int8"],
-                              progress=False)
-        emit({"what": "int8_gate", "passed": gate.passed, "images": gate.images,
-              "auc_float32": gate.auc_float32, "auc_int8": gate.auc_int8,
-              "max_abs_diff": gate.max_abs_diff})
-    return caches
+    cache = tmp / "cache"
+    torch_model = Predictor.from_pretrained(device="cpu", progress=False)
+    notes = {b: torch_model.on_backend(b, cache_dir=cache).backend_note
+             for b in ("float32", "auto")}
+    emit({"what": "backends", **notes})
+    return cache
 
 
 def print_table(summary: dict, growth: dict) -> None:
@@ -661,10 +664,12 @@ def print_table(summary: dict, growth: dict) -> None:
               f"{r(s.get('ratio_command')):>20} {r(s.get('ratio_loop')):>20} "
               f"{r(s.get('ratio_loop_vs_naive')):>18} {mem:>21}")
     for s in summary.values():
-        if "bcd_int8_loop_tiles_per_s" in s:
-            print(f"{s['size']}: bcd slide with the int8 model: {s['bcd_int8_tiles_per_s']:.0f} "
-                  f"tiles/s command, {s['bcd_int8_loop_tiles_per_s']:.0f} loop; loop over "
-                  f"TIAToolbox {r(s.get('ratio_loop_int8'))}")
+        if "bcd_float32_loop_tiles_per_s" in s:
+            print(f"{s['size']}: bcd slide --backend float32: "
+                  f"{s['bcd_float32_tiles_per_s']:.0f} tiles/s command, "
+                  f"{s['bcd_float32_loop_tiles_per_s']:.0f} loop; over TIAToolbox: loop "
+                  f"{r(s.get('ratio_loop_float32'))}, command "
+                  f"{r(s.get('ratio_command_float32'))}")
     for s in summary.values():
         print(f"{s['size']}: reading alone (one core): {s['reading_per_tile_ms']:.3f} ms a tile "
               f"with one OpenSlide call each, {s['reading_strip_ms']:.3f} ms in "

@@ -193,3 +193,72 @@ def test_bundled_model_int8_keeps_its_auc_on_pcam_valid(cache, tmp_path, capsys)
     from test_released_model import _card_figure
 
     assert gate["auc_float32"] == pytest.approx(_card_figure("ROC AUC, one view"), abs=0.002)
+
+
+def test_the_bundled_model_carries_an_int8_model_of_its_own_weights(patches, cache):
+    from breast_cancer_detection.export import weights_digest
+
+    ckpt = load_checkpoint(resolve_trained("pcam-patch-cnn"))
+    assert ckpt.int8_onnx and quantize.int8_of(ckpt, ckpt.int8_onnx) is None
+    assert not cache.exists()  # nothing exported or copied before
+    torch_model = Predictor.from_pretrained(device="cpu", progress=False)
+    auto = torch_model.on_backend("auto")
+    assert auto.backend_note == "ONNX Runtime (CPU, int8)"
+    record = auto.model.metadata["int8"]
+    assert record["weights"] == weights_digest(ckpt) and record["images"] == 3000
+    assert torch_model.on_backend("float32").backend_note == "ONNX Runtime (CPU)"
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)
+                     for f in sorted(patches.rglob("*.png"))[::8]]).float() / 255
+    x = (x - torch.tensor(ckpt.pre().mean).view(3, 1, 1)) / torch.tensor(
+        ckpt.pre().std).view(3, 1, 1)
+    assert np.abs(auto.probabilities(x) - torch_model.probabilities(x)).max() < 0.1
+
+
+def test_an_embedded_int8_model_of_other_weights_is_not_used(tmp_path, cache):
+    from breast_cancer_detection.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(resolve_trained("pcam-patch-cnn"))
+    name = next(k for k, v in ckpt.state_dict.items() if v.is_floating_point())
+    ckpt.state_dict = {**ckpt.state_dict, name: ckpt.state_dict[name] + 1e-3}  # "fine-tuned"
+    tuned = save_checkpoint(ckpt, tmp_path / "tuned.pt")
+    assert load_checkpoint(tuned).int8_onnx == ckpt.int8_onnx  # it came along
+    with pytest.warns(UserWarning, match="made from other weights"):
+        got = Predictor.from_checkpoint(tuned, device="cpu").on_backend("auto")
+    assert got.backend_note == "ONNX Runtime (CPU)"
+    (tmp_path / "old.onnx").write_bytes(ckpt.int8_onnx)
+    with pytest.raises(ExportError, match="not embedded.*made from other weights"):
+        quantize.embed_int8(tuned, tmp_path / "old.onnx")
+    # Bytes that are no int8 model of ours: refused with the reason.
+    assert "not an int8 model" in quantize.int8_of(ckpt, b"not onnx")
+
+
+def test_a_checkpoint_keeps_its_int8_model_through_a_weights_only_load(tmp_path):
+    from breast_cancer_detection.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(resolve_trained("pcam-patch-cnn"))
+    raw = torch.load(resolve_trained("pcam-patch-cnn"), weights_only=True)
+    assert raw["int8_onnx"].dtype == torch.uint8
+    again = load_checkpoint(save_checkpoint(ckpt, tmp_path / "c.pt"))
+    assert again.int8_onnx == ckpt.int8_onnx
+    ckpt.int8_onnx = None
+    assert load_checkpoint(save_checkpoint(ckpt, tmp_path / "c.pt")).int8_onnx is None
+
+
+def test_cli_embed_needs_int8_and_a_local_checkpoint(tmp_path, capsys):
+    ckpt = str(resolve_trained("pcam-patch-cnn"))
+    assert main(["export", ckpt, "--onnx", str(tmp_path / "m.onnx"), "--embed"]) == 2
+    assert "add --int8" in capsys.readouterr().err
+    assert main(["export", "https://example.org/best.pt", "--onnx", str(tmp_path / "m.onnx"),
+                 "--int8", "--embed"]) == 2
+    assert "download it first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_embed_stores_the_int8_model_that_passed_in_the_checkpoint(patches, cache,
+                                                                        tmp_path, capsys):
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(resolve_trained("pcam-patch-cnn").read_bytes())
+    assert main(["export", str(copy), "--onnx", str(tmp_path / "m.onnx"), "--int8", "--embed",
+                 "--calibration", str(patches), "--gate", str(patches), "--quiet"]) == 0
+    assert f"it is stored in {copy} too" in capsys.readouterr().out
+    assert load_checkpoint(copy).int8_onnx == (tmp_path / "m.onnx").read_bytes()

@@ -130,6 +130,29 @@ def test_thumbnail_is_bounded_and_matches_the_image(tmp_path):
                                                    - (200, 100, 150)) <= 1).all()
 
 
+def test_thumbnail_from_the_tiffs_tiles_is_openslides(tmp_path, monkeypatch):
+    from breast_cancer_detection.slides import reader as reader_module
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (1100, 1500, 3), dtype=np.uint8)
+    path = write_slide(tmp_path / "s.tif", image, mpp=0.5, min_side=100)
+    slide = open_slide(path)
+    monkeypatch.setattr(reader_module, "_STRIP_PIXELS", 100_000)  # several strips
+    used = []
+    real = reader_module.TiffLevel.read
+
+    def read(self, *a):
+        used.append(a)
+        return real(self, *a)
+
+    monkeypatch.setattr(reader_module.TiffLevel, "read", read)
+    direct, ds = thumbnail(slide, 400, path)
+    assert len(used) > 2 and ds == pytest.approx(3.75)
+    monkeypatch.setattr(reader_module.TiffLevel, "for_level", lambda *a: None)
+    by_openslide, _ = thumbnail(slide, 400, path)
+    np.testing.assert_array_equal(direct, by_openslide)
+
+
 # --- tissue and grid ------------------------------------------------------------------------
 
 
@@ -453,7 +476,7 @@ def test_onnx_backend_gives_the_torch_numbers_and_carries_the_scale(bundled, sli
 @pytest.mark.slow
 def test_auto_backend_runs_onnx_on_a_cpu_with_the_same_answers(bundled, tmp_path):
     pytest.importorskip("onnxruntime")
-    fast = bundled.on_backend("auto", cache_dir=tmp_path)
+    fast = bundled.on_backend("float32", cache_dir=tmp_path)
     assert fast.backend == "onnx" and fast.backend_note == "ONNX Runtime (CPU)"
     assert fast.threshold == bundled.threshold and fast.trained_model is bundled.trained_model
     assert model_mpp(fast) == (0.972, "checkpoint")
@@ -461,8 +484,11 @@ def test_auto_backend_runs_onnx_on_a_cpu_with_the_same_answers(bundled, tmp_path
     stamp = cached.stat().st_mtime_ns
     x = torch.randn(5, 3, 96, 96)
     np.testing.assert_allclose(fast.probabilities(x), bundled.probabilities(x), atol=1e-4)
-    again = bundled.on_backend("onnx", cache_dir=tmp_path)  # reuses the export
+    again = bundled.on_backend("float32", cache_dir=tmp_path)  # reuses the export
     assert again.backend == "onnx" and cached.stat().st_mtime_ns == stamp
+    # auto: the int8 model the bundled checkpoint carries (its gate: docs, model card).
+    auto = bundled.on_backend("auto", cache_dir=tmp_path)
+    assert auto.backend_note == "ONNX Runtime (CPU, int8)" and auto.threshold == fast.threshold
     assert bundled.on_backend("torch") is bundled and fast.on_backend("auto") is fast
     with pytest.raises(UserError, match="checkpoint"):
         fast.on_backend("torch")

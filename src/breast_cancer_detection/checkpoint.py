@@ -126,6 +126,9 @@ class Checkpoint:
         resume: Optimiser, scheduler and RNG state; only in ``last.pt``.
         versions: Library versions that wrote it.
         created: ISO time it was written.
+        int8_onnx: An int8 ONNX Runtime model of these weights that passed its accuracy gate
+            (``bcd export --int8 --embed``), carried in the file so that any CPU runs it
+            without calibration data; None when there is none.
     """
 
     arch: str
@@ -150,6 +153,7 @@ class Checkpoint:
     versions: dict[str, str] = field(default_factory=lambda: library_versions())
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    int8_onnx: bytes | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -202,6 +206,8 @@ class Checkpoint:
             "bad_images": dict(self.bad_images),
             "versions": self.versions, "created": self.created,
         }
+        if self.int8_onnx:
+            d["int8_onnx"] = torch.frombuffer(bytearray(self.int8_onnx), dtype=torch.uint8)
         if self.resume is not None:
             r = self.resume
             d["resume"] = {"optimizer": r.optimizer, "scheduler": r.scheduler, "rng": r.rng,
@@ -234,10 +240,18 @@ class Checkpoint:
                 since_best=int(d.get("since_best", 0)),
                 bad_images=dict(d.get("bad_images") or {}),
                 resume=ResumeState(**resume) if resume else None,
-                versions=d.get("versions") or {}, created=d.get("created") or "")
+                versions=d.get("versions") or {}, created=d.get("created") or "",
+                int8_onnx=_bytes(d.get("int8_onnx")))
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{source}: a bcd checkpoint with a missing or malformed "
                                   f"field ({e}); re-train or re-download it.") from e
+
+
+def _bytes(value: Any) -> bytes | None:
+    """Bytes stored as a uint8 tensor (what a weights-only load reads safely), or None."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.numel():
+        return value.contiguous().numpy().tobytes()
+    return None
 
 
 def _version(d: Any, source: str) -> int:

@@ -382,8 +382,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     out = _csv_out(args.out, "predictions.csv")
     files = _model_then_inputs(args, "image", collect_images, sorted(IMAGE_SUFFIXES))
-    if args.cam and args.backend == "onnx":
-        raise UserError("--cam needs PyTorch's gradients: drop --backend onnx (or --cam).")
+    if args.cam and args.backend in ("onnx", "float32"):
+        raise UserError(f"--cam needs PyTorch's gradients: drop --backend {args.backend} (or "
+                        "--cam).")
     predictor = _load_predictor(args)
     if args.cam and predictor.backend != "torch":
         raise UserError("--cam needs gradients: pass the PyTorch checkpoint (.pt), not the "
@@ -505,12 +506,15 @@ def _cmd_slide(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from .errors import UserError
     from .export import export_onnx
     from .inference import _local_file
 
+    if args.embed and "://" in str(args.checkpoint):
+        raise UserError("--embed rewrites the checkpoint file: download it first and give "
+                        "its local path.")
     ckpt = _local_file(args.checkpoint, sha256=args.sha256, cache=None, progress=not args.quiet)
     if args.int8:
-        from .errors import UserError
         from .quantize import export_int8
 
         if args.no_verify:
@@ -524,11 +528,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 calibration_images=args.calibration_images,
                                 gate_images=args.gate_images, all_layers=args.int8_all_layers,
                                 progress=not args.quiet)
+        where = "(a copy is in the cache)"
+        if args.embed:
+            from .quantize import embed_int8
+
+            embed_int8(ckpt, out)
+            where = f"(and on any machine: it is stored in {ckpt} too)"
         print(f"int8 ONNX model written to {out} ({out.stat().st_size / 1e6:.1f} MB). Gate "
               f"passed ({gate.rule}): {gate.summary()}. `bcd slide` and `bcd "
-              "predict` run it for this checkpoint from now on (a copy is in the cache); "
+              f"predict` run it for this checkpoint from now on {where}; "
               "`--backend torch` runs PyTorch instead.")
         return 0
+    if args.embed:
+        raise UserError("--embed stores an int8 model: add --int8 (with --calibration and "
+                        "--gate).")
     out = export_onnx(ckpt, args.onnx, opset=args.opset, verify=not args.no_verify)
     checked = "" if args.no_verify else "; matches PyTorch within 1e-4 on a test batch"
     print(f"ONNX model written to {out} ({out.stat().st_size / 1e6:.1f} MB){checked}. Input: "
@@ -615,8 +628,10 @@ def _backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): ONNX Runtime on a CPU when it is installed (the "
                    "checkpoint is exported once into the cache and checked against PyTorch; "
-                   "an int8 model that `bcd export --int8` left there runs instead), else "
-                   "PyTorch")
+                   "an int8 model that passed its accuracy gate runs instead: the one the "
+                   "checkpoint carries, as the bundled model does, or one `bcd export --int8` "
+                   "left in the cache), else PyTorch; onnx: ONNX Runtime or an error; "
+                   "float32: ONNX Runtime, never int8; torch: PyTorch")
 
 
 def _max_pixels(p: argparse.ArgumentParser) -> None:
@@ -1016,6 +1031,9 @@ def _add_use_commands(sub) -> None:
     x.add_argument("--int8-all-layers", action="store_true", help="with --int8: quantize the "
                    "first and last weighted layers too (by default they stay float32, which "
                    "keeps accuracy)")
+    x.add_argument("--embed", action="store_true", help="with --int8: also store the int8 "
+                   "model in the checkpoint file (rewritten in place), so that `bcd slide` and "
+                   "`bcd predict` run it on any CPU with no calibration data or cache")
     _quiet(x, "no progress bars")
     x.set_defaults(func=_cmd_export)
 

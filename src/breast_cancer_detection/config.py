@@ -274,7 +274,7 @@ def load_config(path: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "float32")
 """What ``Predictor.on_backend`` (and ``--backend``) accepts; here, where the CLI can read it
 without importing torch."""
 
@@ -282,4 +282,4 @@ without importing torch."""
 def check_backend(backend: str) -> None:
     """Raises UserError unless ``backend`` is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
-        raise UserError(f"backend={backend!r}: use 'auto', 'torch' or 'onnx'.")
+        raise UserError(f"backend={backend!r}: use 'auto', 'torch', 'onnx' or 'float32'.")

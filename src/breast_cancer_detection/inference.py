@@ -285,6 +285,26 @@ def _as_list(batch: list) -> list:
 # ----------------------------------------------------------------------------- downloads
 
 
+def _unpack_int8(ckpt: Checkpoint, dest: Path) -> None:
+    """Writes the int8 model a checkpoint carries (``bcd export --int8 --embed``) to
+    ``dest`` in the cache, where :meth:`Predictor.on_backend` (and its lanes, which open the
+    file) find it; one that is not these weights' or fails today's gate is left out, with a
+    warning."""
+    import warnings
+
+    from .files import atomic_write
+    from .quantize import int8_of
+
+    why = int8_of(ckpt, ckpt.int8_onnx)
+    if why is not None:
+        warnings.warn(f"the int8 model in the checkpoint is not used: {why}; float32 runs.",
+                      stacklevel=3)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    data = ckpt.int8_onnx
+    atomic_write(dest, lambda f: f.write(data))
+
+
 def _cache_root(path: str | Path | None = None) -> Path:
     """Where downloads are kept: ``path``, else ``$BCD_CACHE``, else
     ``~/.cache/breast_cancer_detection``."""
@@ -453,6 +473,10 @@ class Predictor:
             self._transform = build_eval_transform(pre=self.pre)
         return self._transform
 
+    @transform.setter
+    def transform(self, value: Callable) -> None:
+        self._transform = value
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", *,
                         sha256: str | None = None, cache_dir: str | Path | None = None,
@@ -580,8 +604,10 @@ class Predictor:
         ``auto`` does that on a CPU when onnxruntime is installed and the model came from a
         checkpoint, and otherwise keeps this predictor, as does a failed export (with a
         warning). ``torch`` keeps a PyTorch predictor. Either ONNX choice runs the int8
-        model instead when ``bcd export --int8`` left one for these weights in the cache (it
-        passed its accuracy gate). :attr:`backend_note` says which runs.
+        model instead when one for these weights passed its accuracy gate: one that ``bcd
+        export --int8`` left in the cache, or the one the checkpoint carries (``--embed``; the
+        bundled model does). ``float32`` is ``onnx`` without the int8 model.
+        :attr:`backend_note` says which runs.
 
         Raises:
             UserError: ``onnx`` asked for and not possible (no onnxruntime, no checkpoint).
@@ -602,7 +628,9 @@ class Predictor:
 
         int8 = cached_onnx_path(self.checkpoint, _cache_root(cache_dir), int8=True)
         model = None
-        if int8.is_file():
+        if backend != "float32" and not int8.is_file() and self.checkpoint.int8_onnx:
+            _unpack_int8(self.checkpoint, int8)
+        if backend != "float32" and int8.is_file():
             from .quantize import gate_holds
 
             try:
@@ -618,7 +646,7 @@ class Predictor:
             if model is None:
                 model = OnnxModel(cached_onnx(self.checkpoint, _cache_root(cache_dir)))
         except UserError as e:
-            if backend == "onnx":
+            if backend != "auto":
                 raise
             warnings.warn(f"ONNX export failed, PyTorch runs instead: {e}", stacklevel=2)
             return self

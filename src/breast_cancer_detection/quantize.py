@@ -29,7 +29,15 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import UserError
-from .export import ExportError, _import, cached_onnx_path, export_onnx, write_onnx_metadata
+from .export import (
+    ExportError,
+    _import,
+    cached_onnx_path,
+    export_onnx,
+    read_onnx_metadata,
+    weights_digest,
+    write_onnx_metadata,
+)
 from .files import atomic_write
 
 AUC_TOLERANCE = 0.003
@@ -224,7 +232,8 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
             raise ExportError(f"int8 model not written: it fails the accuracy gate ("
                               f"{result.rule}): {result.summary()}. Use the float32 export.")
         info = {**asdict(result), "calibration_images": int(sum(len(b) for b in cal)),
-                "calibration": cal_dir.name, "gate": gate_dir.name}
+                "calibration": cal_dir.name, "gate": gate_dir.name,
+                "weights": weights_digest(ckpt)}
         write_onnx_metadata(tmp / "int8.onnx", int8=info)
         data = (tmp / "int8.onnx").read_bytes()
         cached = cached_onnx_path(ckpt, _cache_root(cache_dir), int8=True)
@@ -232,6 +241,42 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda f: f.write(data))
     return out, result
+
+
+def int8_of(ckpt: Checkpoint, data: bytes) -> str | None:
+    """Why ``data`` cannot serve as the int8 model of ``ckpt`` (not one of our int8 exports,
+    no gate figures that hold today, or made from other weights), or None when it can."""
+    ort = _import("onnxruntime")
+    try:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        record = read_onnx_metadata(session).get("int8")
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises many kinds
+        return f"not an int8 model of ours ({type(e).__name__}: {e})"
+    if not gate_holds(record):
+        return "its accuracy gate figures are missing or do not pass today's gate"
+    if record.get("weights") != weights_digest(ckpt):
+        return ("it was made from other weights (the checkpoint was retrained or fine-tuned "
+                "since); embed a new one with `bcd export --int8 --embed`")
+    return None
+
+
+def embed_int8(checkpoint: str | Path, onnx: str | Path) -> Path:
+    """Stores the int8 model ``onnx`` (written by :func:`export_int8` for these weights) in
+    the checkpoint file, which is rewritten atomically; ``--backend auto`` then runs it on
+    any CPU, with no calibration data and nothing in the cache.
+
+    Raises:
+        ExportError: the model is not this checkpoint's, or its gate does not hold.
+    """
+    from .checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    data = Path(onnx).read_bytes()
+    why = int8_of(ckpt, data)
+    if why is not None:
+        raise ExportError(f"{onnx} not embedded in {checkpoint}: {why}.")
+    ckpt.int8_onnx = data
+    return save_checkpoint(ckpt, checkpoint)
 
 
 def gate_holds(record: dict[str, Any] | None) -> bool:

@@ -1,7 +1,8 @@
 """Whole-slide images: `bcd slide`.
 
     reader.py   open a slide (OpenSlide), its scale (mpp), a bounded-memory thumbnail, the
-                tile Dataset that DataLoader workers read regions with
+                tile Dataset that DataLoader workers read regions with, and TiffLevel, which
+                cuts tiles from a tiled TIFF's own decoded tiles (same pixels, faster)
     tissue.py   tissue mask on the thumbnail; the tile grid at the model's scale
     regions.py  connected regions above the threshold as GeoJSON polygons (QuPath)
     run.py      analyse_slide / analyse_slides: tiles.csv, heatmap.png, tissue.png,

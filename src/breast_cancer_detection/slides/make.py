@@ -30,7 +30,8 @@ def write_slide(path: str | Path, image: np.ndarray, *, mpp: float | None,
             scale).
         tile: TIFF tile side (a multiple of 16).
         min_side: Stop halving below this short side.
-        compression: A tifffile compression (``zlib`` needs no extra package).
+        compression: A tifffile compression (``zlib`` needs no extra package; ``jpeg``, what
+            scanners write, needs imagecodecs).
     """
     import tifffile
 
@@ -80,7 +81,7 @@ def _patch_files(root: Path, label: int) -> list[Path]:
 def demo_slide(path: str | Path, *, grid: tuple[int, int] = (16, 20),
                patches: str | Path | None = None, tumour: bool = True,
                tumour_radius: float = 0.3, upscale: int = 2, mpp: float | None = PCAM_MPP / 2,
-               seed: int = 0) -> pd.DataFrame:
+               seed: int = 0, compression: str = "zlib") -> pd.DataFrame:
     """Writes a small slide of known ground truth and returns it.
 
     A ``rows x cols`` grid of 96 px cells at the PatchCamelyon scale (0.972 um/px), written
@@ -98,6 +99,8 @@ def demo_slide(path: str | Path, *, grid: tuple[int, int] = (16, 20),
         mpp: The level-0 scale written into the file (``PCAM_MPP / upscale`` is the truth);
             None writes none.
         seed: Which patches and textures.
+        compression: The TIFF tiles' compression (see :func:`write_slide`; ``jpeg``, as
+            scanners write, needs imagecodecs).
 
     Returns:
         One row per cell: ``row``, ``col``, ``x``, ``y``, ``width``, ``height`` (level-0
@@ -131,7 +134,7 @@ def demo_slide(path: str | Path, *, grid: tuple[int, int] = (16, 20),
     if upscale != 1:
         canvas = np.asarray(Image.fromarray(canvas).resize(
             (cols * side * upscale, rows * side * upscale), Image.Resampling.BICUBIC))
-    write_slide(path, canvas, mpp=mpp)
+    write_slide(path, canvas, mpp=mpp, compression=compression)
     s = side * upscale
     return pd.DataFrame({"row": rr.ravel(), "col": cc.ravel(), "x": cc.ravel() * s,
                          "y": rr.ravel() * s, "width": s, "height": s,

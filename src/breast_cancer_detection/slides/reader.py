@@ -144,7 +144,9 @@ def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndar
     level 0.
 
     Read from the coarsest level that still has the resolution, in strips, so memory stays
-    bounded by the thumbnail even for a slide with no pyramid.
+    bounded by the thumbnail even for a slide with no pyramid; from the TIFF's own tiles when
+    the level is a tiled TIFF page with a whole-number downsample (:class:`TiffLevel`: the
+    same pixels as OpenSlide's, in a fraction of the time).
     """
     w0, h0 = slide.dimensions
     ds = max(w0, h0) / max_side if max(w0, h0) > max_side else 1.0
@@ -152,19 +154,32 @@ def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndar
     level = slide.get_best_level_for_downsample(ds)
     lds = slide.level_downsamples[level]
     lw, lh = slide.level_dimensions[level]
+    tiff = (TiffLevel.for_level(slide, path, level) if abs(lds - round(lds)) < 1e-9
+            else None)
     strip = max(1, _STRIP_PIXELS // max(lw, 1))
     out = np.empty((th, tw, 3), np.uint8)
     done = 0
-    for y in range(0, lh, strip):
-        hl = min(strip, lh - y)
-        y_end = min(th, round((y + hl) * lds / ds)) if y + hl < lh else th
-        rows = y_end - done
-        if rows <= 0:
-            continue
-        region = read_region(slide, (0, round(y * lds)), level, (lw, hl), path)
-        rgb = open_rgb(region, max_pixels=None).resize((tw, rows), Image.Resampling.BILINEAR)
-        out[done:y_end] = np.asarray(rgb)
-        done = y_end
+    try:
+        for y in range(0, lh, strip):
+            hl = min(strip, lh - y)
+            y_end = min(th, round((y + hl) * lds / ds)) if y + hl < lh else th
+            rows = y_end - done
+            if rows <= 0:
+                continue
+            region = None
+            if tiff is not None:
+                try:
+                    region = Image.fromarray(tiff.read(0, y, lw, hl))
+                except (ValueError, OSError, RuntimeError):
+                    tiff = None  # OpenSlide reads the rest (and says if the slide is damaged)
+            if region is None:
+                region = open_rgb(read_region(slide, (0, round(y * lds)), level, (lw, hl),
+                                              path), max_pixels=None)
+            out[done:y_end] = np.asarray(region.resize((tw, rows), Image.Resampling.BILINEAR))
+            done = y_end
+    finally:
+        if tiff is not None:
+            tiff.close()
     return out, ds
 
 
