@@ -262,3 +262,29 @@ def test_cli_embed_stores_the_int8_model_that_passed_in_the_checkpoint(patches, 
                  "--calibration", str(patches), "--gate", str(patches), "--quiet"]) == 0
     assert f"it is stored in {copy} too" in capsys.readouterr().out
     assert load_checkpoint(copy).int8_onnx == (tmp_path / "m.onnx").read_bytes()
+
+
+def test_an_int8_model_the_cache_cannot_take_leaves_float32_running(tmp_path, monkeypatch):
+    import breast_cancer_detection.files as files_module
+
+    real = files_module.atomic_write
+
+    def refuse_int8(path, write):
+        if str(path).endswith(".int8.onnx"):
+            raise PermissionError(13, "Permission denied")
+        return real(path, write)
+
+    monkeypatch.setattr(files_module, "atomic_write", refuse_int8)
+    torch_model = Predictor.from_pretrained(device="cpu", progress=False)
+    with pytest.warns(UserWarning, match="could not be written to the cache.*Permission denied"):
+        got = torch_model.on_backend("auto", cache_dir=tmp_path)
+    assert got.backend_note == "ONNX Runtime (CPU)"
+
+
+def test_float32_is_refused_for_an_int8_onnx_file(tmp_path):
+    ckpt = load_checkpoint(resolve_trained("pcam-patch-cnn"))
+    (tmp_path / "m.int8.onnx").write_bytes(ckpt.int8_onnx)
+    int8 = Predictor.from_onnx(tmp_path / "m.int8.onnx")
+    assert int8.on_backend("auto") is int8 and int8.on_backend("onnx") is int8
+    with pytest.raises(UserError, match="int8 ONNX file: float32 needs the checkpoint"):
+        int8.on_backend("float32")

@@ -4,6 +4,7 @@ and on real PatchCamelyon patches (real_data) that the bundled model finds the t
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -639,8 +640,8 @@ def test_direct_reads_fall_back_to_openslide_where_they_cannot_serve(slides, mon
 
     def tile(self, index):
         calls.append(index)
-        if len(calls) > 3:
-            raise ValueError("corrupt tile")
+        if len(calls) > 3:  # zlib.error: an Exception, not a ValueError or OSError
+            raise zlib.error("Error -3 while decompressing data: invalid distance")
         return real_tile(self, index)
 
     monkeypatch.setattr(reader_module.TiffLevel, "tile", tile)
@@ -655,10 +656,11 @@ def test_direct_reads_fall_back_to_openslide_where_they_cannot_serve(slides, mon
 
     # Pixels that differ from OpenSlide's on the first strip: the slide is read by OpenSlide,
     # with a warning, and the direct reader is not used again.
+    ds = TileDataset(path, xy, 1, 96, 96)
+    assert ds.reads_direct  # opened: its first TIFF tile matched OpenSlide's
     real_read = reader_module.TiffLevel.read
     monkeypatch.setattr(reader_module.TiffLevel, "read",
                         lambda self, *a: 255 - real_read(self, *a))
-    ds = TileDataset(path, xy, 1, 96, 96)
     with pytest.warns(UserWarning, match="OpenSlide reads this slide"):
         got = ds.read_batch(0, 5)
     assert torch.equal(got, by_openslide) and not ds.reads_direct
@@ -673,7 +675,14 @@ def test_decoded_tiff_tiles_are_cached_within_a_bound(slides, monkeypatch):
     tiff = TiffLevel.for_level(slide, path, 0)
     slide.close()
     one = 256 * 256 * 3
-    monkeypatch.setattr(TiffLevel, "CACHE_BYTES", 3 * one)
+    # Three rows of TIFF tiles by default (the 1920 px wide level: 8 tiles a row).
+    assert tiff.across == 8 and tiff.cache_bytes == 3 * 8 * one
+    tiff.close()
+    monkeypatch.setattr(TiffLevel, "CACHE_BYTES", 3 * one)  # the cap wins when smaller
+    slide = open_slide(path)
+    tiff = TiffLevel.for_level(slide, path, 0)
+    slide.close()
+    assert tiff.cache_bytes == 3 * one
     first = tiff.tile(0)
     assert tiff.tile(0) is first  # a cached tile is not decoded again
     for i in range(1, 6):
@@ -703,6 +712,11 @@ def test_only_tiled_tiff_slides_are_read_directly(tmp_path, monkeypatch):
         raise ValueError("<COMPRESSION.JPEG: 7> requires the 'imagecodecs' package")
 
     monkeypatch.setattr(TiffLevel, "tile", no_codec)
+    assert TiffLevel.for_level(slide, path, 0) is None
+    # A first tile whose pixels are not OpenSlide's (which the thumbnail also relies on).
+    monkeypatch.undo()
+    real = TiffLevel.read
+    monkeypatch.setattr(TiffLevel, "read", lambda self, *a: 255 - real(self, *a))
     assert TiffLevel.for_level(slide, path, 0) is None
     slide.close()
 

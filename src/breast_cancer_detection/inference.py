@@ -300,9 +300,14 @@ def _unpack_int8(ckpt: Checkpoint, dest: Path) -> None:
         warnings.warn(f"the int8 model in the checkpoint is not used: {why}; float32 runs.",
                       stacklevel=3)
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
     data = ckpt.int8_onnx
-    atomic_write(dest, lambda f: f.write(data))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dest, lambda f: f.write(data))
+    except OSError as e:
+        warnings.warn(f"the int8 model in the checkpoint is not used: it could not be written "
+                      f"to the cache ({dest}: {e.strerror or e}); float32 runs. Point $BCD_CACHE "
+                      "at a writable folder to use it.", stacklevel=3)
 
 
 def _cache_root(path: str | Path | None = None) -> Path:
@@ -616,6 +621,9 @@ class Predictor:
         import warnings
 
         check_backend(backend)
+        if backend == "float32" and self.backend == "onnx" and self.model.metadata.get("int8"):
+            raise UserError("this model is an int8 ONNX file: float32 needs the checkpoint (or "
+                            "its float32 export, `bcd export CKPT --onnx PATH`).")
         if backend == "torch" or self.backend == "onnx" or (
                 backend == "auto" and (self.device.type != "cpu" or self.checkpoint is None
                                        or importlib.util.find_spec("onnxruntime") is None)):

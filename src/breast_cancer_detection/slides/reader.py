@@ -170,8 +170,9 @@ def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndar
             if tiff is not None:
                 try:
                     region = Image.fromarray(tiff.read(0, y, lw, hl))
-                except (ValueError, OSError, RuntimeError):
-                    tiff = None  # OpenSlide reads the rest (and says if the slide is damaged)
+                except Exception:  # noqa: BLE001 - any decoder error: OpenSlide reads the
+                    tiff.close()  # rest (and says so if the slide is damaged)
+                    tiff = None
             if region is None:
                 region = open_rgb(read_region(slide, (0, round(y * lds)), level, (lw, hl),
                                               path), max_pixels=None)
@@ -187,19 +188,22 @@ class TiffLevel:
     """One pyramid level of a tiled TIFF, its tiles read and decoded directly (tifffile, and
     imagecodecs for JPEG), without OpenSlide's per-pixel compositing.
 
-    OpenSlide paints every region through premultiplied ARGB: about 20-50 million pixels a
-    second on one core, cached tiles included, against 90-130 million for decoding the
-    slide's own tiles (docs/benchmarks.md, "Whole slides"). The pixels are the same
-    (:class:`TileDataset` checks that on each slide's first strip and reads with OpenSlide
-    when they are not). Used for slides OpenSlide opens as generic tiled TIFF or Aperio
-    ``.svs``, on a level whose every pixel is a pixel of a TIFF page of the same size,
-    read at whole level-pixel positions.
+    OpenSlide paints every region through premultiplied ARGB, which costs more than decoding
+    the tiles: strips of model tiles cut this way take about a third of the time
+    (``python benchmarks/slide.py``, its ``reading`` lines; docs/benchmarks.md, "Whole
+    slides"). The pixels are the same: :meth:`for_level` compares its first tile with
+    OpenSlide's, and :class:`TileDataset` each slide's first strip, and OpenSlide reads
+    wherever they differ. Used for slides OpenSlide opens as generic tiled TIFF or Aperio
+    ``.svs``, on a level with a whole-number downsample whose every pixel is a pixel of a
+    TIFF page of the same size, read at whole level-pixel positions.
 
-    Decoded TIFF tiles are kept in a cache of at most :attr:`CACHE_BYTES` (a strip of model
-    tiles crosses several of them, and the next grid row the same ones again); reads from
-    several threads are safe.
+    Decoded TIFF tiles are kept in a cache of :attr:`CACHE_ROWS` rows of them (a strip of
+    model tiles crosses several TIFF tiles, and the next grid rows the same ones again; the
+    lanes read neighbouring batches), at most :attr:`CACHE_BYTES`: memory stays bounded by
+    the level's width, never by the slide. Reads from several threads are safe.
     """
 
+    CACHE_ROWS = 3
     CACHE_BYTES = 64 << 20
     VENDORS = ("generic-tiff", "aperio")
 
@@ -214,41 +218,56 @@ class TiffLevel:
         self._tables = getattr(page, "jpegtables", None)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
+        self.cache_bytes = min(self.CACHE_BYTES,
+                               self.CACHE_ROWS * self.across * self.tile_w * self.tile_h * 3)
         self._lock = threading.Lock()
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close()
 
     @classmethod
     def for_level(cls, slide, path: str | Path, level: int) -> TiffLevel | None:
         """The level of ``slide`` (an open OpenSlide) as a :class:`TiffLevel`, or None when
-        it cannot be read that way (another format, no tifffile, a page that is not tiled
-        8-bit RGB of the level's size)."""
+        it cannot be read that way (another format, no tifffile, a downsample that is not a
+        whole number, a page that is not tiled 8-bit RGB (or JPEG YCbCr) of the level's size,
+        a codec this machine lacks, or a first tile whose pixels are not OpenSlide's)."""
         if slide.properties.get("openslide.vendor") not in cls.VENDORS:
+            return None
+        ds = float(slide.level_downsamples[level])
+        if abs(ds - round(ds)) >= 1e-9:
             return None
         try:
             import tifffile
         except ImportError:
             return None
         width, height = slide.level_dimensions[level]
+        found = None
         try:
             with tifffile.TiffFile(str(path)) as tif:
                 for page in tif.pages:
                     if (page.is_tiled and (page.imagewidth, page.imagelength) == (width, height)
                             and page.imagedepth == 1 and page.samplesperpixel == 3
                             and page.bitspersample == 8 and page.planarconfig == 1
-                            and page.photometric in (2, 6)):  # RGB, YCbCr
-                        level = cls(path, page)
+                            # RGB; YCbCr only in JPEG tiles (tifffile converts those alone)
+                            and (page.photometric == 2
+                                 or (page.photometric == 6 and page.compression in (6, 7)))):
+                        found = cls(path, page)
                         break
-                else:
-                    return None
-        except (OSError, ValueError, tifffile.TiffFileError):
+        except Exception:  # noqa: BLE001 - tifffile raises many kinds; OpenSlide reads it
             return None
-        try:  # a codec this machine lacks (JPEG needs imagecodecs): OpenSlide reads
-            first = int(np.argmax(level.counts > 0))
-            level.tile(first)
-        except (ValueError, OSError, RuntimeError, NotImplementedError, ImportError):
-            level.close()
+        if found is None:
             return None
-        return level
+        try:  # a codec this machine lacks (JPEG needs imagecodecs), or other pixels
+            first = int(np.argmax(found.counts > 0))
+            x, y = (first % found.across) * found.tile_w, (first // found.across) * found.tile_h
+            w, h = min(found.tile_w, width - x), min(found.tile_h, height - y)
+            step = round(ds)
+            ref = np.asarray(open_rgb(read_region(slide, (x * step, y * step), level, (w, h),
+                                                  path), max_pixels=None))
+            if np.array_equal(found.read(x, y, w, h), ref):
+                return found
+        except Exception:  # noqa: BLE001 - any decoder error: OpenSlide reads
+            pass
+        found.close()
+        return None
 
     def _read_bytes(self, index: int) -> bytes:
         offset, count = int(self.offsets[index]), int(self.counts[index])
@@ -281,7 +300,7 @@ class TiffLevel:
             if index not in self._cache:
                 self._cache[index] = arr
                 self._cached_bytes += arr.nbytes
-                while self._cached_bytes > self.CACHE_BYTES and len(self._cache) > 1:
+                while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
                     self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return arr
 
@@ -307,7 +326,9 @@ class TiffLevel:
 
     def close(self) -> None:
         self._file.close()
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
+            self._cached_bytes = 0
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -370,6 +391,14 @@ class TileDataset(torch.utils.data.Dataset):
             if self.direct and abs(self._downsample - round(self._downsample)) < 1e-9:
                 self._tiff = TiffLevel.for_level(self._slide, self.path, self.level)
         return self._slide
+
+    def close(self) -> None:
+        """Closes this process's slide handle and TIFF file (opened again on next use)."""
+        if self._tiff is not None:
+            self._tiff.close()
+        if self._slide is not None:
+            self._slide.close()
+        self._slide = self._tiff = self._pid = None
 
     @property
     def reads_direct(self) -> bool:
@@ -442,11 +471,13 @@ class TileDataset(torch.utils.data.Dataset):
             return None
         try:
             rgb = tiff.read(x // ds, y // ds, w, h)
-        except (ValueError, OSError, RuntimeError):
-            return None  # OpenSlide reads it, and says so if the slide is damaged there
+        except Exception:  # noqa: BLE001 - any decoder error (zlib.error...): OpenSlide
+            return None  # reads it, and says so if the slide is damaged there
         if not self._checked:
             with self._check_lock:
-                if not self._checked and self._tiff is not None:
+                if self._tiff is None:  # another lane found other pixels meanwhile
+                    return None
+                if not self._checked:
                     ref = self._read_openslide(x, y, w, h)
                     if not np.array_equal(ref, rgb):
                         self._tiff = None

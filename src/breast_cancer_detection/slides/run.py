@@ -325,8 +325,11 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
     result.tiles_per_s = round(len(xy) / elapsed, 2) if elapsed > 0 and len(xy) else float("nan")
     if len(xy):
         result.score = round(float(np.sort(prob)[::-1][:top_k].mean()), 6)
-    _write_outputs(out_dir, path, predictor, grid, xy, prob, heat, thumb, tds, mask, cut,
-                   s_mpp, dataset)
+    try:
+        _write_outputs(out_dir, path, predictor, grid, xy, prob, heat, thumb, tds, mask, cut,
+                       s_mpp, dataset)
+    finally:
+        dataset.close()
 
 
 def _write_outputs(out_dir: Path, path: Path, predictor: Predictor, grid: TileGrid,
