@@ -433,14 +433,21 @@ def test_shards_split_the_slides_and_the_last_merges(bundled, slides, tmp_path):
 
 @pytest.mark.real_data("pcam-subset/valid")
 @pytest.mark.slow
-def test_bundled_model_finds_the_tumour_disc_in_real_patches(bundled, tmp_path):
+@pytest.mark.parametrize("backend, workers", [("torch", 2), ("auto", 0)])
+def test_bundled_model_finds_the_tumour_disc_in_real_patches(bundled, tmp_path, backend,
+                                                             workers):
+    # auto, no workers: what `bcd slide` runs on a CPU by default (the int8 model, two lanes,
+    # strips cut from the TIFF's tiles).
     from sklearn.metrics import roc_auc_score
 
+    if backend == "auto":
+        pytest.importorskip("onnxruntime")
+    predictor = bundled.on_backend(backend, cache_dir=tmp_path / "cache")
     tumour = tmp_path / "tumour.tif"
     cells = demo_slide(tumour, grid=(16, 20), patches=PCAM_VALID, seed=0)
     normal = tmp_path / "normal.tif"
     demo_slide(normal, grid=(16, 20), patches=PCAM_VALID, tumour=False, seed=1)
-    table = analyse_slides(bundled, [tumour, normal], tmp_path / "out", workers=2,
+    table = analyse_slides(predictor, [tumour, normal], tmp_path / "out", workers=workers,
                            progress=False)
     assert (table["error"] == "").all(), table["error"].tolist()
     tiles = _on_cells(pd.read_csv(tmp_path / "out" / "tumour" / "tiles.csv"), cells)
