@@ -2,7 +2,7 @@
 """A bounded load test of `bcd serve` on 127.0.0.1: throughput, latency, errors, peak RSS.
 
     python benchmarks/load.py [--requests 500] [--concurrency 16] [--model densenet121]
-                              [--backend auto|torch|onnx]
+                              [--backend auto|torch|onnx|float32]
 
 Writes a randomly initialised checkpoint to a temporary folder (``densenet121``, the model
 the project trains, or ``tiny``, the 2-block SmallCNN of the tests; both at 224 px crops of a
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from breast_cancer_detection.config import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "breakhis-samples"
@@ -163,7 +165,7 @@ def main() -> None:
                     "concurrency)")
     ap.add_argument("--max-concurrency", type=int, default=1,
                     help="the server's --max-concurrency (default 1)")
-    ap.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help="the server's --backend: what scores the uploads (default auto)")
     ap.add_argument("--retry", action="store_true", help="clients wait Retry-After and resend "
                     "a request answered 503, as the page does (default: count it as an error)")

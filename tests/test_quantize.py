@@ -108,16 +108,25 @@ def test_an_int8_model_that_failed_its_gate_is_refused(tmp_path):
     write_onnx_metadata(path, int8={"passed": True})  # named directly: the figures count too
     with pytest.raises(UserError, match="did not pass today's accuracy gate"):
         Predictor.from_onnx(path)
-    # In the cache, "passed" without the gate's figures is not trusted: float32 runs, warned.
+    # In the cache, "passed" without the gate's figures is not trusted: float32 runs, warned
+    # (a checkpoint without an int8 model of its own).
+    from breast_cancer_detection.checkpoint import save_checkpoint
+
+    carried, ckpt.int8_onnx = ckpt.int8_onnx, None
+    bare = save_checkpoint(ckpt, tmp_path / "bare.pt")
     cache = tmp_path / "cache"
     export_onnx(ckpt, cached_onnx_path(ckpt, cache), verify=False)  # the float32 fallback
     int8 = cached_onnx_path(ckpt, cache, int8=True)
     int8.write_bytes(path.read_bytes())
     write_onnx_metadata(int8, int8={"passed": True})
-    torch_model = Predictor.from_checkpoint(released, device="cpu")
+    torch_model = Predictor.from_checkpoint(bare, device="cpu")
     with pytest.warns(UserWarning, match="not checked by the current accuracy gate"):
         assert torch_model.on_backend("onnx", cache_dir=cache).backend_note == (
             "ONNX Runtime (CPU)")
+    # The bundled checkpoint's own int8 model replaces such a copy, and runs.
+    bundled = Predictor.from_checkpoint(released, device="cpu")
+    assert bundled.on_backend("onnx", cache_dir=cache).backend_note.endswith("int8)")
+    assert int8.read_bytes() == carried
     write_onnx_metadata(int8, int8={"passed": True, "auc_float32": None, "max_abs_diff": 0.01})
     assert torch_model.on_backend("onnx", cache_dir=cache).backend_note.endswith("int8)")
     # The probability rule reads the figure, not the flag.

@@ -1033,7 +1033,8 @@ def _add_use_commands(sub) -> None:
                    "keeps accuracy)")
     x.add_argument("--embed", action="store_true", help="with --int8: also store the int8 "
                    "model in the checkpoint file (rewritten in place), so that `bcd slide` and "
-                   "`bcd predict` run it on any CPU with no calibration data or cache")
+                   "`bcd predict` run it on any CPU with no calibration data (it is copied into "
+                   "the cache on first use)")
     _quiet(x, "no progress bars")
     x.set_defaults(func=_cmd_export)
 

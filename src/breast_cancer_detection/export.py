@@ -142,7 +142,8 @@ def weights_digest(ckpt: Checkpoint) -> str:
 
 def cached_onnx_path(ckpt: Checkpoint, cache: str | Path, *, int8: bool = False) -> Path:
     """Where the cache keeps the ONNX export of ``ckpt`` (``cache/onnx/ARCH-DIGEST.onnx``;
-    ``.int8.onnx`` for the int8 model ``bcd export --int8`` leaves there)."""
+    ``.int8.onnx`` for the int8 model ``bcd export --int8`` leaves there, or that a
+    checkpoint carrying one is unpacked to)."""
     suffix = ".int8.onnx" if int8 else ".onnx"
     return Path(cache) / "onnx" / f"{ckpt.arch}-{weights_digest(ckpt)[:16]}{suffix}"
 

@@ -10,9 +10,11 @@ both models. The int8 model is written only if it keeps the float32 model's answ
   and the same label at the model's threshold for :data:`SAME_LABEL` of the images;
 - without labels: every P(malignant) within :data:`PROB_TOLERANCE` of float32.
 
-The gate's figures go into the file's metadata (``int8``), and a copy goes into the cache
-beside the checkpoint's float32 export, so that ``Predictor.on_backend("auto")`` (``bcd
-slide`` and ``bcd predict``) runs the int8 model for that checkpoint from then on.
+The gate's figures and the weights' digest go into the file's metadata (``int8``), and a
+copy goes into the cache beside the checkpoint's float32 export, so that
+``Predictor.on_backend("auto")`` (``bcd slide``, ``bcd predict``, ``bcd serve``) runs the int8
+model for that checkpoint from then on; :func:`embed_int8` (``--embed``) also stores it in the
+checkpoint file, from which it is copied into the cache on any machine.
 """
 
 from __future__ import annotations

@@ -1191,8 +1191,9 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
         allowed_hosts: Host names answered to besides IP addresses and localhost; ``"*"``
             answers any.
         slides: The folder ``bcd slide SLIDE... --out DIR`` writes, or None.
-        backend: What scores the uploads: ``torch``, ``onnx``, or ``auto`` (ONNX Runtime on a
-            CPU when installed: faster; ``bcd serve`` uses ``auto``). Grad-CAM runs on
+        backend: What scores the uploads: ``torch``, ``onnx``, ``float32`` (ONNX Runtime,
+            never int8), or ``auto`` (ONNX Runtime on a CPU when installed, int8 where a gated
+            int8 model exists: faster; ``bcd serve`` uses ``auto``). Grad-CAM runs on
             PyTorch either way, when the model is a checkpoint.
 
     Raises:

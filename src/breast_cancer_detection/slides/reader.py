@@ -374,6 +374,7 @@ class TileDataset(torch.utils.data.Dataset):
         self._slide = None
         self._pid = None
         self._tiff: TiffLevel | None = None
+        self._rejected: TiffLevel | None = None  # failed its pixel check; closed by close()
         self._checked = False
         self._check_lock = threading.Lock()
 
@@ -394,8 +395,10 @@ class TileDataset(torch.utils.data.Dataset):
 
     def close(self) -> None:
         """Closes this process's slide handle and TIFF file (opened again on next use)."""
-        if self._tiff is not None:
-            self._tiff.close()
+        for tiff in (self._tiff, self._rejected):
+            if tiff is not None:
+                tiff.close()
+        self._rejected = None
         if self._slide is not None:
             self._slide.close()
         self._slide = self._tiff = self._pid = None
@@ -480,7 +483,8 @@ class TileDataset(torch.utils.data.Dataset):
                 if not self._checked:
                     ref = self._read_openslide(x, y, w, h)
                     if not np.array_equal(ref, rgb):
-                        self._tiff = None
+                        # Closed with the dataset, not now: another lane may be reading it.
+                        self._tiff, self._rejected = None, tiff
                         warnings.warn(f"{Path(self.path).name}: its TIFF tiles decode to other "
                                       "pixels than OpenSlide gives; OpenSlide reads this "
                                       "slide (slower).", stacklevel=2)
@@ -531,7 +535,7 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None, "_pid": None, "_tiff": None,
-                "_check_lock": None}
+                "_rejected": None, "_check_lock": None}
 
 
 class _Batches(torch.utils.data.Dataset):

@@ -309,23 +309,24 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
     dataset = TileDataset(path, xy, grid.level, grid.read_size, grid.size,
                           grid.level_downsample)
     workers = default_workers() if workers is None else workers
-    t_read = time.perf_counter()
-    with tqdm(total=len(xy), desc=path.name, unit="tile", disable=not progress) as bar:
-        prob = score_tiles(predictor, dataset, batch_size=batch_size, workers=workers, tta=tta,
-                           bar=bar)
-    elapsed = time.perf_counter() - t_read
-    if len(xy) and not np.isfinite(prob).all():
-        raise RuntimeError("the model gave NaN or infinity for some tiles: its weights are "
-                           "damaged or it overflowed; check the checkpoint.")
+    try:  # the slide and TIFF files closed however scoring ends
+        t_read = time.perf_counter()
+        with tqdm(total=len(xy), desc=path.name, unit="tile", disable=not progress) as bar:
+            prob = score_tiles(predictor, dataset, batch_size=batch_size, workers=workers, tta=tta,
+                               bar=bar)
+        elapsed = time.perf_counter() - t_read
+        if len(xy) and not np.isfinite(prob).all():
+            raise RuntimeError("the model gave NaN or infinity for some tiles: its weights are "
+                               "damaged or it overflowed; check the checkpoint.")
 
-    heat = np.full((grid.rows, grid.cols), np.nan, np.float32)
-    heat[rows, cols] = prob
-    result.tiles = len(xy)
-    result.tumour_tiles = int((prob >= predictor.threshold).sum())
-    result.tiles_per_s = round(len(xy) / elapsed, 2) if elapsed > 0 and len(xy) else float("nan")
-    if len(xy):
-        result.score = round(float(np.sort(prob)[::-1][:top_k].mean()), 6)
-    try:
+        heat = np.full((grid.rows, grid.cols), np.nan, np.float32)
+        heat[rows, cols] = prob
+        result.tiles = len(xy)
+        result.tumour_tiles = int((prob >= predictor.threshold).sum())
+        result.tiles_per_s = (round(len(xy) / elapsed, 2) if elapsed > 0 and len(xy)
+                              else float("nan"))
+        if len(xy):
+            result.score = round(float(np.sort(prob)[::-1][:top_k].mean()), 6)
         _write_outputs(out_dir, path, predictor, grid, xy, prob, heat, thumb, tds, mask, cut,
                        s_mpp, dataset)
     finally:
