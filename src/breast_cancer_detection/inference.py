@@ -285,51 +285,6 @@ def _as_list(batch: list) -> list:
 # ----------------------------------------------------------------------------- downloads
 
 
-def _cached_int8(path: Path):
-    """The int8 model at ``path`` in the cache as an OnnxModel, and None; or None and why
-    it cannot serve (None too when there is no file)."""
-    from .export import OnnxModel
-    from .quantize import gate_holds
-
-    if not path.is_file():
-        return None, None
-    try:
-        model = OnnxModel(path)
-    except UserError as e:  # a damaged copy
-        return None, f"is unusable ({e})"
-    if not gate_holds(model.metadata.get("int8")):
-        return None, ("was not checked by the current accuracy gate (export it again with "
-                      "--int8)")
-    return model, None
-
-
-def _unpack_int8(ckpt: Checkpoint, dest: Path) -> bool:
-    """Writes the int8 model a checkpoint carries (``bcd export --int8 --embed``) to
-    ``dest`` in the cache, where :meth:`Predictor.on_backend` (and its lanes, which open the
-    file) find it, and says whether it did; one that is not these weights' or fails today's
-    gate is left out, as when the cache cannot be written, with a warning."""
-    import warnings
-
-    from .files import atomic_write
-    from .quantize import int8_of
-
-    why = int8_of(ckpt, ckpt.int8_onnx)
-    if why is not None:
-        warnings.warn(f"the int8 model in the checkpoint is not used: {why}; float32 runs.",
-                      stacklevel=3)
-        return False
-    data = ckpt.int8_onnx
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(dest, lambda f: f.write(data))
-    except OSError as e:
-        warnings.warn(f"the int8 model in the checkpoint is not used: it could not be written "
-                      f"to the cache ({dest}: {e.strerror or e}); float32 runs. Point $BCD_CACHE "
-                      "at a writable folder to use it.", stacklevel=3)
-        return False
-    return True
-
-
 def _cache_root(path: str | Path | None = None) -> Path:
     """Where downloads are kept: ``path``, else ``$BCD_CACHE``, else
     ``~/.cache/breast_cancer_detection``."""
@@ -653,17 +608,18 @@ class Predictor:
         if self.checkpoint is None:
             raise UserError("backend onnx needs the model's checkpoint to export it.")
         from .export import OnnxModel, cached_onnx, cached_onnx_path
+        from .quantize import cached_int8, unpack_int8
 
         int8 = cached_onnx_path(self.checkpoint, _cache_root(cache_dir), int8=True)
         model = None
         if backend != "float32":
             embedded = self.checkpoint.int8_onnx
             if not int8.is_file() and embedded:
-                _unpack_int8(self.checkpoint, int8)
-            model, why = _cached_int8(int8)
+                unpack_int8(self.checkpoint, int8)
+            model, why = cached_int8(int8)
             # A damaged or outdated copy in the cache: the checkpoint's own model replaces it.
-            if model is None and why and embedded and _unpack_int8(self.checkpoint, int8):
-                model, why = _cached_int8(int8)
+            if model is None and why and embedded and unpack_int8(self.checkpoint, int8):
+                model, why = cached_int8(int8)
             if why:
                 warnings.warn(f"{int8} {why}; running float32.", stacklevel=2)
         try:

@@ -262,6 +262,49 @@ def int8_of(ckpt: Checkpoint, data: bytes) -> str | None:
     return None
 
 
+def cached_int8(path: Path):
+    """The int8 model at ``path`` in the cache as an OnnxModel, and None; or None and why
+    it cannot serve (None too when there is no file)."""
+    from .export import OnnxModel
+
+    if not path.is_file():
+        return None, None
+    try:
+        model = OnnxModel(path)
+    except UserError as e:  # a damaged copy
+        return None, f"is unusable ({e})"
+    if not gate_holds(model.metadata.get("int8")):
+        return None, ("was not checked by the current accuracy gate (export it again with "
+                      "--int8)")
+    return model, None
+
+
+def unpack_int8(ckpt: Checkpoint, dest: Path) -> bool:
+    """Writes the int8 model a checkpoint carries (``bcd export --int8 --embed``) to
+    ``dest`` in the cache, where :meth:`Predictor.on_backend` (and its lanes, which open the
+    file) find it, and says whether it did; one that is not these weights' or fails today's
+    gate is left out, as when the cache cannot be written, with a warning."""
+    import warnings
+
+    from . import files
+
+    why = int8_of(ckpt, ckpt.int8_onnx)
+    if why is not None:
+        warnings.warn(f"the int8 model in the checkpoint is not used: {why}; float32 runs.",
+                      stacklevel=3)
+        return False
+    data = ckpt.int8_onnx
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(dest, lambda f: f.write(data))
+    except OSError as e:
+        warnings.warn(f"the int8 model in the checkpoint is not used: it could not be written "
+                      f"to the cache ({dest}: {e.strerror or e}); float32 runs. Point $BCD_CACHE "
+                      "at a writable folder to use it.", stacklevel=3)
+        return False
+    return True
+
+
 def embed_int8(checkpoint: str | Path, onnx: str | Path) -> Path:
     """Stores the int8 model ``onnx`` (written by :func:`export_int8` for these weights) in
     the checkpoint file, which is rewritten atomically; ``--backend auto`` then runs it on

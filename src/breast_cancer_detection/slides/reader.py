@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..data.datasets import open_rgb
 from ..errors import UserError
+from .tissue import whole_number
 
 # What OpenSlide reads (its vendor formats; .tif/.tiff covers Philips, Ventana and generic
 # tiled TIFF).
@@ -139,6 +140,17 @@ def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, i
                          "source.") from None
 
 
+def read_rgb(slide, location: tuple[int, int], level: int, size: tuple[int, int],
+             path: str | Path = "slide") -> np.ndarray:
+    """:func:`read_region` as ``(h, w, 3)`` uint8 RGB: transparent pixels (where the slide
+    has no data) composited on white."""
+    region = read_region(slide, location, level, size, path)
+    rgba = np.asarray(region)
+    if rgba[..., 3].min() < 255:
+        rgba = np.asarray(open_rgb(region, max_pixels=None))
+    return rgba[..., :3]
+
+
 def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndarray, float]:
     """An RGB thumbnail whose long side is at most ``max_side``, and its downsample from
     level 0.
@@ -154,8 +166,7 @@ def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndar
     level = slide.get_best_level_for_downsample(ds)
     lds = slide.level_downsamples[level]
     lw, lh = slide.level_dimensions[level]
-    tiff = (TiffLevel.for_level(slide, path, level) if abs(lds - round(lds)) < 1e-9
-            else None)
+    tiff = TiffLevel.for_level(slide, path, level)
     strip = max(1, _STRIP_PIXELS // max(lw, 1))
     out = np.empty((th, tw, 3), np.uint8)
     done = 0
@@ -166,17 +177,17 @@ def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndar
             rows = y_end - done
             if rows <= 0:
                 continue
-            region = None
+            rgb = None
             if tiff is not None:
                 try:
-                    region = Image.fromarray(tiff.read(0, y, lw, hl))
+                    rgb = tiff.read(0, y, lw, hl)
                 except Exception:  # noqa: BLE001 - any decoder error: OpenSlide reads the
                     tiff.close()  # rest (and says so if the slide is damaged)
                     tiff = None
-            if region is None:
-                region = open_rgb(read_region(slide, (0, round(y * lds)), level, (lw, hl),
-                                              path), max_pixels=None)
-            out[done:y_end] = np.asarray(region.resize((tw, rows), Image.Resampling.BILINEAR))
+            if rgb is None:
+                rgb = read_rgb(slide, (0, round(y * lds)), level, (lw, hl), path)
+            out[done:y_end] = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(
+                (tw, rows), Image.Resampling.BILINEAR))
             done = y_end
     finally:
         if tiff is not None:
@@ -231,8 +242,8 @@ class TiffLevel:
         a codec this machine lacks, or a first tile whose pixels are not OpenSlide's)."""
         if slide.properties.get("openslide.vendor") not in cls.VENDORS:
             return None
-        ds = float(slide.level_downsamples[level])
-        if abs(ds - round(ds)) >= 1e-9:
+        step = whole_number(float(slide.level_downsamples[level]))
+        if step is None:
             return None
         try:
             import tifffile
@@ -259,9 +270,7 @@ class TiffLevel:
             first = int(np.argmax(found.counts > 0))
             x, y = (first % found.across) * found.tile_w, (first // found.across) * found.tile_h
             w, h = min(found.tile_w, width - x), min(found.tile_h, height - y)
-            step = round(ds)
-            ref = np.asarray(open_rgb(read_region(slide, (x * step, y * step), level, (w, h),
-                                                  path), max_pixels=None))
+            ref = read_rgb(slide, (x * step, y * step), level, (w, h), path)
             if np.array_equal(found.read(x, y, w, h), ref):
                 return found
         except Exception:  # noqa: BLE001 - any decoder error: OpenSlide reads
@@ -389,7 +398,7 @@ class TileDataset(torch.utils.data.Dataset):
                 self._downsample = float(self._slide.level_downsamples[self.level])
             self._tiff, self._checked = None, False
             self._check_lock = threading.Lock()
-            if self.direct and abs(self._downsample - round(self._downsample)) < 1e-9:
+            if self.direct:  # None unless the level's downsample is a whole number
                 self._tiff = TiffLevel.for_level(self._slide, self.path, self.level)
         return self._slide
 
@@ -412,9 +421,8 @@ class TileDataset(torch.utils.data.Dataset):
     def read(self, i: int) -> Image.Image:
         """Tile ``i`` as an RGB image of ``size`` x ``size`` pixels, read on its own."""
         x, y = (int(v) for v in self.xy[i])
-        # RGBA, transparent where the slide has no data: composited on white.
-        img = open_rgb(read_region(self.open(), (x, y), self.level,
-                                   (self.read_size, self.read_size), self.path), max_pixels=None)
+        img = Image.fromarray(np.ascontiguousarray(self._read_openslide(
+            x, y, self.read_size, self.read_size)))
         if self.read_size != self.size:
             img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
         return img
@@ -459,11 +467,7 @@ class TileDataset(torch.utils.data.Dataset):
 
     def _read_openslide(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """``(h, w, 3)`` uint8 RGB of the level, from level-0 ``(x, y)``, by OpenSlide."""
-        region = read_region(self.open(), (x, y), self.level, (w, h), self.path)
-        rgba = np.asarray(region)
-        if rgba[..., 3].min() < 255:  # transparent where the slide has no data
-            rgba = np.asarray(open_rgb(region, max_pixels=None))
-        return rgba[..., :3]
+        return read_rgb(self.open(), (x, y), self.level, (w, h), self.path)
 
     def _read_direct(self, x: int, y: int, w: int, h: int) -> np.ndarray | None:
         """The same region cut from the TIFF's decoded tiles, or None where OpenSlide must

@@ -79,6 +79,12 @@ def _drop_small(mask: np.ndarray, min_area: int, keep_border: bool = False) -> n
     return keep[labels]
 
 
+def whole_number(value: float) -> int | None:
+    """``value`` as an int when it is a whole number (a pyramid level's downsample of
+    exactly 2, 4...), else None."""
+    return round(value) if abs(value - round(value)) < 1e-9 else None
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """Non-overlapping tiles covering level 0, each the model's field of view.
@@ -121,12 +127,12 @@ class TileGrid:
         level = slide.get_best_level_for_downsample(downsample * 1.001)
         lds = float(slide.level_downsamples[level])
         read_size = max(1, round(tile0 / lds))
-        if abs(lds - round(lds)) < 1e-9:
+        if (step := whole_number(lds)) is not None:
             # A whole-number downsample: step by whole pixels of the level read (the tile
             # read is read_size level pixels whatever the step), so that tiles neither
             # overlap nor leave gaps and every tile starts on a level pixel, where the
             # slide's own tiles can be decoded directly (TiffLevel).
-            tile0 = float(read_size * round(lds))
+            tile0 = float(read_size * step)
         return cls(tile0=tile0, level=level, level_downsample=lds,
                    read_size=read_size, size=size,
                    cols=int(w0 // tile0), rows=int(h0 // tile0))
