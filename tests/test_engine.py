@@ -24,6 +24,7 @@ from breast_cancer_detection.checkpoint import amp_dtype, load_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.config import ConfigError, TrainConfig, load_preset
 from breast_cancer_detection.engine import TrainingError, fit, resume
+from breast_cancer_detection.errors import UserError
 
 
 def _cfg(data: Path, tmp_path: Path, **kw) -> TrainConfig:
@@ -31,6 +32,11 @@ def _cfg(data: Path, tmp_path: Path, **kw) -> TrainConfig:
                 "name": "r", "val": 0.25, "test": 0.2, "size": 32, "resize": 40}
     settings.update(kw)
     return TrainConfig.from_dict(settings)
+
+
+BF16_LOSS_ATOL = 0.01
+"""How far bf16 autocast may move cpu-smoke's validation loss (about 0.58 after its epoch) from
+float32's: bf16 keeps 8 significant bits, 0.4% a value; 0.0003 apart is typical."""
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -133,6 +139,27 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     # ... and one given more epochs trains on.
     more = resume(run, {"epochs": 4}, progress=False)
     assert load_checkpoint(more.run_dir / "last.pt").epoch == 4
+
+
+def test_an_epoch_resumed_part_way_goes_on_from_the_saved_generator(fake_breakhis, tmp_path,
+                                                                    monkeypatch):
+    """The fast loop's resume check: dropout draws after the cut come from the generator
+    state saved in last.pt, so the weights match an uninterrupted epoch exactly."""
+    from breast_cancer_detection import models
+
+    monkeypatch.setitem(models._LOCAL, "tiny_dropout", _DropoutTiny)
+    straight = fit(_cfg(fake_breakhis, tmp_path / "a", model="tiny_dropout"), progress=False)
+    real = _interrupt_in_epoch(monkeypatch, epoch=1, after_batches=2)
+    run = tmp_path / "b" / "runs" / "r"
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(fake_breakhis, tmp_path / "b", model="tiny_dropout"), progress=False)
+    assert load_checkpoint(run / "last.pt").resume.step == 2
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    torch.manual_seed(12345)  # the process's generator is elsewhere now, as after a restart
+    resumed = resume(run, progress=False)
+    a, b = _weights(straight.run_dir / "last.pt"), _weights(resumed.run_dir / "last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_checkpoint_trained_on_gpu_loads_on_cpu(fake_breakhis, tmp_path):
@@ -239,16 +266,28 @@ def test_cpu_bf16_training_runs_and_says_so(fake_breakhis, tmp_path, capsys):
 
 
 def test_imagefolder_presplit_trains(fake_imagefolder, tmp_path):
+    from breast_cancer_detection.data.breakhis import build_index
+    from breast_cancer_detection.inference import Predictor
+
     result = fit(_cfg(fake_imagefolder, tmp_path, size=32, resize=None), progress=False)
-    assert result.best["val_acc"] >= 0.0
     split = pd.read_csv(result.run_dir / "split.csv", dtype=str)
     assert split.groupby("split").size().to_dict() == {"train": 32, "val": 16}
+    # The validation figures are those of valid/'s 16 images scored by the saved model.
+    valid = build_index(fake_imagefolder / "valid")
+    assert len(valid) == 16
+    scored = Predictor.from_checkpoint(result.run_dir / "best.pt", device="cpu").predict_table(
+        fake_imagefolder / "valid", valid, progress=False)
+    expected = ((scored["probability"] >= 0.5).astype(int) == scored["target"]).mean()
+    assert result.best["val_acc"] == pytest.approx(expected)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # two training runs of up to 300 s each
 def test_ddp_two_processes_match_one(fake_breakhis, tmp_path):
+    # float32 on every CPU: `--amp auto` picks bf16 on AVX512-BF16 machines, whose rounding
+    # of batches of 8 and of 2 x 4 differs by more than this test's summation-order tolerance.
     common = ["--preset", "cpu-smoke", "--data", str(fake_breakhis), "--size", "32",
-              "--resize", "36", "--balance", "none", "--epochs", "2", "--quiet",
+              "--resize", "36", "--balance", "none", "--epochs", "2", "--quiet", "--amp", "off",
               "--aug", "flips=false", "--aug", "rot90=false", "--aug", "crop=false",
               "--runs-dir", str(tmp_path), "--device", "cpu", "--val", "0.25", "--test", "0.2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -504,14 +543,39 @@ def test_weight_averaging_ships_the_average_and_resumes(fake_breakhis, tmp_path)
     assert load_checkpoint(more.run_dir / "last.pt").epoch == 3
 
 
-def test_amp_auto_on_a_cpu_follows_native_bf16(monkeypatch):
-    import breast_cancer_detection.checkpoint as ckpt_module
-
+def test_the_cpu_class_can_be_forced_for_tests_and_ci(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(ckpt_module, "cpu_has_native_bf16", lambda: True)
-    assert amp_dtype("auto", cpu) == torch.bfloat16 and amp_dtype("off", cpu) is None
-    monkeypatch.setattr(ckpt_module, "cpu_has_native_bf16", lambda: False)
-    assert amp_dtype("auto", cpu) is None and amp_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setenv(checkpoint.CPU_BF16_ENV, "1")
+    assert checkpoint.cpu_has_native_bf16() and amp_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setenv(checkpoint.CPU_BF16_ENV, "0")
+    assert not checkpoint.cpu_has_native_bf16() and amp_dtype("auto", cpu) is None
+    assert amp_dtype("bf16", cpu) == torch.bfloat16  # asked for, it is obeyed anyway
+    monkeypatch.setenv(checkpoint.CPU_BF16_ENV, "yes")
+    with pytest.raises(UserError, match="BCD_CPU_BF16='yes': use 1"):
+        checkpoint.cpu_has_native_bf16()
+    monkeypatch.delenv(checkpoint.CPU_BF16_ENV)
+    assert checkpoint.cpu_has_native_bf16() == bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.parametrize("native", ["0", "1"], ids=["avx2-class", "bf16-class"])
+def test_amp_auto_trains_on_either_cpu_class_within_its_tolerance(native, fake_breakhis,
+                                                                  tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(checkpoint.CPU_BF16_ENV, native)
+    auto = fit(_cfg(fake_breakhis, tmp_path / "auto", amp="auto"), progress=False)
+    said = capsys.readouterr().out
+    exact = fit(_cfg(fake_breakhis, tmp_path / "f32", amp="off"), progress=False)
+    a, b = _weights(auto.run_dir / "last.pt"), _weights(exact.run_dir / "last.pt")
+    if native == "0":  # float32 both times: the same run, bit for bit
+        assert "Precision: float32" in said
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+        assert auto.last["val_loss"] == exact.last["val_loss"]
+    else:  # bf16 autocast: the weights stay float32; the loss within bf16's rounding
+        assert "Precision: bf16 autocast" in said and "BCD_CPU_BF16=1 decided" in said
+        assert all(v.dtype == b[k].dtype and torch.isfinite(v).all() for k, v in a.items())
+        assert auto.last["val_loss"] == pytest.approx(exact.last["val_loss"], abs=BF16_LOSS_ATOL)
+        assert any(not torch.equal(v, b[k]) for k, v in a.items())  # bf16 really ran
 
 
 @pytest.mark.slow

@@ -85,10 +85,19 @@ def test_target_layer_is_the_last_feature_map():
         find_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
 
 
-@pytest.mark.slow
-def test_grad_cam_on_a_frozen_densenet_uses_the_features_own_output():
+def _small_densenet() -> nn.Module:
+    """torchvision's DenseNet class (its forward, in-place ReLU included), a few layers deep."""
+    from torchvision.models import DenseNet
+
+    return DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2,
+                    num_classes=2)
+
+
+@pytest.mark.parametrize("size", [pytest.param("densenet121", marks=pytest.mark.slow),
+                                  "small"])
+def test_grad_cam_on_a_frozen_densenet_uses_the_features_own_output(size):
     torch.manual_seed(0)
-    model = create_model("densenet121").eval()
+    model = (create_model("densenet121") if size == "densenet121" else _small_densenet()).eval()
     for p in model.parameters():
         p.requires_grad = False  # a frozen backbone, as the seed notebook trained it
     x = torch.randn(1, 3, 64, 64)

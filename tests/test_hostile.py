@@ -282,7 +282,7 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_pat
         start = time.perf_counter()
         with pytest.raises(ImageError) as info:
             open_rgb(source)
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < 10.0  # a backstop: `decoded` below decides
         message = str(info.value)
         assert message.startswith(f"{name}: ") and f"more than {MAX_JPEG_SCANS} scans" in message
         assert "baseline" in message and "PNG" in message, message

@@ -296,7 +296,8 @@ def test_trickling_server_hits_the_deadline(serve, tmp_path):
                          timeout=5.0, progress=False)
     elapsed = time.monotonic() - started
     assert url in str(excinfo.value) and "1 s deadline" in str(excinfo.value)
-    assert 0.9 < elapsed < 5.0
+    # The whole payload takes over 500 s to trickle: well under that means the deadline cut it.
+    assert 0.9 < elapsed < 30.0
     assert _cache_files(tmp_path) == []
 
 

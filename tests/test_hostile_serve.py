@@ -138,7 +138,7 @@ def test_a_one_bit_10000px_png_is_413_before_decoding(predictor, no_decoding):
     detail = r.json()["detail"]
     assert "--max-request-megapixels" in detail and "bomb.png" in detail
     assert not no_decoding
-    assert seconds < 2.0, f"refusing took {seconds:.1f} s"
+    assert seconds < 10.0, f"refusing took {seconds:.1f} s"  # a backstop: no_decoding decides
     assert _peak_rss_mb() - rss < 100, "the refusal grew the process by 100 MB or more"
     assert r.headers["cache-control"] == "no-store"
 
@@ -224,14 +224,21 @@ def test_formats_outside_the_allow_list_are_415_and_damaged_images_400(predictor
     assert r.status_code == 400 and "damaged" in r.json()["detail"], r.text
 
 
-def test_a_progressive_jpeg_scan_bomb_is_400_at_once(predictor):
+def test_a_progressive_jpeg_scan_bomb_is_400_at_once(predictor, monkeypatch):
+    from PIL import ImageFile
+
     # 3,010 passes over the image, 45 KB: within every budget (361 tiles of the tiny model).
     bomb = jpeg_scan_bomb(400, 3000)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda im: decoded.append(im.size) or real_load(im))
     client = _client(create_app(predictor))
     start = time.perf_counter()
     r = client.post("/api/predict", files=_files(("scans.jpg", bomb)))
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 10.0  # a backstop: the decoder count decides
     assert r.status_code == 400, r.text
+    assert decoded == []  # refused from its scan count, before any pixel was decoded
     detail = r.json()["detail"]
     assert detail.startswith("scans.jpg: ") and "scans" in detail and "baseline" in detail
     assert client.post("/api/predict", files=_files(
@@ -353,7 +360,9 @@ def test_connections_without_a_request_head_are_closed_at_the_deadline(predictor
                 assert client.get("/api/health").status_code == 200  # others are answered
             for s in (silent, slow, kept):
                 assert _closed_by_server(s)
-                assert time.monotonic() - start < 1.0 + 3.0
+                # The sockets' own 8 s timeout fails the test if the server never closes;
+                # the trickle alone would keep `slow` and `kept` open past 8 s.
+                assert time.monotonic() - start < 1.0 + 6.0
             with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=8) as client:
                 assert client.get("/api/health").status_code == 200
         finally:

@@ -287,6 +287,20 @@ def test_bootstrap_is_reproducible_for_a_seed():
     assert low < _acc(df) < high
 
 
+def test_bootstrap_interval_is_the_central_95_percent_of_the_resamples():
+    # A metric that ignores its resample and counts calls: the resampled values are exactly
+    # 0..999, so the interval is their 2.5th and 97.5th percentiles (a 90% one is 49.95, 949.05).
+    calls = iter(range(1000))
+    low, high = bootstrap_ci(_cohort(10), lambda d: float(next(calls)), n=1000, seed=0)
+    assert (low, high) == pytest.approx((24.975, 974.025))
+    # On a real statistic: the mean of 400 normal draws, one row per unit, has a standard
+    # error of 1/20, so a 95% interval is about 2 x 1.96 / 20 = 0.196 wide (90%: 0.164).
+    values = pd.DataFrame({"x": np.random.default_rng(1).normal(0, 1, 400)})
+    low, high = bootstrap_ci(values, lambda d: float(d["x"].mean()), n=2000, seed=0, group=None)
+    sd = values["x"].std() / np.sqrt(len(values))
+    assert (high - low) / (2 * 1.959964 * sd) == pytest.approx(1.0, abs=0.06)
+
+
 def test_bootstrap_ci_narrows_with_more_patients():
     small = bootstrap_ci(_cohort(20), _acc, n=300, seed=0)
     large = bootstrap_ci(_cohort(200), _acc, n=300, seed=0)

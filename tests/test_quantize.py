@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -52,6 +53,65 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
+def _patch_batch(patches: Path, ckpt) -> torch.Tensor:
+    """Every eighth synthetic patch, normalised as the model expects."""
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)
+                     for f in sorted(patches.rglob("*.png"))[::8]]).float() / 255
+    pre = ckpt.pre()
+    return (x - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
+
+
+def _gate_inputs(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """float32 probabilities of ``n`` labelled images that rank them well, not perfectly."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], n // 2)
+    return np.clip(0.3 + 0.4 * y + rng.normal(0, 0.15, n), 0.001, 0.999), y
+
+
+def test_the_gate_passes_a_faithful_int8_model_and_holds_its_record():
+    a, y = _gate_inputs()
+    gate = quantize.judge_gate(a, a + 1e-4, y, threshold=0.5)
+    assert gate.passed and gate.auc_float32 == gate.auc_int8 and gate.same_label >= 0.99
+    assert gate.images == 200 and gate.max_abs_diff == pytest.approx(1e-4)
+    assert quantize.gate_holds(dataclasses.asdict(gate))
+    assert not quantize.gate_holds(None) and not quantize.gate_holds({"passed": True})
+
+
+@pytest.mark.parametrize("damage", ["shift", "rank", "auc_record", "label_record"])
+def test_the_gate_refuses_an_int8_model_that_moves_answers(damage):
+    a, y = _gate_inputs()
+    if damage == "shift":  # same order, so the same AUC: only the label rule can refuse it
+        gate = quantize.judge_gate(a, 0.5 + a / 2, y, threshold=0.5)
+        assert gate.auc_float32 == gate.auc_int8 and gate.same_label < quantize.SAME_LABEL
+        record = dataclasses.asdict(gate)
+    elif damage == "rank":  # noise reorders the images: the AUC falls
+        noisy = np.clip(a + np.random.default_rng(1).normal(0, 0.1, len(a)), 0, 1)
+        gate = quantize.judge_gate(a, noisy, y, threshold=0.5)
+        assert gate.auc_float32 - gate.auc_int8 > quantize.AUC_TOLERANCE
+        record = dataclasses.asdict(gate)
+    else:  # a record that says "passed" over figures that do not pass
+        record = dataclasses.asdict(quantize.judge_gate(a, a, y, threshold=0.5))
+        if damage == "auc_record":
+            record["auc_int8"] = record["auc_float32"] - 2 * quantize.AUC_TOLERANCE
+        else:
+            record["same_label"] = quantize.SAME_LABEL - 0.01
+        record["passed"] = True
+        assert not quantize.gate_holds(record)
+        return
+    assert not gate.passed and not quantize.gate_holds({**record, "passed": True})
+
+
+def test_the_unlabelled_gate_holds_probabilities_within_its_tolerance():
+    a, _ = _gate_inputs()
+    unknown = np.full(len(a), -1)
+    inside = quantize.judge_gate(a, a + quantize.PROB_TOLERANCE * 0.8, unknown, threshold=0.5)
+    assert inside.passed and inside.auc_float32 is None and "no labels" in inside.rule
+    assert quantize.gate_holds(dataclasses.asdict(inside))
+    outside = quantize.judge_gate(a, a + quantize.PROB_TOLERANCE * 1.2, unknown, threshold=0.5)
+    assert not outside.passed
+    assert not quantize.gate_holds({**dataclasses.asdict(outside), "passed": True})
+
+
 @pytest.mark.slow
 def test_int8_passes_its_gate_and_the_auto_backend_runs_it(patches, cache, tmp_path):
     out, gate = quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
@@ -69,8 +129,9 @@ def test_int8_passes_its_gate_and_the_auto_backend_runs_it(patches, cache, tmp_p
     torch_model = Predictor.from_pretrained(device="cpu", progress=False)
     auto = torch_model.on_backend("auto")  # $BCD_CACHE holds the int8 copy for these weights
     assert auto.backend_note == "ONNX Runtime (CPU, int8)"
-    x = torch.randn(6, 3, 96, 96)
-    assert np.abs(auto.probabilities(x) - torch_model.probabilities(x)).max() < 0.1
+    x = _patch_batch(patches, released)
+    assert np.abs(auto.probabilities(x) - torch_model.probabilities(x)).max() <= (
+        quantize.PROB_TOLERANCE)
 
 
 @pytest.mark.slow
@@ -159,7 +220,11 @@ def test_a_shift_that_keeps_the_auc_fails_the_gate(patches, cache, tmp_path, mon
         quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
                              calibration=patches, gate=patches, progress=False)
     aucs = re.search(r"ROC AUC ([\d.]+) \(float32\) vs ([\d.]+) \(int8\)", str(failed.value))
-    assert aucs[1] == aucs[2]  # the AUC rule holds: the label rule refused it
+    # The AUC rule holds (ONNX Runtime's int8 kernels differ between CPUs, so within its
+    # tolerance, not equal): the label rule refused it.
+    assert float(aucs[1]) - float(aucs[2]) <= quantize.AUC_TOLERANCE
+    same = re.search(r"same label for ([\d.]+)%", str(failed.value))
+    assert float(same[1]) / 100 < quantize.SAME_LABEL
     assert not quantize.gate_holds({"passed": True, "auc_float32": 0.9, "auc_int8": 0.9,
                                     "same_label": 0.5})
 
@@ -216,11 +281,9 @@ def test_the_bundled_model_carries_an_int8_model_of_its_own_weights(patches, cac
     record = auto.model.metadata["int8"]
     assert record["weights"] == weights_digest(ckpt) and record["images"] == 3000
     assert torch_model.on_backend("float32").backend_note == "ONNX Runtime (CPU)"
-    x = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)
-                     for f in sorted(patches.rglob("*.png"))[::8]]).float() / 255
-    x = (x - torch.tensor(ckpt.pre().mean).view(3, 1, 1)) / torch.tensor(
-        ckpt.pre().std).view(3, 1, 1)
-    assert np.abs(auto.probabilities(x) - torch_model.probabilities(x)).max() < 0.1
+    x = _patch_batch(patches, ckpt)
+    assert np.abs(auto.probabilities(x) - torch_model.probabilities(x)).max() <= (
+        quantize.PROB_TOLERANCE)
 
 
 def test_an_embedded_int8_model_of_other_weights_is_not_used(tmp_path, cache):

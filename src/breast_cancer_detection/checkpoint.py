@@ -9,6 +9,7 @@ for inference needs nothing from the training loop.
 from __future__ import annotations
 
 import math
+import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,8 +53,25 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+CPU_BF16_ENV = "BCD_CPU_BF16"
+"""Overrides the bf16 check: ``0`` acts as a CPU without native bf16 (AVX2 only), ``1`` as one
+with it (AVX512-BF16 or AMX; PyTorch emulates bf16 where the CPU lacks it, slowly but the same
+code path). CI and the tests use it to run both CPU classes' defaults on whichever machine
+they land on."""
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (oneDNN's own check)."""
+    """Whether this CPU computes bf16 in hardware (oneDNN's own check), unless overridden.
+
+    Raises:
+        UserError: ``BCD_CPU_BF16`` is set to something other than ``0`` or ``1``.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise UserError(f"{CPU_BF16_ENV}={forced!r}: use 1 (act as a CPU with native bf16), "
+                            "0 (act as one without), or leave it unset to ask the CPU.")
+        return forced == "1"
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    CPU_BF16_ENV,
     Checkpoint,
     CheckpointError,
     ResumeState,
@@ -711,12 +712,15 @@ def _precision_line(amp: str, dtype: torch.dtype | None, device: torch.device) -
     if device.type != "cpu":
         return f"Precision: {name} autocast on {device}." if dtype else "Precision: float32."
     native = cpu_has_native_bf16()
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    told = f"; {CPU_BF16_ENV}={forced} decided this, not the CPU" if forced else ""
     if dtype is None:
         return ("Precision: float32" + ("" if native or amp == "off" else
-                " (this CPU has no native bf16, AVX512-BF16 or AMX, where bf16 would be "
-                "emulated and slower)") + ".")
+                f" (this CPU has no native bf16, AVX512-BF16 or AMX, where bf16 would be "
+                f"emulated and slower{told})") + ".")
     if native:
-        return "Precision: bf16 autocast (this CPU computes bf16 natively; --amp off for float32)."
+        return ("Precision: bf16 autocast (this CPU computes bf16 natively; --amp off for "
+                f"float32{told}).")
     return ("Precision: bf16 autocast as asked, but this CPU has no native bf16 (AVX512-BF16 or "
             "AMX): it is emulated and several times slower than float32; pass --amp auto.")
 

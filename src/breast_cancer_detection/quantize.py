@@ -121,7 +121,6 @@ def run_gate(float_model: Path, int8_model: Path, folder: Path, table: pd.DataFr
              progress: bool = False) -> Gate:
     """Scores the gate images with both ONNX models and applies the tolerances."""
     from .inference import Predictor
-    from .metrics import roc_auc
 
     probs = []
     for path in (float_model, int8_model):
@@ -132,9 +131,22 @@ def run_gate(float_model: Path, int8_model: Path, folder: Path, table: pd.DataFr
     ok = np.isfinite(a) & np.isfinite(b)
     if not ok.any():
         raise UserError(f"{folder}: none of the gate images could be read.")
-    a, b, y = a[ok], b[ok], table["target"].to_numpy()[ok]
-    diff = np.abs(a - b)
     threshold = Predictor.from_onnx(float_model, progress=False).threshold
+    return judge_gate(a[ok], b[ok], table["target"].to_numpy()[ok], threshold)
+
+
+def judge_gate(a: np.ndarray, b: np.ndarray, y: np.ndarray, threshold: float) -> Gate:
+    """The gate's verdict on one set of gate images.
+
+    Args:
+        a: float32 P(malignant) of each image.
+        b: int8 P(malignant) of the same images.
+        y: Their labels (0/1), or -1 where unknown.
+        threshold: The model's decision threshold.
+    """
+    from .metrics import roc_auc
+
+    diff = np.abs(a - b)
     same = float(np.mean((a >= threshold) == (b >= threshold)))
     labelled = set(np.unique(y)) == {0, 1}
     if labelled:
@@ -146,7 +158,7 @@ def run_gate(float_model: Path, int8_model: Path, folder: Path, table: pd.DataFr
         auc_a = auc_b = None
         passed = float(diff.max()) <= PROB_TOLERANCE
         rule = f"every P(malignant) within {PROB_TOLERANCE} of float32 (no labels)"
-    return Gate(images=int(ok.sum()), rule=rule, auc_float32=auc_a, auc_int8=auc_b,
+    return Gate(images=len(a), rule=rule, auc_float32=auc_a, auc_int8=auc_b,
                 max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
                 same_label=same, passed=bool(passed))
 
