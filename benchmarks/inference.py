@@ -2,7 +2,7 @@
 """Inference speed on this CPU: Predictor against the seed notebook's predict(), same images.
 
     python benchmarks/inference.py [--images 48] [--batch-size 32] [--repeats 3]
-                                   [--only breakhis|pcam|jpeg]
+                                   [--only breakhis|breakhis-model|pcam|jpeg]
 
 1. BreakHis, DenseNet-121 (random weights, no download) at 224 px. The seed is timed by
    ``../shared/baseline/seed_pipeline.py predict`` (one image at a time, PIL + numpy) on a
@@ -14,14 +14,17 @@
    is no AUC to keep). All include reading and preparing the PNGs. The seed and our backends
    run interleaved, ``--repeats`` times; each repeat gives a ratio per backend, and the
    median and min-max of those ratios are printed.
-2. The bundled PCam model on 96 px patches (``../shared/data/pcam-subset/valid`` when
+2. ``--only breakhis-model``: the bundled BreakHis model (MobileNetV2, the default of ``bcd
+   predict IMAGES``) on the same cycled BreakHis samples, PyTorch and ONNX Runtime float32,
+   interleaved with the seed's DenseNet-121 predict(); ratios as in 1.
+3. The bundled PCam model on 96 px patches (``../shared/data/pcam-subset/valid`` when
    present): ``Predictor.predict`` on N patches per backend (int8 gated on PCam valid), the
    model alone on a random batch of 64, and the share of this machine's float32 peak that the
    model alone reaches (its multiply-adds per image x images/s, against a 2048x2048 float32
    matrix product timed here).
-3. Cold start: ``bcd predict CKPT one.png`` in a fresh process, time to the first prediction
+4. Cold start: ``bcd predict CKPT one.png`` in a fresh process, time to the first prediction
    and peak resident memory.
-4. JPEG (``--only jpeg``): the same DenseNet-121 on the BreakHis samples saved as JPEG
+5. JPEG (``--only jpeg``): the same DenseNet-121 on the BreakHis samples saved as JPEG
    (quality 90) at ``--jpeg-scale`` times their pixel size (default 2: 1400x920; bicubic), as
    a camera with more pixels gives them, each predicted whole as the seed does
    (``tile_factor=None``: by default images this large are cut into tiles at their own
@@ -50,19 +53,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_info  # noqa: E402
+from machine import cpu_info, emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SEED = SHARED / "baseline" / "seed_pipeline.py"
 SAMPLES = SHARED / "data" / "breakhis-samples"
 PCAM = SHARED / "data" / "pcam-subset"
-
-
-def emit(record: dict) -> dict:
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                      for k, v in record.items()}), flush=True)
-    return record
 
 
 def spread(values: list[float]) -> dict:
@@ -238,6 +235,31 @@ def breakhis(tmp: Path, args) -> None:
         cold_start(ckpt, files[0], tmp / "one.csv", backend, tmp / "cache-densenet" / "float32")
 
 
+def breakhis_model(tmp: Path, args) -> None:
+    """The bundled BreakHis model (``bcd predict IMAGES`` with no model: its default) against
+    the seed's DenseNet-121 predict(), on the same cycled BreakHis samples, interleaved."""
+    from breast_cancer_detection.inference import BREAKHIS_MODEL, Predictor
+
+    folder = tmp / "images"
+    files = (sorted(folder.rglob("*.png"), key=lambda p: (p.parent.name, p.name))
+             if folder.is_dir() else cycled_images(folder, args.images))
+    torch_pred = Predictor.from_pretrained(BREAKHIS_MODEL, device="cpu", progress=False)
+    preds = {"torch": torch_pred,
+             "onnx": torch_pred.on_backend("float32", cache_dir=tmp / "cache-breakhis")}
+    ratios: dict[str, list[float]] = {k: [] for k in preds}
+    for r in range(args.repeats):
+        seed = emit({"what": "seed_predict", "repeat": r,
+                     "images_per_s": time_seed(folder, args.images)})
+        for name, pred in rotated(preds, r):
+            ips = time_predict(pred, files, args.batch_size)
+            emit({"what": "bcd_predict", "model": BREAKHIS_MODEL, "repeat": r,
+                  "backend": name, "note": pred.backend_note, "images_per_s": ips})
+            ratios[name].append(ips / seed["images_per_s"])
+    for name, values in ratios.items():
+        emit({"what": "ratio_over_seed", "model": f"{BREAKHIS_MODEL} vs seed densenet121",
+              "backend": name, **spread(values)})
+
+
 def pcam(tmp: Path, args) -> None:
     from breast_cancer_detection.inference import collect_images
     from breast_cancer_detection.pretrained import resolve_trained
@@ -325,7 +347,7 @@ def main() -> None:
                     "(default 512)")
     ap.add_argument("--jpeg-scale", type=int, default=2, help="the JPEGs' size in BreakHis "
                     "sizes (default 2: 1400x920; 4: 2800x1840, a 5 MP camera)")
-    ap.add_argument("--only", choices=["breakhis", "pcam", "jpeg"],
+    ap.add_argument("--only", choices=["breakhis", "breakhis-model", "pcam", "jpeg"],
                     help="run one part")
     args = ap.parse_args()
 
@@ -335,6 +357,8 @@ def main() -> None:
         tmp = Path(tmp)
         if args.only in (None, "breakhis"):
             breakhis(tmp, args)
+        if args.only in (None, "breakhis-model"):
+            breakhis_model(tmp, args)
         if args.only in (None, "pcam"):
             pcam(tmp, args)
         if args.only in (None, "jpeg"):

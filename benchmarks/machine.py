@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,3 +24,10 @@ def cpu_info() -> dict:
     return {"cpu": model, "cpus": os.cpu_count(),
             "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
             "amx": "amx_tile" in flags}
+
+
+def emit(record: dict) -> dict:
+    """Prints one JSON line (floats to 4 decimals) and returns the record."""
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                      for k, v in record.items()}), flush=True)
+    return record

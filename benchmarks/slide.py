@@ -56,18 +56,12 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_info  # noqa: E402
+from machine import cpu_info, emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PCAM = SHARED / "data" / "pcam-subset" / "valid"
 DEFAULT_TIA = Path("/tmp/tiavenv/bin/python")
-
-
-def emit(record: dict) -> dict:
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                      for k, v in record.items()}), flush=True)
-    return record
 
 
 # ----------------------------------------------------------------------------- memory

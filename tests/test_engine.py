@@ -805,3 +805,42 @@ def test_mixup_trains_from_the_cache_and_is_refused_when_negative(fake_breakhis,
     assert (result.run_dir / "best.pt").is_file()
     with pytest.raises(ConfigError, match="mixup=-1"):
         _cfg(fake_breakhis, tmp_path, mixup=-1.0)
+
+
+def test_patient_balance_gives_each_class_half_and_each_patient_an_equal_share():
+    from breast_cancer_detection.engine import patient_balanced_weights
+
+    # Benign: patient a with 6 images, b with 2; malignant: c with 1, d with 3, and one image
+    # without a patient id (a patient of its own).
+    targets = np.array([0] * 8 + [1] * 5)
+    patients = np.array(["a"] * 6 + ["b"] * 2 + ["c"] + ["d"] * 3 + [""])
+    w = patient_balanced_weights(targets, patients)
+    assert w.sum() == pytest.approx(1.0)
+    share = pd.Series(w).groupby(patients).sum()
+    assert share["a"] == pytest.approx(0.25) and share["b"] == pytest.approx(0.25)
+    for p in ("c", "d", ""):
+        assert share[p] == pytest.approx(0.5 / 3)
+    assert w[targets == 1].sum() == pytest.approx(0.5)
+    assert np.allclose(w[:6], w[0]) and w[6] == pytest.approx(3 * w[0])
+
+
+def test_training_with_patient_balance_draws_by_patient(fake_breakhis, tmp_path, monkeypatch):
+    from breast_cancer_detection.data import datasets
+
+    seen = []
+    real = datasets.EpochSampler.__init__
+
+    def spy(self, n, *args, weights=None, **kw):
+        seen.append(weights)
+        real(self, n, *args, weights=weights, **kw)
+
+    monkeypatch.setattr(datasets.EpochSampler, "__init__", spy)
+    result = fit(_cfg(fake_breakhis, tmp_path, balance="patient"), progress=False)
+    split = pd.read_csv(result.run_dir / "split.csv", dtype=str, keep_default_na=False)
+    train = split[split["split"] == "train"]
+    drawn = next(w for w in seen if w is not None and len(w) == len(train))
+    share = pd.Series(drawn.numpy()).groupby(train["patient"].to_numpy()).sum()
+    per_class = train.groupby("label")["patient"].nunique()
+    for patient, value in share.items():
+        label = train.loc[train["patient"] == patient, "label"].iloc[0]
+        assert value == pytest.approx(0.5 / per_class[label] * drawn.sum().item())

@@ -292,6 +292,19 @@ def test_cv_runs_every_fold_and_summarises(fake_breakhis, tmp_path):
     assert "40X" in js["by_magnification"] and len(js["per_fold"]) == 3
     text = (out / "report.md").read_text()
     assert "Patient-disjoint 3-fold" in text and "By magnification" in text and "+-" in text
+    # Out of fold, pooled: every image once, decided at its own fold's threshold.
+    oof = pd.read_csv(out / "oof_predictions.csv", dtype={"patient": str})
+    assert len(oof) == sum(js["per_fold"][k]["test_images"] for k in range(3))
+    assert oof["path"].is_unique and set(oof["fold"]) == {0, 1, 2}
+    for k in range(3):
+        assert (oof.loc[oof["fold"] == k, "threshold"] == js["per_fold"][k]["threshold"]).all()
+    pooled = js["pooled"]
+    right = (oof["probability"] >= oof["threshold"]).astype(int) == oof["target"]
+    assert pooled["image_accuracy"]["value"] == pytest.approx(right.mean())
+    assert pooled["patients"]["value"] == 11
+    low, high = pooled["image_accuracy"]["ci"]
+    assert low <= pooled["image_accuracy"]["value"] <= high
+    assert "Out-of-fold, pooled" in text and "Patient accuracy" in text
 
 
 @pytest.mark.slow

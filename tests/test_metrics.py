@@ -278,6 +278,27 @@ def _acc(d: pd.DataFrame) -> float:
     return image_metrics(d["target"], d["probability"], 0.5)["accuracy"]
 
 
+def test_pooled_out_of_fold_metrics_decide_each_row_at_its_folds_threshold():
+    from breast_cancer_detection.metrics import pooled_metrics
+
+    df = pd.DataFrame({
+        "patient": ["a", "a", "b", "b", "c", "d"],
+        "target": [1, 1, 0, 0, 1, 0],
+        "probability": [0.6, 0.2, 0.3, 0.5, 0.45, 0.1],
+        "threshold": [0.5, 0.5, 0.5, 0.5, 0.4, 0.4],  # c and d come from a fold at 0.4
+    })
+    m = pooled_metrics(df)
+    # Images right: 0.6>=0.5 yes, 0.2 no, 0.3 yes, 0.5 no (benign called malignant), 0.45>=0.4
+    # yes, 0.1 yes: 4 of 6. At one shared threshold of 0.5, c would be wrong (3 of 6).
+    assert m["image_accuracy"] == pytest.approx(4 / 6)
+    # Patients by mean: a 0.4 < 0.5 wrong; b 0.4 < 0.5 right; c 0.45 >= 0.4 right; d right.
+    assert m["patient_accuracy"] == pytest.approx(3 / 4)
+    assert (m["images"], m["patients"]) == (6, 4)
+    assert m["image_roc_auc"] == pytest.approx(skm.roc_auc_score(df["target"], df["probability"]))
+    # Patients ranked by mean P: malignant a 0.4, c 0.45; benign b 0.4, d 0.1 -> 3.5 of 4 pairs.
+    assert m["patient_roc_auc"] == pytest.approx(3.5 / 4)
+
+
 def test_bootstrap_is_reproducible_for_a_seed():
     df = _cohort(30)
     a = bootstrap_ci(df, _acc, n=200, seed=7)

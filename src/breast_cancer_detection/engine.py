@@ -631,11 +631,31 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def patient_balanced_weights(targets: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Sampling weights under which each class draws half the images and, within a class,
+    each patient an equal share, however many images the patient has. An image without a
+    patient id counts as a patient of its own.
+
+    BreakHis patients hold from 1 to over 100 images each; drawn uniformly, a few patients
+    make most of every epoch and the model learns them rather than the classes.
+    """
+    targets = np.asarray(targets).astype(int)
+    ids = np.asarray(patients).astype(str)
+    ids = np.where(ids == "", np.char.add("image-", np.arange(len(ids)).astype(str)), ids)
+    table = pd.DataFrame({"t": targets, "p": ids})
+    images = table.groupby("p")["t"].transform("size").to_numpy()
+    patients_of_class = table.groupby("t")["p"].transform("nunique").to_numpy()
+    classes = table["t"].nunique()
+    return 1.0 / (classes * patients_of_class * images)
+
+
 def build_optimisation(cfg: TrainConfig, raw_model: nn.Module, train_targets: np.ndarray,
                        n_train: int, dist_info: DistInfo,
-                       dtype: torch.dtype | None) -> _Optimisation:
+                       dtype: torch.dtype | None,
+                       train_patients: np.ndarray | None = None) -> _Optimisation:
     """Optimiser, warm-up + cosine schedule, loss (class-weighted or not), sampler weights and
-    the gradient scaler, sized for ``n_train`` images over ``cfg.epochs`` epochs."""
+    the gradient scaler, sized for ``n_train`` images over ``cfg.epochs`` epochs
+    (``train_patients`` for ``balance: patient``)."""
     device = dist_info.device
     counts = np.bincount(train_targets.astype(int), minlength=2)
     class_weights = None
@@ -647,6 +667,10 @@ def build_optimisation(cfg: TrainConfig, raw_model: nn.Module, train_targets: np
     sample_weights = None
     if cfg.balance == "sampler":
         sample_weights = torch.tensor(1.0 / counts[train_targets.astype(int)])
+    elif cfg.balance == "patient":
+        if train_patients is None:
+            train_patients = np.full(len(train_targets), "")
+        sample_weights = torch.tensor(patient_balanced_weights(train_targets, train_patients))
     n_per_rank = math.ceil(n_train / dist_info.world)
     drop_last = n_per_rank > cfg.batch_size
     steps = (n_per_rank // cfg.batch_size if drop_last
@@ -683,7 +707,9 @@ def _build_run(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoint | None,
     run.train_ds, run.val_ds, run.batch_aug, run.batch_eval = _datasets(
         cfg, root, train_tab, run.val_tab, pre, aug, dist_info.device, run.log)
     run.opt = build_optimisation(cfg, raw_model, train_tab["target"].to_numpy(),
-                                 len(run.train_ds), dist_info, dtype)
+                                 len(run.train_ds), dist_info, dtype,
+                                 train_tab["patient"].fillna("").astype(str).to_numpy()
+                                 if "patient" in train_tab.columns else None)
     run.log(_precision_line(cfg.amp, dtype, dist_info.device))
     if cfg.ema is not None:
         run.ema = _averaged(raw_model, cfg.ema)

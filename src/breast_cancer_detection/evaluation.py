@@ -41,6 +41,7 @@ from .metrics import (
     image_metrics,
     metrics_by,
     patient_table,
+    pooled_metrics,
     scalar_metrics,
 )
 from .report import cv_report_md, evaluation_report_md
@@ -602,6 +603,10 @@ class CVResult:
     folds: list[Evaluation]
     summary: pd.DataFrame
     """One row per (scope, metric): ``mean``, ``std`` (sample, ddof=1) and ``folds``."""
+    pooled: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Out-of-fold predictions pooled (each at its fold's threshold): ``image_roc_auc``,
+    ``image_accuracy``, ``patient_roc_auc``, ``patient_accuracy``..., each ``{"value",
+    "ci"}`` with a patient-bootstrap 95% interval."""
 
 
 def _fold_done(run: Path, cfg) -> bool:
@@ -649,8 +654,9 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
         progress: Progress bars.
 
     Returns:
-        The :class:`CVResult`; ``cv_summary.csv``, ``cv_summary.json``, ``cv_folds.csv`` and
-        ``report.md`` are in ``out``.
+        The :class:`CVResult`; ``cv_summary.csv``, ``cv_summary.json`` (with the pooled
+        out-of-fold figures), ``cv_folds.csv``, ``oof_predictions.csv`` and ``report.md`` are
+        in ``out``.
     """
     from .config import TrainConfig
     from .data.splits import fold_split, make_folds
@@ -715,8 +721,34 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
         target = as_json["overall"] if scope == "all" else as_json["by_magnification"].setdefault(
             scope, {})
         target[metric] = entry
+    oof = _out_of_fold(evaluations)
+    oof.to_csv(out / "oof_predictions.csv", index=False)
+    as_json["pooled"] = _pooled(oof, bootstrap, base.seed)
+    as_json["pooled_by_magnification"] = {
+        mag: _pooled(oof[oof["magnification"] == mag], bootstrap, base.seed)
+        for mag in sorted(set(oof["magnification"].astype(str)) - {""}, key=group_sort_key)}
     atomic_write_text(out / "cv_summary.json", json.dumps(jsonable(as_json), indent=2) + "\n")
     atomic_write_text(out / "report.md", cv_report_md(as_json, summary, base))
-    return CVResult(out, evaluations, summary)
+    return CVResult(out, evaluations, summary, as_json["pooled"])
+
+
+def _out_of_fold(evaluations: list[Evaluation]) -> pd.DataFrame:
+    """Every fold's test predictions in one table, with the fold and its threshold."""
+    frames = []
+    for k, ev in enumerate(evaluations):
+        pred = ev.predictions
+        frames.append(pred.assign(fold=k, threshold=float(ev.metrics.threshold["value"]),
+                                  target=(pred["label"] == CLASSES[1]).astype(int)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _pooled(oof: pd.DataFrame, bootstrap: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Pooled out-of-fold figures, each with its patient-bootstrap 95% interval."""
+    if oof.empty:
+        return {}
+    values = pooled_metrics(oof)
+    ci = bootstrap_metrics(oof, pooled_metrics, n=bootstrap, seed=seed) if bootstrap else {}
+    return {name: {"value": v, "ci": list(ci[name]) if name in ci else None}
+            for name, v in values.items()}
 
 

@@ -343,6 +343,34 @@ def evaluate_predictions(df: pd.DataFrame, threshold: float = 0.5, *, bins: int 
     return out
 
 
+def pooled_metrics(df: pd.DataFrame) -> dict[str, float]:
+    """Out-of-fold predictions of several models, pooled: each row decided at its own model's
+    threshold.
+
+    Args:
+        df: ``target``, ``probability``, ``threshold`` (of the fold that scored the row) and
+            ``patient`` columns; a patient's rows all come from one fold.
+
+    Returns:
+        ``image_roc_auc`` and ``image_accuracy`` over all rows, ``patient_roc_auc`` (patients
+        ranked by their mean probability) and ``patient_accuracy`` (mean probability at the
+        fold's threshold), ``images`` and ``patients``.
+    """
+    y = df["target"].to_numpy(dtype=int)
+    p = _probabilities(df["probability"].to_numpy(dtype=float))
+    t = df["threshold"].to_numpy(dtype=float)
+    codes, ids = pd.factorize(df["patient"].astype(str).to_numpy(), sort=True)
+    n = len(ids)
+    images = np.bincount(codes, minlength=n)
+    target = (np.bincount(codes, weights=y, minlength=n) > 0).astype(int)
+    mean_p = np.bincount(codes, weights=p, minlength=n) / np.maximum(images, 1)
+    mean_t = np.bincount(codes, weights=t, minlength=n) / np.maximum(images, 1)
+    return {"images": float(len(y)), "patients": float(n),
+            "image_roc_auc": roc_auc(y, p), "image_accuracy": float(np.mean((p >= t) == y)),
+            "patient_roc_auc": roc_auc(target, mean_p),
+            "patient_accuracy": float(np.mean((mean_p >= mean_t) == target))}
+
+
 def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a nested metrics dict as ``{"image.accuracy": 0.9, ...}``.
 

@@ -9,15 +9,17 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .imagenet import WeightsError
+
+__all__ = ["WeightsError", "create_model", "head_name", "list_models", "read_state_dict"]
 
 TORCHVISION_MODELS = (
-    "densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0",
+    "densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v2",
     "mobilenet_v3_large", "mobilenet_v3_small", "convnext_tiny",
 )
 
-
-class WeightsError(UserError, RuntimeError):
-    """Pretrained weights could not be fetched or do not fit the architecture."""
+PACKAGE_MODELS = ("efficientnet_lite0",)
+"""Architectures whose network code comes from a PyPI package (``efficientnet-lite-pytorch``)."""
 
 
 class SmallCNN(nn.Module):
@@ -103,7 +105,18 @@ _LOCAL: dict[str, Callable[[int], nn.Module]] = {
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model` (plus any timm name when timm is installed)."""
-    return sorted(_LOCAL) + list(TORCHVISION_MODELS)
+    return sorted(_LOCAL) + list(TORCHVISION_MODELS) + list(PACKAGE_MODELS)
+
+
+def _efficientnet_lite0(num_classes: int) -> nn.Module:
+    from .imagenet import KNOWN
+
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise UserError("efficientnet_lite0 needs its network code: "
+                        f"`{KNOWN['efficientnet_lite0'].install}`.") from None
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
 
 
 def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -131,19 +144,6 @@ def _replace_head(model: nn.Module, num_classes: int) -> str:
 def head_name(model: nn.Module) -> str:
     """The module name of the model's classification head."""
     return _last_linear(model)[0]
-
-
-def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    from torchvision.models import get_model_weights
-
-    weights = get_model_weights(name).DEFAULT
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:  # noqa: BLE001 - any fetch failure gets the same advice
-        raise WeightsError(
-            f"Could not fetch ImageNet weights for {name} ({type(e).__name__}: {e}). Pass "
-            f"--weights PATH (a local state dict or checkpoint) or --no-pretrained."
-        ) from e
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -187,8 +187,10 @@ def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bo
     Args:
         name: One of :func:`list_models`, or a timm model name when timm is installed.
         num_classes: Outputs of the new head.
-        pretrained: Start from ImageNet weights (torchvision downloads and caches them).
-        weights: A local state dict or checkpoint to start from instead (e.g. offline).
+        pretrained: Start from ImageNet weights, found by :func:`bcd.imagenet.resolve`
+            (torchvision's cache, an installed weights package, or a download), each file
+            checked by its SHA-256.
+        weights: A local state dict or checkpoint to start from instead; nothing is fetched.
         freeze_backbone: Train only the head.
         **kwargs: Passed to the architecture; ``None`` values are dropped so a CLI default
             never overrides the architecture's own.
@@ -198,16 +200,27 @@ def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bo
             ``--weights PATH`` and ``--no-pretrained``.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    # Weights of one's own replace ImageNet's: nothing is fetched for them.
+    imagenet = pretrained and weights is None
     if name in _LOCAL:
         if pretrained:
             raise WeightsError(f"{name} has no pretrained weights; use --no-pretrained.")
         model = _LOCAL[name](num_classes)
-    elif name in TORCHVISION_MODELS:
-        from torchvision.models import get_model
+    elif name in TORCHVISION_MODELS or name in PACKAGE_MODELS:
+        if name in PACKAGE_MODELS:
+            model = _efficientnet_lite0(1000)
+        else:
+            from torchvision.models import get_model
 
-        model = get_model(name, weights=None, **kwargs)
-        if pretrained:
-            model.load_state_dict(_imagenet_state_dict(name))
+            model = get_model(name, weights=None, **kwargs)
+        if imagenet:
+            from . import imagenet as imagenet_weights
+
+            state, where = imagenet_weights.load(name)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise WeightsError(f"{where.path} does not load into {name}: {e}") from e
         _replace_head(model, num_classes)
     else:
         try:
@@ -217,8 +230,12 @@ def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bo
                             "or `pip install timm` for timm's models.") from None
         if not timm.is_model(name):
             raise UserError(f"unknown model {name!r} (neither torchvision's nor timm's).")
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        model = timm.create_model(name, pretrained=imagenet, num_classes=num_classes, **kwargs)
     if weights is not None:
+        if name in TORCHVISION_MODELS or name in PACKAGE_MODELS:
+            from .imagenet import verify
+
+            verify(Path(weights), name)  # a known file under its own name: by its hash
         load_backbone_weights(model, read_state_dict(weights), str(weights))
     if freeze_backbone:
         head = head_name(model)

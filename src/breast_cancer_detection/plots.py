@@ -122,6 +122,37 @@ def plot_prediction(image, prediction: Prediction, ax: tuple[Axes, Axes] | None 
     return fig
 
 
+CAM_CMAP = "viridis"
+"""Grad-CAM maps: perceptually uniform and readable with the common colour blindnesses."""
+
+
+def plot_explanation(view, cam: np.ndarray, *, title: str = "Grad-CAM") -> Figure:
+    """The model's view beside its Grad-CAM laid over it, at the view's aspect, with a colour
+    bar saying what the colours mean.
+
+    Args:
+        view: The image the map belongs to (PIL image or array), as :func:`bcd.explain`
+            returns it.
+        cam: The map in [0, 1], of the view's size.
+        title: Title of the map's panel (e.g. the label it explains).
+    """
+    picture = np.asarray(view)
+    h, w = picture.shape[:2]
+    fig = _figure(8.0, 4.0 * h / w + 0.8)
+    left, right = fig.subplots(1, 2)
+    left.imshow(picture)
+    left.set_title("what the model sees")
+    right.imshow(picture)
+    shown = right.imshow(cam, cmap=CAM_CMAP, vmin=0, vmax=1, alpha=0.5,
+                         extent=(0, w, h, 0), interpolation="bilinear")
+    right.set_title(title)
+    for a in (left, right):
+        a.set_axis_off()
+    fig.colorbar(shown, ax=right, fraction=0.046, pad=0.02,
+                 label="evidence for the class (Grad-CAM, scaled to 0-1)")
+    return fig
+
+
 def plot_sample_grid(index, root, *, per_cell: int = 1, seed: int = 0) -> Figure:
     """A grid of example images: one row per class, one column per magnification.
 

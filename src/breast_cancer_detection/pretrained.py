@@ -49,7 +49,9 @@ class TrainedModel:
         sha256: The file's SHA-256 hex digest; None only for a local file (then unchecked).
         intended_use: One line: what it is for.
         not_for: One line: what it must not be used for.
-        default: Whether this is the model used when none is named.
+        default: Whether this is the model ``bcd predict`` and ``bcd serve`` use on images
+            when none is named.
+        slide_default: Whether this is the model ``bcd slide`` uses when none is named.
         registry: The YAML file the entry comes from.
         base: The folder a relative ``file`` is relative to.
     """
@@ -64,6 +66,7 @@ class TrainedModel:
     intended_use: str = ""
     not_for: str = ""
     default: bool = False
+    slide_default: bool = False
     registry: Path = BUNDLED_REGISTRY
     base: Path = REPO_ROOT
 
@@ -172,14 +175,16 @@ def _read_registry(path: Path) -> list[TrainedModel]:
             raise TrainedModelError(f"{path}, model {item['name']!r}: mpp and input_size must "
                                     f"be numbers ({e}).") from e
         values["default"] = bool(values.get("default", False))
+        values["slide_default"] = bool(values.get("slide_default", False))
         for key in ("name", "task", "file", "url", "intended_use", "not_for"):
             if values.get(key) is not None:
                 values[key] = str(values[key]).strip()
         out.append(TrainedModel(**values, registry=path, base=base))
-    defaults = [m.name for m in out if m.default]
-    if len(defaults) > 1:
-        raise TrainedModelError(f"{path}: {', '.join(defaults)} are all marked `default: "
-                                "true`; keep it on one.")
+    for key in ("default", "slide_default"):
+        defaults = [m.name for m in out if getattr(m, key)]
+        if len(defaults) > 1:
+            raise TrainedModelError(f"{path}: {', '.join(defaults)} are all marked `{key}: "
+                                    "true`; keep it on one.")
     return out
 
 
@@ -212,11 +217,13 @@ def list_trained() -> list[TrainedModel]:
     return list(seen.values())
 
 
-def trained_model(name: str | None = None) -> TrainedModel:
+def trained_model(name: str | None = None, *, slides: bool = False) -> TrainedModel:
     """The registry entry called ``name``; None gives the default one.
 
-    The default is the entry marked ``default: true`` in the last registry file that marks
-    one, so a ``$BCD_MODELS`` file can choose another default than the bundled one.
+    The default is the entry marked ``default: true`` (images: ``bcd predict``, ``bcd
+    serve``), or ``slide_default: true`` when ``slides`` (``bcd slide``), in the last registry
+    file that marks one, so a ``$BCD_MODELS`` file can choose another default than the
+    bundled one. Without a ``slide_default``, slides fall back to the image default.
 
     Raises:
         TrainedModelError: no such name (the message lists the known ones), or no default.
@@ -224,6 +231,8 @@ def trained_model(name: str | None = None) -> TrainedModel:
     models = list_trained()
     if name is None:
         defaults = [m for m in models if m.default]
+        if slides:
+            defaults = [m for m in models if m.slide_default] or defaults
         if not defaults:
             raise TrainedModelError(
                 "no trained model is marked `default: true` in "

@@ -194,6 +194,20 @@ def _mean_std(summary: pd.DataFrame, scope: str, metric: str) -> str:
         f"{row['mean'].iloc[0]:.3f}")
 
 
+POOLED = (("image_roc_auc", "Image ROC AUC"), ("image_accuracy", "Image accuracy"),
+          ("patient_roc_auc", "Patient ROC AUC"), ("patient_accuracy", "Patient accuracy"))
+
+
+def value_ci(entry: dict | None) -> str:
+    """``0.912 (0.850-0.960)`` from ``{"value", "ci"}``; ``n/a`` when undefined."""
+    if not entry or entry["value"] is None or not math.isfinite(entry["value"]):
+        return "n/a"
+    ci = entry.get("ci")
+    if ci and all(c is not None and math.isfinite(c) for c in ci):
+        return f"{entry['value']:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+    return f"{entry['value']:.3f}"
+
+
 def cv_report_md(js: dict, summary: pd.DataFrame, cfg) -> str:
     """``report.md`` of ``bcd cv``: per fold, mean +- std overall and by magnification."""
     k = js["folds"]
@@ -215,6 +229,22 @@ def cv_report_md(js: dict, summary: pd.DataFrame, cfg) -> str:
                      for s, key, label in HEADLINE
                      if not summary[(summary["scope"] == "all")
                                     & (summary["metric"] == f"{s}.{key}")].empty]), ""]
+    if js.get("pooled"):
+        pooled_rows = [[label, value_ci(js["pooled"].get(key))] for key, label in POOLED]
+        by_mag = js.get("pooled_by_magnification", {})
+        lines += ["## Out-of-fold, pooled (patient-bootstrap 95% CI)", "",
+                  f"Every image's prediction comes from the fold that held its patient out "
+                  f"({int(js['pooled']['images']['value'])} images, "
+                  f"{int(js['pooled']['patients']['value'])} patients), decided at that fold's "
+                  "threshold; a patient is called malignant when its mean P(malignant) reaches "
+                  "the threshold. Rows: `oof_predictions.csv`.", "",
+                  _table(["Metric", "Value (95% CI)"], pooled_rows), ""]
+        if by_mag:
+            lines += [_table(["Magnification", "Images", "Patients"]
+                             + [label for _, label in POOLED],
+                             [[m, int(v["images"]["value"]), int(v["patients"]["value"])]
+                              + [value_ci(v.get(key)) for key, _ in POOLED]
+                              for m, v in by_mag.items()]), ""]
     mags = sorted(js["by_magnification"], key=group_sort_key)
     if mags:
         cols = [("image.accuracy", "Image accuracy"),
