@@ -105,7 +105,7 @@ def test_breakhis_images_given_to_a_model_of_other_tissue_are_flagged(
     shutil.copy(files[0], other)
     note = Predictor.from_checkpoint(patch_model, device="cpu").wrong_data_note(files + [other])
     assert note is not None and note.startswith("2 of these 3 images are BreakHis")
-    assert "0.972 um/px" in note and "bcd train --preset breakhis-gpu" in note
+    assert "0.972 um/px" in note and "--model breakhis-patch-cnn" in note
     # Not for other names, nor for a model trained without a stated scale (as on BreakHis).
     assert Predictor.from_checkpoint(patch_model, device="cpu").wrong_data_note([other]) is None
     assert Predictor.from_checkpoint(trained, device="cpu").wrong_data_note(files) is None

@@ -184,7 +184,7 @@ def test_the_tile_budget_refuses_before_decoding(predictor, no_decoding):
 def test_the_bundled_models_small_tiles_count_by_their_area():
     from breast_cancer_detection.app.server import _Upload
 
-    service = create_app(Predictor.from_pretrained(progress=False)).state.service
+    service = create_app(Predictor.from_pretrained("pcam-patch-cnn", progress=False)).state.service
     # 2,704 tiles of 96 px: over 2000 by count, 497 by the work of 224 px tiles.
     assert service.check_budget([_Upload("big.jpg", png_claiming(2500, 2500))])[1] == 2704
 

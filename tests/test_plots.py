@@ -122,3 +122,28 @@ def test_every_plot_draws_in_the_one_palette():
         plots.SERIES_COLORS[:len(bars)])
     reliability = figs["reliability"].axes[0]
     assert to_hex(reliability.patches[0].get_facecolor()) == plots.BENIGN_COLOR
+
+
+def test_figures_show_as_pictures_in_jupyter():
+    """display(fig) in a notebook: IPython's formatter must find a PNG, not only text."""
+    formatters = pytest.importorskip("IPython.core.formatters")
+    from breast_cancer_detection.plots import plot_confusion
+
+    data, _ = formatters.DisplayFormatter().format(plot_confusion([[5, 1], [2, 7]]))
+    assert data["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_explanation_keeps_the_aspect_and_has_a_colour_bar():
+    from breast_cancer_detection.plots import plot_explanation
+
+    view = np.zeros((46, 70, 3), np.uint8)
+    cam = np.linspace(0, 1, 46 * 70, dtype=np.float32).reshape(46, 70)
+    fig = plot_explanation(view, cam, title="Grad-CAM: malignant")
+    image_axes = [a for a in fig.axes if a.images]
+    assert len(image_axes) == 2  # the view, and the map over it
+    overlay = next(a for a in image_axes if a.get_title() == "Grad-CAM: malignant")
+    x0, x1 = overlay.get_xlim()
+    y0, y1 = overlay.get_ylim()
+    assert abs(x1 - x0) / abs(y0 - y1) == pytest.approx(70 / 46, rel=0.02)
+    bar = next(a for a in fig.axes if a not in (overlay,) and "evidence" in a.get_ylabel())
+    assert bar.get_ylim() == pytest.approx((0.0, 1.0))

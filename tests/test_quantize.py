@@ -126,7 +126,7 @@ def test_int8_passes_its_gate_and_the_auto_backend_runs_it(patches, cache, tmp_p
     assert meta["threshold"] == pytest.approx(released.threshold, abs=1e-6)
     assert int8.backend_note == "ONNX Runtime (CPU, int8)"
 
-    torch_model = Predictor.from_pretrained(device="cpu", progress=False)
+    torch_model = Predictor.from_pretrained("pcam-patch-cnn", device="cpu", progress=False)
     auto = torch_model.on_backend("auto")  # $BCD_CACHE holds the int8 copy for these weights
     assert auto.backend_note == "ONNX Runtime (CPU, int8)"
     x = _patch_batch(patches, released)
@@ -275,7 +275,7 @@ def test_the_bundled_model_carries_an_int8_model_of_its_own_weights(patches, cac
     ckpt = load_checkpoint(resolve_trained("pcam-patch-cnn"))
     assert ckpt.int8_onnx and quantize.int8_of(ckpt, ckpt.int8_onnx) is None
     assert not cache.exists()  # nothing exported or copied before
-    torch_model = Predictor.from_pretrained(device="cpu", progress=False)
+    torch_model = Predictor.from_pretrained("pcam-patch-cnn", device="cpu", progress=False)
     auto = torch_model.on_backend("auto")
     assert auto.backend_note == "ONNX Runtime (CPU, int8)"
     record = auto.model.metadata["int8"]
@@ -347,7 +347,7 @@ def test_an_int8_model_the_cache_cannot_take_leaves_float32_running(tmp_path, mo
         return real(path, write)
 
     monkeypatch.setattr(files_module, "atomic_write", refuse_int8)
-    torch_model = Predictor.from_pretrained(device="cpu", progress=False)
+    torch_model = Predictor.from_pretrained("pcam-patch-cnn", device="cpu", progress=False)
     with pytest.warns(UserWarning, match="could not be written to the cache.*Permission denied"):
         got = torch_model.on_backend("auto", cache_dir=tmp_path)
     assert got.backend_note == "ONNX Runtime (CPU)"

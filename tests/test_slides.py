@@ -56,7 +56,7 @@ class FakeSlide:
 def bundled():
     from breast_cancer_detection.inference import Predictor
 
-    return Predictor.from_pretrained(device="cpu", progress=False)
+    return Predictor.from_pretrained("pcam-patch-cnn", device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")

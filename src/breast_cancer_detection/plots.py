@@ -8,6 +8,8 @@ servers. Show one with ``display(fig)``; write one with :func:`save_figure`.
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import sys
 from pathlib import Path
@@ -58,10 +60,25 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _figure(width: float = 5.0, height: float = 4.2) -> Figure:
+@functools.cache
+def _shown_figure_class() -> type:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    class ShownFigure(Figure):
+        """A figure that Jupyter shows as a picture: ``display(fig)`` finds ``_repr_png_``,
+        also where no pyplot backend registered a formatter (ipykernel 7 with matplotlib 3.11
+        showed a figure made without pyplot as the text ``<Figure size ...>``)."""
+
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=DPI)
+            return buf.getvalue()
+
+    return ShownFigure
+
+
+def _figure(width: float = 5.0, height: float = 4.2) -> Figure:
+    return _shown_figure_class()(figsize=(width, height), layout="constrained")
 
 
 def _fmt(value: float | None) -> str:
