@@ -120,11 +120,17 @@ def verify(path: Path, arch: str, expected: str | None = None) -> None:
         return  # a file of the user's own: nothing known to check it against
     found = sha256_of(path)
     if not found.startswith(expected):
-        fix = f"; delete it and run `{known.install}`" if known and known.install else (
-            "; delete it to download it again")
+        fix = (f"; delete it, then run `{_reinstall(known)}`" if known and known.install
+               else "; delete it to download it again")
         raise WeightsError(
             f"{path} ({path.stat().st_size:,} bytes) is not the {arch} ImageNet weights file: "
             f"SHA-256 {found}, expected {expected} (damaged, truncated or replaced){fix}.")
+
+
+def _reinstall(known: KnownWeights) -> str:
+    """The install command, forced, and without touching the dependencies (torch)."""
+    extra = " --force-reinstall" + ("" if "--no-deps" in (known.install or "") else " --no-deps")
+    return f"{known.install}{extra}"
 
 
 def _cache_dir() -> Path:
@@ -145,7 +151,7 @@ def _package_file(known: KnownWeights) -> Path | None:
     path = Path(next(iter(spec.submodule_search_locations))) / known.inside
     if not path.is_file():
         raise WeightsError(f"{known.package} is installed but holds no {path.name} (at "
-                           f"{path}); reinstall it: `{known.install} --force-reinstall`.")
+                           f"{path}); reinstall it: `{_reinstall(known)}`.")
     return path
 
 
