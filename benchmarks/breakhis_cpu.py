@@ -34,13 +34,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_info, emit  # noqa: E402
+from machine import SEED, SHARED, cpu_info, emit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 FILELIST = SHARED / "data" / "breakhis-filelist.txt"
 REAL = SHARED / "data" / "breakhis-real"
-SEED = SHARED / "baseline" / "seed_pipeline.py"
 
 
 def make_tree(dest: Path) -> Path:
@@ -75,7 +72,7 @@ def main() -> None:
     print(json.dumps({"what": "cpu", **cpu_info()}), flush=True)
 
     from breast_cancer_detection.config import TrainConfig, load_preset
-    from breast_cancer_detection.engine import _build_run, _time_steps
+    from breast_cancer_detection.engine import _build_run, _fitting_epochs, _time_steps
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -91,12 +88,13 @@ def main() -> None:
         run = _build_run(TrainConfig.from_dict(settings), tmp / "runs" / "bench", None,
                          progress=False)
         train_n, val_n = len(run.train_ds), len(run.val_ds)
-        rates, epochs = [], []
+        rates, epochs, val_times = [], [], []
         for rep in range(args.repeats):
             step_s, val_s = _time_steps(run, args.steps, val_images=args.val)
             epoch_s = run.opt.steps_per_epoch * step_s + val_s
             rates.append(run.cfg.batch_size / step_s)
             epochs.append(epoch_s)
+            val_times.append(val_s)
             emit({"what": "breakhis_cpu_preset", "repeat": rep, "train_images": train_n,
                   "val_images": val_n, "train_img_per_s": rates[-1], "val_s": val_s,
                   "epoch_s": epoch_s})
@@ -115,11 +113,14 @@ def main() -> None:
     print(f"breakhis-cpu on {train_n} training / {val_n} validation images: "
           f"{rate:.1f} training images/s ({min(rates):.1f}-{max(rates):.1f}), one epoch "
           f"{epoch / 60:.1f} min ({min(epochs) / 60:.1f}-{max(epochs) / 60:.1f})")
+    val_s = statistics.median(val_times)
     for minutes in (30, 60):
-        # The engine's budget: 95% of it for epochs, one final validation pass kept aside.
-        usable = 0.95 * minutes * 60 - (epoch - run.opt.steps_per_epoch * run.cfg.batch_size
-                                        / rate)
-        print(f"  --time-budget {minutes}m buys {max(0, int(usable // epoch))} epoch(s)")
+        # As the engine plans: 95% of the budget, less one final validation pass, for epochs,
+        # at most the preset's `epochs`.
+        left = 0.95 * minutes * 60 - val_s
+        buys = _fitting_epochs(run.cfg, 0, run.cfg.epochs, left, {"whole": epoch, "window": epoch})
+        print(f"  --time-budget {minutes}m buys {buys} epoch(s) (the preset's most: "
+              f"{run.cfg.epochs})")
     if seed_rates:
         print(f"seed's training loop: {statistics.median(seed_rates):.1f} images/s "
               f"({min(seed_rates):.1f}-{max(seed_rates):.1f}); breakhis-cpu "

@@ -53,11 +53,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_info, emit  # noqa: E402
+from machine import SEED, SHARED, cpu_info, emit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-SEED = SHARED / "baseline" / "seed_pipeline.py"
 SAMPLES = SHARED / "data" / "breakhis-samples"
 PCAM = SHARED / "data" / "pcam-subset"
 

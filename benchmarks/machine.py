@@ -6,6 +6,13 @@ import json
 import os
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository."""
+SHARED = ROOT.parent / "shared"
+"""The real data and the frozen seed pipeline, beside the clone."""
+SEED = SHARED / "baseline" / "seed_pipeline.py"
+"""The seed notebook's pipeline: the yardstick of every ratio."""
+
 
 def cpu_info() -> dict:
     """The CPU's model name and the vector/matrix extensions oneDNN can use."""

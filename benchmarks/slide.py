@@ -56,10 +56,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_info, emit  # noqa: E402
+from machine import SHARED, cpu_info, emit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 PCAM = SHARED / "data" / "pcam-subset" / "valid"
 DEFAULT_TIA = Path("/tmp/tiavenv/bin/python")
 

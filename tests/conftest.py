@@ -174,6 +174,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def need_module(module: str, install: str) -> None:
+    """Skips a test without ``module`` on a user's machine; fails it in CI (``CI`` set), where
+    ``.ci/run`` installs it with ``install``."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is not installed: .ci/run installs it (`{install}`)")
+        pytest.skip(f"{module} is not installed (`{install}`)")
+
+
 # Progress bars would only clutter the test log.
 os.environ.setdefault("TQDM_DISABLE", "1")
 

@@ -808,7 +808,7 @@ def test_mixup_trains_from_the_cache_and_is_refused_when_negative(fake_breakhis,
 
 
 def test_patient_balance_gives_each_class_half_and_each_patient_an_equal_share():
-    from breast_cancer_detection.engine import patient_balanced_weights
+    from breast_cancer_detection.data.datasets import patient_balanced_weights
 
     # Benign: patient a with 6 images, b with 2; malignant: c with 1, d with 3, and one image
     # without a patient id (a patient of its own).

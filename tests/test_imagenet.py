@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,16 @@ from breast_cancer_detection.imagenet import KNOWN, WeightsError
 from breast_cancer_detection.models import create_model
 from test_hostile_download import _send, serve  # noqa: F401 - the 127.0.0.1 server fixture
 
+from conftest import need_module
+
 MOBILENET = KNOWN["mobilenet_v2"]
 
 
-def _need(module: str) -> None:
-    """Skips without the weights package on a user's machine; in CI (which installs it) fails."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} is not installed: .ci/run installs it")
-        pytest.skip(f"{module} is not installed")
+def _need(arch: str) -> None:
+    known = KNOWN[arch]
+    need_module(known.module, known.install)
+    if arch == "efficientnet_lite0":
+        need_module("efficientnet_lite_pytorch", known.install)
 
 
 @pytest.fixture
@@ -37,7 +35,7 @@ def torch_home(tmp_path, monkeypatch) -> Path:
 
 
 def _packaged() -> Path:
-    _need(MOBILENET.module)
+    _need("mobilenet_v2")
     path = imagenet._package_file(MOBILENET)
     assert path is not None
     return path
@@ -145,9 +143,7 @@ def _top5(model: torch.nn.Module) -> list[str]:
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "efficientnet_lite0"])
 def test_the_weights_are_imagenets_not_a_random_net(arch, torch_home):
     """Grace Hopper's portrait (matplotlib's sample data) in uniform: ImageNet's classes for it."""
-    _need(KNOWN[arch].module)
-    if arch == "efficientnet_lite0":
-        _need("efficientnet_lite_pytorch")
+    _need(arch)
     model = create_model(arch, num_classes=1000, pretrained=True)
     # create_model gave it a fresh 2-class-style head: put ImageNet's own back for the check.
     state, _ = imagenet.load(arch)

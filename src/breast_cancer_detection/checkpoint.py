@@ -60,18 +60,30 @@ code path). CI and the tests use it to run both CPU classes' defaults on whichev
 they land on."""
 
 
+def cpu_bf16_forced() -> bool | None:
+    """What ``BCD_CPU_BF16`` says of native bf16, or None when it is unset.
+
+    Raises:
+        UserError: it is set to something other than ``0`` or ``1``.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if not forced:
+        return None
+    if forced not in ("0", "1"):
+        raise UserError(f"{CPU_BF16_ENV}={forced!r}: use 1 (act as a CPU with native bf16), "
+                        "0 (act as one without), or leave it unset to ask the CPU.")
+    return forced == "1"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (oneDNN's own check), unless overridden.
 
     Raises:
         UserError: ``BCD_CPU_BF16`` is set to something other than ``0`` or ``1``.
     """
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if forced:
-        if forced not in ("0", "1"):
-            raise UserError(f"{CPU_BF16_ENV}={forced!r}: use 1 (act as a CPU with native bf16), "
-                            "0 (act as one without), or leave it unset to ask the CPU.")
-        return forced == "1"
+    forced = cpu_bf16_forced()
+    if forced is not None:
+        return forced
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

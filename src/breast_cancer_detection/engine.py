@@ -33,6 +33,7 @@ from .checkpoint import (
     CheckpointError,
     ResumeState,
     amp_dtype,
+    cpu_bf16_forced,
     cpu_has_native_bf16,
     load_checkpoint,
     resolve_device,
@@ -41,7 +42,13 @@ from .checkpoint import (
 from .config import TrainConfig, load_config
 from .data.batch_augment import random_windows
 from .data.breakhis import CLASSES, build_index, layout_split
-from .data.datasets import EpochSampler, ImageTableDataset, collate_skip_bad, run_seed
+from .data.datasets import (
+    EpochSampler,
+    ImageTableDataset,
+    collate_skip_bad,
+    patient_balanced_weights,
+    run_seed,
+)
 from .data.splits import check_split, load_split, make_split, split_hash, write_split
 from .errors import UserError
 from .files import plain
@@ -631,24 +638,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def patient_balanced_weights(targets: np.ndarray, patients: np.ndarray) -> np.ndarray:
-    """Sampling weights under which each class draws half the images and, within a class,
-    each patient an equal share, however many images the patient has. An image without a
-    patient id counts as a patient of its own.
-
-    BreakHis patients hold from 1 to over 100 images each; drawn uniformly, a few patients
-    make most of every epoch and the model learns them rather than the classes.
-    """
-    targets = np.asarray(targets).astype(int)
-    ids = np.asarray(patients).astype(str)
-    ids = np.where(ids == "", np.char.add("image-", np.arange(len(ids)).astype(str)), ids)
-    table = pd.DataFrame({"t": targets, "p": ids})
-    images = table.groupby("p")["t"].transform("size").to_numpy()
-    patients_of_class = table.groupby("t")["p"].transform("nunique").to_numpy()
-    classes = table["t"].nunique()
-    return 1.0 / (classes * patients_of_class * images)
-
-
 def build_optimisation(cfg: TrainConfig, raw_model: nn.Module, train_targets: np.ndarray,
                        n_train: int, dist_info: DistInfo,
                        dtype: torch.dtype | None,
@@ -738,8 +727,9 @@ def _precision_line(amp: str, dtype: torch.dtype | None, device: torch.device) -
     if device.type != "cpu":
         return f"Precision: {name} autocast on {device}." if dtype else "Precision: float32."
     native = cpu_has_native_bf16()
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    told = f"; {CPU_BF16_ENV}={forced} decided this, not the CPU" if forced else ""
+    forced = cpu_bf16_forced()
+    told = ("" if forced is None else
+            f"; {CPU_BF16_ENV}={int(forced)} decided this, not the CPU")
     if dtype is None:
         return ("Precision: float32" + ("" if native or amp == "off" else
                 f" (this CPU has no native bf16, AVX512-BF16 or AMX, where bf16 would be "

@@ -18,12 +18,12 @@ start from anything else (see :func:`breast_cancer_detection.models.create_model
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data.download import sha256_of
 from .errors import UserError
 
 
@@ -81,14 +81,6 @@ class Resolved:
     path: Path
     source: str
     """``torchvision cache``, ``package NAME`` or ``download``."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _advice(arch: str) -> str:

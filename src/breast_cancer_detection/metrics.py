@@ -359,12 +359,11 @@ def pooled_metrics(df: pd.DataFrame) -> dict[str, float]:
     y = df["target"].to_numpy(dtype=int)
     p = _probabilities(df["probability"].to_numpy(dtype=float))
     t = df["threshold"].to_numpy(dtype=float)
-    codes, ids = pd.factorize(df["patient"].astype(str).to_numpy(), sort=True)
+    patients = df["patient"].astype(str).to_numpy()
+    ids, _, target, mean_p, _ = _per_patient(y, p, patients, 0.5)
+    # A patient's rows share one fold, so its mean threshold is that fold's threshold.
+    _, _, _, mean_t, _ = _per_patient(y, t, patients, 0.5)
     n = len(ids)
-    images = np.bincount(codes, minlength=n)
-    target = (np.bincount(codes, weights=y, minlength=n) > 0).astype(int)
-    mean_p = np.bincount(codes, weights=p, minlength=n) / np.maximum(images, 1)
-    mean_t = np.bincount(codes, weights=t, minlength=n) / np.maximum(images, 1)
     return {"images": float(len(y)), "patients": float(n),
             "image_roc_auc": roc_auc(y, p), "image_accuracy": float(np.mean((p >= t) == y)),
             "patient_roc_auc": roc_auc(target, mean_p),

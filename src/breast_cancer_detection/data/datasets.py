@@ -418,6 +418,24 @@ def run_seed(seed: int, epoch: int, stream: str = "epoch") -> int:
     return (seed * 1_000_003 + epoch) * _STREAMS[stream]
 
 
+def patient_balanced_weights(targets: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Sampling weights under which each class draws half the images and, within a class,
+    each patient an equal share, however many images the patient has. An image without a
+    patient id counts as a patient of its own.
+
+    BreakHis patients hold from 1 to over 100 images each; drawn uniformly, a few patients
+    make most of every epoch and the model learns them rather than the classes.
+    """
+    targets = np.asarray(targets).astype(int)
+    ids = np.asarray(patients).astype(str)
+    ids = np.where(ids == "", np.char.add("image-", np.arange(len(ids)).astype(str)), ids)
+    table = pd.DataFrame({"t": targets, "p": ids})
+    images = table.groupby("p")["t"].transform("size").to_numpy()
+    patients_of_class = table.groupby("t")["p"].transform("nunique").to_numpy()
+    classes = table["t"].nunique()
+    return 1.0 / (classes * patients_of_class * images)
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """The sample order of one epoch, fixed by (seed, epoch), sharded over ranks.
 
