@@ -721,12 +721,7 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
         target = as_json["overall"] if scope == "all" else as_json["by_magnification"].setdefault(
             scope, {})
         target[metric] = entry
-    oof = _out_of_fold(evaluations)
-    oof.to_csv(out / "oof_predictions.csv", index=False)
-    as_json["pooled"] = _pooled(oof, bootstrap, base.seed)
-    as_json["pooled_by_magnification"] = {
-        mag: _pooled(oof[oof["magnification"] == mag], bootstrap, base.seed)
-        for mag in sorted(set(oof["magnification"].astype(str)) - {""}, key=group_sort_key)}
+    as_json.update(_write_out_of_fold(evaluations, out, bootstrap, base.seed))
     atomic_write_text(out / "cv_summary.json", json.dumps(jsonable(as_json), indent=2) + "\n")
     atomic_write_text(out / "report.md", cv_report_md(as_json, summary, base))
     return CVResult(out, evaluations, summary, as_json["pooled"])
@@ -740,6 +735,18 @@ def _out_of_fold(evaluations: list[Evaluation]) -> pd.DataFrame:
         frames.append(pred.assign(fold=k, threshold=float(ev.metrics.threshold["value"]),
                                   target=(pred["label"] == CLASSES[1]).astype(int)))
     return pd.concat(frames, ignore_index=True)
+
+
+def _write_out_of_fold(evaluations: list[Evaluation], out: Path, bootstrap: int,
+                       seed: int) -> dict[str, Any]:
+    """Writes ``oof_predictions.csv``; returns the pooled figures, overall (``pooled``) and
+    per magnification (``pooled_by_magnification``)."""
+    oof = _out_of_fold(evaluations)
+    oof.to_csv(out / "oof_predictions.csv", index=False)
+    mags = sorted(set(oof["magnification"].astype(str)) - {""}, key=group_sort_key)
+    return {"pooled": _pooled(oof, bootstrap, seed),
+            "pooled_by_magnification": {
+                mag: _pooled(oof[oof["magnification"] == mag], bootstrap, seed) for mag in mags}}
 
 
 def _pooled(oof: pd.DataFrame, bootstrap: int, seed: int) -> dict[str, dict[str, Any]]:
