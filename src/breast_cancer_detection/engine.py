@@ -1027,7 +1027,20 @@ def _train(run: _Run, state: RunState) -> TrainResult:
     result = TrainResult(run.run_dir, state.best_epoch, state.best_metrics, last_row, bad,
                          stopped_early)
     run.log(_closing_line(result, run.val_tab, run.cfg))
+    if run.dist.world > 1:
+        _end_distributed()
     return result
+
+
+def _end_distributed() -> None:
+    """Ends the torchrun process group once every rank has finished (rank 0 goes on alone to
+    choose the threshold): a rank that exits while another still holds the group can abort in
+    gloo's teardown (SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
