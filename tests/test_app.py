@@ -133,7 +133,9 @@ def test_model_card_is_read_from_the_checkpoint(client, best):
     assert card["metrics"]["evaluation"] is None
     assert "bcd evaluate" in card["metrics"]["note"]
     assert card["threshold"]["value"] == 0.5 and "default" in card["threshold"]["source"]
-    assert "not a medical device" in card["intended_use"]
+    # A checkpoint of one's own: its scope said from its training data.
+    assert card["intended_use"].startswith("Research and teaching")
+    assert "BreaKHis_v1" in card["intended_use"] and "not a medical device" in card["not_for"]
     assert card["versions"]["training"] == ckpt.versions
     assert card["versions"]["serving"]["torch"] == str(torch.__version__)
 
@@ -229,7 +231,7 @@ def test_predict_one_image(client, predictor):
     direct = predictor.predict(Image.open(io.BytesIO(GOOD)))[0]
     assert res["p_malignant"] == pytest.approx(direct.p_malignant, abs=1e-5)
     cam = _decode_data_url(res["cam"])
-    assert cam.size == (32, 32) and cam.mode == "RGB"  # the model's 32 px view
+    assert cam.size == (70, 46) and cam.mode == "RGB"  # the image's frame and aspect
 
 
 def test_predict_several_images_in_order_with_a_tiled_one(client):
@@ -244,7 +246,7 @@ def test_predict_several_images_in_order_with_a_tiled_one(client):
         assert sum(res["probabilities"].values()) == pytest.approx(1, abs=1e-5)
         assert res["label"] == ("malignant" if res["p_malignant"] >= 0.5 else "benign")
         # A tiled image's Grad-CAM is stitched from its tiles, in the image's own frame.
-        assert _decode_data_url(res["cam"]).size == ((120, 100) if res is big else (32, 32))
+        assert _decode_data_url(res["cam"]).size == ((120, 100) if res is big else (70, 46))
     assert m["p_malignant"] > b["p_malignant"]  # dark tissue is what the model calls malignant
     heat = np.array(big["heatmap"])
     assert heat.shape == (4, 5) and big["tiles"] == heat.size  # 40 px tiles, half overlapping
@@ -505,7 +507,7 @@ def test_uploads_are_scored_on_onnx_runtime_and_explained_with_pytorch(predictor
     (res,) = r.json()["results"]
     direct = predictor.predict(Image.open(io.BytesIO(GOOD)))[0]
     assert res["p_malignant"] == pytest.approx(direct.p_malignant, abs=1e-4)
-    assert _decode_data_url(res["cam"]).size == (32, 32)  # Grad-CAM still from PyTorch
+    assert _decode_data_url(res["cam"]).size == (70, 46)  # Grad-CAM still from PyTorch
     with pytest.raises(UserError, match="backend"):
         create_app(predictor, backend="tensorflow")
     # A checkpoint loaded at start-up gets the same choice.

@@ -114,17 +114,21 @@ def test_grad_cam_on_a_frozen_densenet_uses_the_features_own_output(size):
     np.testing.assert_allclose(cam[0], m, atol=1e-5)
 
 
-def test_overlay_colours_high_red_and_low_blue():
+def test_overlay_colours_in_viridis_and_leaves_unseen_parts_alone():
     image = Image.new("RGB", (80, 40), (128, 128, 128))
     cam = np.zeros((10, 20), np.float32)
     cam[:, 10:] = 1.0
     out = np.asarray(overlay(image, cam, alpha=1.0)).astype(int)
     assert out.shape == (40, 80, 3)
     left, right = out[20, 5], out[20, 75]
-    assert left[2] > 100 and left[0] < 20   # jet at 0: dark blue
-    assert right[0] > 100 and right[2] < 20  # jet at 1: dark red
+    # viridis, readable with red-green colour blindness: dark purple low, yellow high.
+    np.testing.assert_allclose(left, (68, 1, 84), atol=2)
+    np.testing.assert_allclose(right, (253, 231, 37), atol=2)
     half = np.asarray(overlay(image, cam, alpha=0.0)).astype(int)
     assert (half == 128).all()
+    cam[:5] = np.nan  # the top half: no model input showed it
+    out = np.asarray(overlay(image, cam, alpha=1.0)).astype(int)
+    assert (out[:18] == 128).all() and (out[22:, 75] != 128).any()
 
 
 def _threshold_against_the_top_logit(pred: Predictor, image) -> tuple[int, int]:
@@ -142,7 +146,7 @@ def test_explain_uses_the_predicted_label(trained_run):
     pred = Predictor.from_checkpoint(trained_run / "best.pt", device="cpu")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (46, 70, 3), np.uint8))
     label, top = _threshold_against_the_top_logit(pred, image)
-    view, cam = explain(pred, image)
+    view, cam = explain(pred, image, frame="model")
     assert view.size == (32, 32) and cam.shape == (32, 32)
     x = pred.transform(image)[None]
     np.testing.assert_allclose(cam, GradCAM(pred.model)(x, target=label)[0], atol=1e-6)
@@ -159,4 +163,24 @@ def test_explain_of_a_tiled_image_uses_the_predicted_label(trained_run):
     label, top = _threshold_against_the_top_logit(pred, image)
     _, cam = explain(pred, image)
     np.testing.assert_allclose(cam, explain(pred, image, target=label)[1], atol=1e-6)
-    assert not np.allclose(cam, explain(pred, image, target=top)[1], atol=1e-3)
+    assert not np.allclose(cam, explain(pred, image, target=top)[1], atol=1e-3,
+                           equal_nan=True)
+
+
+def test_explain_draws_the_map_in_the_image_frame_over_the_part_the_model_saw(trained_run):
+    # 46 x 70 px, short side resized to 40, centre 32 px crop: the model saw the centre
+    # 36.8 x 36.8 px of the image; the map lies there, at the image's aspect, NaN elsewhere.
+    pred = Predictor.from_checkpoint(trained_run / "best.pt", device="cpu")
+    assert (pred.pre.size, pred.pre.resize) == (32, 40)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (46, 70, 3), np.uint8))
+    view, cam = explain(pred, image, target=1)
+    assert view.size == (70, 46) and cam.shape == (46, 70)
+    np.testing.assert_array_equal(np.asarray(view), np.asarray(image))
+    seen = np.isfinite(cam)
+    rows, cols = np.flatnonzero(seen.any(1)), np.flatnonzero(seen.any(0))
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (5, 40, 17, 52)
+    assert seen[5:41, 17:53].all() and seen.sum() == 36 * 36
+    model = explain(pred, image, target=1, frame="model")[1]
+    np.testing.assert_allclose(cam[5:41, 17:53].mean(), model.mean(), atol=0.05)
+    with pytest.raises(UserError, match="frame"):
+        explain(pred, image, frame="crop")

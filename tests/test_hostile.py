@@ -379,7 +379,7 @@ def test_grad_cam_of_a_tiled_image_is_stitched_from_its_tiles():
     inner = cam[4:-4, 4:-4]
     assert inner[:, :92].min() > 0.95           # red tiles: the evidence for class 1
     assert inner[:, 100:].max() < 0.05          # blue tiles: none
-    assert cam[:, :4].max() == 0  # the strip no tile input covered carries no evidence
+    assert np.isnan(cam[:, :4]).all()  # the strip no tile input covered: no value at all
     other = explain(pred, arr, target=0)[1]     # class 0's evidence is the blue half
     assert other[4:-4, 108:-4].min() > 0.95 and other[4:-4, 4:92].max() < 0.05
 
@@ -394,9 +394,11 @@ def test_grad_cam_of_a_huge_tiled_image_is_drawn_at_a_bounded_size():
     assert cam[5:-5, 20:500].min() > 0.9 and cam[5:-5, 530:-20].max() < 0.05
 
 
-def test_untiled_images_keep_the_model_view(predictor):
+def test_untiled_images_are_explained_in_their_own_frame(predictor):
     image = _tissue(46, 70)
     view, cam = explain(predictor, image)
+    assert view.size == (70, 46) and cam.shape == (46, 70)
+    view, cam = explain(predictor, image, frame="model")
     assert view.size == (32, 32) and cam.shape == (32, 32)
     with pytest.raises(ImageError, match="16 px"):
         explain(predictor, _tissue(4, 4))
@@ -408,7 +410,9 @@ def test_cli_cam_of_a_tiled_image_covers_the_image(trained, tmp_path):
     folder = tmp_path / "cams"
     assert main(["predict", str(trained), str(image), "--out", str(tmp_path / "p.csv"),
                  "--cam", str(folder), "--quiet"]) == 0
-    assert Image.open(folder / "large-cam.png").size == (120, 100)
+    # The image beside its map: 8 inches wide, its height from the image's 100:120 aspect
+    # (4 inches of panel at that aspect, 1 inch of titles and legend), at 120 dpi.
+    assert Image.open(folder / "large-cam.png").size == (960, round((4 * 100 / 120 + 1) * 120))
 
 
 def test_predict_table_gives_non_finite_outputs_an_error(tmp_path):

@@ -316,7 +316,9 @@ def test_predictions_frame_columns():
                      error="cannot decode", tiles=0)
     df = predictions_frame([p, bad])
     assert list(df.columns) == ["file", "label", "p_benign", "p_malignant", "threshold",
-                                "tiles", "error"]
+                                "tiles", "warning", "error"]
+    assert list(predictions_frame([p], model="m", backend="b").columns[-2:]) == ["model",
+                                                                                 "backend"]
     assert df["error"].tolist() == ["", "cannot decode"]
     assert df["p_malignant"].iloc[0] == 0.75
 
@@ -449,7 +451,7 @@ def test_cli_predict_writes_csv_figures_cams_and_fails_on_bad_input(trained, fak
     stems = sorted(p.stem for p in picked)
     assert sorted(p.stem for p in (tmp_path / "plots").iterdir()) == stems
     assert sorted(p.stem for p in (tmp_path / "cams").iterdir()) == [s + "-cam" for s in stems]
-    assert Image.open(tmp_path / "cams" / f"{stems[0]}-cam.png").size == (32, 32)
+    assert Image.open(tmp_path / "cams" / f"{stems[0]}-cam.png").size[0] == 960  # a figure
     patients = pd.read_csv(tmp_path / "res" / "pred-patients.csv", dtype={"patient": str})
     assert sorted(patients["patient"]) == ["14-22549", "14-2523"]
     assert main(["predict", str(trained), str(folder), "--out", str(out), "--quiet",

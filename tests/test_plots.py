@@ -147,3 +147,54 @@ def test_an_explanation_keeps_the_aspect_and_has_a_colour_bar():
     assert abs(x1 - x0) / abs(y0 - y1) == pytest.approx(70 / 46, rel=0.02)
     bar = next(a for a in fig.axes if a not in (overlay,) and "evidence" in a.get_ylabel())
     assert bar.get_ylim() == pytest.approx((0.0, 1.0))
+
+
+def _threshold_lines(ax) -> list:
+    return [line for line in ax.get_lines() if line.get_gid() == "threshold"]
+
+
+def test_the_probability_bars_mark_the_threshold_that_decided_the_label():
+    p = Prediction(source="<image 0>", probabilities={"benign": 0.2, "malignant": 0.8},
+                   label="benign", threshold=0.8765)
+    fig = plots.plot_prediction(_image(), p)
+    bars = next(a for a in fig.axes if a.containers)
+    (line,) = _threshold_lines(bars)
+    assert line.get_xdata()[0] == pytest.approx(0.8765)
+    assert "threshold 0.8765" in bars.get_legend().get_texts()[0].get_text()
+
+
+def test_a_tiled_prediction_has_a_colour_bar_with_the_threshold():
+    p = _prediction(heatmap=np.array([[0.1, 0.9], [0.4, 0.6]]))
+    fig = plots.plot_prediction(_image(), p)
+    bar = next(a for a in fig.axes if "P(malignant)" in a.get_ylabel())
+    assert "threshold 0.500" in bar.get_ylabel()
+    assert _threshold_lines(bar)[0].get_ydata()[0] == pytest.approx(0.5)
+    picture = next(a for a in fig.axes if a.images)
+    assert picture.images[1].get_cmap().name == plots.HEATMAP_CMAP
+
+
+def test_heat_maps_use_colour_blind_safe_scales():
+    # Red-green scales are unreadable with the commonest colour blindness.
+    assert plots.HEATMAP_CMAP in ("cividis", "viridis") and plots.CAM_CMAP in ("cividis",
+                                                                                "viridis")
+
+
+def test_an_explanation_says_what_is_uncoloured():
+    cam = np.full((46, 70), np.nan, np.float32)
+    cam[5:41, 17:53] = 0.5  # the centre square the model saw
+    fig = plots.plot_explanation(np.zeros((46, 70, 3), np.uint8), cam)
+    texts = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert texts == ["no colour: a part no model input showed"]
+    full = plots.plot_explanation(np.zeros((46, 70, 3), np.uint8), np.zeros((46, 70)))
+    assert not full.legends  # nothing unseen: no legend to read
+
+
+def test_a_slide_heat_map_explains_its_uncoloured_tissue_and_marks_the_threshold():
+    thumb = np.full((50, 80, 3), 230, np.uint8)
+    heat = np.array([[0.2, np.nan], [0.9, 0.4]])
+    fig = plots.plot_slide_heatmap(thumb, heat, (80, 50), threshold=0.6)
+    ax = next(a for a in fig.axes if a.images)
+    assert "not scored" in ax.get_legend().get_texts()[0].get_text()
+    assert ax.images[1].get_cmap().name == plots.HEATMAP_CMAP
+    bar = next(a for a in fig.axes if "P(tumour)" in a.get_ylabel())
+    assert _threshold_lines(bar)[0].get_ydata()[0] == pytest.approx(0.6)

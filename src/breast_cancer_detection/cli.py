@@ -48,13 +48,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
         verify_images,
         write_index,
     )
+    from .files import plural
 
     out = _csv_out(args.out, "index.csv") if args.out else None
     index = build_index(args.root, group_by=args.group_by)
     print(summarize_index(index))
     skipped = count_non_images(args.root)
     if skipped:
-        print(f"\n{skipped} file(s) that are not images were ignored.")
+        print(f"\nIgnored: {plural(skipped, 'file')} that {'is' if skipped == 1 else 'are'} "
+              "not an image.")
     problems = check_breakhis_complete(index)
     if problems:
         print("\nWARNING: this BreakHis copy is incomplete:\n  " + "\n  ".join(problems)
@@ -288,8 +290,8 @@ def _cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _prediction_lines(files: list[Path], table, limit: int) -> str:
-    """file, label, P(malignant) as left-aligned columns; files relative to their common
-    folder, as the full paths are in the CSV."""
+    """file, label, P(malignant) as left-aligned columns, ``!`` on a row with a warning;
+    files relative to their common folder, as the full paths are in the CSV."""
     import os
 
     files = [Path(os.path.abspath(f)) for f in files]  # commonpath refuses a mix
@@ -306,8 +308,10 @@ def _prediction_lines(files: list[Path], table, limit: int) -> str:
             names.append(str(f))
     width = max([4, *map(len, names)])
     lines = [f"{'file':<{width}}  {'label':<9}  P(malignant)"]
-    for name, label, p in zip(names, table["label"], table["p_malignant"]):
-        lines.append(f"{name:<{width}}  {label:<9}  " + ("-" if p != p else f"{p:.4f}"))
+    warned = table["warning"] if "warning" in table else [""] * len(table)
+    for name, label, p, w in zip(names, table["label"], table["p_malignant"], warned):
+        lines.append(f"{name:<{width}}  {label:<9}  " + ("-" if p != p else f"{p:.4f}")
+                     + ("  ! outside the model's scope" if w else ""))
     return "\n".join(lines)
 
 
@@ -376,8 +380,7 @@ def _model_choice(args: argparse.Namespace) -> None:
 
 
 def _load_predictor(args: argparse.Namespace, *, slides: bool = False):
-    import urllib.parse
-
+    """The model a door runs, with its intended use and not-for said on stderr."""
     from .data.datasets import DEFAULT_MAX_PIXELS
     from .inference import Predictor
 
@@ -392,53 +395,70 @@ def _load_predictor(args: argparse.Namespace, *, slides: bool = False):
             print(f"Using the default trained model for {door}, {entry.name} ({entry.task}; "
                   f"{entry.scale}); pass a checkpoint or --model NAME for another"
                   + (f" ({others})" if others else "") + ".", file=sys.stderr)
-        return Predictor.from_pretrained(entry.name, device=args.device,
-                                         progress=not args.quiet, max_pixels=max_pixels)
-    kw = dict(sha256=args.sha256, progress=not args.quiet, max_pixels=max_pixels)
-    if urllib.parse.urldefrag(str(args.checkpoint))[0].lower().endswith(".onnx"):
-        return Predictor.from_onnx(args.checkpoint, device=args.device, **kw)
-    return Predictor.from_checkpoint(args.checkpoint, device=args.device, **kw)
+        predictor = Predictor.from_pretrained(entry.name, device=args.device,
+                                              progress=not args.quiet, max_pixels=max_pixels)
+    else:
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device,
+                                              sha256=args.sha256, progress=not args.quiet,
+                                              max_pixels=max_pixels)
+    if not getattr(args, "quiet", False):
+        scope = predictor.scope()  # the model card's own words, as the page shows them
+        print(f"Intended use: {scope['intended_use']}\nNot for: {scope['not_for']}",
+              file=sys.stderr)
+    return predictor
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .data.breakhis import IMAGE_SUFFIXES
     from .errors import UserError
-    from .files import unique_stems
+    from .files import plural
     from .inference import collect_images, predictions_frame, summarize_patients
 
     out = _csv_out(args.out, "predictions.csv")
     files = _model_then_inputs(args, "image", collect_images, sorted(IMAGE_SUFFIXES))
-    if args.cam and args.backend in ("onnx", "float32"):
-        raise UserError(f"--cam needs PyTorch's gradients: drop --backend {args.backend} (or "
-                        "--cam).")
-    predictor = _load_predictor(args)
-    if args.cam and predictor.backend != "torch":
+    if args.mpp is not None:
+        from .slides.reader import positive_mpp
+
+        positive_mpp(args.mpp, "--mpp")
+    model = _load_predictor(args)
+    if args.cam and model.backend != "torch":
         raise UserError("--cam needs gradients: pass the PyTorch checkpoint (.pt), not the "
                         "ONNX export.")
-    if not args.cam:  # Grad-CAM needs PyTorch's gradients; otherwise the fastest backend
-        predictor = predictor.on_backend(args.backend)
+    # The label comes from the backend that scores; --cam explains that label with PyTorch's
+    # gradients, so asking for an explanation never changes the answer.
+    predictor = model.on_backend(args.backend)
     if not args.quiet:
-        print(f"Images are scored with {predictor.backend_note}.", file=sys.stderr)
+        print(f"Images are scored with {predictor.backend_note}"
+              + ("; Grad-CAM is computed with PyTorch and explains that label"
+                 if args.cam and predictor is not model else "") + ".", file=sys.stderr)
     note = predictor.wrong_data_note(files)
     if note:
         print(f"WARNING: {note}", file=sys.stderr)
     preds = predictor.predict(files, batch_size=args.batch_size, tta=args.tta,
                               tile_factor=args.tile_factor or None, tile_size=args.tile_size,
-                              workers=args.workers, progress=not args.quiet)
-    table = predictions_frame(preds)
+                              workers=args.workers, progress=not args.quiet, mpp=args.mpp)
+    table = predictions_frame(preds, model=predictor.model_name,
+                              backend=predictor.backend_note)
     out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
+    # Six significant digits: what a probability carries, not float noise.
+    table.to_csv(out, index=False, float_format="%.6g")
 
     print(_prediction_lines(files, table, args.show))
     if len(table) > args.show:
         print(f"... and {len(table) - args.show} more in {out}")
     failed = table[table["error"] != ""]
+    warned = table[table["warning"] != ""]
     counts = table["label"].value_counts()
-    print(f"\n{len(table)} images: " + ", ".join(
+    print(f"\n{plural(len(table), 'image')}: " + ", ".join(
         f"{counts.get(c, 0)} {c}" for c in predictor.classes)
         + f", {len(failed)} failed; threshold {predictor.threshold:.4f}, "
         f"{predictor.threshold_source}{'; 8-view TTA' if args.tta else ''}. "
         f"Predictions written to {out}")
+    if len(warned):
+        print(f"WARNING: {plural(len(warned), 'image')} outside what {predictor.model_name} "
+              f"was made for (marked !; the warning column of {out} says why), e.g. "
+              f"{Path(warned['file'].iloc[0]).name}: {warned['warning'].iloc[0]}",
+              file=sys.stderr)
     for f, e in zip(failed["file"], failed["error"]):
         print(f"FAILED {f}: {e.removeprefix(f'{f}: ')}", file=sys.stderr)
 
@@ -453,6 +473,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print("\n--patients: no file name is a BreakHis name (SOB_M_DC-14-2523-400-012.png)"
                   "; no patient summary.")
 
+    _write_figures(args, model, files, preds)
+    return 1 if len(failed) else 0
+
+
+def _write_figures(args: argparse.Namespace, model, files: list[Path], preds: list) -> None:
+    """``--plot``: each image with its class probabilities and the threshold; ``--cam``: the
+    image beside its Grad-CAM of the label given, with a colour bar."""
+    from .files import plural, unique_stems
+
     good = [(f, p, stem) for f, p, stem in zip(files, preds, unique_stems(files, "image"))
             if p.error is None]
     if args.plot:
@@ -462,18 +491,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         for f, p, stem in good:
             save_figure(plot_prediction(f, p), folder / f"{stem}.png")
-        print(f"{len(good)} figure(s) written to {folder}")
+        print(f"{plural(len(good), 'figure')} written to {folder}")
     if args.cam:
-        from .explain import explain, overlay
+        from .explain import explain
+        from .plots import plot_explanation, save_figure
 
         folder = Path(args.cam)
         folder.mkdir(parents=True, exist_ok=True)
         for f, p, stem in good:
-            view, cam = explain(predictor, f, target=predictor.classes.index(p.label),
+            view, cam = explain(model, f, target=model.classes.index(p.label),
                                 tile_factor=args.tile_factor or None, tile_size=args.tile_size)
-            overlay(view, cam).save(folder / f"{stem}-cam.png")
-        print(f"{len(good)} Grad-CAM overlay(s) of the predicted class written to {folder}")
-    return 1 if len(failed) else 0
+            title = f"Grad-CAM for \u201c{p.label}\u201d (P(malignant) {p.p_malignant:.3f})"
+            save_figure(plot_explanation(view, cam, title=title), folder / f"{stem}-cam.png")
+        print(f"{plural(len(good), 'Grad-CAM figure')} of the label given written to {folder}")
 
 
 def _figure(value, spec: str) -> str:
@@ -971,7 +1001,12 @@ def _add_use_commands(sub) -> None:
                      help="CSV to write (default: predictions.csv)")
     pd_.add_argument("--plot", metavar="DIR", help="write a figure per image (image titled with "
                      "its class, above the class probabilities)")
-    pd_.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay per image")
+    pd_.add_argument("--cam", metavar="DIR", help="write a Grad-CAM figure per image: the "
+                     "image beside the map of the evidence for its label, with a colour bar "
+                     "(computed with PyTorch; the label stays the scoring backend's)")
+    pd_.add_argument("--mpp", type=float, metavar="UM", help="the images' micrometres per "
+                     "pixel, when known: an image whose scale differs from the model's gets a "
+                     "warning (without it, a tiled image's warning says its scale was assumed)")
     _tta(pd_, "average over the 8 flips and quarter turns")
     pd_.add_argument("--patients", action="store_true", help="also summarise per patient when "
                      "the file names are BreakHis names (writes OUT-patients.csv)")

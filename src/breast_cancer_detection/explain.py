@@ -111,24 +111,34 @@ class GradCAM:
         return cam.cpu().numpy().astype(np.float32)
 
 
-def overlay(image, cam: np.ndarray, *, alpha: float = 0.45, cmap: str = "jet") -> Image.Image:
-    """Lays a map in [0, 1] over an image in colour (jet: blue low, red high).
+def overlay(image, cam: np.ndarray, *, alpha: float = 0.45, cmap: str | None = None
+            ) -> Image.Image:
+    """Lays a map in [0, 1] over an image in colour; NaN (no evidence: a part the model did
+    not see) leaves the image as it is.
 
     Args:
         image: PIL image or array; the map is resized to it.
-        cam: ``(h, w)`` map in [0, 1].
+        cam: ``(h, w)`` map in [0, 1], NaN where there is no value.
         alpha: Weight of the colour map against the image.
-        cmap: A matplotlib colormap name.
+        cmap: A matplotlib colormap name; default :data:`~breast_cancer_detection.plots.
+            CAM_CMAP` (viridis: dark purple low, yellow high, readable with the common colour
+            blindnesses).
     """
     from matplotlib import colormaps
 
     from .data.datasets import open_rgb
+    from .plots import CAM_CMAP
 
     base = open_rgb(image, max_pixels=None)
-    heat = Image.fromarray(np.clip(cam * 255.0, 0, 255).astype(np.uint8), "L")
+    cam = np.asarray(cam, np.float32)
+    known = np.isfinite(cam)
+    heat = Image.fromarray(np.clip(np.where(known, cam, 0) * 255.0, 0, 255).astype(np.uint8), "L")
     heat = np.asarray(heat.resize(base.size, Image.Resampling.BILINEAR), np.float32) / 255.0
-    colour = colormaps[cmap](heat)[..., :3] * 255.0
-    mixed = (1.0 - alpha) * np.asarray(base, np.float32) + alpha * colour
+    shown = Image.fromarray(known.astype(np.uint8) * 255, "L")
+    shown = np.asarray(shown.resize(base.size, Image.Resampling.NEAREST)) > 0
+    colour = colormaps[cmap or CAM_CMAP](heat)[..., :3] * 255.0
+    weight = alpha * shown[..., None]
+    mixed = (1.0 - weight) * np.asarray(base, np.float32) + weight * colour
     return Image.fromarray(np.clip(mixed, 0, 255).round().astype(np.uint8))
 
 
@@ -164,19 +174,47 @@ def _decide(predictor: Predictor, probs: np.ndarray) -> int:
     return int(probs[1] >= predictor.threshold)
 
 
+def _shrunk(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` with its long side at most ``max_side`` pixels."""
+    scale = min(1.0, max_side / max(image.size))
+    if scale == 1.0:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def seen_box(width: int, height: int, pre) -> tuple[float, float, float, float]:
+    """``(left, top, width, height)``, in image pixels, of the part of an image predicted
+    whole that the model's input shows: the centre square the evaluation transform crops
+    after resizing the short side to ``pre.resize``; the whole image without a resize (it is
+    squashed to a square)."""
+    if not pre.resize:
+        return 0.0, 0.0, float(width), float(height)
+    side = min(width, height) * pre.size / pre.resize
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
 def explain(predictor: Predictor, image, target: int | None = None, *,
             tile_factor: float | None = DEFAULT_TILE_FACTOR, tile_size: int | None = None,
-            max_side: int = CAM_MAX_SIDE) -> tuple[Image.Image, np.ndarray]:
-    """Grad-CAM of one image, on the inputs that made the decision.
+            max_side: int = CAM_MAX_SIDE, frame: str = "image"
+            ) -> tuple[Image.Image, np.ndarray]:
+    """Grad-CAM of one image, on the inputs that made the decision, drawn in the image's
+    own frame.
 
     The image is prepared exactly as :meth:`Predictor.predict` prepares it (same tiling
-    settings, same refusals). An image predicted whole is explained on the model's view of
-    it (see :func:`model_view`). A tiled image is explained in its own frame: each tile's
-    map, in the model's units, is placed over the part of the image that tile's input
-    covers, overlapping tiles are averaged, and the whole is scaled to [0, 1] once, so tiles
-    with more evidence show hotter. The few pixels no tile input covered (an edge strip of
-    half the part the centre crop cuts off) are 0. The frame is the image, shrunk to the
-    model's resolution and to at most ``max_side`` pixels on its long side.
+    settings, same refusals). An image predicted whole is explained on the model's input (a
+    centre crop of the resized image), and the map is placed over the part of the image that
+    input shows (:func:`seen_box`); ``frame="model"`` returns the model's input and its map
+    instead. A tiled image is explained tile by tile: each tile's map, in the model's units,
+    is laid over the part of the image that tile's input covers, and overlapping tiles are
+    blended with weights that fall smoothly to their edges, so no seams show; the whole is
+    scaled to [0, 1] once, so tiles with more evidence show hotter. Parts of the image no
+    model input showed are NaN (``overlay`` and ``plot_explanation`` leave them uncoloured).
+    The frame is the image shrunk to at most ``max_side`` pixels on its long side (a tiled
+    one also to the model's resolution).
+
+    Grad-CAM needs PyTorch's gradients: pass the PyTorch predictor and the ``target`` that
+    the scoring backend's label gave, so that the explanation is of the answer given.
 
     Args:
         predictor: A PyTorch-backed predictor.
@@ -184,23 +222,27 @@ def explain(predictor: Predictor, image, target: int | None = None, *,
         target: Class index to explain; None takes the label at the predictor's threshold.
         tile_factor: As for :meth:`Predictor.predict`; pass what the prediction used.
         tile_size: As for :meth:`Predictor.predict`.
-        max_side: Longest side of a tiled image's frame.
+        max_side: Longest side of the frame.
+        frame: ``image`` (default) or ``model`` (an image predicted whole: the model's input).
 
     Returns:
-        The view (the model's view, or the image frame) and its map in [0, 1] of the view's
-        size; ``overlay(*explain(p, im))`` draws them.
+        The view (the image, or the model's input) and its map of the view's size, in
+        [0, 1] and NaN where the model saw nothing; ``overlay(*explain(p, im))`` and
+        ``plot_explanation(*explain(p, im))`` draw them.
 
     Raises:
-        UserError: the predictor runs an ONNX model (no gradients), or the model output is
-            not finite.
+        UserError: the predictor runs an ONNX model (no gradients), the model output is
+            not finite, or ``frame`` is neither of the two.
         ImageError: the image is refused (unreadable, too small, bad shape...).
     """
-    from .data.datasets import ImageError
+    from .data.datasets import ImageError, open_rgb
     from .inference import _Preparer
 
     if predictor.backend != "torch":
         raise UserError("Grad-CAM needs gradients: load the PyTorch checkpoint (.pt), not the "
                         "ONNX export.")
+    if frame not in ("image", "model"):
+        raise UserError(f"frame={frame!r}: use 'image' or 'model'.")
     preparer = _Preparer(predictor.pre, predictor.transform, max_pixels=predictor.max_pixels,
                          tile_factor=tile_factor, tile_size=tile_size)
     prepared = preparer(0, image)
@@ -211,12 +253,31 @@ def explain(predictor: Predictor, image, target: int | None = None, *,
     x = prepared.x.to(predictor.device)
     if target is None:
         target = _decide(predictor, predictor.probabilities(x)[0])
-    return _picture(prepared.x[0], predictor.pre), GradCAM(predictor.model)(x, target)[0]
+    cam = GradCAM(predictor.model)(x, target)[0]
+    if frame == "model":
+        return _picture(prepared.x[0], predictor.pre), cam
+    view = _shrunk(open_rgb(image, max_pixels=predictor.max_pixels), max_side)
+    scale = view.width / prepared.size[0]
+    left, top, w, h = (v * scale for v in seen_box(*prepared.size, predictor.pre))
+    x0, y0 = max(0, round(left)), max(0, round(top))
+    x1, y1 = min(view.width, max(x0 + 1, round(left + w))), min(view.height,
+                                                                max(y0 + 1, round(top + h)))
+    placed = np.full((view.height, view.width), np.nan, np.float32)
+    placed[y0:y1, x0:x1] = F.interpolate(torch.from_numpy(cam)[None, None],
+                                         size=(y1 - y0, x1 - x0), mode="bilinear",
+                                         align_corners=False)[0, 0].numpy()
+    return view, placed
+
+
+def _edge_window(n: int) -> torch.Tensor:
+    """Weights over ``n`` pixels that rise from near 0 at both edges to 1 in the middle (a
+    sine arch, never 0), for blending overlapping tiles without seams."""
+    return torch.sin(torch.pi * (torch.arange(n, dtype=torch.float32) + 0.5) / n)
 
 
 def _explain_tiles(predictor: Predictor, preparer, prepared, target: int | None,
                    max_side: int, chunk: int = 32) -> tuple[Image.Image, np.ndarray]:
-    """The stitched map of a tiled image (see :func:`explain`)."""
+    """The blended map of a tiled image (see :func:`explain`)."""
     pre = predictor.pre
     rgb = prepared.image  # (3, H, W) uint8
     height, width = rgb.shape[1:]
@@ -230,7 +291,7 @@ def _explain_tiles(predictor: Predictor, preparer, prepared, target: int | None,
                                 for x in preparer.tiles(prepared, chunk)])
         target = _decide(predictor, probs.mean(0))
     total = torch.zeros(frame)
-    count = torch.zeros(frame)
+    weight = torch.zeros(frame)
     gradcam = GradCAM(predictor.model)
     boxes = iter(prepared.boxes or [])
     for x in preparer.tiles(prepared, chunk):
@@ -241,13 +302,14 @@ def _explain_tiles(predictor: Predictor, preparer, prepared, target: int | None,
             right = max(left + 1, min(frame[1], round((x0 + margin + seen) * scale)))
             part = F.interpolate(m[None, None], size=(bottom - top, right - left),
                                  mode="bilinear", align_corners=False, antialias=True)[0, 0]
-            total[top:bottom, left:right] += part
-            count[top:bottom, left:right] += 1
-    covered = count > 0
-    cam = torch.zeros(frame)
-    cam[covered] = total[covered] / count[covered]
+            w = _edge_window(bottom - top)[:, None] * _edge_window(right - left)[None, :]
+            total[top:bottom, left:right] += w * part
+            weight[top:bottom, left:right] += w
+    covered = weight > 0
+    cam = torch.full(frame, float("nan"))
+    cam[covered] = total[covered] / weight[covered]
     lo, hi = cam[covered].min(), cam[covered].max()
-    cam = torch.where(covered & (hi > lo), (cam - lo) / (hi - lo).clamp_min(1e-12), 0.0)
+    cam[covered] = (cam[covered] - lo) / (hi - lo).clamp_min(1e-12) if hi > lo else 0.0
     view = Image.fromarray(rgb.permute(1, 2, 0).numpy())
     if view.size != (frame[1], frame[0]):
         view = view.resize((frame[1], frame[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)

@@ -72,6 +72,11 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``: a count with its noun (regular plurals)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def unique_stems(paths: list[Path], default: str = "file") -> list[str]:
     """A distinct name per input for its outputs: the file's stem, numbered (``-2``,
     ``-3``...) when it is taken (``a/x``, ``b/x``, ``x-2`` give ``x``, ``x-2``, ``x-2-2``)."""

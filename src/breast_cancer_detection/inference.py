@@ -49,6 +49,10 @@ PATCH_MODEL = "pcam-patch-cnn"
 DEFAULT_TILE_FACTOR = 2.0
 """Images whose short side exceeds this many tile sides are tiled instead of shrunk."""
 
+SCALE_TOLERANCE = 1.25
+"""An image's scale may differ from the model's by this factor, either way, before its answer
+carries a warning (:meth:`Predictor.scope_warning`)."""
+
 
 
 # ----------------------------------------------------------------------------- results
@@ -67,6 +71,9 @@ class Prediction:
         tiles: How many tiles were averaged: 1 for an image predicted whole, 0 after an error.
         heatmap: For a tiled image, P(malignant) of each tile as a ``(rows, cols)`` array in
             image order (row 0 at the top); None otherwise.
+        warning: Why this image lies outside what the model was made for (see
+            :meth:`Predictor.scope_warning`), or None.
+        size: ``(width, height)`` of the image in pixels; None when it could not be read.
     """
 
     source: str
@@ -76,6 +83,8 @@ class Prediction:
     error: str | None = None
     tiles: int = 1
     heatmap: np.ndarray | None = None
+    warning: str | None = None
+    size: tuple[int, int] | None = None
 
     @property
     def p_malignant(self) -> float:
@@ -83,16 +92,22 @@ class Prediction:
         return self.probabilities.get(CLASSES[1], float("nan"))
 
     def to_row(self) -> dict[str, Any]:
-        """The prediction as one CSV row: file, label, p_<class>..., threshold, tiles, error."""
+        """The prediction as one CSV row: file, label, p_<class>..., threshold, tiles,
+        warning, error."""
         row: dict[str, Any] = {"file": self.source, "label": self.label}
         row.update({f"p_{c}": p for c, p in self.probabilities.items()})
-        row.update(threshold=self.threshold, tiles=self.tiles, error=self.error or "")
+        row.update(threshold=self.threshold, tiles=self.tiles, warning=self.warning or "",
+                   error=self.error or "")
         return row
 
 
-def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
-    """The predictions as a table, one row per image (see :meth:`Prediction.to_row`)."""
-    return pd.DataFrame([p.to_row() for p in predictions])
+def predictions_frame(predictions: list[Prediction], **columns: Any) -> pd.DataFrame:
+    """The predictions as a table, one row per image (see :meth:`Prediction.to_row`);
+    ``columns`` (e.g. ``model=``, ``backend=``) are added as constant columns."""
+    table = pd.DataFrame([p.to_row() for p in predictions])
+    for name, value in columns.items():
+        table[name] = value
+    return table
 
 
 def summarize_patients(predictions: pd.DataFrame | list[Prediction],
@@ -173,6 +188,7 @@ class _Prepared:
     boxes: list[tuple[int, int]] | None = None  # top-left corners of the tiles
     grid: tuple[int, int] | None = None
     error: str | None = None
+    size: tuple[int, int] | None = None     # (width, height) of the image as read
 
 
 class _Preparer:
@@ -230,7 +246,7 @@ class _Preparer:
             if refusal is not None:
                 return _Prepared(index, error=prefix + refusal)
             if not self.tiled(w, h):
-                return _Prepared(index, x=self.transform(image).unsqueeze(0))
+                return _Prepared(index, x=self.transform(image).unsqueeze(0), size=(w, h))
             ys, xs = _tile_starts(h, self.tile), _tile_starts(w, self.tile)
             tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
         except (ImageError, OSError) as e:
@@ -240,7 +256,7 @@ class _Preparer:
                              "lower --max-pixels (max_pixels) to refuse such images, or free "
                              "memory and run again.")
         return _Prepared(index, image=tensor, boxes=[(y, x) for y in ys for x in xs],
-                         grid=(len(ys), len(xs)))
+                         grid=(len(ys), len(xs)), size=(w, h))
 
     def _refusal(self, w: int, h: int) -> str | None:
         """Why an image of this size gets no prediction, or None."""
@@ -645,32 +661,126 @@ class Predictor:
         pred.trained_model = self.trained_model
         return pred
 
-    def wrong_data_note(self, files: list[str | Path]) -> str | None:
-        """A warning when images of BreakHis (named as the data set names them) are given to
-        a model trained at a stated scale on other data, such as the bundled PatchCamelyon
-        model (96 px lymph-node patches at 0.97 um/px); None when nothing looks wrong.
+    # ------------------------------------------------------------- what the model is for
 
-        A model trained on BreakHis stores no ``mpp`` (its checkpoint states magnifications
-        instead), so only models trained elsewhere are flagged.
-        """
+    @property
+    def model_name(self) -> str:
+        """The registry name of a named trained model, else the architecture."""
+        return self.trained_model.name if self.trained_model is not None else self.arch
+
+    @property
+    def model_mpp(self) -> float | None:
+        """Micrometres per pixel of the images the model was trained on, when stated (by the
+        checkpoint, or by the registry for a named model); None for BreakHis-trained models,
+        whose checkpoints state magnifications instead."""
         ckpt = self.checkpoint
+        if ckpt is not None and ckpt.magnification:
+            return None
         mpp = ckpt.mpp if ckpt is not None else None
         if mpp is None and self.trained_model is not None:
             mpp = self.trained_model.mpp
-        if mpp is None or (ckpt is not None and ckpt.magnification):
+        return mpp
+
+    def scope(self) -> dict[str, str]:
+        """What the model is for and not for, in words: a named model's own (its registry
+        entry, the source of its model card); for a checkpoint of one's own, what its
+        training data allows one to say."""
+        entry = self.trained_model
+        if entry is not None and entry.intended_use:
+            return {"intended_use": entry.intended_use, "not_for": entry.not_for}
+        ckpt = self.checkpoint
+        data = Path(str(ckpt.config.get("data") or "")).name if ckpt is not None else ""
+        trained = f" on {data}" if data else ""
+        scale = (f" at {self.model_mpp:g} um/px" if self.model_mpp else
+                 f" at {', '.join(ckpt.magnification)}" if ckpt is not None
+                 and ckpt.magnification else "")
+        return {
+            "intended_use": (
+                f"Research and teaching: tells {' from '.join(self.classes)} tissue in H&E "
+                f"images like those it was trained{trained}{scale}. A model trained with "
+                "`bcd train`; its card holds the figures it was chosen and tested on."),
+            "not_for": (
+                "Diagnosis, treatment or triage of patients (not a medical device); images "
+                "unlike its training data (other organs, stains, scanners or scales) without "
+                "validating it there first."),
+        }
+
+    def scope_warning(self, source: str, size: tuple[int, int] | None, tiles: int,
+                      mpp: float | None = None, *, tile_size: int | None = None
+                      ) -> str | None:
+        """Why one image lies outside what the model was made for, from what can be measured
+        or read; None when nothing does.
+
+        - Its file name is a BreakHis name and the model was trained at a stated scale on
+          other tissue (the bundled PCam model), or on other BreakHis magnifications.
+        - Its scale was given (``mpp``) and differs from the model's by more than
+          :data:`SCALE_TOLERANCE` times.
+        - It was cut into several tiles with no scale given: the tiles are read as if their
+          pixels were the training images' pixels, which nothing checked.
+        - It is smaller than the images the model reads (enlarged more than
+          :data:`SCALE_TOLERANCE` times to its input).
+
+        Args:
+            source: The file name (or ``<image N>``).
+            size: ``(width, height)`` of the image.
+            tiles: How many tiles it was cut into (1: predicted whole).
+            mpp: Its micrometres per pixel, when known.
+            tile_size: The tile side it was cut at (default: the model's).
+        """
+        model_mpp = self.model_mpp
+        name = parse_breakhis_name(Path(str(source)).name)
+        ckpt = self.checkpoint
+        if name is not None and model_mpp is not None:
+            return (f"a BreakHis breast biopsy by its name ({name.magnification}); "
+                    f"{self.model_name} was trained at {model_mpp:g} um/px on other tissue, "
+                    f"not on BreakHis: score it with --model {BREAKHIS_MODEL}.")
+        if name is not None and ckpt is not None and ckpt.magnification and (
+                name.magnification not in ckpt.magnification):
+            return (f"a {name.magnification} BreakHis image by its name; the model was trained "
+                    f"on {', '.join(ckpt.magnification)} only.")
+        if mpp is not None and model_mpp is not None and not (
+                1 / SCALE_TOLERANCE <= mpp / model_mpp <= SCALE_TOLERANCE):
+            return (f"its scale, {mpp:g} um/px (--mpp), is {mpp / model_mpp:.2g} times the "
+                    f"{model_mpp:g} um/px the model was trained at; rescale it to "
+                    f"{model_mpp:g} um/px first.")
+        if tiles > 1 and mpp is None:
+            tile = int(tile_size or self.pre.resize or self.pre.size)
+            assumed = (f"at an assumed {model_mpp:g} um/px, the model's training scale"
+                       if model_mpp is not None else
+                       "at its own pixel size, assumed to be that of the training images")
+            give = " (give --mpp to state its scale)" if model_mpp is not None else ""
+            return (f"cut into {tiles} tiles of {tile} px, read {assumed}{give}; nothing "
+                    "checked it, and at another scale the answer means nothing.")
+        if size is not None and tiles == 1:
+            side = self.pre.resize or self.pre.size
+            enlarged = side / min(size)
+            if enlarged > SCALE_TOLERANCE:
+                return (f"{size[0]}x{size[1]} pixels, smaller than the images the model reads: "
+                        f"enlarged {enlarged:.2g} times to its {side} px input, so its tissue "
+                        "looks larger than in training.")
+        return None
+
+    def wrong_data_note(self, files: list[str | Path]) -> str | None:
+        """One line for a whole run when images named as BreakHis names them are given to a
+        model trained at a stated scale on other data (the bundled PCam model: 96 px
+        lymph-node patches at 0.97 um/px), with what was measured there; None otherwise.
+        Each such image's own ``warning`` says so too (:meth:`scope_warning`)."""
+        if self.model_mpp is None:
             return None
-        names = [parse_breakhis_name(Path(str(f)).name) for f in files]
-        found = [n for n in names if n is not None]
+        found = [n for n in (parse_breakhis_name(Path(str(f)).name) for f in files)
+                 if n is not None]
         if not found:
             return None
         mags = ", ".join(sorted({n.magnification for n in found}, key=lambda m: int(m[:-1])))
-        model = self.trained_model.name if self.trained_model is not None else self.arch
-        return (f"{len(found)} of these {len(files)} images are BreakHis breast biopsies by "
-                f"their names ({mags}); {model} was trained at {mpp:g} um/px on other tissue, "
-                "not on BreakHis, and ranks BreakHis images only weakly (the bundled PCam "
-                "model: image ROC AUC 0.72, accuracy 0.52 on 141 real BreakHis images of 18 "
-                "patients; docs/results.md). Score them with the BreakHis model: drop --model "
-                f"and the checkpoint, or pass --model {BREAKHIS_MODEL}.")
+        are = "is a BreakHis breast biopsy" if len(found) == 1 else (
+            "are BreakHis breast biopsies")
+        return (f"{len(found)} of these {len(files)} images {are} by "
+                f"their names ({mags}); {self.model_name} was trained at {self.model_mpp:g} "
+                "um/px on other tissue, not on BreakHis, and ranks BreakHis images only "
+                "weakly (the bundled PCam model: image ROC AUC 0.72, accuracy 0.52 on 141 real "
+                "BreakHis images of 18 patients; docs/results.md). Score them with the "
+                f"BreakHis model: drop --model and the checkpoint, or pass --model "
+                f"{BREAKHIS_MODEL}.")
 
     def lanes(self, workers: int = 0) -> int:
         """How many threads each read and score whole batches side by side: 2 when inputs are
@@ -765,7 +875,8 @@ class Predictor:
 
     def predict(self, images, *, batch_size: int = 32, tta: bool = False,
                 tile_factor: float | None = DEFAULT_TILE_FACTOR, tile_size: int | None = None,
-                workers: int = 0, progress: bool = False) -> list[Prediction]:
+                workers: int = 0, progress: bool = False, mpp: float | None = None
+                ) -> list[Prediction]:
         """Predicts paths, folders, PIL images or arrays (one, or a list).
 
         Inputs are read and prepared by a DataLoader (``workers`` processes) and run in
@@ -796,8 +907,15 @@ class Predictor:
             tile_size: Tile side in image pixels; None uses the training scale.
             workers: DataLoader worker processes (0 reads in this process).
             progress: Show a progress bar over the images.
+            mpp: The images' micrometres per pixel, when known: checked against the model's
+                scale for each answer's ``warning`` (:meth:`scope_warning`), not used to
+                rescale.
         """
         from tqdm.auto import tqdm
+
+        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+            raise UserError(f"mpp={mpp}: micrometres per pixel must be a positive number, "
+                            "e.g. 0.25 (40x scanners) or 0.5 (20x).")
 
         if isinstance(images, (list, tuple)):
             items = [x for i in images for x in (collect_images([i]) if _is_path(i) else [i])]
@@ -859,8 +977,13 @@ class Predictor:
                 for batch in loader:
                     score(self, batch)
                     bar.update(len(batch))
-        return [self._result(names[i], prepared[i], tile_probs.get(i))
-                for i in range(len(items))]
+        results = [self._result(names[i], prepared[i], tile_probs.get(i))
+                   for i in range(len(items))]
+        for r in results:
+            if r.error is None:
+                r.warning = self.scope_warning(r.source, r.size, r.tiles, mpp,
+                                               tile_size=preparer.tile)
+        return results
 
     def _result(self, name: str, item: _Prepared, probs: list[np.ndarray] | None) -> Prediction:
         if item.error is not None or not probs:
@@ -880,7 +1003,7 @@ class Predictor:
         heatmap = p[:, 1].reshape(item.grid) if item.grid is not None else None
         return Prediction(name, {c: float(v) for c, v in zip(self.classes, mean)},
                           self.classes[int(mean[1] >= self.threshold)], self.threshold,
-                          tiles=len(p), heatmap=heatmap)
+                          tiles=len(p), heatmap=heatmap, size=item.size)
 
     @torch.inference_mode()
     def probabilities(self, x: torch.Tensor, *, tta: bool = False,

@@ -31,9 +31,12 @@ ACCENT_COLOR = "#2b6ca3"
 SERIES_COLORS = (MALIGNANT_COLOR, BENIGN_COLOR, ACCENT_COLOR, "#9ac1e0", "#5a5a5a")
 # Shares of a class (confusion matrix): the malignant hue, light to dark.
 SHARE_CMAP = "Purples"
-# P(malignant) laid over H&E tissue: a diverging green-to-red map stands out from the stain's
-# pinks and purples, where a map in the palette's own hues would vanish into them.
-HEATMAP_CMAP = "RdYlGn_r"
+# P(malignant) laid over H&E tissue: cividis (dark blue low, yellow high) stands out from the
+# stain's pinks and purples, and, unlike a red-green scale, reads the same with the common
+# colour blindnesses (it was designed for them). Every heat map carries a colour bar.
+HEATMAP_CMAP = "cividis"
+# What no model input covered (glass, or tissue not scored), named in legends.
+UNSCORED_COLOR = "#bdbdbd"
 # Resolution of every written figure.
 DPI = 120
 
@@ -121,8 +124,10 @@ def plot_prediction(image, prediction: Prediction, ax: tuple[Axes, Axes] | None 
     img_ax.imshow(picture)
     if prediction.heatmap is not None:
         w, h = picture.size
-        img_ax.imshow(prediction.heatmap, extent=(0, w, h, 0), cmap=HEATMAP_CMAP, vmin=0,
-                      vmax=1, alpha=0.3, interpolation="nearest")
+        tint = img_ax.imshow(prediction.heatmap, extent=(0, w, h, 0), cmap=HEATMAP_CMAP,
+                             vmin=0, vmax=1, alpha=0.3, interpolation="nearest")
+        _threshold_bar(fig, tint, img_ax, prediction.threshold,
+                       f"P(malignant) of each of {prediction.tiles} tiles")
     img_ax.set_axis_off()
     title = prediction.label
     if np.isfinite(prediction.p_malignant):
@@ -136,6 +141,12 @@ def plot_prediction(image, prediction: Prediction, ax: tuple[Axes, Axes] | None 
     bar_ax.set_xlim(0, 1.15)
     bar_ax.set_xlabel("probability")
     bar_ax.invert_yaxis()  # classes read top to bottom in their own order
+    if len(classes) == 2:
+        # The threshold that decided the label, on the malignant bar's scale.
+        bar_ax.axvline(prediction.threshold, color="black", linestyle="--", linewidth=1.2,
+                       label=f"threshold {prediction.threshold:.4g}: at or above, "
+                             f"{classes[1]}", gid="threshold")
+        bar_ax.legend(loc="lower right", fontsize=8, frameon=False)
     return fig
 
 
@@ -143,30 +154,49 @@ CAM_CMAP = "viridis"
 """Grad-CAM maps: perceptually uniform and readable with the common colour blindnesses."""
 
 
-def plot_explanation(view, cam: np.ndarray, *, title: str = "Grad-CAM") -> Figure:
-    """The model's view beside its Grad-CAM laid over it, at the view's aspect, with a colour
-    bar saying what the colours mean.
+def _threshold_bar(fig: Figure, shown, ax: Axes, threshold: float | None, label: str):
+    """A colour bar for a map of P(malignant), with the threshold drawn across it."""
+    if threshold is not None:
+        label += f"; line: threshold {threshold:.3f}"
+    bar = fig.colorbar(shown, ax=ax, shrink=0.8, label=label)
+    if threshold is not None:
+        bar.ax.axhline(threshold, color="black", linewidth=1.5, gid="threshold")
+    return bar
+
+
+def plot_explanation(view, cam: np.ndarray, *, title: str = "Grad-CAM",
+                     view_title: str = "the image") -> Figure:
+    """The image beside its Grad-CAM laid over it, at the image's aspect, with a colour bar
+    saying what the colours mean. Parts of the map that are NaN (no model input showed them)
+    stay uncoloured, and a legend says so.
 
     Args:
         view: The image the map belongs to (PIL image or array), as :func:`bcd.explain`
             returns it.
-        cam: The map in [0, 1], of the view's size.
+        cam: The map in [0, 1] (NaN where there is no value), of the view's size.
         title: Title of the map's panel (e.g. the label it explains).
+        view_title: Title of the plain image's panel.
     """
+    from matplotlib.patches import Patch
+
     picture = np.asarray(view)
     h, w = picture.shape[:2]
-    fig = _figure(8.0, 4.0 * h / w + 0.8)
+    fig = _figure(8.0, 4.0 * h / w + 1.0)
     left, right = fig.subplots(1, 2)
     left.imshow(picture)
-    left.set_title("what the model sees")
+    left.set_title(view_title)
     right.imshow(picture)
-    shown = right.imshow(cam, cmap=CAM_CMAP, vmin=0, vmax=1, alpha=0.5,
+    shown = right.imshow(np.ma.masked_invalid(cam), cmap=CAM_CMAP, vmin=0, vmax=1, alpha=0.5,
                          extent=(0, w, h, 0), interpolation="bilinear")
     right.set_title(title)
     for a in (left, right):
         a.set_axis_off()
     fig.colorbar(shown, ax=right, fraction=0.046, pad=0.02,
-                 label="evidence for the class (Grad-CAM, scaled to 0-1)")
+                 label="evidence for the class (Grad-CAM, 0-1)")
+    if not np.isfinite(cam).all():
+        fig.legend(handles=[Patch(facecolor="none", edgecolor=UNSCORED_COLOR,
+                                  label="no colour: a part no model input showed")],
+                   loc="lower center", frameon=False, fontsize=8)
     return fig
 
 
@@ -462,10 +492,13 @@ def plot_slide_heatmap(thumb: np.ndarray, heat: np.ndarray, extent: tuple[float,
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
-    label = "P(tumour)" if threshold is None else f"P(tumour); line: threshold {threshold:.3f}"
-    bar = fig.colorbar(shown, ax=ax, shrink=0.8, label=label)
-    if threshold is not None:
-        bar.ax.axhline(threshold, color="black", linewidth=1.5)
+    _threshold_bar(fig, shown, ax, threshold, "P(tumour)")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor="none", edgecolor=UNSCORED_COLOR,
+                             label="no colour: not scored (glass, or a tile under "
+                                   "--min-tissue tissue)")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.01), frameon=False, fontsize=8)
     ax.set_title(title)
     return fig
 

@@ -42,6 +42,7 @@ from ..data.datasets import ALLOWED_FORMATS, ImageError, ImageFormatError, open_
 from ..errors import UserError
 from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
+from ..plots import HEATMAP_CMAP
 from ..files import jsonable
 from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts
 
@@ -49,12 +50,6 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 """The page: plain HTML, JavaScript and CSS, served as they are."""
-
-INTENDED_USE = (
-    "Research tool, not a medical device. It tells benign from malignant tissue in H&E "
-    "histopathology images like those of BreakHis (breast biopsies, 40X-400X), for research "
-    "and teaching. It has not been cleared or validated for clinical use and must not be used "
-    "to diagnose, treat or triage patients; its answer is no substitute for a pathologist's.")
 
 MAX_FILES = 32
 """Files accepted in one request."""
@@ -131,12 +126,17 @@ class ImageResult(BaseModel):
     width: int = Field(description="Image width in pixels.")
     height: int = Field(description="Image height in pixels.")
     cam: str | None = Field(
-        description="Grad-CAM of the label's class over the model's view of the image "
-                    "(short side resized, centre crop), as a data:image/png;base64 URL; null "
-                    "for an ONNX model, which has no gradients.")
+        description="Grad-CAM of the label's class laid over the image at its own aspect "
+                    "(viridis: dark purple low, yellow high; parts no model input showed "
+                    "are left uncoloured), as a data:image/png;base64 URL; computed with "
+                    "PyTorch, it explains the label the scoring backend gave; null when only "
+                    "an ONNX model is loaded (no gradients).")
     tile_heatmap: str | None = Field(
-        description="For a tiled image, the tile heat map over the image (green: low "
-                    "P(malignant), red: high) as a PNG data URL; else null.")
+        description="For a tiled image, the tile heat map over the image (cividis: dark "
+                    "blue low P(malignant), yellow high) as a PNG data URL; else null.")
+    warning: str | None = Field(
+        description="Why this image lies outside what the model was made for (its scale, "
+                    "its tiling, its name), or null.")
 
 
 class PredictResponse(BaseModel):
@@ -629,10 +629,16 @@ def model_card(predictor: Predictor, report: EvaluationResult | None = None, *,
     ckpt = predictor.checkpoint
     cfg = ckpt.config if ckpt is not None else {}
     pre = predictor.pre
-    patients = {subset: len(ids) for subset, ids in (ckpt.split_patients if ckpt else {}).items()}
+    # Counts of patients only where the data had patient ids (PCam has none: no zeros).
+    patients = {subset: len(ids) for subset, ids in (ckpt.split_patients if ckpt else {}).items()
+                if ids}
     evaluation = _evaluation(report, predictor) if report is not None else None
+    tile = pre.resize or pre.size
     resize = (f"short side resized to {pre.resize} px, centre {pre.size} px crop"
-              if pre.resize else f"resized to {pre.size} x {pre.size} px")
+              if pre.resize else f"resized to {pre.size} x {pre.size} px") + (
+        f"; an image whose short side is over {DEFAULT_TILE_FACTOR * tile:g} px is cut "
+        f"instead into {tile} px tiles (overlapping by half) at its own scale, each tile "
+        "prepared so, and the tile answers averaged")
     threshold_info = {k: v for k, v in (ckpt.threshold_info if ckpt else {}).items()
                       if k not in ("value", "source", "val_patient_ids")}
     if ckpt and ckpt.threshold_info.get("val_patient_ids"):  # counts only, as for the split
@@ -669,9 +675,8 @@ def model_card(predictor: Predictor, report: EvaluationResult | None = None, *,
         },
         "threshold": {"value": predictor.threshold, "source": predictor.threshold_source,
                       **threshold_info},
-        "intended_use": INTENDED_USE,
-        # A named trained model (Predictor.from_pretrained) adds its registry entry: task,
-        # scale, and its own intended use and not-for.
+        # The model's own words (its registry entry for a named model): the page shows them.
+        **predictor.scope(),
         "trained_model": (predictor.trained_model.card()
                           if getattr(predictor, "trained_model", None) else None),
         "versions": {"training": ckpt.versions if ckpt else None,
@@ -1014,7 +1019,7 @@ class _Service:
                 preview = image.copy()
                 preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
                 tile_map = _png_data_url(overlay(preview, p.heatmap, alpha=0.4,
-                                                 cmap="RdYlGn_r"))
+                                                 cmap=HEATMAP_CMAP))
             results.append({
                 "name": upload.name, "label": p.label, "p_malignant": p.p_malignant,
                 "probabilities": p.probabilities, "threshold": p.threshold,
@@ -1022,7 +1027,7 @@ class _Service:
                 "heatmap": None if p.heatmap is None else p.heatmap.tolist(),
                 "width": image.width, "height": image.height,
                 "cam": None if cam is None else _png_data_url(overlay(*cam)),
-                "tile_heatmap": tile_map,
+                "tile_heatmap": tile_map, "warning": p.warning,
             })
         return {"results": results, "model": self.arch,
                 "seconds": time.perf_counter() - start}

@@ -45,6 +45,9 @@ function renderCard(card) {
     dl.append(el("dt", { text: term }));
     dl.append(el("dd", {}, ...details));
   };
+  // What the model is for comes first, in the model's own words (its card).
+  add("Intended use", card.intended_use);
+  add("Not for", card.not_for);
   add("Architecture", `${card.architecture ?? "unknown"} (${card.backend}), classes ${card.classes.join(", ")}`);
   add("Input", card.preprocessing.description);
   const t = card.threshold;
@@ -80,7 +83,6 @@ function renderCard(card) {
   } else if (card.metrics.note) {
     add("Test metrics", el("span", { class: "muted", text: card.metrics.note }));
   }
-  add("Intended use", card.intended_use);
 
   const summary = document.getElementById("model-summary");
   summary.replaceChildren(dl);
@@ -123,20 +125,42 @@ function newCard(file) {
   return { item, status, figures, verdict };
 }
 
+// A colour scale under a heat map: the gradient, its two ends, what it shows, and a mark
+// at the threshold when one decides the label.
+function legend(map, low, high, note, threshold) {
+  const bar = el("div", { class: `gradient ${map}` });
+  if (threshold !== undefined) {
+    const mark = el("div", { class: "marker" });
+    mark.style.left = `${threshold * 100}%`;
+    bar.append(mark);
+  }
+  return el("div", { class: "legend", role: "img",
+    "aria-label": `colour scale from ${low} to ${high}` + (note ? `; ${note}` : "") },
+    bar, el("div", { class: "scale" }, el("span", { text: low }), el("span", { text: high })),
+    note ? el("p", { class: "small muted", text: note }) : null);
+}
+
 function showResult(card, r) {
   const malignant = r.p_malignant >= r.threshold;
   card.figures.querySelector("figcaption").textContent = `Image, ${r.width} × ${r.height} px`;
   if (r.cam) {
     card.figures.append(el("figure", {},
-      el("img", { class: "cam", src: r.cam, width: 224, height: 224,
-        alt: `Grad-CAM overlay of ${r.name}: red marks the regions that most supported the answer "${r.label}"` }),
-      el("figcaption", { text: `Grad-CAM for “${r.label}” (the model's centre view; red: strongest)` })));
+      el("img", { class: "cam", src: r.cam,
+        alt: `Grad-CAM overlay of ${r.name}: yellow marks the regions that most supported the answer "${r.label}"` }),
+      el("figcaption", { text: `Grad-CAM: evidence for “${r.label}”` }),
+      legend("viridis", "little", "most",
+        "Computed with PyTorch for the label given; uncoloured: no model input showed it")));
   }
   if (r.tile_heatmap) {
     card.figures.append(el("figure", {},
       el("img", { class: "tiles", src: r.tile_heatmap,
-        alt: `Tile heat map of ${r.name}: P(malignant) of each of its ${r.tiles} tiles, green low, red high` }),
-      el("figcaption", { text: `Tile heat map: P(malignant) of ${r.tiles} tiles (green low, red high)` })));
+        alt: `Tile heat map of ${r.name}: P(malignant) of each of its ${r.tiles} tiles, dark blue low, yellow high` }),
+      el("figcaption", { text: `P(malignant) of ${r.tiles} tiles` }),
+      legend("cividis", "0", "1", `Threshold ${fmt(r.threshold)}`, r.threshold)));
+  }
+  if (r.warning) {
+    card.verdict.before(el("p", { class: "warning", role: "note",
+      text: `Outside what this model was made for: ${r.warning}` }));
   }
 
   const fill = el("div", { class: `fill ${malignant ? "high" : "low"}` });
