@@ -90,7 +90,7 @@ def test_upload_shows_label_bar_and_overlay(server, sample, tmp_path):
             assert fill["width"] > 0
             assert fill["width"] / bar["width"] == pytest.approx(
                 max(answer["p_malignant"], 3 / bar["width"]), abs=0.02)
-            marker = card.locator(".marker").bounding_box()
+            marker = card.locator(".bar .marker").bounding_box()
             assert marker["x"] - bar["x"] == pytest.approx(answer["threshold"] * bar["width"],
                                                            abs=3)
 
@@ -148,3 +148,55 @@ def test_an_answer_the_page_cannot_show_fails_its_card_and_the_queue_goes_on(ser
                 assert says in cards[name].locator(".error").inner_text(), name
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def pcam_server():
+    """The app serving the bundled PCam model, whose card denies BreakHis-sized images."""
+    from breast_cancer_detection.app import create_app
+    from breast_cancer_detection.inference import Predictor
+
+    app = create_app(Predictor.from_pretrained("pcam-patch-cnn", device="cpu"))
+    with serve_app(app, log_level="warning") as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.timeout(300)
+def test_the_page_states_the_models_own_scope_and_warns_of_an_image_outside_it(
+        pcam_server, tmp_path):
+    from breast_cancer_detection.pretrained import trained_model
+
+    entry = trained_model("pcam-patch-cnn")
+    image = tmp_path / "biopsy1.png"  # no BreakHis name: the warning comes from its size
+    write_tissue_png(image, True, np.random.default_rng(1), size=(700, 460))
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"{pcam_server}/")
+            page.wait_for_selector("#model-summary dl.facts", timeout=30_000)
+            facts = dict(zip(page.locator("#model-summary dt").all_inner_texts(),
+                             page.locator("#model-summary dd").all_inner_texts()))
+            assert facts["Intended use"] == entry.intended_use
+            assert facts["Not for"] == entry.not_for
+            assert "patients per subset" not in facts["Trained on"]  # PCam has no patient ids
+
+            page.set_input_files("#files", str(image))
+            card = page.locator("li.card.done")
+            card.wait_for(timeout=120_000)
+            warning = card.locator(".warning")
+            assert "cut into 126 tiles of 96 px" in warning.inner_text()
+            # The overlay keeps the image's 700:460 aspect, and every heat map has its scale.
+            box = card.locator("img.cam").bounding_box()
+            assert box["width"] / box["height"] == pytest.approx(700 / 460, rel=0.03)
+            assert card.locator(".legend .gradient.viridis").count() == 1
+            assert card.locator(".legend .gradient.cividis").count() == 1
+            legend = card.locator(".legend .gradient.cividis").bounding_box()
+            mark = card.locator(".legend .gradient.cividis .marker").bounding_box()
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "app-out-of-scope.png"), full_page=True)
+        finally:
+            browser.close()
+    threshold = httpx.get(f"{pcam_server}/api/model", timeout=30).json()["threshold"]["value"]
+    assert mark["x"] - legend["x"] == pytest.approx(threshold * legend["width"], abs=3)

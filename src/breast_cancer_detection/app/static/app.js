@@ -158,10 +158,6 @@ function showResult(card, r) {
       el("figcaption", { text: `P(malignant) of ${r.tiles} tiles` }),
       legend("cividis", "0", "1", `Threshold ${fmt(r.threshold)}`, r.threshold)));
   }
-  if (r.warning) {
-    card.verdict.before(el("p", { class: "warning", role: "note",
-      text: `Outside what this model was made for: ${r.warning}` }));
-  }
 
   const fill = el("div", { class: `fill ${malignant ? "high" : "low"}` });
   fill.style.width = `${Math.max(0, Math.min(1, r.p_malignant)) * 100}%`;
@@ -176,6 +172,8 @@ function showResult(card, r) {
   markerLabel.style.left = `${r.threshold * 100}%`;
 
   card.verdict.replaceChildren(
+    ...(r.warning ? [el("p", { class: "warning", role: "note",
+      text: `Outside what this model was made for: ${r.warning}` })] : []),
     el("p", { class: `label ${malignant ? "high" : "low"}`, text: r.label }),
     el("div", { class: "meter" },
       el("div", { class: "meter-head" },
@@ -187,7 +185,7 @@ function showResult(card, r) {
     el("p", { class: "small", text: `Threshold ${fmt(r.threshold)}, ${r.threshold_source}. ` +
       "An image at or above it is called malignant." }),
     el("p", { class: "small muted", text: r.tiles > 1
-      ? `Large image: the average of ${r.tiles} overlapping tiles at the training scale.`
+      ? `Large image: the average of ${r.tiles} overlapping tiles, cut at its own pixel size.`
       : "Predicted whole (resized as in training)." }));
   card.status.textContent = "Done";
   card.item.setAttribute("aria-busy", "false");
