@@ -57,6 +57,7 @@ _EXPORTS = {
     "list_trained": "pretrained",
     "trained_model": "pretrained",
     "resolve_trained": "pretrained",
+    "SAMPLE_PATCHES": "pretrained",
     "CheckpointError": "checkpoint",
     "GradCAM": "explain",
     "explain": "explain",

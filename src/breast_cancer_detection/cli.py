@@ -343,6 +343,18 @@ def _model_then_inputs(args: argparse.Namespace, what: str, collect, suffixes) -
     from .errors import UserError
 
     args.checkpoint = None
+    if getattr(args, "samples", False):
+        from .pretrained import SAMPLE_PATCHES, SAMPLES_MODEL
+
+        if not args.model and not any(_names_a_checkpoint(p) for p in args.paths):
+            args.model = SAMPLES_MODEL
+            print(f"--samples: the six PatchCamelyon patches (96 px, CC0) in "
+                  f"{SAMPLE_PATCHES}, scored with {SAMPLES_MODEL}, the model made for them.",
+                  file=sys.stderr)
+        args.paths = [*args.paths, str(SAMPLE_PATCHES)]
+    if not args.paths:
+        raise UserError(f"name the {what} files or folders (or --samples for the sample "
+                        "patches that ship with the package).")
     if not args.model and _names_a_checkpoint(args.paths[0]):
         args.checkpoint, args.paths = args.paths[0], args.paths[1:]
         if not args.paths:
@@ -983,7 +995,8 @@ def _add_model_commands(sub) -> None:
 def _add_use_commands(sub) -> None:
     """predict, export, serve: using a checkpoint."""
     pd_ = sub.add_parser("predict", help="predict images with a checkpoint (or ONNX export)",
-                         usage="bcd predict [CHECKPOINT] PATH [PATH ...] [options]",
+                         usage="bcd predict [CHECKPOINT] PATH [PATH ...] [options]\n"
+                         "       bcd predict --samples [options]",
                          description="Predict image files and folders (searched recursively) "
                          "with a checkpoint from `bcd train`, a URL of one, an ONNX export, or "
                          "a named trained model; with none, the default trained model (`bcd "
@@ -994,8 +1007,11 @@ def _add_use_commands(sub) -> None:
                          "otherwise every argument is an image. Prints file, label, "
                          "P(malignant); writes a CSV. Exits 1 when any image could not be "
                          "read (its CSV row says why).")
-    pd_.add_argument("paths", nargs="+", metavar="PATH", help="[CHECKPOINT] then image files "
+    pd_.add_argument("paths", nargs="*", metavar="PATH", help="[CHECKPOINT] then image files "
                      "or folders (see above)")
+    pd_.add_argument("--samples", action="store_true", help="also score the six 96 px "
+                     "PatchCamelyon patches that ship with the package (with pcam-patch-cnn "
+                     "unless a model is named): works offline, anywhere")
     _trained_model(pd_)
     pd_.add_argument("--out", default="predictions.csv",
                      help="CSV to write (default: predictions.csv)")

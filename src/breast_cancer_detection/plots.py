@@ -146,7 +146,7 @@ def plot_prediction(image, prediction: Prediction, ax: tuple[Axes, Axes] | None 
         bar_ax.axvline(prediction.threshold, color="black", linestyle="--", linewidth=1.2,
                        label=f"threshold {prediction.threshold:.4g}: at or above, "
                              f"{classes[1]}", gid="threshold")
-        bar_ax.legend(loc="lower right", fontsize=8, frameon=False)
+        bar_ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
     return fig
 
 

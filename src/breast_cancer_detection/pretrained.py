@@ -27,6 +27,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 """What the bundled registry's ``file`` paths are relative to: src/breast_cancer_detection
 is two levels below the repository root."""
 
+SAMPLE_PATCHES = Path(__file__).with_name("samples") / "pcam"
+"""Six 96 px PatchCamelyon patches shipped with the package (CC0): ``normal/`` and ``tumor/``,
+three each, for the bundled patch model (``bcd predict --samples``)."""
+
+SAMPLES_MODEL = "pcam-patch-cnn"
+"""The trained model the sample patches are for."""
+
 _LFS_POINTER = b"version https://git-lfs"
 
 
