@@ -201,3 +201,23 @@ def test_tiled_grad_cam_blends_its_tiles_without_seams(monkeypatch):
     assert cam.shape == (144, 192) and np.isfinite(cam).all()
     steps = max(np.abs(np.diff(cam, axis=0)).max(), np.abs(np.diff(cam, axis=1)).max())
     assert steps < 0.15, steps  # equal weights: jumps of 0.3 and more
+
+
+# ----------------------------------------------------------------------------- demo slide
+
+
+@pytest.mark.slow
+def test_demo_slide_from_the_sample_patches_lights_up_its_tumour_disc(tmp_path, capsys):
+    need_module("openslide", 'pip install -e ".[slides]"')
+    need_module("tifffile", 'pip install -e ".[slides]"')
+    assert main(["demo-slide", str(tmp_path)]) == 0
+    said = capsys.readouterr().out
+    assert f"{tmp_path / 'demo.tif'}: 12 tumour cells in a disc" in said
+    assert main(["slide", str(tmp_path / "demo.tif"), "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 0
+    assert "1 slide, 0 failed" in capsys.readouterr().out
+    tiles = pd.read_csv(tmp_path / "out" / "demo" / "tiles.csv")
+    # 16 x 20 cells of 192 level-0 px; the disc: cells within 1.95 cells of the centre.
+    cells = np.hypot(tiles["x"] + 96 - 20 * 96, tiles["y"] + 96 - 16 * 96) / 192
+    hot = tiles["p_malignant"] >= 0.4333
+    assert hot[cells <= 1.95].mean() > 0.8 and hot[cells > 2.5].mean() < 0.05

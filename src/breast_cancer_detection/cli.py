@@ -525,10 +525,39 @@ def _figure(value, spec: str) -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _cmd_demo_slide(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .pretrained import SAMPLE_PATCHES
+    from .slides.make import demo_slide
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        out = out / "demo.tif"
+    rows, cols = args.grid
+    if not (3 <= rows <= 200 and 3 <= cols <= 200):
+        raise UserError(f"--grid {rows} {cols}: rows and columns from 3 to 200.")
+    patches = None if args.synthetic else Path(args.patches or SAMPLE_PATCHES)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cells = demo_slide(out, grid=(rows, cols), patches=patches, seed=args.seed)
+    except FileNotFoundError as e:
+        raise UserError(f"--patches: {e}; give a folder with 0/ and 1/ (or normal/ and "
+                        "tumor/) patch images.") from None
+    counts = cells["label"].value_counts()
+    drawn = ("synthetic textures (the heat map shows the machinery, not the model's skill)"
+             if patches is None else f"patches from {patches}")
+    print(f"{out}: {counts.get(1, 0)} tumour cells in a disc at the centre of an ellipse of "
+          f"{counts.get(0, 0)} normal ones, {counts.get(-1, 0)} of glass around it; 96 px "
+          f"cells of {drawn}.\nNext: bcd slide {out} --out {out.parent / 'slides'}  (then "
+          f"bcd serve --slides {out.parent / 'slides'} to browse it)")
+    return 0
+
+
 def _cmd_slide(args: argparse.Namespace) -> int:
     import os
 
     from .errors import UserError
+    from .files import plural
     from .slides import SLIDE_SUFFIXES, analyse_slides, collect_slides, parse_shard
     from .slides.reader import positive_mpp
 
@@ -567,7 +596,8 @@ def _cmd_slide(args: argparse.Namespace) -> int:
                   + (" (done before with the same model and settings: kept; --force redoes "
                      "it)" if r.slide in table.attrs.get("reused", ()) else ""))
     part = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
-    print(f"{len(table)} slides{part}, {int((table['error'] != '').sum())} failed. Score: mean "
+    print(f"{plural(len(table), 'slide')}{part}, {int((table['error'] != '').sum())} failed. "
+          f"Score: mean "
           f"P(tumour) of the {args.top_k} highest tiles. Summary: "
           f"{out / 'slides.csv' if shard is None else out}")
     return 1 if (table["error"] != "").any() else 0
@@ -1039,6 +1069,24 @@ def _add_use_commands(sub) -> None:
     pd_.add_argument("--show", type=int, default=50, help="rows to print (default 50)")
     _quiet(pd_, "no progress bars")
     pd_.set_defaults(func=_cmd_predict)
+
+    ds = sub.add_parser("demo-slide", help="write a small whole slide of known ground truth",
+                        usage="bcd demo-slide OUT [options]",
+                        description="Write a small pyramidal TIFF slide (0.486 um/px): an "
+                        "ellipse of tissue on glass with a disc of tumour at its centre, built "
+                        "from 96 px cells. By default the cells are the PatchCamelyon sample "
+                        "patches that ship with the package, so `bcd slide` on it should light "
+                        "up the centre disc and leave the rest of the tissue dark. Needs "
+                        "tifffile (the `slides` extra).")
+    ds.add_argument("out", metavar="OUT", help="the .tif to write, or a folder (OUT/demo.tif)")
+    ds.add_argument("--patches", metavar="DIR", help="draw the cells from this folder's 0/ and "
+                    "1/ (or normal/ and tumor/) patches (default: the package's samples)")
+    ds.add_argument("--synthetic", action="store_true", help="synthetic textures instead of "
+                    "real patches")
+    ds.add_argument("--grid", type=int, nargs=2, default=[16, 20], metavar=("ROWS", "COLS"),
+                    help="cells (default 16 20)")
+    ds.add_argument("--seed", type=int, default=0, help="which patches go where (default 0)")
+    ds.set_defaults(func=_cmd_demo_slide)
 
     sl = sub.add_parser("slide", help="whole slides: tumour heat map, regions, slide score",
                         usage="bcd slide [CHECKPOINT] SLIDE [SLIDE ...] --out DIR [options]",

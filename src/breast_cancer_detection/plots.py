@@ -496,8 +496,8 @@ def plot_slide_heatmap(thumb: np.ndarray, heat: np.ndarray, extent: tuple[float,
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(facecolor="none", edgecolor=UNSCORED_COLOR,
-                             label="no colour: not scored (glass, or a tile under "
-                                   "--min-tissue tissue)")],
+                             label="no colour: not scored (glass, or less tissue than "
+                                   "--min-tissue)")],
               loc="upper center", bbox_to_anchor=(0.5, -0.01), frameon=False, fontsize=8)
     ax.set_title(title)
     return fig

@@ -70,11 +70,20 @@ def _synthetic_patch(rng: np.random.Generator, tumour: bool, size: int) -> np.nd
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+_CLASS_FOLDERS = {0: ("0", "normal"), 1: ("1", "tumor", "tumour")}
+
+
 def _patch_files(root: Path, label: int) -> list[Path]:
-    files = sorted(p for p in (root / str(label)).iterdir()
+    """The patch images of one class: ``0/`` or ``normal/``; ``1/``, ``tumor/`` or
+    ``tumour/``."""
+    folder = next((root / n for n in _CLASS_FOLDERS[label] if (root / n).is_dir()), None)
+    if folder is None:
+        raise FileNotFoundError(f"{root}: no {' or '.join(_CLASS_FOLDERS[label])} folder of "
+                                "patch images")
+    files = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff"))
     if not files:
-        raise FileNotFoundError(f"{root / str(label)}: no patch images")
+        raise FileNotFoundError(f"{folder}: no patch images")
     return files
 
 
@@ -91,8 +100,9 @@ def demo_slide(path: str | Path, *, grid: tuple[int, int] = (16, 20),
     Args:
         path: The ``.tif`` to write.
         grid: ``(rows, cols)`` cells.
-        patches: A folder with ``0/`` (normal) and ``1/`` (tumour) 96 px patches (the
-            PatchCamelyon layout) to draw the cells from; None draws synthetic textures.
+        patches: A folder with ``0/`` (or ``normal/``) and ``1/`` (or ``tumor/``) 96 px
+            patches (the PatchCamelyon layout; ``bcd.SAMPLE_PATCHES`` is one) to draw the
+            cells from; None draws synthetic textures.
         tumour: Put the tumour disc in.
         tumour_radius: Its radius as a share of the tissue's short half-axis.
         upscale: Level-0 pixels per PatchCamelyon pixel.
