@@ -12,54 +12,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from breast_cancer_detection.data.synthetic import (  # noqa: F401  (re-exported to tests)
+    SYNTHETIC_SLIDES,
+    breakhis_relpath,
+    write_synthetic_breakhis,
+    write_tissue_png,
+)
+
 # The real data (../shared/data); $BCD_SHARED_DATA points the tests at another folder.
 SHARED_DATA = Path(os.environ.get("BCD_SHARED_DATA")
                    or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
-# (subtype code, subtype folder, class, slide id, magnifications, images per magnification)
-FAKE_SLIDES = [
-    ("A", "adenosis", "benign", "14-22549AB", ("40", "100"), 3),
-    ("A", "adenosis", "benign", "14-22549CD", ("40",), 2),
-    ("F", "fibroadenoma", "benign", "14-25197", ("40", "400"), 3),
-    ("PT", "phyllodes_tumor", "benign", "14-21998CD", ("40",), 3),
-    ("TA", "tubular_adenoma", "benign", "14-3411F", ("40", "200"), 3),
-    ("DC", "ductal_carcinoma", "malignant", "14-2523", ("40", "400"), 3),
-    ("DC", "ductal_carcinoma", "malignant", "14-10926", ("40",), 3),
-    ("LC", "lobular_carcinoma", "malignant", "14-12204", ("40", "100"), 3),
-    ("MC", "mucinous_carcinoma", "malignant", "14-10147", ("40",), 3),
-    ("PC", "papillary_carcinoma", "malignant", "14-9146", ("40", "400"), 3),
-    ("DC", "ductal_carcinoma", "malignant", "14-17614", ("200",), 3),
-    ("LC", "lobular_carcinoma", "malignant", "14-15570", ("40",), 3),
-]
-
-
-def breakhis_relpath(code: str, folder: str, cls: str, slide: str, mag: str, seq: int) -> str:
-    """The path of one image inside the BreakHis tarball, as the real data set names it."""
-    letter = "M" if cls == "malignant" else "B"
-    return (f"BreaKHis_v1/histology_slides/breast/{cls}/SOB/{folder}/SOB_{letter}_{code}_{slide}/"
-            f"{mag}X/SOB_{letter}_{code}-{slide}-{mag}-{seq:03d}.png")
-
-
-def write_tissue_png(path: Path, malignant: bool, rng: np.random.Generator,
-                     size: tuple[int, int] = (70, 46)) -> None:
-    """A small pink/purple image; malignant ones are darker so a model can learn the classes."""
-    base = np.array([120, 60, 140]) if malignant else np.array([230, 170, 210])
-    arr = base + rng.integers(-25, 25, size=(size[1], size[0], 3))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)
+# The synthetic BreakHis tree lives in the package (bcd notebook --quick uses it too).
+FAKE_SLIDES = SYNTHETIC_SLIDES
 
 
 @pytest.fixture(scope="session")
 def fake_breakhis(tmp_path_factory) -> Path:
     """A fake BreakHis tree: 12 slide folders (11 patients), 8 subtypes, 4 magnifications."""
-    root = tmp_path_factory.mktemp("breakhis")
-    rng = np.random.default_rng(0)
-    for code, folder, cls, slide, mags, n in FAKE_SLIDES:
-        for mag in mags:
-            for seq in range(1, n + 1):
-                rel = breakhis_relpath(code, folder, cls, slide, mag, seq)
-                write_tissue_png(root / rel, cls == "malignant", rng)
-    return root / "BreaKHis_v1"
+    return write_synthetic_breakhis(tmp_path_factory.mktemp("breakhis"))
 
 
 @pytest.fixture(scope="session")

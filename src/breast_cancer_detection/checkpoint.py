@@ -21,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .data.breakhis import CLASSES
-from .errors import UserError
+from .errors import DISTRIBUTION, UserError
 from .files import atomic_write, plain
 
 FORMAT = "bcd-checkpoint"
@@ -293,7 +293,7 @@ def _version(d: Any, source: str) -> int:
         raise CheckpointError(
             f"{source}: checkpoint format version {number}, but this bcd {__version__} reads "
             f"versions {', '.join(map(str, READABLE))}. Upgrade the package (pip install -U "
-            "breast-cancer-detection, or git pull in a clone) to load it.")
+            f"{DISTRIBUTION}, or git pull in a clone) to load it.")
     return int(number)
 
 

@@ -525,6 +525,44 @@ def _figure(value, spec: str) -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _cmd_notebook(args: argparse.Namespace) -> int:
+    import ast
+    import time
+
+    from .errors import UserError
+    from .notebook import pictures, quick_parameters, run_notebook
+
+    out = Path(args.out)
+    folder = out.parent / f"{out.stem}-files"
+    params = quick_parameters(folder) if args.quick else {}
+    for item in args.param or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise UserError(f"--param {item}: write NAME=VALUE, e.g. --param EPOCHS=3 or "
+                            "--param DATA='\"data/BreaKHis_v1\"'.")
+        try:
+            params[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params[name] = value  # a bare word: a string
+    if not params:
+        print("No parameters: the notebook runs as written (it downloads BreakHis and trains "
+              "the full recipe). For a few offline minutes on any machine: bcd notebook "
+              "--quick.", file=sys.stderr)
+    start = time.perf_counter()
+    given = f"with {', '.join(params)} set" if params else "as written"
+    print(f"Running the notebook {given}, every cell in a fresh kernel ...", file=sys.stderr)
+    try:
+        nb = run_notebook(params, folder, out=out, timeout=args.timeout)
+    except UserError:
+        raise
+    except Exception as e:  # a cell failed: nbclient's message holds the cell's traceback
+        raise UserError(f"the notebook stopped at a failing cell; its outputs up to there are "
+                        f"in {out}.\n{str(e)[-3000:]}") from None
+    print(f"Notebook run in {time.perf_counter() - start:.0f} s, {pictures(nb)} pictures; "
+          f"executed copy with all outputs: {out} (files in {folder})")
+    return 0
+
+
 def _cmd_demo_slide(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .pretrained import SAMPLE_PATCHES
@@ -666,7 +704,7 @@ def _port_free(host: str, port: int) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .errors import UserError
+    from .errors import UserError, install_hint
 
     try:
         import uvicorn
@@ -674,7 +712,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .app.server import create_app, uvicorn_options
     except ImportError as e:
         raise UserError(f"`bcd serve` needs the web app's packages ({e.name} is missing): "
-                        'pip install -e ".[app]"') from e
+                        f"{install_hint('app')}.") from e
     _port_free(args.host, args.port)
     _model_choice(args)
     predictor = _load_predictor(args)  # loaded before serving, so a bad file fails here
@@ -1070,6 +1108,26 @@ def _add_use_commands(sub) -> None:
     _quiet(pd_, "no progress bars")
     pd_.set_defaults(func=_cmd_predict)
 
+    nb = sub.add_parser("notebook", help="run Breast_Cancer_Detection.ipynb headless",
+                        usage="bcd notebook [--quick] [--param NAME=VALUE ...] [options]",
+                        description="Run the notebook top to bottom in a fresh kernel, as "
+                        "papermill does (parameters go in a cell after its parameters cell), "
+                        "and write the executed copy with every output and picture. --quick "
+                        "needs no network and no GPU: a synthetic BreakHis-layout tree "
+                        "(noise, not tissue), cpu-smoke for 2 epochs, and the inference cell "
+                        "on the sample patches with pcam-patch-cnn; a few minutes on a laptop. "
+                        "Needs nbclient, nbformat and ipykernel (the dev extra).")
+    nb.add_argument("--quick", action="store_true", help="the offline few-minute run (above)")
+    nb.add_argument("--param", action="append", metavar="NAME=VALUE", help="set a parameter "
+                    "of cell 1 (a Python literal; repeatable), e.g. --param EPOCHS=3 or "
+                    "--param PRESET=breakhis-cpu; after --quick's own")
+    nb.add_argument("--out", default="notebook-run/Breast_Cancer_Detection.ipynb",
+                    help="the executed copy (default notebook-run/Breast_Cancer_Detection.ipynb;"
+                    " the run's files go beside it)")
+    nb.add_argument("--timeout", type=int, default=1800, help="seconds a cell may take "
+                    "(default 1800)")
+    nb.set_defaults(func=_cmd_notebook)
+
     ds = sub.add_parser("demo-slide", help="write a small whole slide of known ground truth",
                         usage="bcd demo-slide OUT [options]",
                         description="Write a small pyramidal TIFF slide (0.486 um/px): an "
@@ -1096,7 +1154,8 @@ def _add_use_commands(sub) -> None:
                         "(PatchCamelyon patches at 0.972 um/px). Writes DIR/<slide>/"
                         "{tiles.csv,heatmap.png,tissue.png,regions.geojson,top_tiles.png} and "
                         "DIR/slides.csv. Needs OpenSlide: pip install "
-                        "\"breast-cancer-detection[slides]\". Exits 1 when a slide failed "
+                        "\"bcd-histopathology[slides]\" (in a clone: pip install -e "
+                        "\".[slides]\"). Exits 1 when a slide failed "
                         "(its slides.csv row says why); the others carry on.")
     sl.add_argument("paths", nargs="+", metavar="SLIDE", help="[CHECKPOINT] then slide files "
                     "or folders (the first is the model when it names one, as for `bcd "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
-from .errors import UserError
+from .errors import UserError, install_hint
 
 ONNX_FORMAT = "bcd-onnx/1"
 INPUT_NAME = "image"
@@ -31,8 +31,8 @@ def _import(name: str):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise UserError(f"{name} is not installed: pip install onnx onnxruntime "
-                        "(or pip install 'breast-cancer-detection[onnx]').") from None
+        raise UserError(f"{name} is not installed: pip install onnx onnxruntime, or "
+                        f"{install_hint('onnx')}.") from None
 
 
 def export_onnx(checkpoint: str | Path | Checkpoint, out: str | Path, *, opset: int = 17,

@@ -1,6 +1,6 @@
 """Reading whole-slide images with OpenSlide: open, scale, thumbnail, tiles for a DataLoader.
 
-OpenSlide comes from pip wheels (``pip install "breast-cancer-detection[slides]"`` installs
+OpenSlide comes from pip wheels (``pip install "bcd-histopathology[slides]"`` installs
 openslide-python and openslide-bin), so no system library is needed on Linux, macOS or Windows.
 """
 
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..data.datasets import open_rgb
-from ..errors import UserError
+from ..errors import UserError, install_hint
 from .tissue import whole_number
 
 # What OpenSlide reads (its vendor formats; .tif/.tiff covers Philips, Ventana and generic
@@ -28,8 +28,8 @@ from .tissue import whole_number
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
                   ".svslide", ".dcm")
 
-INSTALL_HINT = ('pip install "breast-cancer-detection[slides]" (or: pip install '
-                "openslide-python openslide-bin): pip wheels, no system library needed")
+INSTALL_HINT = (f"{install_hint('slides')}, or pip install openslide-python openslide-bin: "
+                "pip wheels, no system library needed")
 
 # Pixels held at once while a thumbnail is built strip by strip.
 _STRIP_PIXELS = 8_000_000
