@@ -227,7 +227,7 @@ def test_demo_slide_from_the_sample_patches_lights_up_its_tumour_disc(tmp_path, 
 
 
 def test_install_hints_name_our_pypi_distribution_and_the_clone_command():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     from pathlib import Path
 
     from breast_cancer_detection.errors import DISTRIBUTION, install_hint
@@ -244,3 +244,12 @@ def test_install_hints_name_our_pypi_distribution_and_the_clone_command():
                  root / "tools" / "make_notebook.py"]:
         assert "breast-cancer-detection[" not in path.read_text(), path
         assert "install -U breast-cancer-detection" not in path.read_text(), path
+
+
+def test_an_undefined_auc_reads_as_such_not_as_zero():
+    from breast_cancer_detection.engine import _epoch_line
+
+    row = {"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "val_loss": 0.69, "val_acc": 1.0,
+           "val_auc": float("nan"), "images_per_s": 10.0, "seconds": 1.0}
+    assert "auc n/a: one class" in _epoch_line(row, 2, True)
+    assert "auc 0.000" in _epoch_line({**row, "val_auc": 0.0}, 2, True)

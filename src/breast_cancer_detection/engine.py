@@ -51,7 +51,7 @@ from .data.datasets import (
 )
 from .data.splits import check_split, load_split, make_split, split_hash, write_split
 from .errors import UserError
-from .files import plain
+from .files import plain, plural
 from .metrics import accuracy, roc_auc
 from .models import create_model
 
@@ -963,7 +963,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
     ckpt = load_checkpoint(run_dir / "last.pt")
     if ckpt.epoch >= cfg.epochs:
-        raise UserError(f"{run_dir} already trained {_count(ckpt.epoch, 'epoch')}; pass a "
+        raise UserError(f"{run_dir} already trained {plural(ckpt.epoch, 'epoch')}; pass a "
                         "larger --epochs to train on.")
     run = _build_run(cfg, run_dir, ckpt, progress)
     state = RunState.from_checkpoint(ckpt)
@@ -1093,7 +1093,7 @@ def _replan(run: _Run, history: pd.DataFrame, row: dict) -> None:
     if epochs == cfg.epochs:
         return
     run.log(f"Time budget {cfg.time_budget}: the last epochs took {factor:.0%} of the time "
-            f"the first steps predicted; the schedule now ends after {_count(epochs, 'epoch')} "
+            f"the first steps predicted; the schedule now ends after {plural(epochs, 'epoch')} "
             f"instead of {cfg.epochs}.")
     _set_epochs(run, epochs, early)
 
@@ -1137,7 +1137,7 @@ def _finish_best(run: _Run) -> dict[str, float]:
     save_checkpoint(best, run.run_dir / "best.pt")
     run.log((f"Threshold {value:.4f} chosen on validation (Youden's J) and stored in best.pt"
              if chosen else "No threshold stored: " + " ".join(caveats))
-            + (f"; 8-view TTA validation AUC {best.metrics['val_auc_tta']:.4f}, accuracy "
+            + (f"; 8-view TTA validation AUC {_auc_text(best.metrics['val_auc_tta'])}, accuracy "
                f"{best.metrics['val_acc_tta']:.4f}" if cfg.tta else "") + ".")
     return best.metrics
 
@@ -1307,14 +1307,15 @@ def _epoch_line(row: dict[str, float], epochs: int, improved: bool, size: int = 
         s += f" ({row['train_size']} px windows)"
     if "val_loss" in row:
         s += (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} "
-              f"auc {row['val_auc']:.3f}")
+              f"auc {_auc_text(row['val_auc'], 3)}")
     return s + f" | {row['images_per_s']:.0f} img/s {row['seconds']:.0f}s" + (
         "  *" if improved else "")
 
 
-def _count(n: int, noun: str) -> str:
-    """``1 epoch``, ``2 epochs``."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def _auc_text(auc: float, digits: int = 4) -> str:
+    """An AUC for a progress line: ``n/a: one class`` when the validation images hold only
+    one class (AUC is undefined, not zero)."""
+    return format(auc, f".{digits}f") if math.isfinite(auc) else "n/a: one class"
 
 
 def _closing_line(result: TrainResult, val_tab: pd.DataFrame, cfg: TrainConfig) -> str:
@@ -1327,10 +1328,10 @@ def _closing_line(result: TrainResult, val_tab: pd.DataFrame, cfg: TrainConfig) 
         who = f"{len(val_tab)} images, the data folder's own split"
     else:
         who = f"{len(val_tab)} images, split by image: the data carries no patient ids"
-    budget = (f" (the {cfg.time_budget} time budget allowed {_count(cfg.epochs, 'epoch')})"
+    budget = (f" (the {cfg.time_budget} time budget allowed {plural(cfg.epochs, 'epoch')})"
               if cfg.time_budget else "")
-    tta = (f"; with 8-view TTA AUC {b['val_auc_tta']:.4f}, accuracy {b['val_acc_tta']:.4f} "
-           "at 0.5" if "val_auc_tta" in b else "")
+    tta = (f"; with 8-view TTA AUC {_auc_text(b['val_auc_tta'])}, accuracy "
+           f"{b['val_acc_tta']:.4f} at 0.5" if "val_auc_tta" in b else "")
     return (f"Done. Best epoch {result.best_epoch}{budget}: validation accuracy "
-            f"{b['val_acc']:.4f} at 0.5, AUC {b['val_auc']:.4f}{tta} ({who}). Checkpoint: "
+            f"{b['val_acc']:.4f} at 0.5, AUC {_auc_text(b['val_auc'])}{tta} ({who}). Checkpoint: "
             f"{result.run_dir / 'best.pt'}")

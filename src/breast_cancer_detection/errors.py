@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 DISTRIBUTION = "bcd-histopathology"
 """The project's name on PyPI (``pip install bcd-histopathology``); the import name stays
 ``breast_cancer_detection`` and the command ``bcd``. (``breast-cancer-detection`` on PyPI is

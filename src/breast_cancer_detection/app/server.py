@@ -42,9 +42,9 @@ from ..data.datasets import ALLOWED_FORMATS, ImageError, ImageFormatError, open_
 from ..errors import UserError
 from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
-from ..plots import HEATMAP_CMAP
 from ..files import jsonable
 from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts
+from ..plots import HEATMAP_CMAP
 
 log = logging.getLogger(__name__)
 
