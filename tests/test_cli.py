@@ -129,7 +129,9 @@ def test_shared_options_keep_their_defaults_across_subcommands():
     parser = build_parser()
     subs = next(a for a in parser._actions if a.dest == "command").choices
     with_quiet = [n for n, p in subs.items() if any(a.dest == "quiet" for a in p._actions)]
-    assert sorted(with_quiet) == sorted(set(subs) - {"models", "split"})  # no progress there
+    # No progress to show there:
+    assert sorted(with_quiet) == sorted(set(subs) - {"models", "split", "demo-slide",
+                                                     "notebook"})
     for name in ("evaluate", "predict", "serve"):
         args = subs[name].parse_args(["ckpt.pt", "img.png"] if name == "predict" else
                                      ["ckpt.pt"])

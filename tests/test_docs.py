@@ -29,7 +29,13 @@ def test_the_checker_catches_a_broken_link(tmp_path):
     assert len(_checker().broken_links(page)) == 2
 
 
-def test_readme_keeps_its_two_set_up_commands():
+def test_readme_opens_with_its_two_set_up_commands():
+    """The first two commands: the main job on the offline default, then the tests; the
+    training on full BreakHis comes after them."""
+    import re
+
     text = (ROOT / "README.md").read_text()
-    assert "pip install -e . && bcd train --preset breakhis-gpu" in text
-    assert 'pip install -e ".[dev]" && python -m pytest' in text
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    assert blocks[0].strip() == "pip install -e . && bcd predict --samples --plot figs/ --cam cams/"
+    assert blocks[1].strip() == 'pip install -e ".[dev]" && python -m pytest'
+    assert text.index("bcd train --preset breakhis-gpu") > text.index(blocks[1])

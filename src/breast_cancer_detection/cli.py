@@ -1143,7 +1143,7 @@ def _add_use_commands(sub) -> None:
                     "real patches")
     ds.add_argument("--grid", type=int, nargs=2, default=[16, 20], metavar=("ROWS", "COLS"),
                     help="cells (default 16 20)")
-    ds.add_argument("--seed", type=int, default=0, help="which patches go where (default 0)")
+    _seed(ds, "which patches go where (default 0)")
     ds.set_defaults(func=_cmd_demo_slide)
 
     sl = sub.add_parser("slide", help="whole slides: tumour heat map, regions, slide score",
