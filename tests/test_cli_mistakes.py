@@ -142,6 +142,7 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_no_run_folder(fake_image
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_closing_line_says_how_the_split_was_made(fake_imagefolder, tmp_path, capsys):
     flat = tmp_path / "flat"  # the same images without train/valid folders
     for f in fake_imagefolder.rglob("*.png"):
@@ -164,6 +165,7 @@ def test_closing_line_says_how_the_split_was_made(fake_imagefolder, tmp_path, ca
     assert "UserWarning" not in err and "warnings.warn" not in err
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_subset_that_all_images_data_does_not_have(trained, fake_imagefolder,
                                                                        tmp_path, capsys):
     out = ["--out", str(tmp_path / "r"), "--bootstrap", "0", "--quiet"]

@@ -141,6 +141,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     assert load_checkpoint(more.run_dir / "last.pt").epoch == 4
 
 
+@pytest.mark.slow
 def test_an_epoch_resumed_part_way_goes_on_from_the_saved_generator(fake_breakhis, tmp_path,
                                                                     monkeypatch):
     """The fast loop's resume check: dropout draws after the cut come from the generator
@@ -173,6 +174,7 @@ def _copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_then_fail_past_the_limit(fake_breakhis, tmp_path, capsys):
     root = _copy_tree(fake_breakhis, tmp_path / "data")
     victim = sorted(root.rglob("*DC-14-2523-40-00*.png"))[0]
@@ -417,6 +419,7 @@ def test_a_sigterm_while_workers_start_does_not_kill_them():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork start method")
+@pytest.mark.slow
 def test_a_run_ending_on_an_exception_does_not_wait_for_its_workers(tmp_path):
     # multiprocessing's exit hook terminate()s live workers and waits: ours ignore SIGTERM.
     script = tmp_path / "crash.py"
@@ -444,6 +447,7 @@ def test_a_run_ending_on_an_exception_does_not_wait_for_its_workers(tmp_path):
 # ----------------------------------------------------------------------------- the CPU recipe
 
 
+@pytest.mark.slow
 def test_training_stores_the_threshold_chosen_on_val(fake_breakhis, tmp_path, capsys):
     result = fit(_cfg(fake_breakhis, tmp_path, epochs=2, tta=True), progress=False)
     best = load_checkpoint(result.run_dir / "best.pt")
@@ -506,6 +510,7 @@ def test_the_first_steps_are_timed_even_when_the_data_is_smaller_than_a_batch(fa
     assert step_s > 0 and val_s > 0
 
 
+@pytest.mark.slow
 def test_batch_augmentation_builds_the_missing_cache(fake_breakhis, tmp_path, capsys,
                                                      monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default cache folder is under the working directory
@@ -530,6 +535,7 @@ def test_batch_augmentation_builds_the_missing_cache(fake_breakhis, tmp_path, ca
     assert not [w for w in caught if "image cache" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_weight_averaging_ships_the_average_and_resumes(fake_breakhis, tmp_path):
     cfg = _cfg(fake_breakhis, tmp_path, epochs=2, ema=0.5)
     result = fit(cfg, progress=False)
@@ -559,6 +565,7 @@ def test_the_cpu_class_can_be_forced_for_tests_and_ci(monkeypatch):
 
 
 @pytest.mark.parametrize("native", ["0", "1"], ids=["avx2-class", "bf16-class"])
+@pytest.mark.slow
 def test_amp_auto_trains_on_either_cpu_class_within_its_tolerance(native, fake_breakhis,
                                                                   tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(checkpoint.CPU_BF16_ENV, native)
@@ -605,6 +612,7 @@ def test_the_budget_shortens_the_schedule_when_epochs_run_slow(fake_breakhis, tm
     assert schedule["total"] == saved * 4  # the cosine ends with the shortened run
 
 
+@pytest.mark.slow
 def test_resuming_with_more_epochs_trains_them_at_a_live_learning_rate(fake_breakhis, tmp_path):
     run = fit(_cfg(fake_breakhis, tmp_path, epochs=2), progress=False).run_dir
     before = _weights(run / "last.pt")
@@ -631,6 +639,7 @@ def test_no_threshold_is_stored_when_validation_cannot_choose_one(fake_breakhis,
 
 
 @pytest.mark.parametrize("batch_augment", ["on", "off"])
+@pytest.mark.slow
 def test_early_epochs_train_on_windows_then_whole_images(fake_breakhis, tmp_path, capsys,
                                                          monkeypatch, batch_augment):
     monkeypatch.chdir(tmp_path)  # the default cache folder is under the working directory

@@ -202,6 +202,7 @@ def test_target_sensitivity_and_val_subset_caveat(run, fake_breakhis, tmp_path):
     assert load_checkpoint(run / "best.pt").threshold_info["method"] == "target_sensitivity"
 
 
+@pytest.mark.slow
 def test_data_without_patient_ids_bootstraps_images(run, fake_imagefolder, tmp_path, capsys):
     lone = tmp_path / "lone"
     lone.mkdir()
@@ -333,6 +334,7 @@ def test_cv_needs_three_folds(fake_breakhis, tmp_path, capsys):
     assert "at least 3 folds" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_another_data_folder_is_external_validation(run, fake_imagefolder, tmp_path):
     # The fake PCam-like folder holds none of the run's images: every one of its 48 images
     # is evaluated, at the checkpoint's stored threshold, with no leakage by path.
@@ -350,6 +352,7 @@ def test_another_data_folder_is_external_validation(run, fake_imagefolder, tmp_p
     assert any(n.startswith("External validation") for n in m["notes"])
 
 
+@pytest.mark.slow
 def test_a_copy_of_the_runs_data_with_files_missing_is_not_external(run, fake_breakhis,
                                                                       tmp_path):
     root = tmp_path / "copy"
@@ -363,6 +366,7 @@ def test_a_copy_of_the_runs_data_with_files_missing_is_not_external(run, fake_br
     assert m["subset"] == "test" and gone in m["counts"]["unreadable"]
 
 
+@pytest.mark.slow
 def test_a_registered_model_file_is_never_rewritten(run, fake_breakhis, tmp_path, monkeypatch):
     import hashlib
 
@@ -377,6 +381,7 @@ def test_a_registered_model_file_is_never_rewritten(run, fake_breakhis, tmp_path
     assert any("registered trained model" in c for c in m["caveats"])
 
 
+@pytest.mark.slow
 def test_ensemble_tool_averages_the_checkpoints(trained, fake_breakhis, tmp_path):
     import subprocess
     import sys
@@ -434,6 +439,7 @@ def test_a_stored_threshold_says_where_it_came_from_when_reused(run, fake_breakh
     assert any(f"holds {len(test_patients)} of the evaluated patients" in c for c in caveats)
 
 
+@pytest.mark.slow
 def test_no_store_threshold_leaves_the_checkpoint_as_it_is(run, fake_breakhis, tmp_path):
     before = (run / "best.pt").read_bytes()
     assert _evaluate(run / "best.pt", "--data", fake_breakhis, "--no-store-threshold",

@@ -384,6 +384,7 @@ def test_grad_cam_of_a_tiled_image_is_stitched_from_its_tiles():
     assert other[4:-4, 108:-4].min() > 0.95 and other[4:-4, 4:92].max() < 0.05
 
 
+@pytest.mark.slow
 def test_grad_cam_of_a_huge_tiled_image_is_drawn_at_a_bounded_size():
     pre = Preprocessing(size=32, resize=40, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     pred = Predictor(_RednessModel(), pre, device="cpu", channels_last=False)

@@ -277,6 +277,7 @@ def test_two_threads_fetching_one_url_both_end_with_a_verified_file(serve, tmp_p
     assert _cache_files(tmp_path) == [results[0].name]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_trickling_server_hits_the_deadline(serve, tmp_path):
     def respond(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)

@@ -331,6 +331,7 @@ def _answer_of(s: socket.socket) -> bytes:
     return head
 
 
+@pytest.mark.slow
 def test_connections_without_a_request_head_are_closed_at_the_deadline(predictor):
     app = create_app(predictor)
     with serve_app(app, log_level="warning", **_head_options(app, 1.0)) as port:
@@ -372,6 +373,7 @@ def test_connections_without_a_request_head_are_closed_at_the_deadline(predictor
                 s.close()
 
 
+@pytest.mark.slow
 def test_connections_past_the_limit_get_503_at_once(predictor):
     app = create_app(predictor, max_concurrency=1, max_queue=0, max_uploads=1)
     options = _head_options(app, 2.0)

@@ -53,6 +53,7 @@ def _report_figures() -> dict[str, Figure]:
     }
 
 
+@pytest.mark.slow
 def test_save_figure_writes_the_file_at_the_one_dpi(tmp_path):
     for name, fig in _report_figures().items():
         assert isinstance(fig, Figure), name

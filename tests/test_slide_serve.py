@@ -154,6 +154,7 @@ class _CountingRow(dict):
         return super().get(*args)
 
 
+@pytest.mark.slow
 def test_a_long_listing_costs_in_proportion_and_is_kept_until_the_table_changes(
         predictor, tmp_path, monkeypatch):
     from breast_cancer_detection.app import server

@@ -793,6 +793,7 @@ def test_a_previous_run_s_part_is_not_merged(bundled, slides, tmp_path):
     assert not (out / "slides.csv").exists()
 
 
+@pytest.mark.slow
 def test_slides_never_import_torchvision(slides, tmp_path):
     # torchvision's import costs about 2 s of every `bcd slide` command's start; nothing on
     # the slide path needs it (tiles are normalised per batch).

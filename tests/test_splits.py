@@ -188,6 +188,7 @@ def _numeric_subsets(split: pd.DataFrame) -> pd.Series:
     return split.assign(n=breakhis_patients(split["path"])).groupby("n")["split"].nunique()
 
 
+@pytest.mark.slow
 def test_grouping_by_slide_still_keeps_each_patient_in_one_subset(fake_breakhis):
     # 14-22549 has two slide folders (22549AB, 22549CD): grouped by folder they could be split.
     index = build_index(fake_breakhis, group_by="slide")
