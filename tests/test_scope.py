@@ -64,6 +64,26 @@ def test_the_web_card_shows_the_loaded_models_scope_and_no_invented_patients(pca
 # ----------------------------------------------------------------------------- warnings
 
 
+def test_the_api_warns_by_the_uploads_name_and_size(pcam):
+    need_module("fastapi", 'pip install -e ".[app]"')
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from breast_cancer_detection.app import create_app
+
+    client = TestClient(create_app(pcam, backend="torch"), base_url="http://127.0.0.1")
+    buf = io.BytesIO()
+    _tissue(96, 96).save(buf, format="PNG")
+    patch = buf.getvalue()
+    r = client.post("/api/predict", files=[("files", (BREAKHIS_NAME, patch, "image/png")),
+                                           ("files", ("patch.png", patch, "image/png"))])
+    assert r.status_code == 200, r.text
+    named, plain = r.json()["results"]
+    assert "BreakHis breast biopsy by its name (400X)" in named["warning"]
+    assert plain["warning"] is None and plain["p_malignant"] == named["p_malignant"]
+
+
 def test_a_renamed_biopsy_cut_into_tiles_with_no_scale_is_warned(pcam, tmp_path):
     image = tmp_path / "biopsy1.png"
     _tissue(460, 700).save(image)
@@ -253,3 +273,22 @@ def test_an_undefined_auc_reads_as_such_not_as_zero():
            "val_auc": float("nan"), "images_per_s": 10.0, "seconds": 1.0}
     assert "auc n/a: one class" in _epoch_line(row, 2, True)
     assert "auc 0.000" in _epoch_line({**row, "val_auc": 0.0}, 2, True)
+
+
+def test_a_file_name_a_spreadsheet_would_run_is_written_as_text(tmp_path, monkeypatch):
+    image = tmp_path / "=cmd|calc.png"
+    _tissue(96, 96).save(image, format="PNG")
+    out = tmp_path / "p.csv"
+    monkeypatch.chdir(tmp_path)  # a relative name, as a user would type it
+    assert main(["predict", "=cmd|calc.png", "--model", "pcam-patch-cnn", "--out", str(out),
+                 "--quiet"]) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table["file"].tolist() == ["'=cmd|calc.png"]
+    assert 0 <= table["p_malignant"].iloc[0] <= 1  # numbers stay numbers
+
+
+def test_an_infinite_scale_is_refused_with_the_flag_named(tmp_path, capsys):
+    image = tmp_path / "patch.png"
+    _tissue(96, 96).save(image)
+    assert main(["predict", str(image), "--mpp", "inf", "--out", str(tmp_path / "p.csv")]) == 2
+    assert "--mpp inf: a positive number" in capsys.readouterr().err

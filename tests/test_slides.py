@@ -367,7 +367,7 @@ def test_cli_exit_codes_and_summary(slides, tmp_path, capsys):
                  "--quiet"]) == 0
     out = capsys.readouterr()
     assert "Using the default trained model for whole slides, pcam-patch-cnn" in out.err
-    assert "normal.tif: score" in out.out and "1 slides, 0 failed" in out.out
+    assert "normal.tif: score" in out.out and "1 slide, 0 failed" in out.out
     assert "kept; --force redoes it" not in out.out
     assert main(["slide", str(path), "--out", str(tmp_path / "o"), "--workers", "0",
                  "--quiet"]) == 0  # the same again: said to be kept, not silently reprinted

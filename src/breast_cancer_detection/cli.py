@@ -423,7 +423,7 @@ def _load_predictor(args: argparse.Namespace, *, slides: bool = False):
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .data.breakhis import IMAGE_SUFFIXES
     from .errors import UserError
-    from .files import plural
+    from .files import plural, spreadsheet_safe
     from .inference import collect_images, predictions_frame, summarize_patients
 
     out = _csv_out(args.out, "predictions.csv")
@@ -452,8 +452,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     table = predictions_frame(preds, model=predictor.model_name,
                               backend=predictor.backend_note)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Six significant digits: what a probability carries, not float noise.
-    table.to_csv(out, index=False, float_format="%.6g")
+    # Six significant digits: what a probability carries, not float noise. Text that a
+    # spreadsheet would run as a formula (a file named =cmd|calc.png) is written as text.
+    spreadsheet_safe(table).to_csv(out, index=False, float_format="%.6g")
 
     print(_prediction_lines(files, table, args.show))
     if len(table) > args.show:
@@ -1115,9 +1116,9 @@ def _add_use_commands(sub) -> None:
                         "and write the executed copy with every output and picture. --quick "
                         "needs no network and no GPU: a synthetic BreakHis-layout tree "
                         "(noise, not tissue), cpu-smoke for 2 epochs, and the inference cell "
-                        "on the sample patches with pcam-patch-cnn; a few minutes on a laptop. "
+                        "on the sample patches with pcam-patch-cnn; under a minute on two cores. "
                         "Needs nbclient, nbformat and ipykernel (the dev extra).")
-    nb.add_argument("--quick", action="store_true", help="the offline few-minute run (above)")
+    nb.add_argument("--quick", action="store_true", help="the offline quick run (above)")
     nb.add_argument("--param", action="append", metavar="NAME=VALUE", help="set a parameter "
                     "of cell 1 (a Python literal; repeatable), e.g. --param EPOCHS=3 or "
                     "--param PRESET=breakhis-cpu; after --quick's own")

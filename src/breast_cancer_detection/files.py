@@ -72,6 +72,24 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(table):
+    """``table`` with every text cell that a spreadsheet would run as a formula (one that
+    begins with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return: a file named
+    ``=cmd|calc.png``) prefixed with ``'``, which spreadsheets show as text; numbers are
+    left as they are."""
+    from pandas.api.types import is_numeric_dtype
+
+    out = table.copy()
+    for column in out.columns:
+        if not is_numeric_dtype(out[column]):  # object, or pandas' own string dtype
+            out[column] = [f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA_START)
+                           else v for v in out[column]]
+    return out
+
+
 def plural(n: int, noun: str) -> str:
     """``1 image``, ``2 images``: a count with its noun (regular plurals)."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -83,12 +83,12 @@ def open_slide(path: str | Path):
 
 
 def positive_mpp(value: float, flag: str) -> float:
-    """``value`` (micrometres per pixel, from ``flag``) if positive.
+    """``value`` (micrometres per pixel, from ``flag``) if positive and finite.
 
     Raises:
         SlideError: it is not.
     """
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise SlideError(f"{flag} {value}: a positive number of micrometres per pixel (about "
                          "0.25 for a 40x scan; 0.972 for PatchCamelyon models).")
     return float(value)
