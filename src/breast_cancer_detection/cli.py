@@ -593,6 +593,7 @@ def _cmd_demo_slide(args: argparse.Namespace) -> int:
 
 
 def _cmd_slide(args: argparse.Namespace) -> int:
+    import math
     import os
 
     from .errors import UserError
@@ -612,6 +613,10 @@ def _cmd_slide(args: argparse.Namespace) -> int:
         raise UserError(f"--min-tissue {args.min_tissue}: a share in (0, 1], e.g. 0.5.")
     if args.top_k < 1 or args.batch_size < 1 or (args.workers or 0) < 0:
         raise UserError("--top-k and --batch-size must be at least 1, --workers at least 0.")
+    for flag, value in (("--slide-timeout", args.slide_timeout),
+                        ("--max-slide-gigapixels", args.max_slide_gigapixels)):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} {value}: a positive number.")
     for flag, value in (("--mpp", args.mpp), ("--model-mpp", args.model_mpp)):
         if value is not None:
             positive_mpp(value, flag)
@@ -621,7 +626,8 @@ def _cmd_slide(args: argparse.Namespace) -> int:
         predictor, slides, args.out, shard=shard, model_scale_override=args.model_mpp,
         mpp=args.mpp, tissue_threshold=args.tissue_threshold, min_tissue=args.min_tissue,
         batch_size=args.batch_size, workers=args.workers, tta=args.tta, top_k=args.top_k,
-        progress=not args.quiet, force=args.force)
+        progress=not args.quiet, force=args.force, timeout=args.slide_timeout,
+        max_pixels=args.max_slide_gigapixels * 1e9)
     out = Path(args.out)
     for r in table.itertuples():
         if r.error:
@@ -1181,6 +1187,12 @@ def _add_use_commands(sub) -> None:
                     "the rank and world size are used")
     sl.add_argument("--force", action="store_true", help="redo slides already done with the "
                     "same model and settings (by default they are skipped)")
+    sl.add_argument("--slide-timeout", type=float, default=3600.0, metavar="SECONDS",
+                    help="seconds one slide may take; past it that slide gets an error row and "
+                    "the run goes on (default 3600)")
+    sl.add_argument("--max-slide-gigapixels", type=float, default=100.0, metavar="GP",
+                    help="level-0 gigapixels a slide's header may claim (default 100; the "
+                    "largest scans hold about 20)")
     _sha256(sl, "expected SHA-256 of the checkpoint")
     _device(sl)
     _backend(sl)

@@ -90,6 +90,25 @@ def spreadsheet_safe(table):
     return out
 
 
+def from_spreadsheet_safe(table):
+    """:func:`spreadsheet_safe` undone: the ``'`` it put before a text cell is taken off
+    again (``pd.read_csv(path).pipe(from_spreadsheet_safe)`` reads the original text)."""
+    from pandas.api.types import is_numeric_dtype
+
+    out = table.copy()
+    for column in out.columns:
+        if not is_numeric_dtype(out[column]):
+            out[column] = [unguard_cell(v) for v in out[column]]
+    return out
+
+
+def unguard_cell(value):
+    """One cell as it was before :func:`spreadsheet_safe` guarded it."""
+    if isinstance(value, str) and value[:1] == "'" and value[1:].startswith(_FORMULA_START):
+        return value[1:]
+    return value
+
+
 def plural(n: int, noun: str) -> str:
     """``1 image``, ``2 images``: a count with its noun (regular plurals)."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

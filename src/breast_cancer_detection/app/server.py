@@ -42,7 +42,7 @@ from ..data.datasets import ALLOWED_FORMATS, ImageError, ImageFormatError, open_
 from ..errors import UserError
 from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
-from ..files import jsonable
+from ..files import jsonable, unguard_cell
 from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts
 from ..plots import HEATMAP_CMAP
 
@@ -101,6 +101,10 @@ SLIDE_FILES = {"heatmap.png": "image/png", "tissue.png": "image/png",
 
 TOP_REGIONS = 5
 """Largest regions of a slide listed by /api/slides."""
+
+REGIONS_MAX_BYTES = 8 << 20
+"""A regions.geojson larger than this is not read for the listing (its row says so); the file
+itself is still served. ``bcd slide`` writes a few kB for a slide of hundreds of regions."""
 
 # The page loads nothing from elsewhere; the browser enforces it. /docs is left out: FastAPI's
 # Swagger UI loads its script from a CDN.
@@ -739,6 +743,7 @@ class _Slides:
         self._table: tuple[Any, tuple[list[dict[str, str]], str | None, frozenset[str]]] | \
             None = None
         self._listing: tuple[Any, dict[str, Any]] | None = None
+        self._building = threading.Lock()
 
     def _stamp(self) -> tuple[int, ...] | None:
         """What identifies this version of slides.csv and of DIR's entries, or None when
@@ -747,8 +752,11 @@ class _Slides:
             csv_stat, dir_stat = os.stat(self.root / "slides.csv"), os.stat(self.root)
         except OSError:
             return None
-        if time.time_ns() - max(csv_stat.st_mtime_ns, csv_stat.st_ctime_ns,
-                                dir_stat.st_mtime_ns) < self.SETTLED_NS:
+        # Recent: within SETTLED_NS before now. A time in the future (a skewed clock, a
+        # touched file) is no reason never to cache: a rewrite now would change the stamp.
+        age = time.time_ns() - max(csv_stat.st_mtime_ns, csv_stat.st_ctime_ns,
+                                   dir_stat.st_mtime_ns)
+        if 0 <= age < self.SETTLED_NS:
             return None
         return (csv_stat.st_dev, csv_stat.st_ino, csv_stat.st_size, csv_stat.st_mtime_ns,
                 csv_stat.st_ctime_ns, dir_stat.st_mtime_ns)
@@ -758,7 +766,8 @@ class _Slides:
         try:
             with open(self.root / "slides.csv", newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
-                rows = list(reader)
+                # Cells guarded against spreadsheets (bcd slide writes '=x.tif) read as written.
+                rows = [{k: unguard_cell(v) for k, v in row.items()} for row in reader]
                 columns = set(reader.fieldnames or ())
         except FileNotFoundError:
             return [], ("no slides analysed yet: run `bcd slide SLIDE... --out DIR` with the "
@@ -807,22 +816,39 @@ class _Slides:
             return None
         return path
 
-    def _regions(self, path: Path | None) -> tuple[int | None, list[dict[str, Any]]]:
-        """The number of regions in a regions.geojson and the largest few."""
+    def _regions(self, path: Path | None
+                 ) -> tuple[int | None, list[dict[str, Any]], str | None]:
+        """The number of regions in a regions.geojson, the largest few, and a note when the
+        file could not be read (too large, malformed, nested too deep): that row's, never
+        the listing's failure."""
         if path is None:
-            return None, []
+            return None, [], None
         try:
+            if path.stat().st_size > REGIONS_MAX_BYTES:
+                return None, [], (f"regions.geojson is over {REGIONS_MAX_BYTES >> 20} MB: not "
+                                  "read for this list (download it, or open it in QuPath)")
             features = json.loads(path.read_text(encoding="utf-8"))["features"]
-            props = [f.get("properties") or {} for f in features]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None, []
-        top = sorted(props, key=lambda p: _number(p.get("area_mm2")) or 0, reverse=True)
-        return len(props), [{"tiles": _number(p.get("tiles"), int),
-                             "area_mm2": _number(p.get("area_mm2")),
-                             "max_p": _number(p.get("max_p"))} for p in top[:TOP_REGIONS]]
+            props = [f.get("properties") for f in features]
+            if not all(isinstance(p, dict) for p in props):
+                raise TypeError("a feature's properties are not an object")
+            top = sorted(props, key=lambda p: _number(p.get("area_mm2")) or 0, reverse=True)
+            return len(props), [{"tiles": _number(p.get("tiles"), int),
+                                 "area_mm2": _number(p.get("area_mm2")),
+                                 "max_p": _number(p.get("max_p"))} for p in top[:TOP_REGIONS]
+                                ], None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            return None, [], (f"regions.geojson is not one `bcd slide` writes "
+                              f"({type(e).__name__}); run `bcd slide ... --force` for this "
+                              "slide to rewrite it")
 
     def listing(self) -> dict[str, Any]:
-        """One entry per row of slides.csv, with its largest regions and file URLs."""
+        """One entry per row of slides.csv, with its largest regions and file URLs; built by
+        one request at a time (the others wait, then take the one just built when slides.csv
+        has not changed since)."""
+        with self._building:
+            return self._listing_now()
+
+    def _listing_now(self) -> dict[str, Any]:
         stamp = self._stamp()
         cached = self._listing
         if stamp is not None and cached is not None and cached[0] == stamp:
@@ -834,14 +860,14 @@ class _Slides:
             paths = {name: self.file(folder, name, folders) for name in SLIDE_FILES}
             files = {name: f"slides/{quote(folder, safe='')}/{name}"
                      for name, path in paths.items() if path is not None}
-            count, top = self._regions(paths["regions.geojson"])
+            count, top, note = self._regions(paths["regions.geojson"])
             slides.append({
                 "name": _slide_name(slide), "folder": folder,
                 "score": _number(row.get("score")), "tiles": _number(row.get("tiles"), int),
                 "tumour_tiles": _number(row.get("tumour_tiles"), int),
                 "tissue_mm2": _number(row.get("tissue_mm2")),
                 "error": _without_paths_in(row.get("error") or "", slide),
-                "regions": count, "largest_regions": top, "files": files,
+                "regions": count, "largest_regions": top, "files": files, "note": note,
             })
         listing = {"slides": slides, "message": message}
         if stamp is not None:

@@ -39,6 +39,56 @@ class SlideError(UserError, RuntimeError):
     """A slide that cannot be analysed; the message names the file and what to do."""
 
 
+class SlideTooCostly(SlideError):
+    """A slide refused for what reading it would cost (its header's claims, a tile frame
+    larger than its tile, its deadline): never retried another way."""
+
+
+MAX_SLIDE_PIXELS = 100e9
+"""Level-0 pixels a slide may claim (``--max-slide-gigapixels``): the largest scans are about
+0.2 x 0.1 megapixels a side, 20 gigapixels."""
+
+MAX_THUMBNAIL_READ_PIXELS = 10e9
+"""Pixels of the pyramid level a thumbnail may be read from: a slide without a level near
+the thumbnail's scale (no pyramid) would be read whole, strip by strip."""
+
+
+def check_cost(slide, path: str | Path, thumb_side: int, *,
+               max_pixels: float = MAX_SLIDE_PIXELS) -> None:
+    """Refuses, from the header alone, a slide whose reading would cost far more than its
+    file suggests: more level-0 pixels than ``max_pixels``, or a thumbnail that would have to
+    be read from a level of more than :data:`MAX_THUMBNAIL_READ_PIXELS` pixels.
+
+    Raises:
+        SlideTooCostly: naming the slide, what it claims, and the limit.
+    """
+    w0, h0 = slide.dimensions
+    if w0 * h0 > max_pixels:
+        raise SlideTooCostly(
+            f"{path}: its header claims {w0:,} x {h0:,} px ({w0 * h0 / 1e9:,.0f} gigapixels), "
+            f"over the limit of {max_pixels / 1e9:g} (--max-slide-gigapixels); a real scan "
+            "is rarely over 20. Check the file; raise the limit only for a slide you trust.")
+    ds = max(w0, h0) / thumb_side if max(w0, h0) > thumb_side else 1.0
+    level = slide.get_best_level_for_downsample(ds)
+    lw, lh = slide.level_dimensions[level]
+    if lw * lh > MAX_THUMBNAIL_READ_PIXELS:
+        raise SlideTooCostly(
+            f"{path}: its thumbnail would be read from a level of {lw:,} x {lh:,} px (level "
+            f"{level} of {slide.level_count}; {lw * lh / 1e9:,.0f} gigapixels, over the limit "
+            f"of {MAX_THUMBNAIL_READ_PIXELS / 1e9:g}): the slide has no pyramid level near the "
+            "thumbnail's scale. Write it as a pyramid (e.g. `vips tiffsave IN OUT.tif --tile "
+            "--pyramid`) and run it again.")
+
+
+def check_deadline(deadline: float | None, path: str | Path, timeout: float | None) -> None:
+    """Raises :class:`SlideTooCostly` once ``time.monotonic()`` passes ``deadline``."""
+    import time
+
+    if deadline is not None and time.monotonic() > deadline:
+        raise SlideTooCostly(f"{path}: not done within --slide-timeout {timeout:g} s; the "
+                             "other slides go on. Raise the limit for a slide this large.")
+
+
 def _openslide():
     try:
         import openslide
@@ -151,14 +201,17 @@ def read_rgb(slide, location: tuple[int, int], level: int, size: tuple[int, int]
     return rgba[..., :3]
 
 
-def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndarray, float]:
+def thumbnail(slide, max_side: int, path: str | Path = "slide", *,
+              deadline: float | None = None, timeout: float | None = None
+              ) -> tuple[np.ndarray, float]:
     """An RGB thumbnail whose long side is at most ``max_side``, and its downsample from
     level 0.
 
     Read from the coarsest level that still has the resolution, in strips, so memory stays
     bounded by the thumbnail even for a slide with no pyramid; from the TIFF's own tiles when
     the level is a tiled TIFF page with a whole-number downsample (:class:`TiffLevel`: the
-    same pixels as OpenSlide's, in a fraction of the time).
+    same pixels as OpenSlide's, in a fraction of the time). ``deadline`` (``time.monotonic``)
+    is checked before each strip.
     """
     w0, h0 = slide.dimensions
     ds = max(w0, h0) / max_side if max(w0, h0) > max_side else 1.0
@@ -177,10 +230,13 @@ def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndar
             rows = y_end - done
             if rows <= 0:
                 continue
+            check_deadline(deadline, path, timeout)
             rgb = None
             if tiff is not None:
                 try:
                     rgb = tiff.read(0, y, lw, hl)
+                except SlideTooCostly:
+                    raise
                 except Exception:  # noqa: BLE001 - any decoder error: OpenSlide reads the
                     tiff.close()  # rest (and says so if the slide is damaged)
                     tiff = None
@@ -193,6 +249,36 @@ def thumbnail(slide, max_side: int, path: str | Path = "slide") -> tuple[np.ndar
         if tiff is not None:
             tiff.close()
     return out, ds
+
+
+_JPEG_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of a JPEG stream's frame, from its SOF marker, without decoding;
+    None when the stream has none before its first scan (or is not JPEG)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF and i + 9 <= len(data):
+            height = int.from_bytes(data[i + 5:i + 7], "big")
+            width = int.from_bytes(data[i + 7:i + 9], "big")
+            return width, height
+        if marker == 0xDA or length < 2:  # start of scan: no frame header came first
+            return None
+        i += 2 + length
+    return None
 
 
 class TiffLevel:
@@ -227,6 +313,7 @@ class TiffLevel:
         self.counts = np.asarray(page.databytecounts, np.int64)
         self._decode = page.decode
         self._tables = getattr(page, "jpegtables", None)
+        self._jpeg = page.compression in (6, 7)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self.cache_bytes = min(self.CACHE_BYTES,
@@ -270,9 +357,13 @@ class TiffLevel:
             first = int(np.argmax(found.counts > 0))
             x, y = (first % found.across) * found.tile_w, (first // found.across) * found.tile_h
             w, h = min(found.tile_w, width - x), min(found.tile_h, height - y)
+            mine = found.read(x, y, w, h)  # first: an oversized frame is refused, not decoded
             ref = read_rgb(slide, (x * step, y * step), level, (w, h), path)
-            if np.array_equal(found.read(x, y, w, h), ref):
+            if np.array_equal(mine, ref):
                 return found
+        except SlideTooCostly:
+            found.close()
+            raise
         except Exception:  # noqa: BLE001 - any decoder error: OpenSlide reads
             pass
         found.close()
@@ -299,7 +390,17 @@ class TiffLevel:
                 return got
         if self.counts[index] <= 0:
             raise ValueError(f"TIFF tile {index} is empty")
-        data, _, _ = self._decode(self._read_bytes(index), index, jpegtables=self._tables)
+        raw = self._read_bytes(index)
+        if self._jpeg:
+            # The frame header says how many pixels decoding would make: a tile holding a
+            # frame larger than the tile is refused before any pixel is decoded.
+            frame = jpeg_frame_size(raw)
+            if frame is not None and (frame[0] > self.tile_w or frame[1] > self.tile_h):
+                raise SlideTooCostly(
+                    f"{self.path}: TIFF tile {index} holds a {frame[0]:,} x {frame[1]:,} px "
+                    f"JPEG frame, larger than its {self.tile_w} x {self.tile_h} tile: a forged "
+                    "or damaged file, refused before decoding. Copy it again from its source.")
+        data, _, _ = self._decode(raw, index, jpegtables=self._tables)
         if data is None:
             raise ValueError(f"TIFF tile {index} is empty")
         arr = np.asarray(data).reshape(-1, *np.asarray(data).shape[-3:])[0]
@@ -478,6 +579,8 @@ class TileDataset(torch.utils.data.Dataset):
             return None
         try:
             rgb = tiff.read(x // ds, y // ds, w, h)
+        except SlideTooCostly:
+            raise
         except Exception:  # noqa: BLE001 - any decoder error (zlib.error...): OpenSlide
             return None  # reads it, and says so if the slide is damaged there
         if not self._checked:

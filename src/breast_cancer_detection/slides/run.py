@@ -22,8 +22,24 @@ import pandas as pd
 from ..data.batch_augment import normalize_batch
 from ..data.datasets import run_lanes
 from ..errors import UserError
-from ..files import atomic_write_text, jsonable, unique_stems
-from .reader import SlideError, TileDataset, open_slide, positive_mpp, slide_mpp, thumbnail
+from ..files import (
+    atomic_write_text,
+    from_spreadsheet_safe,
+    jsonable,
+    spreadsheet_safe,
+    unique_stems,
+)
+from .reader import (
+    MAX_SLIDE_PIXELS,
+    SlideError,
+    TileDataset,
+    check_cost,
+    check_deadline,
+    open_slide,
+    positive_mpp,
+    slide_mpp,
+    thumbnail,
+)
 from .regions import feature_collection, region_features
 from .tissue import TileGrid, tissue_mask
 
@@ -38,8 +54,15 @@ if TYPE_CHECKING:
 BREAKHIS_MPP = {"40X": 0.49, "100X": 0.197, "200X": 0.098, "400X": 0.049}
 
 DEFAULT_TOP_K = 10
+DEFAULT_SLIDE_TIMEOUT = 3600.0
+"""Seconds one slide may take (``--slide-timeout``) before it gets an error row."""
+BLANK_SHARE = 0.25
+"""A slide whose tissue tiles (by the thumbnail's mask) read as blank glass this often gets
+an error row, not a score: the level read has no data where the thumbnail shows tissue."""
 GALLERY = 16
 SUMMARY = "slide.json"
+OUTPUTS = ("tiles.csv", "heatmap.png", "tissue.png", "regions.geojson", "top_tiles.png")
+"""The files a finished slide's folder holds beside :data:`SUMMARY`."""
 COLUMNS = ["slide", "score", "tiles", "tumour_tiles", "tissue_mm2", "seconds", "tiles_per_s",
            "mpp", "mpp_source", "level", "error", "folder"]
 
@@ -51,18 +74,32 @@ def default_workers() -> int:
     return 0 if (os.cpu_count() or 1) <= 2 else 2
 
 
+def blank_tiles(x: torch.Tensor) -> np.ndarray:
+    """Which tiles of a uint8 batch ``(N, 3, H, W)`` are blank: 98% or more of their pixels
+    near-white (every channel 230 or more) or exactly black, as missing pixels come out."""
+    white = (x >= 230).all(dim=1)
+    black = (x == 0).all(dim=1)
+    return ((white | black).float().mean(dim=(1, 2)) >= 0.98).numpy()
+
+
 def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, workers: int,
-                tta: bool = False, bar=None) -> np.ndarray:
+                tta: bool = False, bar=None, deadline: float | None = None,
+                timeout: float | None = None, blank: np.ndarray | None = None) -> np.ndarray:
     """P(malignant) of every tile of ``dataset``, read in batches, in
     :meth:`Predictor.lanes` lanes when tiles are read in this process.
 
     An error in any lane (a damaged region) stops the others after their batch in hand and
-    is raised here (:func:`run_lanes`).
+    is raised here (:func:`run_lanes`); so does passing ``deadline`` (``time.monotonic``),
+    checked before each batch is scored. ``blank``, an array of ``len(dataset)`` booleans,
+    gets which tiles read as blank (:func:`blank_tiles`).
     """
     prob = np.full(len(dataset), np.nan, np.float32)
     lanes = predictor.lanes(workers) if len(dataset) > batch_size else 1
 
     def score(model: Predictor, x: torch.Tensor, idx: torch.Tensor) -> None:
+        check_deadline(deadline, dataset.path, timeout)
+        if blank is not None:
+            blank[idx.numpy()] = blank_tiles(x)
         x = normalize_batch(x, model.pre)
         prob[idx.numpy()] = model.probabilities(x, tta=tta, batch_size=batch_size)[:, 1]
 
@@ -199,11 +236,15 @@ def _settings(predictor: Predictor, path: Path, **kw) -> dict[str, Any]:
 
 
 def _done(folder: Path, settings: dict[str, Any]) -> SlideResult | None:
+    """The summary of a slide done before with ``settings``, when every one of its output
+    files is still there; else None (the slide is redone)."""
     try:
         d = json.loads((folder / SUMMARY).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    if d.get("settings") != settings:
+    if not isinstance(d, dict) or d.get("settings") != settings:
+        return None
+    if not all((folder / name).is_file() for name in OUTPUTS):
         return None
     d.pop("settings")
     # JSON keeps NaN as null (a slide with no tissue tiles has no score): NaN again.
@@ -216,7 +257,8 @@ def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *
                   tissue_threshold: float | None = None, min_tissue: float = 0.5,
                   batch_size: int = 64, workers: int | None = None, tta: bool = False,
                   top_k: int = DEFAULT_TOP_K, thumb_side: int = 2048, progress: bool = True,
-                  force: bool = False) -> SlideResult:
+                  force: bool = False, timeout: float | None = DEFAULT_SLIDE_TIMEOUT,
+                  max_pixels: float = MAX_SLIDE_PIXELS) -> SlideResult:
     """Scores every tissue tile of one slide and writes its outputs into ``out_dir``.
 
     Tiles are the model's field of view (its input side at its training scale), read from
@@ -242,12 +284,17 @@ def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *
             when a tile would cover under 4 thumbnail pixels, up to 8192).
         progress: A progress bar with tiles/s.
         force: Redo a slide whose outputs exist for the same settings.
+        timeout: Seconds this slide may take before it gets an error row (checked between
+            thumbnail strips and tile batches); None for no limit.
+        max_pixels: Level-0 pixels its header may claim (see
+            :func:`~breast_cancer_detection.slides.reader.check_cost`).
 
     Returns:
         The summary; on failure ``error`` says why (nothing raised), so other slides go on.
     """
     path, out_dir = Path(path), Path(out_dir)
     t0 = time.perf_counter()
+    deadline = None if timeout is None else time.monotonic() + timeout
     result = SlideResult(slide=str(path), folder=out_dir.name)
     try:
         if model_scale is None:
@@ -259,21 +306,34 @@ def analyse_slide(predictor: Predictor, path: str | Path, out_dir: str | Path, *
                              top_k=top_k, thumb_side=thumb_side)
         if not force and (done := _done(out_dir, settings)) is not None:
             return done
-        # Outputs are about to be replaced: the old summary must not vouch for them.
-        (out_dir / SUMMARY).unlink(missing_ok=True)
+        # Outputs are about to be replaced: the old ones must not stand for this run's.
+        _remove_outputs(out_dir)
         result.settings = settings
         _analyse(predictor, path, out_dir, result, model_scale=model_scale, mpp=mpp,
                  tissue_threshold=tissue_threshold, min_tissue=min_tissue,
                  batch_size=batch_size, workers=workers, tta=tta, top_k=top_k,
-                 thumb_side=thumb_side, progress=progress)
-    except (UserError, OSError, ValueError, RuntimeError, MemoryError) as e:
-        # RuntimeError covers OpenSlide's errors raised in DataLoader workers.
+                 thumb_side=thumb_side, progress=progress, deadline=deadline,
+                 timeout=timeout, max_pixels=max_pixels)
+    except (UserError, OSError, ValueError, RuntimeError, MemoryError, ArithmeticError) as e:
+        # RuntimeError covers OpenSlide's errors raised in DataLoader workers; ArithmeticError
+        # a header whose figures divide by zero or overflow.
         result.error = _one_line(e)
+        # An error row: no earlier outputs of this slide may be shown as if they were its.
+        _remove_outputs(out_dir)
     result.seconds = round(time.perf_counter() - t0, 3)
     if not result.error:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / SUMMARY, json.dumps(jsonable(asdict(result)), indent=2))
     return result
+
+
+def _remove_outputs(folder: Path) -> None:
+    """Deletes a slide's output files (and its summary) from ``folder``, if there."""
+    for name in (SUMMARY, *OUTPUTS):
+        try:
+            (folder / name).unlink(missing_ok=True)
+        except OSError:  # a folder where a file should be: it was never ours to serve
+            pass
 
 
 def _one_line(e: BaseException) -> str:
@@ -287,18 +347,22 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
              model_scale: tuple[float, str], mpp: float | None,
              tissue_threshold: float | None, min_tissue: float, batch_size: int,
              workers: int | None,
-             tta: bool, top_k: int, thumb_side: int, progress: bool) -> None:
+             tta: bool, top_k: int, thumb_side: int, progress: bool,
+             deadline: float | None = None, timeout: float | None = None,
+             max_pixels: float = MAX_SLIDE_PIXELS) -> None:
     from tqdm.auto import tqdm
 
     slide = open_slide(path)
     try:
+        check_cost(slide, path, thumb_side, max_pixels=max_pixels)  # the header, no pixels
         s_mpp, result.mpp_source = slide_mpp(slide, path, mpp)
         result.mpp = round(s_mpp, 6)
         grid = TileGrid.for_slide(slide, size=predictor.pre.size, slide_mpp=s_mpp,
                                   model_mpp=model_scale[0])
         result.level = grid.level
         side = min(8192, max(thumb_side, math.ceil(4 * max(slide.dimensions) / grid.tile0)))
-        thumb, tds = thumbnail(slide, side, path)
+        check_cost(slide, path, side, max_pixels=max_pixels)
+        thumb, tds = thumbnail(slide, side, path, deadline=deadline, timeout=timeout)
     finally:
         slide.close()
     mask, cut = tissue_mask(thumb, threshold=tissue_threshold,
@@ -311,13 +375,20 @@ def _analyse(predictor: Predictor, path: Path, out_dir: Path, result: SlideResul
     workers = default_workers() if workers is None else workers
     try:  # the slide and TIFF files closed however scoring ends
         t_read = time.perf_counter()
+        blank = np.zeros(len(xy), bool)
         with tqdm(total=len(xy), desc=path.name, unit="tile", disable=not progress) as bar:
             prob = score_tiles(predictor, dataset, batch_size=batch_size, workers=workers, tta=tta,
-                               bar=bar)
+                               bar=bar, deadline=deadline, timeout=timeout, blank=blank)
         elapsed = time.perf_counter() - t_read
         if len(xy) and not np.isfinite(prob).all():
             raise RuntimeError("the model gave NaN or infinity for some tiles: its weights are "
                                "damaged or it overflowed; check the checkpoint.")
+        if len(xy) and blank.mean() >= BLANK_SHARE:
+            raise SlideError(
+                f"{path}: {int(blank.sum())} of {len(xy)} tiles the thumbnail shows as tissue "
+                f"read as blank (white or black) from level {grid.level}: that level has no "
+                "data there (missing or empty tiles), so no score is given. Check the file, "
+                "or copy it again from its source.")
 
         heat = np.full((grid.rows, grid.cols), np.nan, np.float32)
         heat[rows, cols] = prob
@@ -387,7 +458,7 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scale = model_mpp(predictor, model_scale_override)
-    folders = unique_stems(paths, "slide")
+    folders = slide_folders(paths)
     jobs = list(zip(paths, folders))
     if shard is not None:
         jobs = jobs[shard[0]::shard[1]]
@@ -416,8 +487,36 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
     return result
 
 
+def slide_folders(paths: list[Path]) -> list[str]:
+    """A distinct output folder name per slide that stays inside ``--out`` and never takes
+    the name of the run's own files: the slide's stem with anything but letters, digits,
+    ``.``, ``_`` and ``-`` replaced by ``_``, and ``slide-`` put before one that starts with
+    a dot (``..``, ``...``) or with ``slides.`` (``slides.csv.tif``), or is empty. The
+    slide's own name stays in its row of ``slides.csv``."""
+    import re
+
+    safe = []
+    for p in paths:
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(p).stem)[:120]
+        if not name or name.startswith(".") or name.lower().startswith("slides."):
+            name = f"slide-{name}"
+        safe.append(name)
+    return unique_stems([Path(f"{n}.x") for n in safe], "slide")
+
+
 def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    atomic_write_text(path, table.to_csv(index=False))
+    """``table`` as CSV, text that a spreadsheet would run as a formula written as text
+    (``files.spreadsheet_safe``); :func:`read_slides_csv` reads the names back."""
+    atomic_write_text(path, spreadsheet_safe(table).to_csv(index=False))
+
+
+def read_slides_csv(path: str | Path) -> pd.DataFrame:
+    """A ``slides.csv`` (or a shard's part) as written, its text cells as they were before
+    :func:`_write_csv` guarded them against spreadsheets."""
+    text = {c: str for c in ("slide", "mpp_source", "error", "folder")}
+    table = pd.read_csv(path, dtype=text, keep_default_na=False,
+                        na_values={c: [""] for c in COLUMNS if c not in text})
+    return from_spreadsheet_safe(table)
 
 
 def _merge_parts(out: Path, n: int, order: list[str]) -> Path | None:
@@ -426,9 +525,7 @@ def _merge_parts(out: Path, n: int, order: list[str]) -> Path | None:
     parts = [out / f"slides.part-{i}-of-{n}.csv" for i in range(n)]
     if not all(p.exists() for p in parts):
         return None
-    text = {c: str for c in ("slide", "mpp_source", "error", "folder")}
-    tables = [pd.read_csv(p, dtype=text, keep_default_na=False,
-                          na_values={c: [""] for c in COLUMNS if c not in text}) for p in parts]
+    tables = [read_slides_csv(p) for p in parts]
     if any(list(t.get("folder", [])) != order[i::n] for i, t in enumerate(tables)):
         return None  # a part of another run (other slides): the shard that writes it merges
     merged = pd.concat(tables, ignore_index=True)

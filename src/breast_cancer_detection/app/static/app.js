@@ -267,7 +267,9 @@ function showSlide(s, files, button) {
       "Top tiles: the highest P(tumour)"));
   }
   let regions;
-  if (s.regions === null || s.regions === undefined) {
+  if (s.note) {
+    regions = el("p", { class: "muted small", text: `Regions: ${s.note}.` });
+  } else if (s.regions === null || s.regions === undefined) {
     regions = el("p", { class: "muted small", text: "No regions file." });
   } else if (s.regions === 0) {
     regions = el("p", { class: "muted small", text: "No region at or above the threshold." });
