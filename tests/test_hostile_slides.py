@@ -272,3 +272,37 @@ def test_a_table_dated_in_the_future_is_still_cached(model, good, tmp_path):
     assert slides._stamp() is not None
     first = slides.listing()
     assert slides.listing() is first  # served from the cache, not rebuilt
+
+
+def test_requests_arriving_together_after_the_table_changes_cost_one_build(model, good,
+                                                                           tmp_path,
+                                                                           monkeypatch):
+    import threading
+
+    pytest.importorskip("fastapi")
+    from breast_cancer_detection.app import server
+
+    out = tmp_path / "out"
+    _run(model, [good], out)
+    builds = []
+    real = server._Slides._listing_now
+
+    def slow(self):
+        builds.append(1)
+        time.sleep(0.5)  # a long listing being built
+        return real(self)
+
+    monkeypatch.setattr(server._Slides, "_listing_now", slow)
+    monkeypatch.setattr(server._Slides, "SETTLED_NS", 10**15)  # slides.csv "just written"
+    slides = server._Slides(out)
+    first = threading.Thread(target=slides.listing)
+    first.start()
+    time.sleep(0.1)  # the first build is under way; eight more requests arrive
+    answers = []
+    others = [threading.Thread(target=lambda: answers.append(slides.listing()))
+              for _ in range(8)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join()
+    assert len(answers) == 8 and len(builds) == 2  # the first, then one for all eight

@@ -744,6 +744,7 @@ class _Slides:
             None = None
         self._listing: tuple[Any, dict[str, Any]] | None = None
         self._building = threading.Lock()
+        self._fresh: tuple[float, dict[str, Any]] | None = None  # (build start, listing)
 
     def _stamp(self) -> tuple[int, ...] | None:
         """What identifies this version of slides.csv and of DIR's entries, or None when
@@ -843,10 +844,18 @@ class _Slides:
 
     def listing(self) -> dict[str, Any]:
         """One entry per row of slides.csv, with its largest regions and file URLs; built by
-        one request at a time (the others wait, then take the one just built when slides.csv
-        has not changed since)."""
+        one request at a time: the others wait, and take the one built by a request that
+        started building after they arrived (it is at least as new as what they asked for),
+        so that requests arriving together right after slides.csv changes cost one build."""
+        arrived = time.monotonic()
         with self._building:
-            return self._listing_now()
+            fresh = self._fresh
+            if fresh is not None and fresh[0] >= arrived:
+                return fresh[1]
+            started = time.monotonic()
+            listing = self._listing_now()
+            self._fresh = (started, listing)
+            return listing
 
     def _listing_now(self) -> dict[str, Any]:
         stamp = self._stamp()
