@@ -12,7 +12,11 @@ of 127.0.0.1 with its default limits, and for ``--seconds`` sends, all at once:
 - hostile ones: thin 1x40000 PNGs, 1-bit 10000x10000 PNGs (12 KB sent, 400 MB decoded), an
   EPS file, sockets that send headers and part of a body and then stall, and clients that
   disconnect mid-upload or while their image is being predicted;
-- a GET /api/health every half second.
+- a GET /api/health every half second;
+- with ``--slides N``: a ``bcd slide`` output folder of N listed slides served with
+  ``--slides``, a GET /api/slides every 0.3 s while slides.csv gains a row every second and
+  one slide's regions.geojson turns malformed, deeply nested or oversized in turn (every
+  listing must answer 200, the bad slide with a note).
 
 Then it stops the server and prints: ordinary requests answered (200, possibly after 503
 retries) and their p50/p99 latency, the statuses the hostile requests got, the 5xx count
@@ -101,7 +105,7 @@ def _head(port: int, length: int) -> bytes:
 
 class Soak:
     def __init__(self, url: str, port: int, seconds: float, samples, users: int,
-                 stalled: int):
+                 stalled: int, slides: Path | None = None):
         self.url, self.port, self.users, self.stalled = url, port, users, stalled
         self.samples = samples
         self.end = time.monotonic() + seconds
@@ -110,6 +114,8 @@ class Soak:
         self.wrong: list[str] = []
         self.health: list[float] = []
         self.client_5xx = 0
+        self.slides = slides
+        self.listings: list[float] = []  # seconds per /api/slides answer (inf: not 200)
 
     def running(self) -> bool:
         return time.monotonic() < self.end
@@ -207,6 +213,33 @@ class Soak:
             self.health.append(time.perf_counter() - start if ok else float("inf"))
             await asyncio.sleep(0.5)
 
+    async def list_slides(self, client: httpx.AsyncClient) -> None:
+        for _ in range(MAX_REQUESTS):
+            if not self.running():
+                return
+            start = time.perf_counter()
+            try:
+                r = await client.get("/api/slides", timeout=60)
+                ok = r.status_code == 200
+                if r.status_code >= 500:
+                    self.client_5xx += 1
+            except httpx.HTTPError:
+                ok = False
+            self.listings.append(time.perf_counter() - start if ok else float("inf"))
+            await asyncio.sleep(0.3)
+
+    async def churn_slides(self) -> None:
+        """slides.csv gains a row a second; slide 0's regions file goes bad in turn."""
+        bad = [b'{"features": [{"properties": "x"}]}', b"[" * 100_000,
+               b" " * (9 << 20), (self.slides / "s1" / "regions.geojson").read_bytes()]
+        for i in range(MAX_REQUESTS):
+            if not self.running():
+                return
+            (self.slides / "s0" / "regions.geojson").write_bytes(bad[i % len(bad)])
+            with open(self.slides / "slides.csv", "a", encoding="utf-8") as f:
+                f.write(f"/data/new{i}.svs,0.5,3,1,0.1,1.0,3.0,0.25,x,0,,new{i}\n")
+            await asyncio.sleep(1.0)
+
     async def run(self) -> None:
         timeout = httpx.Timeout(300)
         async with (httpx.AsyncClient(base_url=self.url, timeout=timeout) as users,
@@ -216,7 +249,30 @@ class Soak:
                 *(self.user(users, k) for k in range(self.users)),
                 self.bad_files(hostile), self.probe(prober),
                 *(self.stall() for _ in range(self.stalled)),
-                *(self.leave(k) for k in range(2)))
+                *(self.leave(k) for k in range(2)),
+                *((self.list_slides(prober), self.churn_slides()) if self.slides else ()))
+
+
+def slides_folder(root: Path, n: int) -> Path:
+    """A ``bcd slide --out`` folder of ``n`` listed slides (tiny files; no scoring)."""
+    from breast_cancer_detection.slides.run import COLUMNS
+
+    png = _png("RGB", (64, 48), (200, 120, 180))
+    region = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+        [[0, 0], [1, 0], [1, 1], [0, 0]]]}, "properties": {"tiles": 1, "area_mm2": 0.1,
+                                                          "max_p": 0.9}}
+    rows = []
+    for i in range(n):
+        folder = root / f"s{i}"
+        folder.mkdir(parents=True)
+        for name in ("heatmap.png", "tissue.png", "top_tiles.png"):
+            (folder / name).write_bytes(png)
+        (folder / "tiles.csv").write_text("x,y,width,height,p_malignant\n0,0,1,1,0.5\n")
+        (folder / "regions.geojson").write_text(json.dumps(
+            {"type": "FeatureCollection", "features": [region] * 3}))
+        rows.append(f"/data/s{i}.svs,0.5,3,1,0.1,1.0,3.0,0.25,x,0,,s{i}")
+    (root / "slides.csv").write_text(",".join(COLUMNS) + "\n" + "\n".join(rows) + "\n")
+    return root
 
 
 def main() -> int:
@@ -230,6 +286,8 @@ def main() -> int:
                     help="ordinary clients sending one image at a time (default 3)")
     ap.add_argument("--stalled", type=int, default=12, help="sockets kept stalled mid-upload "
                     "at once (default 12, more than the default 1 slot + 8 queue places)")
+    ap.add_argument("--slides", type=int, default=0, metavar="N", help="also serve a `bcd "
+                    "slide` folder of N slides and list it while it changes (default 0: off)")
     args = ap.parse_args()
     samples = images()
     print(f"CPU: {cpu_line()}", flush=True)
@@ -241,6 +299,9 @@ def main() -> int:
         out, err = Path(tmp) / "stdout.log", Path(tmp) / "stderr.log"
         cmd = [sys.executable, "-m", "breast_cancer_detection.cli", "serve", str(ckpt),
                "--host", HOST, "--port", str(port), "--device", "cpu"]
+        slides = slides_folder(Path(tmp) / "slides", args.slides) if args.slides else None
+        if slides is not None:
+            cmd += ["--slides", str(slides)]
         with open(out, "wb") as fout, open(err, "wb") as ferr:
             proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr)
             try:
@@ -250,7 +311,8 @@ def main() -> int:
                 if warm.status_code != 200:
                     raise SystemExit(f"warm-up failed: {warm.status_code} {warm.text}")
                 idle_mb = memory_kb(proc.pid)["VmRSS"] / 1024
-                soak = Soak(url, port, args.seconds, samples, args.users, args.stalled)
+                soak = Soak(url, port, args.seconds, samples, args.users, args.stalled,
+                            slides)
                 start = time.perf_counter()
                 asyncio.run(soak.run())
                 seconds = time.perf_counter() - start
@@ -279,6 +341,8 @@ def main() -> int:
         "health_p50_s": float(np.median(soak.health)) if soak.health else float("nan"),
         "health_p99_s": float(np.percentile(soak.health, 99)) if soak.health else float("nan"),
         "health_max_s": health_max, "server_alive_after": alive, "cpu": cpu_line(),
+        "slide_listings": len(soak.listings),
+        "slide_listing_max_s": max(soak.listings) if soak.listings else None,
     })
     problems = [what for what, bad in [
         ("ordinary requests failed", bool(failed) or not ok),
@@ -286,6 +350,7 @@ def main() -> int:
         ("tracebacks on the server's stderr", tracebacks > 0),
         ("hostile requests got an unexpected status", bool(soak.wrong)),
         ("/api/health took 1 s or more", health_max >= 1.0),
+        ("/api/slides failed to answer 200", any(t == float("inf") for t in soak.listings)),
         ("the server died", not alive)] if bad]
     print(f"\n{args.seconds:.0f} s soak of {summary['model']} on {cpu_line()}: "
           f"{len(ok)}/{len(soak.normal)} ordinary requests answered 200 "
@@ -293,7 +358,10 @@ def main() -> int:
           f"{p99:.2f} s; {sum(soak.hostile.values())} hostile requests; 5xx: "
           f"{soak.client_5xx} seen, {logged_5xx} logged; tracebacks: {tracebacks}; server "
           f"peak RSS {peak_mb:.0f} MB (after warm-up {idle_mb:.0f} MB); /api/health max "
-          f"{health_max * 1000:.0f} ms over {len(soak.health)} probes.")
+          f"{health_max * 1000:.0f} ms over {len(soak.health)} probes"
+          + (f"; /api/slides: {len(soak.listings)} listings of {args.slides}+ changing slides, "
+             f"all 200, max {max(soak.listings) * 1000:.0f} ms" if soak.listings
+             and max(soak.listings) < float("inf") else "") + ".")
     print("PASS" if not problems else "FAIL: " + "; ".join(problems))
     print(json.dumps({"stderr_tail": errors.splitlines()[-5:]}) if problems else "", end="")
     return 1 if problems else 0
