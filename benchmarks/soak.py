@@ -200,33 +200,23 @@ class Soak:
             self.hostile["left_mid_upload" if mid_upload else "left_mid_work"] += 1
             await asyncio.sleep(0.7)
 
-    async def probe(self, client: httpx.AsyncClient) -> None:
+    async def poll(self, client: httpx.AsyncClient, path: str, seconds: list[float], *,
+                   every: float, timeout: float) -> None:
+        """GETs ``path`` every ``every`` s, appending each answer's seconds to ``seconds``
+        (infinity when it is not a 200)."""
         for _ in range(MAX_REQUESTS):
             if not self.running():
                 return
             start = time.perf_counter()
             try:
-                r = await client.get("/api/health", timeout=10)
+                r = await client.get(path, timeout=timeout)
                 ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            self.health.append(time.perf_counter() - start if ok else float("inf"))
-            await asyncio.sleep(0.5)
-
-    async def list_slides(self, client: httpx.AsyncClient) -> None:
-        for _ in range(MAX_REQUESTS):
-            if not self.running():
-                return
-            start = time.perf_counter()
-            try:
-                r = await client.get("/api/slides", timeout=60)
-                ok = r.status_code == 200
-                if r.status_code >= 500:
+                if r.status_code >= 500 and r.status_code != 503:
                     self.client_5xx += 1
             except httpx.HTTPError:
                 ok = False
-            self.listings.append(time.perf_counter() - start if ok else float("inf"))
-            await asyncio.sleep(0.3)
+            seconds.append(time.perf_counter() - start if ok else float("inf"))
+            await asyncio.sleep(every)
 
     async def churn_slides(self) -> None:
         """slides.csv gains a row a second; slide 0's regions file goes bad in turn."""
@@ -247,10 +237,12 @@ class Soak:
                     httpx.AsyncClient(base_url=self.url, timeout=timeout) as prober):
             await asyncio.gather(
                 *(self.user(users, k) for k in range(self.users)),
-                self.bad_files(hostile), self.probe(prober),
+                self.bad_files(hostile),
+                self.poll(prober, "/api/health", self.health, every=0.5, timeout=10),
                 *(self.stall() for _ in range(self.stalled)),
                 *(self.leave(k) for k in range(2)),
-                *((self.list_slides(prober), self.churn_slides()) if self.slides else ()))
+                *((self.poll(prober, "/api/slides", self.listings, every=0.3, timeout=60),
+                   self.churn_slides()) if self.slides else ()))
 
 
 def slides_folder(root: Path, n: int) -> Path:
