@@ -306,3 +306,13 @@ def test_requests_arriving_together_after_the_table_changes_cost_one_build(model
     for t in [first, *others]:
         t.join()
     assert len(answers) == 8 and len(builds) == 2  # the first, then one for all eight
+
+
+def test_the_cli_limits_are_the_libraries():
+    from breast_cancer_detection.cli import build_parser
+    from breast_cancer_detection.slides.reader import MAX_SLIDE_PIXELS
+    from breast_cancer_detection.slides.run import DEFAULT_SLIDE_TIMEOUT
+
+    args = build_parser().parse_args(["slide", "x.tif", "--out", "o"])
+    assert args.slide_timeout == DEFAULT_SLIDE_TIMEOUT
+    assert args.max_slide_gigapixels * 1e9 == MAX_SLIDE_PIXELS

@@ -540,7 +540,7 @@ def _cmd_notebook(args: argparse.Namespace) -> int:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
             raise UserError(f"--param {item}: write NAME=VALUE, e.g. --param EPOCHS=3 or "
-                            "--param DATA='\"data/BreaKHis_v1\"'.")
+                            "--param DATA=data/BreaKHis_v1 (a Python literal, else text).")
         try:
             params[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -565,7 +565,7 @@ def _cmd_notebook(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_slide(args: argparse.Namespace) -> int:
-    from .errors import UserError
+    from .errors import UserError, install_hint
     from .pretrained import SAMPLE_PATCHES
     from .slides.make import demo_slide
 
@@ -579,6 +579,9 @@ def _cmd_demo_slide(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         cells = demo_slide(out, grid=(rows, cols), patches=patches, seed=args.seed)
+    except ImportError as e:
+        raise UserError(f"writing a slide needs tifffile ({e.name} is missing): "
+                        f"{install_hint('slides')}.") from None
     except FileNotFoundError as e:
         raise UserError(f"--patches: {e}; give a folder with 0/ and 1/ (or normal/ and "
                         "tumor/) patch images.") from None
