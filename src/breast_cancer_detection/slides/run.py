@@ -1,9 +1,9 @@
 """`bcd slide`: score every tissue tile of whole slides, and write what a pathologist looks at.
 
-Per slide, in ``OUT/<folder>/`` (the slide's stem, made safe: :func:`slide_folders`): ``tiles.csv``, ``heatmap.png``, ``tissue.png``,
-``regions.geojson``, ``top_tiles.png`` and ``slide.json`` (the summary, and what it was made
-with: a slide already done with the same model and settings is not redone). In ``OUT/``:
-``slides.csv``, one row per slide.
+Per slide, in ``OUT/<folder>/`` (the slide's stem, made safe: :func:`slide_folders`):
+``tiles.csv``, ``heatmap.png``, ``tissue.png``, ``regions.geojson``, ``top_tiles.png`` and
+``slide.json`` (the summary, and what it was made with: a slide already done with the same
+model and settings is not redone). In ``OUT/``: ``slides.csv``, one row per slide.
 """
 
 from __future__ import annotations
@@ -490,9 +490,9 @@ def analyse_slides(predictor: Predictor, paths: list[Path], out: str | Path, *,
 def slide_folders(paths: list[Path]) -> list[str]:
     """A distinct output folder name per slide that stays inside ``--out`` and never takes
     the name of the run's own files: the slide's stem with anything but letters, digits
-    (of any script), ``.``, ``_`` and ``-`` replaced by ``_``, and ``slide-`` put before one that starts with
-    a dot (``..``, ``...``) or with ``slides.`` (``slides.csv.tif``), or is empty. The
-    slide's own name stays in its row of ``slides.csv``."""
+    (of any script), ``.``, ``_`` and ``-`` replaced by ``_``, and ``slide-`` put before one
+    that starts with a dot (``..``, ``...``) or with ``slides.`` (``slides.csv.tif``), or is
+    empty. The slide's own name stays in its row of ``slides.csv``."""
     import re
 
     safe = []
