@@ -310,7 +310,7 @@ def test_requests_arriving_together_after_the_table_changes_cost_one_build(model
 
 def test_the_cli_limits_are_the_libraries():
     from breast_cancer_detection.cli import build_parser
-    from breast_cancer_detection.slides.reader import MAX_SLIDE_PIXELS
+    from breast_cancer_detection.slides.limits import MAX_SLIDE_PIXELS
     from breast_cancer_detection.slides.run import DEFAULT_SLIDE_TIMEOUT
 
     args = build_parser().parse_args(["slide", "x.tif", "--out", "o"])

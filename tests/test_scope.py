@@ -15,8 +15,9 @@ from PIL import Image
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.data.transforms import Preprocessing
 from breast_cancer_detection.explain import explain
-from breast_cancer_detection.inference import SCALE_TOLERANCE, Predictor
+from breast_cancer_detection.inference import Predictor
 from breast_cancer_detection.pretrained import trained_model
+from breast_cancer_detection.scope import SCALE_TOLERANCE
 
 from conftest import need_module
 

@@ -1070,8 +1070,7 @@ def _add_model_commands(sub) -> None:
     c.set_defaults(func=_cmd_cv)
 
 
-def _add_use_commands(sub) -> None:
-    """predict, export, serve: using a checkpoint."""
+def _add_predict_command(sub) -> None:
     pd_ = sub.add_parser("predict", help="predict images with a checkpoint (or ONNX export)",
                          usage="bcd predict [CHECKPOINT] PATH [PATH ...] [options]\n"
                          "       bcd predict --samples [options]",
@@ -1118,44 +1117,8 @@ def _add_use_commands(sub) -> None:
     _quiet(pd_, "no progress bars")
     pd_.set_defaults(func=_cmd_predict)
 
-    nb = sub.add_parser("notebook", help="run Breast_Cancer_Detection.ipynb headless",
-                        usage="bcd notebook [--quick] [--param NAME=VALUE ...] [options]",
-                        description="Run the notebook top to bottom in a fresh kernel, as "
-                        "papermill does (parameters go in a cell after its parameters cell), "
-                        "and write the executed copy with every output and picture. --quick "
-                        "needs no network and no GPU: a synthetic BreakHis-layout tree "
-                        "(noise, not tissue), cpu-smoke for 2 epochs, and the inference cell "
-                        "on the sample patches with pcam-patch-cnn; under a minute on two cores. "
-                        "Needs nbclient, nbformat and ipykernel (the dev extra).")
-    nb.add_argument("--quick", action="store_true", help="the offline quick run (above)")
-    nb.add_argument("--param", action="append", metavar="NAME=VALUE", help="set a parameter "
-                    "of cell 1 (a Python literal; repeatable), e.g. --param EPOCHS=3 or "
-                    "--param PRESET=breakhis-cpu; after --quick's own")
-    nb.add_argument("--out", default="notebook-run/Breast_Cancer_Detection.ipynb",
-                    help="the executed copy (default notebook-run/Breast_Cancer_Detection.ipynb;"
-                    " the run's files go beside it)")
-    nb.add_argument("--timeout", type=int, default=1800, help="seconds a cell may take "
-                    "(default 1800)")
-    nb.set_defaults(func=_cmd_notebook)
 
-    ds = sub.add_parser("demo-slide", help="write a small whole slide of known ground truth",
-                        usage="bcd demo-slide OUT [options]",
-                        description="Write a small pyramidal TIFF slide (0.486 um/px): an "
-                        "ellipse of tissue on glass with a disc of tumour at its centre, built "
-                        "from 96 px cells. By default the cells are the PatchCamelyon sample "
-                        "patches that ship with the package, so `bcd slide` on it should light "
-                        "up the centre disc and leave the rest of the tissue dark. Needs "
-                        "tifffile (the `slides` extra).")
-    ds.add_argument("out", metavar="OUT", help="the .tif to write, or a folder (OUT/demo.tif)")
-    ds.add_argument("--patches", metavar="DIR", help="draw the cells from this folder's 0/ and "
-                    "1/ (or normal/ and tumor/) patches (default: the package's samples)")
-    ds.add_argument("--synthetic", action="store_true", help="synthetic textures instead of "
-                    "real patches")
-    ds.add_argument("--grid", type=int, nargs=2, default=[16, 20], metavar=("ROWS", "COLS"),
-                    help="cells (default 16 20)")
-    _seed(ds, "which patches go where (default 0)")
-    ds.set_defaults(func=_cmd_demo_slide)
-
+def _add_slide_command(sub) -> None:
     sl = sub.add_parser("slide", help="whole slides: tumour heat map, regions, slide score",
                         usage="bcd slide [CHECKPOINT] SLIDE [SLIDE ...] --out DIR [options]",
                         description="Score every tissue tile of whole-slide images (.svs, "
@@ -1205,39 +1168,8 @@ def _add_use_commands(sub) -> None:
     _quiet(sl, "no progress bars")
     sl.set_defaults(func=_cmd_slide, max_pixels=None)
 
-    x = sub.add_parser("export", help="export a checkpoint to ONNX",
-                       description="Write the checkpoint's model as ONNX (dynamic batch size) "
-                       "with its preprocessing, classes and threshold as metadata, and check it "
-                       "against PyTorch with ONNX Runtime (pip install onnx onnxruntime).")
-    _checkpoint(x, "best.pt from `bcd train` (or a URL of one)")
-    x.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
-    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    _sha256(x)
-    x.add_argument("--no-verify", action="store_true",
-                   help="skip the ONNX Runtime comparison")
-    x.add_argument("--int8", action="store_true", help="write an int8 model (static "
-                   "quantization, per-channel weights) instead, only if it passes the accuracy "
-                   "gate: on labelled --gate images ROC AUC within 0.003 of float32 and at "
-                   "least 99%% of the labels unchanged at the threshold; else every probability "
-                   "within 0.05)")
-    x.add_argument("--calibration", metavar="DIR", help="with --int8: training images that set "
-                   "the activation ranges")
-    x.add_argument("--calibration-images", type=int, default=256, metavar="N",
-                   help="with --int8: calibration images sampled (default 256)")
-    x.add_argument("--gate", metavar="DIR", help="with --int8: held-out images the int8 model "
-                   "is checked on against float32 (labelled folders: 0/1, benign/malignant)")
-    x.add_argument("--gate-images", type=int, metavar="N", help="with --int8: gate images "
-                   "sampled (default: all)")
-    x.add_argument("--int8-all-layers", action="store_true", help="with --int8: quantize the "
-                   "first and last weighted layers too (by default they stay float32, which "
-                   "keeps accuracy)")
-    x.add_argument("--embed", action="store_true", help="with --int8: also store the int8 "
-                   "model in the checkpoint file (rewritten in place), so that `bcd slide` and "
-                   "`bcd predict` run it on any CPU with no calibration data (it is copied into "
-                   "the cache on first use)")
-    _quiet(x, "no progress bars")
-    x.set_defaults(func=_cmd_export)
 
+def _add_serve_command(sub) -> None:
     sv = sub.add_parser("serve", help="the web app: upload images, see the answer and why",
                         description="Serve the page and the API (POST /api/predict, GET "
                         "/api/health, GET /api/model, GET /api/slides with --slides; the "
@@ -1287,6 +1219,89 @@ def _add_use_commands(sub) -> None:
     sv.set_defaults(func=_cmd_serve)
 
 
+def _add_use_commands(sub) -> None:
+    """predict, slide, export, serve: using a checkpoint."""
+    _add_predict_command(sub)
+    _add_slide_command(sub)
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX",
+                       description="Write the checkpoint's model as ONNX (dynamic batch size) "
+                       "with its preprocessing, classes and threshold as metadata, and check it "
+                       "against PyTorch with ONNX Runtime (pip install onnx onnxruntime).")
+    _checkpoint(x, "best.pt from `bcd train` (or a URL of one)")
+    x.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    _sha256(x)
+    x.add_argument("--no-verify", action="store_true",
+                   help="skip the ONNX Runtime comparison")
+    x.add_argument("--int8", action="store_true", help="write an int8 model (static "
+                   "quantization, per-channel weights) instead, only if it passes the accuracy "
+                   "gate: on labelled --gate images ROC AUC within 0.003 of float32 and at "
+                   "least 99%% of the labels unchanged at the threshold; else every probability "
+                   "within 0.05)")
+    x.add_argument("--calibration", metavar="DIR", help="with --int8: training images that set "
+                   "the activation ranges")
+    x.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                   help="with --int8: calibration images sampled (default 256)")
+    x.add_argument("--gate", metavar="DIR", help="with --int8: held-out images the int8 model "
+                   "is checked on against float32 (labelled folders: 0/1, benign/malignant)")
+    x.add_argument("--gate-images", type=int, metavar="N", help="with --int8: gate images "
+                   "sampled (default: all)")
+    x.add_argument("--int8-all-layers", action="store_true", help="with --int8: quantize the "
+                   "first and last weighted layers too (by default they stay float32, which "
+                   "keeps accuracy)")
+    x.add_argument("--embed", action="store_true", help="with --int8: also store the int8 "
+                   "model in the checkpoint file (rewritten in place), so that `bcd slide` and "
+                   "`bcd predict` run it on any CPU with no calibration data (it is copied into "
+                   "the cache on first use)")
+    _quiet(x, "no progress bars")
+    x.set_defaults(func=_cmd_export)
+
+    _add_serve_command(sub)
+
+
+def _add_tour_commands(sub) -> None:
+    """The commands that show the tool without data of one's own: the notebook run headless,
+    and a demonstration slide."""
+    nb = sub.add_parser("notebook", help="run Breast_Cancer_Detection.ipynb headless",
+                        usage="bcd notebook [--quick] [--param NAME=VALUE ...] [options]",
+                        description="Run the notebook top to bottom in a fresh kernel, as "
+                        "papermill does (parameters go in a cell after its parameters cell), "
+                        "and write the executed copy with every output and picture. --quick "
+                        "needs no network and no GPU: a synthetic BreakHis-layout tree "
+                        "(noise, not tissue), cpu-smoke for 2 epochs, and the inference cell "
+                        "on the sample patches with pcam-patch-cnn; under a minute on two cores. "
+                        "Needs nbclient, nbformat and ipykernel (the dev extra).")
+    nb.add_argument("--quick", action="store_true", help="the offline quick run (above)")
+    nb.add_argument("--param", action="append", metavar="NAME=VALUE", help="set a parameter "
+                    "of cell 1 (a Python literal; repeatable), e.g. --param EPOCHS=3 or "
+                    "--param PRESET=breakhis-cpu; after --quick's own")
+    nb.add_argument("--out", default="notebook-run/Breast_Cancer_Detection.ipynb",
+                    help="the executed copy (default notebook-run/Breast_Cancer_Detection.ipynb;"
+                    " the run's files go beside it)")
+    nb.add_argument("--timeout", type=int, default=1800, help="seconds a cell may take "
+                    "(default 1800)")
+    nb.set_defaults(func=_cmd_notebook)
+
+    ds = sub.add_parser("demo-slide", help="write a small whole slide of known ground truth",
+                        usage="bcd demo-slide OUT [options]",
+                        description="Write a small pyramidal TIFF slide (0.486 um/px): an "
+                        "ellipse of tissue on glass with a disc of tumour at its centre, built "
+                        "from 96 px cells. By default the cells are the PatchCamelyon sample "
+                        "patches that ship with the package, so `bcd slide` on it should light "
+                        "up the centre disc and leave the rest of the tissue dark. Needs "
+                        "tifffile (the `slides` extra).")
+    ds.add_argument("out", metavar="OUT", help="the .tif to write, or a folder (OUT/demo.tif)")
+    ds.add_argument("--patches", metavar="DIR", help="draw the cells from this folder's 0/ and "
+                    "1/ (or normal/ and tumor/) patches (default: the package's samples)")
+    ds.add_argument("--synthetic", action="store_true", help="synthetic textures instead of "
+                    "real patches")
+    ds.add_argument("--grid", type=int, nargs=2, default=[16, 20], metavar=("ROWS", "COLS"),
+                    help="cells (default 16 20)")
+    _seed(ds, "which patches go where (default 0)")
+    ds.set_defaults(func=_cmd_demo_slide)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `bcd` and all its subcommands."""
     p = argparse.ArgumentParser(
@@ -1298,6 +1313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_model_commands(sub)
     _add_use_commands(sub)
+    _add_tour_commands(sub)
     return p
 
 

@@ -117,10 +117,16 @@ def plural(n: int, noun: str) -> str:
 def unique_stems(paths: list[Path], default: str = "file") -> list[str]:
     """A distinct name per input for its outputs: the file's stem, numbered (``-2``,
     ``-3``...) when it is taken (``a/x``, ``b/x``, ``x-2`` give ``x``, ``x-2``, ``x-2-2``)."""
+    return unique_names([Path(p).stem for p in paths], default)
+
+
+def unique_names(names: list[str], default: str = "file") -> list[str]:
+    """``names`` made distinct: one already taken is numbered (``-2``, ``-3``...); an empty
+    one is ``default``."""
     used: set[str] = set()
     out = []
-    for p in paths:
-        stem = name = Path(p).stem or default
+    for stem in names:
+        stem = name = stem or default
         k = 1
         while name in used:
             k += 1

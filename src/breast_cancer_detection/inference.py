@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import scope as _scope
 from .checkpoint import Checkpoint, CheckpointError, amp_dtype, load_checkpoint, resolve_device
 from .config import check_backend
 from .data.breakhis import CLASSES, IMAGE_SUFFIXES, parse_breakhis_name
@@ -41,17 +42,12 @@ from .errors import UserError
 NON_FINITE = "the model produced non-finite output"
 """How a prediction error caused by the model itself (not the image) begins."""
 
-BREAKHIS_MODEL = "breakhis-patch-cnn"
-"""The registry name of the bundled BreakHis model, which messages point to."""
 PATCH_MODEL = "pcam-patch-cnn"
 """The registry name of the bundled 96 px patch model, which messages point to."""
 
 DEFAULT_TILE_FACTOR = 2.0
 """Images whose short side exceeds this many tile sides are tiled instead of shrunk."""
 
-SCALE_TOLERANCE = 1.25
-"""An image's scale may differ from the model's by this factor, either way, before its answer
-carries a warning (:meth:`Predictor.scope_warning`)."""
 
 
 
@@ -662,125 +658,29 @@ class Predictor:
         return pred
 
     # ------------------------------------------------------------- what the model is for
+    # The rules live in scope.py; these are the names every door calls.
 
     @property
     def model_name(self) -> str:
         """The registry name of a named trained model, else the architecture."""
         return self.trained_model.name if self.trained_model is not None else self.arch
 
-    @property
-    def model_mpp(self) -> float | None:
-        """Micrometres per pixel of the images the model was trained on, when stated (by the
-        checkpoint, or by the registry for a named model); None for BreakHis-trained models,
-        whose checkpoints state magnifications instead."""
-        ckpt = self.checkpoint
-        if ckpt is not None and ckpt.magnification:
-            return None
-        mpp = ckpt.mpp if ckpt is not None else None
-        if mpp is None and self.trained_model is not None:
-            mpp = self.trained_model.mpp
-        return mpp
-
     def scope(self) -> dict[str, str]:
-        """What the model is for and not for, in words: a named model's own (its registry
-        entry, the source of its model card); for a checkpoint of one's own, what its
-        training data allows one to say."""
-        entry = self.trained_model
-        if entry is not None and entry.intended_use:
-            return {"intended_use": entry.intended_use, "not_for": entry.not_for}
-        ckpt = self.checkpoint
-        data = Path(str(ckpt.config.get("data") or "")).name if ckpt is not None else ""
-        trained = f" on {data}" if data else ""
-        scale = (f" at {self.model_mpp:g} um/px" if self.model_mpp else
-                 f" at {', '.join(ckpt.magnification)}" if ckpt is not None
-                 and ckpt.magnification else "")
-        return {
-            "intended_use": (
-                f"Research and teaching: tells {' from '.join(self.classes)} tissue in H&E "
-                f"images like those it was trained{trained}{scale}. A model trained with "
-                "`bcd train`; its card holds the figures it was chosen and tested on."),
-            "not_for": (
-                "Diagnosis, treatment or triage of patients (not a medical device); images "
-                "unlike its training data (other organs, stains, scanners or scales) without "
-                "validating it there first."),
-        }
+        """What the model is for and not for, in its card's words (:func:`bcd.scope.
+        model_scope`)."""
+        return _scope.model_scope(self)
 
     def scope_warning(self, source: str, size: tuple[int, int] | None, tiles: int,
                       mpp: float | None = None, *, tile_size: int | None = None
                       ) -> str | None:
-        """Why one image lies outside what the model was made for, from what can be measured
-        or read; None when nothing does.
-
-        - Its file name is a BreakHis name and the model was trained at a stated scale on
-          other tissue (the bundled PCam model), or on other BreakHis magnifications.
-        - Its scale was given (``mpp``) and differs from the model's by more than
-          :data:`SCALE_TOLERANCE` times.
-        - It was cut into several tiles with no scale given: the tiles are read as if their
-          pixels were the training images' pixels, which nothing checked.
-        - It is smaller than the images the model reads (enlarged more than
-          :data:`SCALE_TOLERANCE` times to its input).
-
-        Args:
-            source: The file name (or ``<image N>``).
-            size: ``(width, height)`` of the image.
-            tiles: How many tiles it was cut into (1: predicted whole).
-            mpp: Its micrometres per pixel, when known.
-            tile_size: The tile side it was cut at (default: the model's).
-        """
-        model_mpp = self.model_mpp
-        name = parse_breakhis_name(Path(str(source)).name)
-        ckpt = self.checkpoint
-        if name is not None and model_mpp is not None:
-            return (f"a BreakHis breast biopsy by its name ({name.magnification}); "
-                    f"{self.model_name} was trained at {model_mpp:g} um/px on other tissue, "
-                    f"not on BreakHis: score it with --model {BREAKHIS_MODEL}.")
-        if name is not None and ckpt is not None and ckpt.magnification and (
-                name.magnification not in ckpt.magnification):
-            return (f"a {name.magnification} BreakHis image by its name; the model was trained "
-                    f"on {', '.join(ckpt.magnification)} only.")
-        if mpp is not None and model_mpp is not None and not (
-                1 / SCALE_TOLERANCE <= mpp / model_mpp <= SCALE_TOLERANCE):
-            return (f"its scale, {mpp:g} um/px (--mpp), is {mpp / model_mpp:.2g} times the "
-                    f"{model_mpp:g} um/px the model was trained at; rescale it to "
-                    f"{model_mpp:g} um/px first.")
-        if tiles > 1 and mpp is None:
-            tile = int(tile_size or self.pre.resize or self.pre.size)
-            assumed = (f"at an assumed {model_mpp:g} um/px, the model's training scale"
-                       if model_mpp is not None else
-                       "at its own pixel size, assumed to be that of the training images")
-            give = " (give --mpp to state its scale)" if model_mpp is not None else ""
-            return (f"cut into {tiles} tiles of {tile} px, read {assumed}{give}; nothing "
-                    "checked it, and at another scale the answer means nothing.")
-        if size is not None and tiles == 1:
-            side = self.pre.resize or self.pre.size
-            enlarged = side / min(size)
-            if enlarged > SCALE_TOLERANCE:
-                return (f"{size[0]}x{size[1]} pixels, smaller than the images the model reads: "
-                        f"enlarged {enlarged:.2g} times to its {side} px input, so its tissue "
-                        "looks larger than in training.")
-        return None
+        """Why one image lies outside what the model was made for, or None
+        (:func:`bcd.scope.scope_warning`)."""
+        return _scope.scope_warning(self, source, size, tiles, mpp, tile_size=tile_size)
 
     def wrong_data_note(self, files: list[str | Path]) -> str | None:
-        """One line for a whole run when images named as BreakHis names them are given to a
-        model trained at a stated scale on other data (the bundled PCam model: 96 px
-        lymph-node patches at 0.97 um/px), with what was measured there; None otherwise.
-        Each such image's own ``warning`` says so too (:meth:`scope_warning`)."""
-        if self.model_mpp is None:
-            return None
-        found = [n for n in (parse_breakhis_name(Path(str(f)).name) for f in files)
-                 if n is not None]
-        if not found:
-            return None
-        mags = ", ".join(sorted({n.magnification for n in found}, key=lambda m: int(m[:-1])))
-        are = "is a BreakHis breast biopsy" if len(found) == 1 else (
-            "are BreakHis breast biopsies")
-        return (f"{len(found)} of these {len(files)} images {are} by "
-                f"their names ({mags}); {self.model_name} was trained at {self.model_mpp:g} "
-                "um/px on other tissue, not on BreakHis, and ranks BreakHis images only "
-                "weakly (the bundled PCam model: image ROC AUC 0.72, accuracy 0.52 on 141 real "
-                "BreakHis images of 18 patients; docs/results.md). Score them with the "
-                f"BreakHis model: drop --model and the checkpoint, or pass --model "
-                f"{BREAKHIS_MODEL}.")
+        """One line for a whole run of BreakHis-named images given to a model of other
+        tissue, or None (:func:`bcd.scope.wrong_data_note`)."""
+        return _scope.wrong_data_note(self, files)
 
     def lanes(self, workers: int = 0) -> int:
         """How many threads each read and score whole batches side by side: 2 when inputs are
@@ -875,8 +775,8 @@ class Predictor:
 
     def predict(self, images, *, batch_size: int = 32, tta: bool = False,
                 tile_factor: float | None = DEFAULT_TILE_FACTOR, tile_size: int | None = None,
-                workers: int = 0, progress: bool = False, mpp: float | None = None
-                ) -> list[Prediction]:
+                workers: int = 0, progress: bool = False, mpp: float | None = None,
+                names: list[str] | None = None) -> list[Prediction]:
         """Predicts paths, folders, PIL images or arrays (one, or a list).
 
         Inputs are read and prepared by a DataLoader (``workers`` processes) and run in
@@ -910,6 +810,8 @@ class Predictor:
             mpp: The images' micrometres per pixel, when known: checked against the model's
                 scale for each answer's ``warning`` (:meth:`scope_warning`), not used to
                 rescale.
+            names: A file name for each input, for images given in memory (an upload's
+                name): the answers' ``source``, which the warning also reads.
         """
         from tqdm.auto import tqdm
 
@@ -921,8 +823,10 @@ class Predictor:
             items = [x for i in images for x in (collect_images([i]) if _is_path(i) else [i])]
         else:
             items = collect_images([images]) if _is_path(images) else [images]
-        names = [str(x) if isinstance(x, (str, Path)) else f"<image {i}>"
-                 for i, x in enumerate(items)]
+        if names is not None and len(names) != len(items):
+            raise UserError(f"names: {len(names)} for {len(items)} images; give one each.")
+        names = names or [str(x) if isinstance(x, (str, Path)) else f"<image {i}>"
+                          for i, x in enumerate(items)]
         preparer = _Preparer(self.pre, self.transform, max_pixels=self.max_pixels,
                              tile_factor=tile_factor, tile_size=tile_size)
         tile_probs: dict[int, list[np.ndarray]] = {}

@@ -1036,13 +1036,11 @@ class _Service:
             # One image at a time, so that a client that left stops costing model time.
             for upload, image in zip(uploads, images):
                 check()
-                (p,) = self.scorer.predict([image])
+                (p,) = self.scorer.predict([image], names=[upload.name])
                 if p.error is not None:
                     # A model that outputs NaN is the server's fault, not the upload's.
                     status = 500 if p.error.startswith(NON_FINITE) else 400
                     raise _Refused(status, f"{upload.name}: {p.error}")
-                # Judged again with the upload's file name, which an image in memory lacks.
-                p.warning = self.scorer.scope_warning(upload.name, p.size, p.tiles)
                 predictions.append(p)
             for image, p in zip(images, predictions):
                 check()

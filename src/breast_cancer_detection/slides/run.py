@@ -27,14 +27,12 @@ from ..files import (
     from_spreadsheet_safe,
     jsonable,
     spreadsheet_safe,
-    unique_stems,
+    unique_names,
 )
+from ..scope import model_scale
+from .limits import MAX_SLIDE_PIXELS, SlideError, check_cost, check_deadline
 from .reader import (
-    MAX_SLIDE_PIXELS,
-    SlideError,
     TileDataset,
-    check_cost,
-    check_deadline,
     open_slide,
     positive_mpp,
     slide_mpp,
@@ -47,11 +45,6 @@ if TYPE_CHECKING:
     import torch
 
     from ..inference import Predictor
-
-# Approximate micrometres per pixel of BreakHis images (Olympus BX-50, 3.3x relay lens,
-# Samsung SCC-131AN camera with 6.5 um pixels: 6.5 / (objective x 3.3)); BreakHis names
-# magnifications by objective x 10 eyepiece.
-BREAKHIS_MPP = {"40X": 0.49, "100X": 0.197, "200X": 0.098, "400X": 0.049}
 
 DEFAULT_TOP_K = 10
 DEFAULT_SLIDE_TIMEOUT = 3600.0
@@ -125,27 +118,18 @@ def score_tiles(predictor: Predictor, dataset: TileDataset, *, batch_size: int, 
 def model_mpp(predictor: Predictor, override: float | None = None) -> tuple[float, str]:
     """The scale (um/px) the model was trained at, and where that figure came from.
 
-    In order: ``override`` (``--model-mpp``), the checkpoint's stored mpp (or an ONNX
-    export's), the trained-model registry's entry, a BreakHis checkpoint trained at one
-    magnification (approximate, see :data:`BREAKHIS_MPP`).
+    In order: ``override`` (``--model-mpp``), then :func:`bcd.scope.model_scale` (what the
+    checkpoint, an ONNX export or the registry states; a BreakHis checkpoint of one
+    magnification, approximately).
 
     Raises:
         UserError: none of them is known.
     """
     if override is not None:
         return positive_mpp(override, "--model-mpp"), "--model-mpp"
-    ckpt = predictor.checkpoint
-    if ckpt is not None and ckpt.mpp:
-        return float(ckpt.mpp), "checkpoint"
-    if predictor.backend == "onnx" and predictor.model.metadata.get("mpp"):
-        return float(predictor.model.metadata["mpp"]), "ONNX metadata"
-    entry = predictor.trained_model
-    if entry is not None and entry.mpp:
-        return float(entry.mpp), f"trained model {entry.name}"
-    if ckpt is not None and ckpt.magnification and len(ckpt.magnification) == 1:
-        mag = ckpt.magnification[0]
-        if mag in BREAKHIS_MPP:
-            return BREAKHIS_MPP[mag], f"BreakHis {mag} (approximate)"
+    scale = model_scale(predictor)
+    if scale is not None:
+        return scale
     raise UserError(
         "the model does not say at what scale it was trained, so slide tiles cannot be cut to "
         "match it. Give it with --model-mpp UM_PER_PIXEL (0.972 for PatchCamelyon), or train "
@@ -501,7 +485,7 @@ def slide_folders(paths: list[Path]) -> list[str]:
         if not name or name.startswith(".") or name.lower().startswith("slides."):
             name = f"slide-{name}"
         safe.append(name)
-    return unique_stems([Path(f"{n}.x") for n in safe], "slide")
+    return unique_names(safe, "slide")
 
 
 def _write_csv(path: Path, table: pd.DataFrame) -> None:
