@@ -627,12 +627,12 @@ def test_resuming_with_more_epochs_trains_them_at_a_live_learning_rate(fake_brea
 
 def test_no_threshold_is_stored_when_validation_cannot_choose_one(fake_breakhis, tmp_path,
                                                                   monkeypatch, capsys):
-    import breast_cancer_detection.evaluation as evaluation
+    import breast_cancer_detection.thresholds as thresholds
 
     def one_class(ckpt, val, *args):
         return 0.5, {"method": "default", "value": 0.5, "chosen_on": None}, ["one class only"]
 
-    monkeypatch.setattr(evaluation, "_decide_threshold", one_class)
+    monkeypatch.setattr(thresholds, "decide_threshold", one_class)
     result = fit(_cfg(fake_breakhis, tmp_path, epochs=1), progress=False)
     assert load_checkpoint(result.run_dir / "best.pt").threshold is None
     assert "No threshold stored: one class only" in capsys.readouterr().out

@@ -25,7 +25,7 @@ import torch
 from breast_cancer_detection.data import download
 from breast_cancer_detection.data.download import DownloadError, download_breakhis
 from breast_cancer_detection.engine import CheckpointError
-from breast_cancer_detection.inference import fetch_checkpoint
+from breast_cancer_detection.hub import fetch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = bytes(range(256)) * 40  # 10 KiB standing in for a checkpoint

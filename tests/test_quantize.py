@@ -20,6 +20,7 @@ from conftest import SHARED_DATA
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from breast_cancer_detection import int8 as int8_runtime  # noqa: E402
 from breast_cancer_detection import quantize  # noqa: E402
 from breast_cancer_detection.checkpoint import load_checkpoint  # noqa: E402
 from breast_cancer_detection.export import ExportError, write_onnx_metadata  # noqa: E402
@@ -73,8 +74,8 @@ def test_the_gate_passes_a_faithful_int8_model_and_holds_its_record():
     gate = quantize.judge_gate(a, a + 1e-4, y, threshold=0.5)
     assert gate.passed and gate.auc_float32 == gate.auc_int8 and gate.same_label >= 0.99
     assert gate.images == 200 and gate.max_abs_diff == pytest.approx(1e-4)
-    assert quantize.gate_holds(dataclasses.asdict(gate))
-    assert not quantize.gate_holds(None) and not quantize.gate_holds({"passed": True})
+    assert int8_runtime.gate_holds(dataclasses.asdict(gate))
+    assert not int8_runtime.gate_holds(None) and not int8_runtime.gate_holds({"passed": True})
 
 
 @pytest.mark.parametrize("damage", ["shift", "rank", "auc_record", "label_record"])
@@ -82,34 +83,34 @@ def test_the_gate_refuses_an_int8_model_that_moves_answers(damage):
     a, y = _gate_inputs()
     if damage == "shift":  # same order, so the same AUC: only the label rule can refuse it
         gate = quantize.judge_gate(a, 0.5 + a / 2, y, threshold=0.5)
-        assert gate.auc_float32 == gate.auc_int8 and gate.same_label < quantize.SAME_LABEL
+        assert gate.auc_float32 == gate.auc_int8 and gate.same_label < int8_runtime.SAME_LABEL
         record = dataclasses.asdict(gate)
     elif damage == "rank":  # noise reorders the images: the AUC falls
         noisy = np.clip(a + np.random.default_rng(1).normal(0, 0.1, len(a)), 0, 1)
         gate = quantize.judge_gate(a, noisy, y, threshold=0.5)
-        assert gate.auc_float32 - gate.auc_int8 > quantize.AUC_TOLERANCE
+        assert gate.auc_float32 - gate.auc_int8 > int8_runtime.AUC_TOLERANCE
         record = dataclasses.asdict(gate)
     else:  # a record that says "passed" over figures that do not pass
         record = dataclasses.asdict(quantize.judge_gate(a, a, y, threshold=0.5))
         if damage == "auc_record":
-            record["auc_int8"] = record["auc_float32"] - 2 * quantize.AUC_TOLERANCE
+            record["auc_int8"] = record["auc_float32"] - 2 * int8_runtime.AUC_TOLERANCE
         else:
-            record["same_label"] = quantize.SAME_LABEL - 0.01
+            record["same_label"] = int8_runtime.SAME_LABEL - 0.01
         record["passed"] = True
-        assert not quantize.gate_holds(record)
+        assert not int8_runtime.gate_holds(record)
         return
-    assert not gate.passed and not quantize.gate_holds({**record, "passed": True})
+    assert not gate.passed and not int8_runtime.gate_holds({**record, "passed": True})
 
 
 def test_the_unlabelled_gate_holds_probabilities_within_its_tolerance():
     a, _ = _gate_inputs()
     unknown = np.full(len(a), -1)
-    inside = quantize.judge_gate(a, a + quantize.PROB_TOLERANCE * 0.8, unknown, threshold=0.5)
+    inside = quantize.judge_gate(a, a + int8_runtime.PROB_TOLERANCE * 0.8, unknown, threshold=0.5)
     assert inside.passed and inside.auc_float32 is None and "no labels" in inside.rule
-    assert quantize.gate_holds(dataclasses.asdict(inside))
-    outside = quantize.judge_gate(a, a + quantize.PROB_TOLERANCE * 1.2, unknown, threshold=0.5)
+    assert int8_runtime.gate_holds(dataclasses.asdict(inside))
+    outside = quantize.judge_gate(a, a + int8_runtime.PROB_TOLERANCE * 1.2, unknown, threshold=0.5)
     assert not outside.passed
-    assert not quantize.gate_holds({**dataclasses.asdict(outside), "passed": True})
+    assert not int8_runtime.gate_holds({**dataclasses.asdict(outside), "passed": True})
 
 
 @pytest.mark.slow
@@ -117,7 +118,7 @@ def test_int8_passes_its_gate_and_the_auto_backend_runs_it(patches, cache, tmp_p
     out, gate = quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
                                      calibration=patches, gate=patches, progress=False)
     assert gate.passed and gate.images == 2 * PER_CLASS and gate.auc_int8 is not None
-    assert gate.auc_float32 - gate.auc_int8 <= quantize.AUC_TOLERANCE
+    assert gate.auc_float32 - gate.auc_int8 <= int8_runtime.AUC_TOLERANCE
     int8 = Predictor.from_onnx(out)
     meta = int8.model.metadata
     assert meta["int8"]["passed"] and meta["int8"]["calibration_images"] == 2 * PER_CLASS
@@ -131,7 +132,7 @@ def test_int8_passes_its_gate_and_the_auto_backend_runs_it(patches, cache, tmp_p
     assert auto.backend_note == "ONNX Runtime (CPU, int8)"
     x = _patch_batch(patches, released)
     assert np.abs(auto.probabilities(x) - torch_model.probabilities(x)).max() <= (
-        quantize.PROB_TOLERANCE)
+        int8_runtime.PROB_TOLERANCE)
 
 
 @pytest.mark.slow
@@ -154,7 +155,7 @@ def test_unlabelled_gate_uses_the_probability_rule(patches, cache, tmp_path):
                                    calibration=patches, gate=flat, progress=False)
     assert gate.auc_float32 is None and "no labels" in gate.rule
     assert gate.passed and gate.images == PER_CLASS // 2
-    assert gate.max_abs_diff <= quantize.PROB_TOLERANCE
+    assert gate.max_abs_diff <= int8_runtime.PROB_TOLERANCE
 
 
 def test_an_int8_model_that_failed_its_gate_is_refused(tmp_path):
@@ -191,8 +192,8 @@ def test_an_int8_model_that_failed_its_gate_is_refused(tmp_path):
     write_onnx_metadata(int8, int8={"passed": True, "auc_float32": None, "max_abs_diff": 0.01})
     assert torch_model.on_backend("onnx", cache_dir=cache).backend_note.endswith("int8)")
     # The probability rule reads the figure, not the flag.
-    assert not quantize.gate_holds({"passed": True, "auc_float32": None, "max_abs_diff": 0.06})
-    assert not quantize.gate_holds({"passed": True, "auc_float32": 0.9, "same_label": 1.0})
+    assert not int8_runtime.gate_holds({"passed": True, "auc_float32": None, "max_abs_diff": 0.06})
+    assert not int8_runtime.gate_holds({"passed": True, "auc_float32": 0.9, "same_label": 1.0})
 
 
 def test_cli_int8_needs_calibration_and_gate(tmp_path, capsys):
@@ -222,10 +223,10 @@ def test_a_shift_that_keeps_the_auc_fails_the_gate(patches, cache, tmp_path, mon
     aucs = re.search(r"ROC AUC ([\d.]+) \(float32\) vs ([\d.]+) \(int8\)", str(failed.value))
     # The AUC rule holds (ONNX Runtime's int8 kernels differ between CPUs, so within its
     # tolerance, not equal): the label rule refused it.
-    assert float(aucs[1]) - float(aucs[2]) <= quantize.AUC_TOLERANCE
+    assert float(aucs[1]) - float(aucs[2]) <= int8_runtime.AUC_TOLERANCE
     same = re.search(r"same label for ([\d.]+)%", str(failed.value))
-    assert float(same[1]) / 100 < quantize.SAME_LABEL
-    assert not quantize.gate_holds({"passed": True, "auc_float32": 0.9, "auc_int8": 0.9,
+    assert float(same[1]) / 100 < int8_runtime.SAME_LABEL
+    assert not int8_runtime.gate_holds({"passed": True, "auc_float32": 0.9, "auc_int8": 0.9,
                                     "same_label": 0.5})
 
 
@@ -273,7 +274,7 @@ def test_the_bundled_model_carries_an_int8_model_of_its_own_weights(patches, cac
     from breast_cancer_detection.export import weights_digest
 
     ckpt = load_checkpoint(resolve_trained("pcam-patch-cnn"))
-    assert ckpt.int8_onnx and quantize.int8_of(ckpt, ckpt.int8_onnx) is None
+    assert ckpt.int8_onnx and int8_runtime.int8_of(ckpt, ckpt.int8_onnx) is None
     assert not cache.exists()  # nothing exported or copied before
     torch_model = Predictor.from_pretrained("pcam-patch-cnn", device="cpu", progress=False)
     auto = torch_model.on_backend("auto")
@@ -283,7 +284,7 @@ def test_the_bundled_model_carries_an_int8_model_of_its_own_weights(patches, cac
     assert torch_model.on_backend("float32").backend_note == "ONNX Runtime (CPU)"
     x = _patch_batch(patches, ckpt)
     assert np.abs(auto.probabilities(x) - torch_model.probabilities(x)).max() <= (
-        quantize.PROB_TOLERANCE)
+        int8_runtime.PROB_TOLERANCE)
 
 
 def test_an_embedded_int8_model_of_other_weights_is_not_used(tmp_path, cache):
@@ -301,7 +302,7 @@ def test_an_embedded_int8_model_of_other_weights_is_not_used(tmp_path, cache):
     with pytest.raises(ExportError, match="not embedded.*made from other weights"):
         quantize.embed_int8(tuned, tmp_path / "old.onnx")
     # Bytes that are no int8 model of ours: refused with the reason.
-    assert "not an int8 model" in quantize.int8_of(ckpt, b"not onnx")
+    assert "not an int8 model" in int8_runtime.int8_of(ckpt, b"not onnx")
 
 
 def test_a_checkpoint_keeps_its_int8_model_through_a_weights_only_load(tmp_path):

@@ -23,6 +23,7 @@ from . import __version__
 from .data.breakhis import CLASSES
 from .errors import DISTRIBUTION, UserError
 from .files import atomic_write, plain
+from .models import why_unloadable
 
 FORMAT = "bcd-checkpoint"
 VERSION = 2
@@ -354,27 +355,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     ckpt.state_dict = {k: (v.float() if v.is_floating_point() else v)
                        for k, v in ckpt.state_dict.items()}
     return ckpt
-
-
-def why_unloadable(path: Path, e: Exception) -> str:
-    """What to tell the user when ``torch.load(path, weights_only=True)`` raised ``e``.
-
-    Never torch's own text: it suggests loading with ``weights_only=False``, which runs any
-    code a hostile file holds.
-    """
-    if "GLOBAL" in str(e):  # torch's wording for a pickled class or function
-        return (f"{path} holds pickled Python objects, which could run code when loaded; it "
-                "was refused. Use a checkpoint written by `bcd train`.")
-    return (f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}): the file is "
-            "damaged, truncated, or not a .pt file. Download it again, or train one with "
-            "`bcd train`.")
-
-
-def state_dict_of(obj: Any) -> Any:
-    """The weights inside a raw loaded object: a checkpoint's, or the object itself."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return obj["model"]
-    return obj
 
 
 def untrained_checkpoint(arch: str, *, size: int = 224, resize: int | None = 256,

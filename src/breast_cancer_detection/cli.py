@@ -263,7 +263,7 @@ _CV_TRAIN_KEYS = ("model", "epochs", "size", "batch_size", "lr", "pretrained", "
 
 def _cmd_cv(args: argparse.Namespace) -> int:
     from .config import load_preset
-    from .evaluation import run_cv
+    from .cv import run_cv
 
     settings = load_preset(args.preset) if args.preset else {}
     settings.update({k: getattr(args, k) for k in _CV_TRAIN_KEYS if hasattr(args, k)})
@@ -654,12 +654,12 @@ def _cmd_slide(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .export import export_onnx
-    from .inference import _local_file
+    from .hub import local_file
 
     if args.embed and "://" in str(args.checkpoint):
         raise UserError("--embed rewrites the checkpoint file: download it first and give "
                         "its local path.")
-    ckpt = _local_file(args.checkpoint, sha256=args.sha256, cache=None, progress=not args.quiet)
+    ckpt = local_file(args.checkpoint, sha256=args.sha256, cache=None, progress=not args.quiet)
     if args.int8:
         from .quantize import export_int8
 
@@ -1185,28 +1185,37 @@ def _add_serve_command(sub) -> None:
     sv.add_argument("--port", type=int, default=8000, help="(default 8000)")
     sv.add_argument("--report", metavar="METRICS_JSON", help="metrics.json of `bcd evaluate` "
                     "for this checkpoint: the model card then shows test metrics with CIs")
-    sv.add_argument("--max-upload-mb", type=float, default=20,
-                    help="largest upload per request, in MB (default 20; 413 beyond)")
-    sv.add_argument("--max-concurrency", type=int, default=1,
-                    help="requests processed at once (default 1)")
-    sv.add_argument("--max-queue", type=int, default=8,
-                    help="requests allowed to wait (default 8; 503 with Retry-After beyond)")
+    from .app.limits import TILE_UNIT, ServeLimits
+
+    limits = ServeLimits()  # the server's own defaults, so help and behaviour cannot differ
+    sv.add_argument("--max-upload-mb", type=float, default=limits.max_upload_mb,
+                    help=f"largest upload per request, in MB (default {limits.max_upload_mb:g}; "
+                    "413 beyond)")
+    sv.add_argument("--max-concurrency", type=int, default=limits.max_concurrency,
+                    help=f"requests processed at once (default {limits.max_concurrency})")
+    sv.add_argument("--max-queue", type=int, default=limits.max_queue,
+                    help=f"requests allowed to wait (default {limits.max_queue}; 503 with "
+                    "Retry-After beyond)")
     _max_pixels(sv)
-    sv.add_argument("--max-request-megapixels", type=float, default=50, metavar="MP",
+    sv.add_argument("--max-request-megapixels", type=float,
+                    default=limits.max_request_megapixels, metavar="MP",
                     help="pixels one request may cost, in millions: each image decoded plus "
-                    "resized for the model, checked from the headers (default 50; 413 beyond)")
-    sv.add_argument("--max-request-tiles", type=int, default=2000, metavar="N",
-                    help="model passes one request's large (tiled) images may need, over "
-                    "224 px squares (smaller tiles count by their area; default 2000; 413 "
-                    "beyond)")
-    sv.add_argument("--upload-timeout", type=float, default=30, metavar="SECONDS",
-                    help="time a client has to send its request body (default 30; 408 beyond)")
-    sv.add_argument("--header-timeout", type=float, default=10, metavar="SECONDS",
-                    help="time a connection has to send a complete request head, from when it "
-                    "opens or from its previous answer (default 10; closed beyond)")
-    sv.add_argument("--max-uploads", type=int, default=32, metavar="N",
+                    "resized for the model, checked from the headers (default "
+                    f"{limits.max_request_megapixels:g}; 413 beyond)")
+    sv.add_argument("--max-request-tiles", type=int, default=limits.max_request_tiles,
+                    metavar="N", help="model passes one request's large (tiled) images may "
+                    f"need, over {TILE_UNIT} px squares (smaller tiles count by their area; "
+                    f"default {limits.max_request_tiles}; 413 beyond)")
+    sv.add_argument("--upload-timeout", type=float, default=limits.upload_timeout,
+                    metavar="SECONDS", help="time a client has to send its request body "
+                    f"(default {limits.upload_timeout:g}; 408 beyond)")
+    sv.add_argument("--header-timeout", type=float, default=limits.header_timeout,
+                    metavar="SECONDS", help="time a connection has to send a complete request "
+                    "head, from when it opens or from its previous answer (default "
+                    f"{limits.header_timeout:g}; closed beyond)")
+    sv.add_argument("--max-uploads", type=int, default=limits.max_uploads, metavar="N",
                     help="requests that may be sending their body at once; they hold no model "
-                    "slot or queue place (default 32; 503 beyond)")
+                    f"slot or queue place (default {limits.max_uploads}; 503 beyond)")
     sv.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated host names the "
                     "server answers to, besides IP addresses, localhost and --host (a guard "
                     "against DNS rebinding); '*' answers any")

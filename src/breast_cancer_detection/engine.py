@@ -254,7 +254,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: torch.dty
         ``prob`` (P(malignant) per image), ``target``, ``row`` (the table row of each image),
         and ``loss`` (mean, when ``loss_fn`` is given).
     """
-    from .data.transforms import dihedral
+    from .data.transforms import view_mean
 
     model.eval()
     probs, targets, rows, loss_sum = [], [], [], 0.0
@@ -269,8 +269,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: torch.dty
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if tta:
-                p = torch.stack([torch.softmax(model(dihedral(x, k)).float(), 1)
-                                 for k in range(8)]).mean(0)
+                p = view_mean(lambda v: torch.softmax(model(v).float(), 1), x)
                 logits = torch.log(p.clamp_min(1e-12))
             else:
                 logits = model(x).float()
@@ -1109,7 +1108,7 @@ def _finish_best(run: _Run) -> dict[str, float]:
 
     So a trained model used on new data never falls back to 0.5.
     """
-    from .evaluation import _decide_threshold
+    from .thresholds import decide_threshold
 
     cfg = run.cfg
     best = load_checkpoint(run.run_dir / "best.pt")
@@ -1126,7 +1125,7 @@ def _finish_best(run: _Run) -> dict[str, float]:
     out = score(False)
     val = run.val_tab.reset_index(drop=True).iloc[out["row"].astype(int)].assign(
         probability=out["prob"])
-    value, info, caveats = _decide_threshold(best, val, None, [], split_hash(run.split))
+    value, info, caveats = decide_threshold(best, val, None, [], split_hash(run.split))
     chosen = info.get("chosen_on") == "val"
     if chosen:
         best.with_threshold(value, {**info, "chosen_by": "bcd train, on the best epoch's weights"})

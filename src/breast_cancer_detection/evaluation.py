@@ -1,145 +1,47 @@
-"""Evaluating a checkpoint on one subset of a split, and the patient-disjoint k-fold protocol.
+"""Evaluating a checkpoint on one subset of a split.
 
 ``evaluate_checkpoint`` runs a checkpoint over a subset, chooses the decision threshold on the
 split's validation subset (and stores it in the checkpoint), computes image- and patient-level
 metrics with patient-bootstrap intervals, checks for patient leakage, and writes
-``metrics.json``, ``predictions.csv``, PNG plots and ``report.md``. ``run_cv`` trains and
-evaluates every fold of a patient-disjoint k-fold split and summarises them.
+``metrics.json``, ``predictions.csv``, PNG plots and ``report.md``. The k-fold protocol
+that calls it for every fold is :mod:`.cv`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import __version__
 from .checkpoint import Checkpoint
-from .data.breakhis import CLASSES, build_index, person_id
+from .data.breakhis import CLASSES, build_index
 from .data.splits import (
     SUBSETS,
     find_leakage,
     list_ids,
     load_split,
-    people,
     split_hash,
-    write_split,
 )
 from .errors import UserError
-from .files import atomic_write_text, jsonable
+from .files import atomic_write_text
 from .metrics import (
     bootstrap_metrics,
-    choose_threshold,
     evaluate_predictions,
-    group_sort_key,
-    image_metrics,
     metrics_by,
     patient_table,
-    pooled_metrics,
     scalar_metrics,
 )
-from .report import cv_report_md, evaluation_report_md
+from .report import evaluation_report_md
+from .results import CheckpointSummary, Evaluation, EvaluationResult
+from .thresholds import decide_threshold
 
 PREDICTION_COLUMNS = ["path", "patient", "magnification", "label", "probability", "prediction"]
 PLOT_FILES = ("roc.png", "pr.png", "confusion.png", "reliability.png", "per_magnification.png")
 LEAKAGE_EXIT_CODE = 3
 """`bcd evaluate` exit code when the evaluated images overlap the checkpoint's training data."""
-
-@dataclass
-class CheckpointSummary:
-    """Which checkpoint an evaluation ran, as ``metrics.json`` records it."""
-
-    path: str
-    arch: str
-    epoch: int
-    best_epoch: int
-    split_hash: str | None
-    training_metrics: dict[str, float]
-    """The checkpoint's validation metrics of its best epoch."""
-
-
-@dataclass
-class EvaluationResult:
-    """Every number and fact of one evaluation; ``metrics.json`` is :meth:`to_json`.
-
-    The metric sections (``image``, ``patient``, ``calibration``) are the dicts of
-    :func:`bcd.metrics.evaluate_predictions`; ``ci`` holds ``[low, high]`` per metric in the
-    same nesting.
-    """
-
-    subset: str
-    checkpoint: CheckpointSummary
-    data: str
-    split: str
-    """Where the evaluated table came from, in words."""
-    split_hash: str | None
-    same_split_as_training: bool | None
-    tta: bool
-    protocol: str
-    leakage: list[str]
-    allow_leakage: bool
-    notes: list[str]
-    caveats: list[str]
-    threshold: dict[str, Any]
-    """``value``, ``method``, ``chosen_on``, ``source``... (see :func:`_decide_threshold`)."""
-    counts: dict[str, Any]
-    bootstrap: dict[str, Any]
-    image: dict[str, Any]
-    patient: dict[str, Any]
-    calibration: dict[str, Any]
-    ci: dict[str, Any]
-    by_magnification: dict[str, Any]
-    by_subtype: dict[str, Any]
-    split_counts: list[dict[str, Any]]
-    config: dict[str, Any]
-    files: list[str] = field(default_factory=list)
-    created: str = field(
-        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    bcd_version: str = __version__
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON values: NaN as null, numpy values as Python ones."""
-        return jsonable(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> EvaluationResult:
-        """Reads :meth:`to_json` output (``metrics.json``)."""
-        from .config import dataclass_from_dict
-
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["checkpoint"] = dataclass_from_dict(CheckpointSummary, d.get("checkpoint") or {},
-                                              UserError)
-        return dataclass_from_dict(cls, d, UserError)
-
-
-@dataclass
-class Evaluation:
-    """What :func:`evaluate_checkpoint` found and wrote."""
-
-    out_dir: Path
-    metrics: EvaluationResult
-    predictions: pd.DataFrame
-
-    @property
-    def leakage(self) -> list[str]:
-        """One sentence per kind of overlap with the checkpoint's training data; empty if none."""
-        return self.metrics.leakage
-
-    @property
-    def leaked(self) -> bool:
-        return bool(self.metrics.leakage)
-
-    @property
-    def report(self) -> Path:
-        return self.out_dir / "report.md"
-
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -215,83 +117,6 @@ def _train_paths(checkpoint: Path, ckpt: Checkpoint,
             return (set(run.loc[run["split"] == "train", "path"]),
                     set(run.loc[run["split"] == "val", "path"]))
     return None
-
-
-# ----------------------------------------------------------------------------- threshold
-
-
-MAX_STORED_IDS = 1000
-"""A stored threshold names the validation patients it was chosen on, up to this many."""
-
-
-def _views(tta: bool | None) -> str:
-    return "8-view TTA" if tta else "one-view"
-
-
-def _decide_threshold(ckpt: Checkpoint, val: pd.DataFrame, target_sensitivity: float | None,
-                      val_leak: list[str], table_hash: str | None, *, tta: bool = False,
-                      evaluated: pd.DataFrame | None = None
-                      ) -> tuple[float, dict, list[str]]:
-    """The threshold, its description, and caveats; never a silent 0.5.
-
-    A threshold chosen here records whether it was chosen on ``tta`` probabilities and which
-    validation patients chose it; a stored one reused here is checked against both: other
-    views, or ``evaluated`` patients among those that chose it, get a caveat.
-    """
-    method = "youden" if target_sensitivity is None else "target_sensitivity"
-    caveats = []
-    if len(val) and val["target"].nunique() == 2:
-        y, p = val["target"].to_numpy(), val["probability"].to_numpy()
-        value = choose_threshold(y, p, method, target_sensitivity=target_sensitivity or 0.95)
-        at = image_metrics(y, p, value)
-        info = {"method": method, "value": value, "chosen_on": "val", "val_images": len(val),
-                "val_patients": int(val["patient"].replace("", np.nan).nunique()),
-                "target_sensitivity": target_sensitivity, "split_hash": table_hash,
-                "val_sensitivity": at["sensitivity"], "val_specificity": at["specificity"],
-                "tta": bool(tta),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        ids = sorted(people(val))
-        if 0 < len(ids) <= MAX_STORED_IDS:
-            info["val_patient_ids"] = ids
-        if val_leak:
-            caveats.append("The validation subset that chose the threshold overlaps the "
-                           "checkpoint's training data (" + " ".join(val_leak) + "); the "
-                           "threshold was used here but NOT stored in the checkpoint.")
-        return value, {**info, "source": "chosen on val now"}, caveats
-    why = ("the split has no validation subset" if not len(val)
-           else f"its validation subset ({len(val)} images) holds only one class")
-    if ckpt.threshold is not None:
-        info = {**ckpt.threshold_info, "value": float(ckpt.threshold),
-                "source": "stored in the checkpoint"}
-        if "tta" in info and bool(info["tta"]) != bool(tta):
-            caveats.append(f"The stored threshold was chosen on {_views(info['tta'])} "
-                           f"probabilities and is applied here to {_views(tta)} ones; "
-                           "thresholded figures may shift (AUC does not depend on it).")
-        chose = {person_id(str(x)) for x in info.get("val_patient_ids") or []}
-        if evaluated is not None and chose:
-            shared = chose & people(evaluated)
-            if shared:
-                caveats.append(f"The stored threshold was chosen on a validation subset that "
-                               f"holds {len(shared)} of the evaluated patients "
-                               f"({', '.join(sorted(shared)[:5])}): accuracy, sensitivity and "
-                               "specificity here are optimistic.")
-        if target_sensitivity is not None:
-            caveats.append(f"--target-sensitivity {target_sensitivity} was ignored: {why}, so "
-                           "the threshold stored in the checkpoint was used.")
-        return float(ckpt.threshold), info, caveats
-    caveats.append(f"NO THRESHOLD WAS CHOSEN: {why} and the checkpoint stores none, so 0.5 was "
-                   "used. Accuracy, sensitivity, specificity, precision, F1 and the confusion "
-                   "matrix depend on that arbitrary cut; AUC, PR AUC, ECE and Brier do not. "
-                   "Evaluate with a split that has a val subset (the run's split.csv) to "
-                   "choose one.")
-    return 0.5, {"method": "default", "value": 0.5, "chosen_on": None,
-                 "source": "default 0.5: NOT chosen on validation"}, caveats
-
-
-def _store_threshold(path: Path, value: float, info: dict) -> None:
-    from .checkpoint import load_checkpoint, save_checkpoint
-
-    save_checkpoint(load_checkpoint(path).with_threshold(value, info), path)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -405,7 +230,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                         "read; check --data (the split's paths are relative to it).")
 
     this_hash = split_hash(table) if "all" not in set(table["split"]) else None
-    threshold, threshold_info, caveats = _decide_threshold(
+    threshold, threshold_info, caveats = decide_threshold(
         ckpt, val_pred, target_sensitivity, val_leak, this_hash, tta=tta, evaluated=ev_pred)
     caveats = _subset_caveats(subset, threshold_info) + caveats
     chosen_now = threshold_info.get("source") == "chosen on val now"
@@ -416,7 +241,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                        "store one).")
     if chosen_now and store_threshold and not val_leak:
         try:
-            _store_threshold(checkpoint, threshold, threshold_info)
+            store_threshold(checkpoint, threshold, threshold_info)
             threshold_info["stored_in"] = str(checkpoint)
         except (OSError, UserError) as e:
             caveats.append(f"The threshold could not be stored in {checkpoint} ({e}).")
@@ -590,172 +415,5 @@ def _protocol(has_patients: bool, leakage: list[str]) -> str:
     return ("image-level: the data has no patient ids, so nothing here can check that images "
             "of one patient are not on both sides of the split (only the data set's own "
             "split could guarantee it); numbers may be optimistic.")
-
-
-# ----------------------------------------------------------------------------- k-fold
-
-
-@dataclass
-class CVResult:
-    """What :func:`run_cv` wrote: per-fold evaluations and the mean +- std summary."""
-
-    out_dir: Path
-    folds: list[Evaluation]
-    summary: pd.DataFrame
-    """One row per (scope, metric): ``mean``, ``std`` (sample, ddof=1) and ``folds``."""
-    pooled: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Out-of-fold predictions pooled (each at its fold's threshold): ``image_roc_auc``,
-    ``image_accuracy``, ``patient_roc_auc``, ``patient_accuracy``..., each ``{"value",
-    "ci"}`` with a patient-bootstrap 95% interval."""
-
-
-def _fold_done(run: Path, cfg) -> bool:
-    """Whether ``run`` holds this fold trained to the end with these very settings.
-
-    With a time budget the run's own ``config.yaml`` holds the epochs the budget allowed
-    (each fold its own), so ``epochs`` is left out of the comparison and the end is the run's.
-    """
-    from .checkpoint import load_checkpoint
-    from .config import load_config
-
-    if not (run / "config.yaml").is_file():
-        return False
-    saved = load_config(run / "config.yaml")
-    mine, theirs = cfg.to_dict(), saved.to_dict()
-    if cfg.time_budget:
-        mine.pop("epochs")
-        theirs.pop("epochs")
-    if mine != theirs:
-        raise UserError(f"{run} holds a run with other settings than this cv; pass another "
-                        "--out, or delete that folder to retrain it.")
-    if not (run / "best.pt").is_file() or not (run / "last.pt").is_file():
-        return False
-    return load_checkpoint(run / "last.pt").epoch >= saved.epochs
-
-
-def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None = None,
-           out: str | Path, bootstrap: int = 1000, target_sensitivity: float | None = None,
-           progress: bool = True) -> CVResult:
-    """The patient-disjoint k-fold protocol end to end.
-
-    Patients are dealt into ``folds`` class-stratified folds. For fold k, fold k is test,
-    fold k+1 validation (it picks the best epoch and the threshold) and the rest train; the
-    fold's model is trained into ``out/runs/fold-k`` and evaluated on its test fold into
-    ``out/fold-k``. A fold already trained to the end is reused; one cut short is resumed.
-
-    Args:
-        data: The data folder.
-        folds: Number of folds (at least 3: train, validation and test folds).
-        settings: Training settings (a preset merged with options, as for ``bcd train``);
-            ``data``, ``split``, ``runs_dir`` and ``name`` are set here.
-        out: The output folder.
-        bootstrap: Resamples for each fold's intervals (0 leaves them out).
-        target_sensitivity: As for :func:`evaluate_checkpoint`.
-        progress: Progress bars.
-
-    Returns:
-        The :class:`CVResult`; ``cv_summary.csv``, ``cv_summary.json`` (with the pooled
-        out-of-fold figures), ``cv_folds.csv``, ``oof_predictions.csv`` and ``report.md`` are
-        in ``out``.
-    """
-    from .config import TrainConfig
-    from .data.splits import fold_split, make_folds
-    from .engine import fit, resume
-
-    if folds < 3:
-        raise UserError(f"--folds {folds}: the protocol needs at least 3 folds (one test, one "
-                        "validation, the rest training).")
-    settings = dict(settings or {})
-    for key in ("split", "runs_dir", "name"):
-        settings.pop(key, None)
-    base = TrainConfig.from_dict({**settings, "data": str(data)})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    index = build_index(data, group_by=base.group_by)
-    table = make_folds(index, folds=folds, seed=base.seed, magnification=base.magnification)
-    write_split(table, out / "folds.csv")
-    evaluations, long_rows, per_fold = [], [], []
-    for k in range(folds):
-        split_path = write_split(fold_split(table, k), out / "splits" / f"fold-{k}.csv")
-        cfg = TrainConfig.from_dict({**base.to_dict(), "split": str(split_path),
-                                     "runs_dir": str(out / "runs"), "name": f"fold-{k}"})
-        run = out / "runs" / f"fold-{k}"
-        if _fold_done(run, cfg):
-            print(f"fold {k}: already trained, reusing {run / 'best.pt'}")
-        elif (run / "last.pt").is_file():
-            resume(run, progress=progress)
-        else:
-            fit(cfg, progress=progress)
-        ev = evaluate_checkpoint(run / "best.pt", data, split=split_path, subset="test",
-                                 out=out / f"fold-{k}", bootstrap=bootstrap,
-                                 target_sensitivity=target_sensitivity, device=cfg.device,
-                                 batch_size=cfg.batch_size, progress=progress)
-        if ev.leaked:  # cannot happen with make_folds; guard against a changed data folder
-            raise UserError(f"fold {k}: " + " ".join(ev.leakage))
-        evaluations.append(ev)
-        m = ev.metrics
-        scopes = {"all": {"image": m.image, "patient": m.patient, "calibration": m.calibration},
-                  **m.by_magnification}
-        for scope, section in scopes.items():
-            flat = scalar_metrics({s: section[s] for s in ("image", "patient", "calibration")})
-            long_rows += [{"fold": k, "scope": scope, "metric": name, "value": v}
-                          for name, v in flat.items()]
-        per_fold.append({"fold": k, "test_images": m.counts["images"],
-                         "test_patients": m.counts["patients"],
-                         "threshold": m.threshold["value"],
-                         "best_epoch": m.checkpoint.best_epoch,
-                         "accuracy": m.image["accuracy"], "roc_auc": m.image["roc_auc"],
-                         "recognition_rate": m.patient.get("recognition_rate")})
-    long = pd.DataFrame(long_rows)
-    scopes = ["all"] + sorted(set(long["scope"]) - {"all"}, key=group_sort_key)
-    long = long.sort_values("scope", key=lambda c: c.map(scopes.index), kind="stable")
-    long.to_csv(out / "cv_folds.csv", index=False)
-    summary = (long.groupby(["scope", "metric"], sort=False)["value"]
-               .agg(mean="mean", std="std", folds="count").reset_index())
-    summary.to_csv(out / "cv_summary.csv", index=False)
-    as_json = {"folds": folds, "seed": base.seed, "settings": base.to_dict(),
-               "per_fold": per_fold, "overall": {}, "by_magnification": {}}
-    for (scope, metric), g in long.groupby(["scope", "metric"], sort=False):
-        entry = {"mean": g["value"].mean(), "std": g["value"].std(),
-                 "folds": int(g["value"].notna().sum()), "values": g["value"].tolist()}
-        target = as_json["overall"] if scope == "all" else as_json["by_magnification"].setdefault(
-            scope, {})
-        target[metric] = entry
-    as_json.update(_write_out_of_fold(evaluations, out, bootstrap, base.seed))
-    atomic_write_text(out / "cv_summary.json", json.dumps(jsonable(as_json), indent=2) + "\n")
-    atomic_write_text(out / "report.md", cv_report_md(as_json, summary, base))
-    return CVResult(out, evaluations, summary, as_json["pooled"])
-
-
-def _out_of_fold(evaluations: list[Evaluation]) -> pd.DataFrame:
-    """Every fold's test predictions in one table, with the fold and its threshold."""
-    frames = []
-    for k, ev in enumerate(evaluations):
-        pred = ev.predictions
-        frames.append(pred.assign(fold=k, threshold=float(ev.metrics.threshold["value"]),
-                                  target=(pred["label"] == CLASSES[1]).astype(int)))
-    return pd.concat(frames, ignore_index=True)
-
-
-def _write_out_of_fold(evaluations: list[Evaluation], out: Path, bootstrap: int,
-                       seed: int) -> dict[str, Any]:
-    """Writes ``oof_predictions.csv``; returns the pooled figures, overall (``pooled``) and
-    per magnification (``pooled_by_magnification``)."""
-    oof = _out_of_fold(evaluations)
-    oof.to_csv(out / "oof_predictions.csv", index=False)
-    mags = sorted(set(oof["magnification"].astype(str)) - {""}, key=group_sort_key)
-    return {"pooled": _pooled(oof, bootstrap, seed),
-            "pooled_by_magnification": {
-                mag: _pooled(oof[oof["magnification"] == mag], bootstrap, seed) for mag in mags}}
-
-
-def _pooled(oof: pd.DataFrame, bootstrap: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Pooled out-of-fold figures, each with its patient-bootstrap 95% interval."""
-    if oof.empty:
-        return {}
-    values = pooled_metrics(oof)
-    ci = bootstrap_metrics(oof, pooled_metrics, n=bootstrap, seed=seed) if bootstrap else {}
-    return {name: {"value": v, "ci": list(ci[name]) if name in ci else None}
-            for name, v in values.items()}
 
 

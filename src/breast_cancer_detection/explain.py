@@ -236,14 +236,14 @@ def explain(predictor: Predictor, image, target: int | None = None, *,
         ImageError: the image is refused (unreadable, too small, bad shape...).
     """
     from .data.datasets import ImageError, open_rgb
-    from .inference import _Preparer
+    from .inference import Preparer
 
     if predictor.backend != "torch":
         raise UserError("Grad-CAM needs gradients: load the PyTorch checkpoint (.pt), not the "
                         "ONNX export.")
     if frame not in ("image", "model"):
         raise UserError(f"frame={frame!r}: use 'image' or 'model'.")
-    preparer = _Preparer(predictor.pre, predictor.transform, max_pixels=predictor.max_pixels,
+    preparer = Preparer(predictor.pre, predictor.transform, max_pixels=predictor.max_pixels,
                          tile_factor=tile_factor, tile_size=tile_size)
     prepared = preparer(0, image)
     if prepared.error is not None:

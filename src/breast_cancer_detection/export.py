@@ -27,7 +27,7 @@ class ExportError(UserError, RuntimeError):
     """The model could not be exported, or the export does not reproduce the model."""
 
 
-def _import(name: str):
+def import_optional(name: str):
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -65,7 +65,7 @@ def export_onnx(checkpoint: str | Path | Checkpoint, out: str | Path, *, opset: 
     from .checkpoint import load_checkpoint
     from .files import atomic_write
 
-    onnx = _import("onnx")
+    onnx = import_optional("onnx")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     model = ckpt.build_model()
     pre = ckpt.pre()
@@ -167,7 +167,7 @@ def write_onnx_metadata(path: str | Path, **values: Any) -> Path:
     name, atomically."""
     from .files import atomic_write
 
-    onnx = _import("onnx")
+    onnx = import_optional("onnx")
     proto = onnx.load(str(path))
     _set_metadata(proto, values)
     return atomic_write(path, lambda f: f.write(proto.SerializeToString()))
@@ -216,7 +216,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path_or_session, *, device: str = "cpu", threads: int | None = None):
         super().__init__()
-        ort = _import("onnxruntime")
+        ort = import_optional("onnxruntime")
         if isinstance(path_or_session, (str, Path)):
             path = Path(path_or_session)
             if not path.is_file():

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import re
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +15,7 @@ import pandas as pd
 import torch
 
 from . import scope as _scope
-from .checkpoint import Checkpoint, CheckpointError, amp_dtype, load_checkpoint, resolve_device
+from .checkpoint import Checkpoint, amp_dtype, load_checkpoint, resolve_device
 from .config import check_backend
 from .data.breakhis import CLASSES, IMAGE_SUFFIXES, parse_breakhis_name
 from .data.datasets import (
@@ -28,16 +26,9 @@ from .data.datasets import (
     open_rgb,
     run_lanes,
 )
-from .data.download import (
-    DEFAULT_DEADLINE_S,
-    DEFAULT_MAX_BYTES,
-    DownloadError,
-    fetch_url,
-    is_google_drive_url,
-    sha256_of,
-)
-from .data.transforms import MAX_ASPECT, Preprocessing, build_eval_transform, dihedral
+from .data.transforms import MAX_ASPECT, Preprocessing, build_eval_transform, view_mean
 from .errors import UserError
+from .hub import cache_root, local_file
 
 NON_FINITE = "the model produced non-finite output"
 """How a prediction error caused by the model itself (not the image) begins."""
@@ -165,7 +156,7 @@ def collect_images(paths) -> list[Path]:
     return out
 
 
-def _tile_starts(length: int, tile: int) -> list[int]:
+def tile_starts(length: int, tile: int) -> list[int]:
     """Offsets of tiles of side ``tile`` with half-tile overlap; the last one ends flush."""
     stride = max(1, tile // 2)
     starts = list(range(0, length - tile + 1, stride))
@@ -175,7 +166,7 @@ def _tile_starts(length: int, tile: int) -> list[int]:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """One input made ready for the model, or the reason it could not be."""
 
     index: int
@@ -187,7 +178,7 @@ class _Prepared:
     size: tuple[int, int] | None = None     # (width, height) of the image as read
 
 
-class _Preparer:
+class Preparer:
     """Reads one input and applies the evaluation transform, tiling large images.
 
     Inputs that would give no honest answer, or cost far more than their size suggests, are
@@ -220,7 +211,7 @@ class _Preparer:
         """Whether an image of this size is cut into tiles rather than predicted whole."""
         return self.tile_factor is not None and min(width, height) > self.tile_factor * self.tile
 
-    def __call__(self, index: int, item) -> _Prepared:
+    def __call__(self, index: int, item) -> Prepared:
         # Files are named in the message (as open_rgb does); in-memory images by the caller.
         name = item if _is_path(item) else getattr(item, "name", None)
         prefix = f"{name}: " if name else ""
@@ -240,18 +231,18 @@ class _Preparer:
             size = f"{w}x{h} pixels"
             refusal = self._refusal(w, h)
             if refusal is not None:
-                return _Prepared(index, error=prefix + refusal)
+                return Prepared(index, error=prefix + refusal)
             if not self.tiled(w, h):
-                return _Prepared(index, x=self.transform(image).unsqueeze(0), size=(w, h))
-            ys, xs = _tile_starts(h, self.tile), _tile_starts(w, self.tile)
+                return Prepared(index, x=self.transform(image).unsqueeze(0), size=(w, h))
+            ys, xs = tile_starts(h, self.tile), tile_starts(w, self.tile)
             tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
         except (ImageError, OSError) as e:
-            return _Prepared(index, error=str(e))
+            return Prepared(index, error=str(e))
         except MemoryError:
-            return _Prepared(index, error=f"{prefix}ran out of memory preparing {size}; "
+            return Prepared(index, error=f"{prefix}ran out of memory preparing {size}; "
                              "lower --max-pixels (max_pixels) to refuse such images, or free "
                              "memory and run again.")
-        return _Prepared(index, image=tensor, boxes=[(y, x) for y in ys for x in xs],
+        return Prepared(index, image=tensor, boxes=[(y, x) for y in ys for x in xs],
                          grid=(len(ys), len(xs)), size=(w, h))
 
     def _refusal(self, w: int, h: int) -> str | None:
@@ -273,7 +264,7 @@ class _Preparer:
                     "under its short side with --tile-factor 1).")
         return None
 
-    def tiles(self, prepared: _Prepared, chunk: int) -> Iterator[torch.Tensor]:
+    def tiles(self, prepared: Prepared, chunk: int) -> Iterator[torch.Tensor]:
         """The model inputs of one prepared image, at most ``chunk`` at a time."""
         if prepared.x is not None:
             yield prepared.x
@@ -287,124 +278,18 @@ class _Preparer:
 
 
 class _ItemDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list, preparer: _Preparer):
+    def __init__(self, items: list, preparer: Preparer):
         self.items, self.preparer = items, preparer
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> _Prepared:
+    def __getitem__(self, i: int) -> Prepared:
         return self.preparer(i, self.items[i])
 
 
 def _as_list(batch: list) -> list:
     return batch
-
-
-# ----------------------------------------------------------------------------- downloads
-
-
-def _cache_root(path: str | Path | None = None) -> Path:
-    """Where downloads are kept: ``path``, else ``$BCD_CACHE``, else
-    ``~/.cache/breast_cancer_detection``."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get("BCD_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "breast_cancer_detection"
-
-
-def _is_url(s: str) -> bool:
-    return s.startswith(("http://", "https://"))
-
-
-def _expected_sha256(url: str, sha256: str | None) -> tuple[str, str | None]:
-    """The URL without its fragment, and the hash to check (argument or ``#sha256=``)."""
-    bare, fragment = urllib.parse.urldefrag(url)
-    in_url = urllib.parse.parse_qs(fragment).get("sha256", [None])[0]
-    given = [_hex_digest(h) for h in (sha256, in_url) if h]
-    if len(set(given)) > 1:
-        raise CheckpointError(f"two different hashes for {bare}: --sha256 {given[0]} and "
-                              f"#sha256={given[1]} in the URL; keep the right one.")
-    return bare, given[0] if given else None
-
-
-def _hex_digest(h: str) -> str:
-    h = h.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", h):
-        raise CheckpointError(f"{h!r} is not a SHA-256 hex digest (64 hex digits).")
-    return h
-
-
-def _cache_name(url: str) -> str:
-    parsed = urllib.parse.urlparse(url)
-    key = hashlib.sha256(url.encode()).hexdigest()[:12]
-    if is_google_drive_url(url):
-        m = re.search(r"/d/([\w-]+)", parsed.path)
-        file_id = m[1] if m else urllib.parse.parse_qs(parsed.query).get("id", ["file"])[0]
-        return f"{key}-gdrive-{file_id}.pt"
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urllib.parse.unquote(parsed.path)).name)
-    return f"{key}-{base or 'checkpoint.pt'}"
-
-
-def fetch_checkpoint(url: str, *, sha256: str | None = None, cache: str | Path | None = None,
-                     progress: bool = True, timeout: float = 30.0,
-                     max_bytes: int | None = DEFAULT_MAX_BYTES,
-                     deadline: float | None = DEFAULT_DEADLINE_S) -> Path:
-    """Downloads a checkpoint once into the cache and returns its local path.
-
-    The download goes through :func:`~breast_cancer_detection.data.download.fetch_url`: raw
-    bytes, a temporary name unique to the process and thread, renamed once complete and
-    verified, so an interrupted download never leaves a file that looks usable. A cached copy
-    is reused without a request; one that fails the hash check is fetched again. A plain
-    ``http://`` URL needs a hash, since anyone on the way could swap the file.
-
-    Args:
-        url: An ``https://`` URL, an ``http://`` one with a hash, or a Google Drive link
-            (fetched with gdown). A ``#sha256=HEX`` fragment gives the expected hash.
-        sha256: Expected SHA-256 hex digest; checked before the file is used.
-        cache: Cache folder; default ``$BCD_CACHE``, else ``~/.cache/breast_cancer_detection``.
-        progress: Show a progress bar.
-        timeout: Seconds to wait for the server to connect or send the next bytes.
-        max_bytes: Size cap (2 GiB by default); None lifts it.
-        deadline: Seconds the whole download may take (an hour by default); None for no limit.
-
-    Raises:
-        CheckpointError: the URL is plain http without a hash, the download failed, or the
-            file does not match the hash (it is then deleted).
-    """
-    bare, expected = _expected_sha256(url, sha256)
-    if urllib.parse.urlparse(bare).scheme.lower() == "http" and expected is None:
-        raise CheckpointError(
-            f"{bare} is plain http and no SHA-256 was given, so a file changed on the way "
-            f"could not be detected. Use the https:// address, or add the expected hash: "
-            f"{bare}#sha256=HEX (or --sha256 HEX)."
-        )
-    folder = _cache_root(cache) / "checkpoints"
-    target = folder / _cache_name(bare)
-    if target.is_file():
-        if expected is None or sha256_of(target) == expected:
-            return target
-        target.unlink(missing_ok=True)  # a stale or damaged copy: fetch it again
-    try:
-        return fetch_url(bare, target, sha256=expected, max_bytes=max_bytes, timeout=timeout,
-                         deadline=deadline, resume=False, progress=progress)
-    except DownloadError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def _local_file(path: str | Path, *, sha256: str | None, cache: str | Path | None,
-                progress: bool) -> Path:
-    """A local path for ``path``: downloaded when it is a URL, hash-checked when asked."""
-    if _is_url(str(path)):
-        return fetch_checkpoint(str(path), sha256=sha256, cache=cache, progress=progress)
-    local = Path(path)
-    if sha256 is not None and local.is_file():
-        expected = _hex_digest(sha256)
-        actual = sha256_of(local)
-        if actual != expected:
-            raise CheckpointError(f"{local}: SHA-256 mismatch (expected {expected}, got "
-                                  f"{actual}); the file is not the one you meant to load.")
-    return local
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -504,7 +389,7 @@ class Predictor:
         if urllib.parse.urldefrag(str(path))[0].lower().endswith(".onnx"):
             return cls.from_onnx(path, device=device, sha256=sha256, cache_dir=cache_dir,
                                  progress=progress, **kwargs)
-        local = _local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
+        local = local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
         return cls.from_loaded(load_checkpoint(local), device=device, **kwargs)
 
     trained_model = None
@@ -575,9 +460,9 @@ class Predictor:
             UserError: onnxruntime is missing, or the file is not one of our exports.
         """
         from .export import OnnxModel
-        from .quantize import gate_holds
+        from .int8 import gate_holds
 
-        local = _local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
+        local = local_file(path, sha256=sha256, cache=cache_dir, progress=progress)
         model = OnnxModel(local, device=device)
         meta = model.metadata
         if meta.get("int8") is not None and not gate_holds(meta["int8"]):
@@ -628,9 +513,9 @@ class Predictor:
         if self.checkpoint is None:
             raise UserError("backend onnx needs the model's checkpoint to export it.")
         from .export import OnnxModel, cached_onnx, cached_onnx_path
-        from .quantize import cached_int8, unpack_int8
+        from .int8 import cached_int8, unpack_int8
 
-        int8 = cached_onnx_path(self.checkpoint, _cache_root(cache_dir), int8=True)
+        int8 = cached_onnx_path(self.checkpoint, cache_root(cache_dir), int8=True)
         model = None
         if backend != "float32":
             embedded = self.checkpoint.int8_onnx
@@ -644,7 +529,7 @@ class Predictor:
                 warnings.warn(f"{int8} {why}; running float32.", stacklevel=2)
         try:
             if model is None:
-                model = OnnxModel(cached_onnx(self.checkpoint, _cache_root(cache_dir)))
+                model = OnnxModel(cached_onnx(self.checkpoint, cache_root(cache_dir)))
         except UserError as e:
             if backend != "auto":
                 raise
@@ -827,12 +712,12 @@ class Predictor:
             raise UserError(f"names: {len(names)} for {len(items)} images; give one each.")
         names = names or [str(x) if isinstance(x, (str, Path)) else f"<image {i}>"
                           for i, x in enumerate(items)]
-        preparer = _Preparer(self.pre, self.transform, max_pixels=self.max_pixels,
+        preparer = Preparer(self.pre, self.transform, max_pixels=self.max_pixels,
                              tile_factor=tile_factor, tile_size=tile_size)
         tile_probs: dict[int, list[np.ndarray]] = {}
-        prepared: dict[int, _Prepared] = {}
+        prepared: dict[int, Prepared] = {}
 
-        def score(model: Predictor, batch: list[_Prepared]) -> None:
+        def score(model: Predictor, batch: list[Prepared]) -> None:
             """Scores the model inputs of ``batch`` (tiles of several images share passes)."""
             buffer: list[torch.Tensor] = []
             owners: list[int] = []
@@ -889,7 +774,7 @@ class Predictor:
                                                tile_size=preparer.tile)
         return results
 
-    def _result(self, name: str, item: _Prepared, probs: list[np.ndarray] | None) -> Prediction:
+    def _result(self, name: str, item: Prepared, probs: list[np.ndarray] | None) -> Prediction:
         if item.error is not None or not probs:
             return Prediction(name, dict.fromkeys(self.classes, float("nan")), "error",
                               self.threshold, error=item.error or "no prediction", tiles=0)
@@ -915,13 +800,12 @@ class Predictor:
         """Softmax outputs ``(N, classes)`` for a batch of prepared model inputs (the output
         of ``self.transform``), run ``batch_size`` at a time; averaged over the 8 flips and
         quarter turns with ``tta``."""
-        views = range(8) if tta else range(1)
-        out = np.zeros((len(x), len(self.classes)))
-        for k in views:
-            xk = dihedral(x, k)
-            for start in range(0, len(x), batch_size):
-                out[start:start + batch_size] += self._forward(xk[start:start + batch_size])
-        return out / len(views)
+        def one_view(xk: torch.Tensor) -> np.ndarray:
+            return np.concatenate([self._forward(xk[start:start + batch_size])
+                                   for start in range(0, len(xk), batch_size)]
+                                  or [np.zeros((0, len(self.classes)))])
+
+        return view_mean(one_view, x, 8 if tta else 1)
 
     def _forward(self, x: torch.Tensor) -> np.ndarray:
         x = x.to(self.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,7 +152,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file.")
-    from .checkpoint import state_dict_of, why_unloadable
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -242,3 +242,24 @@ def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bo
         for pname, p in model.named_parameters():
             p.requires_grad = pname.startswith(head + ".")
     return model
+
+
+def why_unloadable(path: Path, e: Exception) -> str:
+    """What to tell the user when ``torch.load(path, weights_only=True)`` raised ``e``.
+
+    Never torch's own text: it suggests loading with ``weights_only=False``, which runs any
+    code a hostile file holds.
+    """
+    if "GLOBAL" in str(e):  # torch's wording for a pickled class or function
+        return (f"{path} holds pickled Python objects, which could run code when loaded; it "
+                "was refused. Use a checkpoint written by `bcd train`.")
+    return (f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}): the file is "
+            "damaged, truncated, or not a .pt file. Download it again, or train one with "
+            "`bcd train`.")
+
+
+def state_dict_of(obj: Any) -> Any:
+    """The weights inside a raw loaded object: a checkpoint's, or the object itself."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"]
+    return obj

@@ -107,9 +107,9 @@ class TrainedModel:
         if self.path is not None and self.path.is_file():
             return True
         if self.url:
-            from .inference import _cache_name, _cache_root
+            from .hub import cache_name, cache_root
 
-            return (_cache_root() / "checkpoints" / _cache_name(self.url)).is_file()
+            return (cache_root() / "checkpoints" / cache_name(self.url)).is_file()
         return False
 
     @property
@@ -281,7 +281,7 @@ def resolve_trained(name: str | None = None, *, cache: str | Path | None = None,
         CheckpointError: the download failed or did not match its hash.
     """
     from .data.download import sha256_of
-    from .inference import fetch_checkpoint
+    from .hub import fetch_checkpoint
 
     entry = trained_model(name)
     local = entry.path

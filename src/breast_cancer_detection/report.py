@@ -11,7 +11,7 @@ import yaml
 from .metrics import group_sort_key
 
 if TYPE_CHECKING:
-    from .evaluation import EvaluationResult
+    from .results import EvaluationResult
 
 # (section, key, label) of the rows of the report's headline table, in order.
 HEADLINE = [

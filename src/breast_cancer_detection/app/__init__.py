@@ -1,10 +1,20 @@
 """The web app: a FastAPI service and one static page; it holds no model logic.
 
-``bcd serve CKPT`` runs it; :func:`create_app` builds it for tests and other servers.
+``bcd serve CKPT`` runs it; :func:`create_app` builds it for tests and other servers. The
+names load on first use, so that reading :class:`~.limits.ServeLimits` (``bcd --help``) needs
+neither FastAPI nor torch.
 """
 
 from __future__ import annotations
 
-from .server import create_app, model_card
+import importlib
 
-__all__ = ["create_app", "model_card"]
+_EXPORTS = {"create_app": "server", "model_card": "server", "ServeLimits": "limits"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,55 +40,27 @@ from .. import __version__
 from ..config import check_backend
 from ..data.datasets import ALLOWED_FORMATS, ImageError, ImageFormatError, open_rgb
 from ..errors import UserError
-from ..evaluation import EvaluationResult
 from ..explain import explain, overlay
 from ..files import jsonable, unguard_cell
-from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, _tile_starts
+from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, tile_starts
 from ..plots import HEATMAP_CMAP
+from ..results import EvaluationResult
+from .limits import CONNECTION_HEADROOM, MAX_FILES, TILE_UNIT, ServeLimits  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 """The page: plain HTML, JavaScript and CSS, served as they are."""
 
-MAX_FILES = 32
-"""Files accepted in one request."""
-
 PREVIEW_SIDE = 1024
 """Long side, in pixels, of the tile heat map picture sent back for a large image."""
 
-MAX_REQUEST_MEGAPIXELS = 50.0
-"""Pixels one request may make the server hold, in millions: each image decoded, plus the
-whole-image view resized for the model and Grad-CAM. Eight 700x460 BreakHis images and four
-2000x2000 ones come to about 20 MP; one 1-bit 10,000x10,000 PNG (12 KB sent) to 100 MP."""
-
-MAX_REQUEST_TILES = 2000
-"""Model passes one request may need for its tiled images, counted as passes over
-:data:`TILE_UNIT` px squares: a model of smaller tiles does less work a tile, and its tiles
-count in proportion to their area (the bundled model's 96 px tiles count 0.18 each). At the
-project's 256 px tiles a 2000x2000 image is 225 tiles and a 5000x5000 one 1,521; with the
-bundled model a 2500x2500 image is 2,704 tiles of 96 px, 497 by this count."""
-
-TILE_UNIT = 224
-"""The side of the square a tile of :data:`MAX_REQUEST_TILES` stands for."""
-
-UPLOAD_TIMEOUT = 30.0
-"""Seconds a client has to send its whole request body (408 beyond)."""
-
-MAX_UPLOADS = 32
-"""Requests that may be sending their body at once (503 beyond). They hold no model slot and
-no queue place; Starlette spools each file over 1 MB to disk meanwhile, so they cost little
-memory."""
-
-HEADER_TIMEOUT = 10.0
-"""Seconds a connection has to send a complete request head, from when it opens or from the
-end of the previous answer (closed beyond). Uvicorn's own keep-alive timer stops at the first
-byte, so a client that sends nothing, or one header line a second, would keep its socket for
-ever."""
-
-CONNECTION_HEADROOM = 16
-"""Connections allowed beyond ``max_uploads + max_concurrency + max_queue``: the page, its
-files, /api/health, /api/slides. Past the total, uvicorn answers 503 at once."""
+_DEFAULTS = ServeLimits()
+MAX_REQUEST_MEGAPIXELS = _DEFAULTS.max_request_megapixels
+MAX_REQUEST_TILES = _DEFAULTS.max_request_tiles
+UPLOAD_TIMEOUT = _DEFAULTS.upload_timeout
+MAX_UPLOADS = _DEFAULTS.max_uploads
+HEADER_TIMEOUT = _DEFAULTS.header_timeout
 
 LOCAL_NAMES = ("localhost",)
 """Host names answered to besides IP addresses and ``allowed_hosts``."""
@@ -936,7 +908,7 @@ class _Service:
         tile = int(pre.resize or pre.size)
         tiles = 1
         if short > DEFAULT_TILE_FACTOR * tile:
-            tiles = len(_tile_starts(height, tile)) * len(_tile_starts(width, tile))
+            tiles = len(tile_starts(height, tile)) * len(tile_starts(width, tile))
         return width * height + view, tiles
 
     def check_budget(self, uploads: list[_Upload]) -> tuple[int, int]:
@@ -1181,7 +1153,9 @@ def _gone() -> JSONResponse:
 
 def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | None = None,
                device: str = "auto", report: str | Path | EvaluationResult | None = None,
-               max_upload_mb: float = 20, max_concurrency: int = 1, max_queue: int = 8,
+               max_upload_mb: float = _DEFAULTS.max_upload_mb,
+               max_concurrency: int = _DEFAULTS.max_concurrency,
+               max_queue: int = _DEFAULTS.max_queue,
                max_pixels: int | None = None,
                max_request_megapixels: float = MAX_REQUEST_MEGAPIXELS,
                max_request_tiles: int = MAX_REQUEST_TILES,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
-from .stain import _EPS, _uniform, hed_jitter_maps
+from .stain import EPS, hed_jitter_maps, uniform
 from .transforms import (
     Augmentation,
     Preprocessing,
@@ -68,7 +68,7 @@ def _crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
     ``tries`` candidates each, the first that fits wins, else a centre crop at the nearest
     allowed aspect ratio.
     """
-    draw = functools.partial(_uniform, (n, tries), device=x.device, dtype=torch.float32,
+    draw = functools.partial(uniform, (n, tries), device=x.device, dtype=torch.float32,
                              generator=generator)
     area = height * width * draw(scale[0], scale[1])
     aspect = torch.exp(draw(math.log(ratio[0]), math.log(ratio[1])))
@@ -365,7 +365,7 @@ class BatchAugment(torch.nn.Module):
             boxes = torch.tensor([[0.0, 0.0, width, height]], device=x.device).expand(n, 4)
         # float32 draws whatever x's dtype, so one seed augments a uint8 batch and its float
         # copy alike.
-        draw = functools.partial(_uniform, device=x.device, dtype=torch.float32,
+        draw = functools.partial(uniform, device=x.device, dtype=torch.float32,
                                  generator=generator)
         flip_x = flip_y = turns = None
         if aug.flips:
@@ -415,10 +415,10 @@ class BatchAugment(torch.nn.Module):
         if d.hue is not None:
             y = torch.bmm(d.hue, y.view(n, 3, -1)).view(n, 3, size, size)
             if d.hed is None:
-                y.clamp_(0.0, 1.0)  # else the HED step's clamp to [_EPS, 1] covers it
+                y.clamp_(0.0, 1.0)  # else the HED step's clamp to [EPS, 1] covers it
         if d.hed is not None:
             # Base-2 logs: exp2 is a third of exp's cost, and _hed_maps' map works in any base.
-            y.clamp_(_EPS, 1.0).log2_()  # the epsilon floor of stain.rgb_to_hed
+            y.clamp_(EPS, 1.0).log2_()  # the epsilon floor of stain.rgb_to_hed
             y = torch.baddbmm(d.hed_bias, d.hed, y.view(n, 3, -1)).view(n, 3, size, size)
             y.exp2_().clamp_(0.0, 1.0)
         mean = torch.tensor(self.pre.mean, device=y.device).view(1, 3, 1, 1)

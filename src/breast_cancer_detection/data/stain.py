@@ -20,7 +20,8 @@ _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 # Floor on intensities before the log: black pixels get a large but finite optical density, so
 # the round trip stays exact for every intensity above it.
-_EPS = 1e-6
+EPS = 1e-6
+"""The floor below which intensities are clamped before the optical-density log."""
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
@@ -53,7 +54,7 @@ def rgb_to_hed(x: Tensor) -> Tensor:
     """
     _check_channels(x)
     work = x.to(_work_dtype(x))
-    od = -torch.log(work.clamp(min=_EPS))
+    od = -torch.log(work.clamp(min=EPS))
     return _mix(od, _HED_FROM_RGB).to(x.dtype)
 
 
@@ -72,7 +73,7 @@ def hed_to_rgb(x: Tensor) -> Tensor:
     return torch.exp(-_mix(work, _RGB_FROM_HED)).to(x.dtype)
 
 
-def _uniform(shape: int | tuple[int, ...], low: float, high: float, *, device: torch.device,
+def uniform(shape: int | tuple[int, ...], low: float, high: float, *, device: torch.device,
              dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
     """Draws from U(low, high) of the given shape.
 
@@ -132,13 +133,13 @@ def hed_jitter(x: Tensor, *, sigma: float = 0.05, bias: float = 0.05,
     images = x.reshape(-1, 3, *x.shape[-2:]).to(_work_dtype(x))
     n = images.shape[0]
     # Drawn in the working precision of the images, float64 for float64 input.
-    draw = functools.partial(_uniform, device=images.device, dtype=images.dtype,
+    draw = functools.partial(uniform, device=images.device, dtype=images.dtype,
                              generator=generator)
     alpha = draw((n, 3), 1.0 - sigma, 1.0 + sigma)
     beta = draw((n, 3), -bias, bias)
     # To stains, jittered, and back in one step: base-2 logs through one affine map.
     matrix, offset = hed_jitter_maps(alpha, beta, images.dtype)
-    logs = images.clamp(min=_EPS).log2().reshape(n, 3, -1)
+    logs = images.clamp(min=EPS).log2().reshape(n, 3, -1)
     out = torch.baddbmm(offset, matrix, logs).exp2_().clamp_(0.0, 1.0)
     return out.reshape(x.shape).to(x.dtype)
 

@@ -372,6 +372,22 @@ def dihedral(x: Tensor, k: int) -> Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
 
 
+def view_mean(probabilities: Callable, x: Tensor, views: int = 8):
+    """The mean of ``probabilities(dihedral(x, k))`` over the first ``views`` symmetries of
+    the square: 8-view test-time augmentation with ``views=8``, the plain view with 1.
+
+    ``probabilities`` maps a batch to class probabilities (a tensor or an array); training's
+    validation pass and :class:`~breast_cancer_detection.inference.Predictor` both average
+    through here, so their TTA cannot drift apart.
+    """
+    if not 1 <= views <= 8:
+        raise ValueError(f"views={views} must be in 1..8.")
+    total = probabilities(x)
+    for k in range(1, views):
+        total = total + probabilities(dihedral(x, k))
+    return total / views
+
+
 def dihedral_inverse(k: int) -> int:
     """The ``j`` with ``dihedral(dihedral(x, k), j) == x``, e.g. to map TTA heat maps back."""
     if not 0 <= k <= 7:
