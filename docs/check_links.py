@@ -49,20 +49,25 @@ def anchors(path: Path) -> set[str]:
     return out
 
 
+def relative_links(md: Path) -> list[str]:
+    """The relative link targets of one Markdown file, in order (``docs/x.md#part``, ``#top``);
+    links to other sites (http:, https:, mailto:) and links inside code are left out."""
+    return [target for line in _prose(md.read_text(encoding="utf-8"))
+            for target in _LINK.findall(line)
+            if not re.match(r"[a-z][a-z0-9+.-]*:", target)]
+
+
 def broken_links(md: Path) -> list[str]:
     """Relative links of one Markdown file whose target file or anchor does not exist."""
     bad = []
     name = md.relative_to(ROOT) if md.resolve().is_relative_to(ROOT) else md
-    for line in _prose(md.read_text(encoding="utf-8")):
-        for target in _LINK.findall(line):
-            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: are not ours
-                continue
-            file_part, _, anchor = target.partition("#")
-            dest = (md.parent / file_part).resolve() if file_part else md
-            if not dest.exists():
-                bad.append(f"{name}: {target} (no such file)")
-            elif anchor and (dest.is_dir() or dest.suffix != ".md" or anchor not in anchors(dest)):
-                bad.append(f"{name}: {target} (no such heading)")
+    for target in relative_links(md):
+        file_part, _, anchor = target.partition("#")
+        dest = (md.parent / file_part).resolve() if file_part else md
+        if not dest.exists():
+            bad.append(f"{name}: {target} (no such file)")
+        elif anchor and (dest.is_dir() or dest.suffix != ".md" or anchor not in anchors(dest)):
+            bad.append(f"{name}: {target} (no such heading)")
     return bad
 
 

@@ -1,5 +1,5 @@
-"""The README and docs/: every relative link resolves, and the README keeps its two set-up
-commands."""
+"""The README and docs/: every relative link resolves, the README keeps its two set-up
+commands and stays a short guide, and every page under docs/ is reachable from it."""
 
 from __future__ import annotations
 
@@ -39,3 +39,21 @@ def test_readme_opens_with_its_two_set_up_commands():
     assert blocks[0].strip() == "pip install -e . && bcd predict --samples --plot figs/ --cam cams/"
     assert blocks[1].strip() == 'pip install -e ".[dev]" && python -m pytest'
     assert text.index("bcd train --preset breakhis-gpu") > text.index(blocks[1])
+
+
+def test_readme_stays_a_short_guide():
+    """Mechanism and every figure's details live under docs/; the README is a guide."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    check = _checker()
+    seen, todo = set(), [ROOT / "README.md"]
+    while todo:
+        page = todo.pop()
+        for target in check.relative_links(page):
+            dest = (page.parent / target.partition("#")[0]).resolve()
+            if dest.suffix == ".md" and dest.is_file() and dest not in seen:
+                seen.add(dest)
+                todo.append(dest)
+    assert {p.name for p in (ROOT / "docs").glob("*.md") if p.resolve() not in seen} == set()
