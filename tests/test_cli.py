@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from breast_cancer_detection import cli, config
+from breast_cancer_detection import config
 from breast_cancer_detection.cli import build_parser, main
+from breast_cancer_detection.cli import options as cli
 
 
 def _subcommands() -> list[str]:
@@ -91,7 +92,7 @@ def test_every_train_config_field_has_a_flag_whose_help_is_its_docstring():
 
 
 def test_none_unsets_an_optional_setting_a_preset_gave():
-    from breast_cancer_detection.cli import _train_settings
+    from breast_cancer_detection.cli.train import train_settings as _train_settings
 
     args = _train_parser().parse_args(["--preset", "pcam-cpu", "--early-crop", "none",
                                        "--ema", "None", "--time-budget", "none", "--mpp", "0.5"])
@@ -102,7 +103,7 @@ def test_none_unsets_an_optional_setting_a_preset_gave():
 
 
 def test_train_flags_set_the_config_fields_and_only_when_given():
-    from breast_cancer_detection.cli import _train_settings
+    from breast_cancer_detection.cli.train import train_settings as _train_settings
 
     args = _train_parser().parse_args(
         ["--lr", "0.01", "--no-pretrained", "--tta", "--no-channels-last", "--log-every", "5",
