@@ -37,6 +37,7 @@ from .metrics import (
 from .report import evaluation_report_md
 from .results import CheckpointSummary, Evaluation, EvaluationResult
 from .thresholds import decide_threshold
+from .thresholds import store_threshold as write_threshold
 
 PREDICTION_COLUMNS = ["path", "patient", "magnification", "label", "probability", "prediction"]
 PLOT_FILES = ("roc.png", "pr.png", "confusion.png", "reliability.png", "per_magnification.png")
@@ -241,7 +242,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                        "store one).")
     if chosen_now and store_threshold and not val_leak:
         try:
-            store_threshold(checkpoint, threshold, threshold_info)
+            write_threshold(checkpoint, threshold, threshold_info)
             threshold_info["stored_in"] = str(checkpoint)
         except (OSError, UserError) as e:
             caveats.append(f"The threshold could not be stored in {checkpoint} ({e}).")
