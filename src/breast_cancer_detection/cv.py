@@ -84,8 +84,7 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
         in ``out``.
     """
     from .config import TrainConfig
-    from .data.splits import fold_split, make_folds
-    from .engine import fit, resume
+    from .data.splits import make_folds
 
     if folds < 3:
         raise UserError(f"--folds {folds}: the protocol needs at least 3 folds (one test, one "
@@ -101,37 +100,76 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
     write_split(table, out / "folds.csv")
     evaluations, long_rows, per_fold = [], [], []
     for k in range(folds):
-        split_path = write_split(fold_split(table, k), out / "splits" / f"fold-{k}.csv")
-        cfg = TrainConfig.from_dict({**base.to_dict(), "split": str(split_path),
-                                     "runs_dir": str(out / "runs"), "name": f"fold-{k}"})
-        run = out / "runs" / f"fold-{k}"
-        if _fold_done(run, cfg):
-            print(f"fold {k}: already trained, reusing {run / 'best.pt'}")
-        elif (run / "last.pt").is_file():
-            resume(run, progress=progress)
-        else:
-            fit(cfg, progress=progress)
-        ev = evaluate_checkpoint(run / "best.pt", data, split=split_path, subset="test",
-                                 out=out / f"fold-{k}", bootstrap=bootstrap,
-                                 target_sensitivity=target_sensitivity, device=cfg.device,
-                                 batch_size=cfg.batch_size, progress=progress)
-        if ev.leaked:  # cannot happen with make_folds; guard against a changed data folder
-            raise UserError(f"fold {k}: " + " ".join(ev.leakage))
+        ev = _run_fold(k, table, base, data, out, bootstrap=bootstrap,
+                       target_sensitivity=target_sensitivity, progress=progress)
         evaluations.append(ev)
-        m = ev.metrics
-        scopes = {"all": {"image": m.image, "patient": m.patient, "calibration": m.calibration},
-                  **m.by_magnification}
-        for scope, section in scopes.items():
-            flat = scalar_metrics({s: section[s] for s in ("image", "patient", "calibration")})
-            long_rows += [{"fold": k, "scope": scope, "metric": name, "value": v}
-                          for name, v in flat.items()]
-        per_fold.append({"fold": k, "test_images": m.counts["images"],
-                         "test_patients": m.counts["patients"],
-                         "threshold": m.threshold["value"],
-                         "best_epoch": m.checkpoint.best_epoch,
-                         "accuracy": m.image["accuracy"], "roc_auc": m.image["roc_auc"],
-                         "recognition_rate": m.patient.get("recognition_rate")})
-    long = pd.DataFrame(long_rows)
+        long_rows += _fold_metric_rows(k, ev)
+        per_fold.append(_fold_row(k, ev))
+    summary, as_json = _write_summaries(pd.DataFrame(long_rows), per_fold, folds, base, out)
+    as_json.update(_write_out_of_fold(evaluations, out, bootstrap, base.seed))
+    atomic_write_text(out / "cv_summary.json", json.dumps(jsonable(as_json), indent=2) + "\n")
+    atomic_write_text(out / "report.md", cv_report_md(as_json, summary, base))
+    return CVResult(out, evaluations, summary, as_json["pooled"])
+
+
+def _run_fold(k: int, table: pd.DataFrame, base, data: str | Path, out: Path, *,
+              bootstrap: int, target_sensitivity: float | None, progress: bool) -> Evaluation:
+    """Fold ``k``: writes its split, trains its model into ``out/runs/fold-k`` (reused when
+    already trained to the end, resumed when cut short) and evaluates it on its test fold
+    into ``out/fold-k``."""
+    from .config import TrainConfig
+    from .data.splits import fold_split
+    from .engine import fit, resume
+
+    split_path = write_split(fold_split(table, k), out / "splits" / f"fold-{k}.csv")
+    cfg = TrainConfig.from_dict({**base.to_dict(), "split": str(split_path),
+                                 "runs_dir": str(out / "runs"), "name": f"fold-{k}"})
+    run = out / "runs" / f"fold-{k}"
+    if _fold_done(run, cfg):
+        print(f"fold {k}: already trained, reusing {run / 'best.pt'}")
+    elif (run / "last.pt").is_file():
+        resume(run, progress=progress)
+    else:
+        fit(cfg, progress=progress)
+    ev = evaluate_checkpoint(run / "best.pt", data, split=split_path, subset="test",
+                             out=out / f"fold-{k}", bootstrap=bootstrap,
+                             target_sensitivity=target_sensitivity, device=cfg.device,
+                             batch_size=cfg.batch_size, progress=progress)
+    if ev.leaked:  # cannot happen with make_folds; guard against a changed data folder
+        raise UserError(f"fold {k}: " + " ".join(ev.leakage))
+    return ev
+
+
+def _fold_metric_rows(k: int, ev: Evaluation) -> list[dict[str, Any]]:
+    """Fold ``k``'s scalar metrics, one row per (scope, metric): overall (``all``) and per
+    magnification."""
+    m = ev.metrics
+    scopes = {"all": {"image": m.image, "patient": m.patient, "calibration": m.calibration},
+              **m.by_magnification}
+    rows = []
+    for scope, section in scopes.items():
+        flat = scalar_metrics({s: section[s] for s in ("image", "patient", "calibration")})
+        rows += [{"fold": k, "scope": scope, "metric": name, "value": v}
+                 for name, v in flat.items()]
+    return rows
+
+
+def _fold_row(k: int, ev: Evaluation) -> dict[str, Any]:
+    """Fold ``k``'s line in the summary's ``per_fold``: its test set, threshold, best epoch
+    and headline figures."""
+    m = ev.metrics
+    return {"fold": k, "test_images": m.counts["images"],
+            "test_patients": m.counts["patients"],
+            "threshold": m.threshold["value"],
+            "best_epoch": m.checkpoint.best_epoch,
+            "accuracy": m.image["accuracy"], "roc_auc": m.image["roc_auc"],
+            "recognition_rate": m.patient.get("recognition_rate")}
+
+
+def _write_summaries(long: pd.DataFrame, per_fold: list[dict[str, Any]], folds: int, base,
+                     out: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Writes ``cv_folds.csv`` and ``cv_summary.csv``; returns the summary (mean +- std per
+    scope and metric) and its JSON form (``overall``, ``by_magnification``, ``per_fold``)."""
     scopes = ["all"] + sorted(set(long["scope"]) - {"all"}, key=group_sort_key)
     long = long.sort_values("scope", key=lambda c: c.map(scopes.index), kind="stable")
     long.to_csv(out / "cv_folds.csv", index=False)
@@ -146,10 +184,7 @@ def run_cv(data: str | Path, *, folds: int = 5, settings: dict[str, Any] | None 
         target = as_json["overall"] if scope == "all" else as_json["by_magnification"].setdefault(
             scope, {})
         target[metric] = entry
-    as_json.update(_write_out_of_fold(evaluations, out, bootstrap, base.seed))
-    atomic_write_text(out / "cv_summary.json", json.dumps(jsonable(as_json), indent=2) + "\n")
-    atomic_write_text(out / "report.md", cv_report_md(as_json, summary, base))
-    return CVResult(out, evaluations, summary, as_json["pooled"])
+    return summary, as_json
 
 
 def _out_of_fold(evaluations: list[Evaluation]) -> pd.DataFrame:

@@ -37,6 +37,7 @@ from .metrics import (
 from .report import evaluation_report_md
 from .results import CheckpointSummary, Evaluation, EvaluationResult
 from .thresholds import decide_threshold
+from .thresholds import store_threshold as write_threshold
 
 PREDICTION_COLUMNS = ["path", "patient", "magnification", "label", "probability", "prediction"]
 PLOT_FILES = ("roc.png", "pr.png", "confusion.png", "reliability.png", "per_magnification.png")
@@ -189,13 +190,43 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         UserError: a missing data folder or subset, or no readable image to evaluate.
     """
     from .checkpoint import load_checkpoint
-    from .inference import Predictor
 
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)  # once: the predictor and the checks share it
     root = _data_root(checkpoint, ckpt, data)
     external = data is not None and split is None and _is_other_data(checkpoint, root)
     table, source, notes = _resolve_table(checkpoint, root, split, ckpt.group_by, external)
+    subset = _choose_subset(table, subset, source, root)
+    out_dir = Path(out) if out is not None else _default_out(checkpoint, subset)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluated = table[table["split"] == subset].reset_index(drop=True)
+    val = table[table["split"] == "val"].reset_index(drop=True)
+    leakage, val_leak = _check_leakage(checkpoint, ckpt, table, evaluated, val, subset, notes,
+                                       external)
+    has_patients = bool(evaluated["patient"].ne("").all())
+    ev_pred, val_pred, bad = _predict_subsets(ckpt, root, evaluated, val, subset, device=device,
+                                              batch_size=batch_size, workers=workers,
+                                              progress=progress, tta=tta)
+
+    this_hash = split_hash(table) if "all" not in set(table["split"]) else None
+    threshold, threshold_info, caveats = decide_threshold(
+        ckpt, val_pred, target_sensitivity, val_leak, this_hash, tta=tta, evaluated=ev_pred)
+    caveats = _subset_caveats(subset, threshold_info) + caveats
+    caveats += _store_chosen_threshold(checkpoint, threshold, threshold_info,
+                                       store=store_threshold, val_leak=val_leak)
+    caveats += _reading_caveats(bad, subset, has_patients)
+    result = _evaluation_result(
+        checkpoint, ckpt, table, ev_pred, subset=subset, root=root, source=source,
+        this_hash=this_hash, threshold=threshold, threshold_info=threshold_info, bad=bad,
+        has_patients=has_patients, leakage=leakage, allow_leakage=allow_leakage, notes=notes,
+        caveats=caveats, bootstrap=bootstrap, seed=seed, alpha=alpha, tta=tta)
+    preds = _write_outputs(result, ev_pred, threshold, out_dir)
+    return Evaluation(out_dir, result, preds)
+
+
+def _choose_subset(table: pd.DataFrame, subset: str | None, source: str, root: Path) -> str:
+    """The subset to evaluate: ``all`` where the table is one subset (which only None or
+    ``all`` accept), else ``subset`` or ``test``; a subset the table lacks is a UserError."""
     if (table["split"] == "all").all():
         if subset not in (None, "all"):
             raise UserError(
@@ -208,13 +239,20 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     if subset not in available:
         raise UserError(f"{source} has no '{subset}' subset; it has "
                         f"{', '.join(available)}. Pass --subset with one of those.")
-    out_dir = Path(out) if out is not None else _default_out(checkpoint, subset)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    evaluated = table[table["split"] == subset].reset_index(drop=True)
-    val = table[table["split"] == "val"].reset_index(drop=True)
-    leakage, val_leak = _check_leakage(checkpoint, ckpt, table, evaluated, val, subset, notes,
-                                       external)
-    has_patients = bool(evaluated["patient"].ne("").all())
+    return subset
+
+
+def _predict_subsets(ckpt: Checkpoint, root: Path, evaluated: pd.DataFrame, val: pd.DataFrame,
+                     subset: str, *, device: str, batch_size: int, workers: int,
+                     progress: bool, tta: bool
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Predictions for the evaluated and the val images; returns ``(evaluated, val, unreadable)``
+    (the readable ones of each subset, and the rows that could not be read).
+
+    Raises:
+        UserError: no evaluated image could be read.
+    """
+    from .inference import Predictor
 
     # One pass over the images of both subsets.
     predictor = Predictor.from_loaded(ckpt, device=device)
@@ -228,23 +266,33 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     if ev_pred.empty:
         raise UserError(f"none of the {len(evaluated)} '{subset}' images under {root} could be "
                         "read; check --data (the split's paths are relative to it).")
+    return ev_pred, val_pred, bad
 
-    this_hash = split_hash(table) if "all" not in set(table["split"]) else None
-    threshold, threshold_info, caveats = decide_threshold(
-        ckpt, val_pred, target_sensitivity, val_leak, this_hash, tta=tta, evaluated=ev_pred)
-    caveats = _subset_caveats(subset, threshold_info) + caveats
+
+def _store_chosen_threshold(checkpoint: Path, threshold: float, threshold_info: dict, *,
+                            store: bool, val_leak: list[str]) -> list[str]:
+    """Stores a threshold chosen on val just now in the checkpoint (when ``store``, the val
+    subset does not leak and the checkpoint is not a registered model, which is left as it
+    is); records where in ``threshold_info``. Returns the caveats."""
+    caveats = []
     chosen_now = threshold_info.get("source") == "chosen on val now"
-    if store_threshold and chosen_now and _is_registered(checkpoint):
-        store_threshold = False
+    if store and chosen_now and _is_registered(checkpoint):
+        store = False
         caveats.append(f"{checkpoint} is a registered trained model, whose SHA-256 is checked "
                        "before use: the threshold was not stored in it (evaluate a copy to "
                        "store one).")
-    if chosen_now and store_threshold and not val_leak:
+    if chosen_now and store and not val_leak:
         try:
-            store_threshold(checkpoint, threshold, threshold_info)
+            write_threshold(checkpoint, threshold, threshold_info)
             threshold_info["stored_in"] = str(checkpoint)
         except (OSError, UserError) as e:
             caveats.append(f"The threshold could not be stored in {checkpoint} ({e}).")
+    return caveats
+
+
+def _reading_caveats(bad: pd.DataFrame, subset: str, has_patients: bool) -> list[str]:
+    """Caveats on the images read: those left out unreadable, and data without patient ids."""
+    caveats = []
     if len(bad):
         caveats.append(f"{len(bad)} image(s) of the {subset}"
                        + ("" if subset == "val" else " and val") + " subsets could not be "
@@ -255,11 +303,21 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                        "one patient the intervals are too narrow, and the split itself may put "
                        "one patient's images on both sides (an image-level split: expect "
                        "optimistic accuracy compared with a patient-disjoint evaluation).")
+    return caveats
 
+
+def _evaluation_result(checkpoint: Path, ckpt: Checkpoint, table: pd.DataFrame,
+                       ev_pred: pd.DataFrame, *, subset: str, root: Path, source: str,
+                       this_hash: str | None, threshold: float, threshold_info: dict,
+                       bad: pd.DataFrame, has_patients: bool, leakage: list[str],
+                       allow_leakage: bool, notes: list[str], caveats: list[str],
+                       bootstrap: int, seed: int, alpha: float, tta: bool) -> EvaluationResult:
+    """The metrics of ``ev_pred`` at ``threshold`` with their bootstrap intervals, and what
+    was evaluated how, as one :class:`EvaluationResult`."""
     metrics, by_mag, by_subtype, ci = _metrics_with_ci(ev_pred, threshold, bootstrap, seed,
                                                        alpha)
     units = int(ev_pred["patient"].nunique()) if has_patients else len(ev_pred)
-    result = EvaluationResult(
+    return EvaluationResult(
         subset=subset,
         checkpoint=CheckpointSummary(str(checkpoint), ckpt.arch, ckpt.epoch, ckpt.best_epoch,
                                      ckpt.split_hash, ckpt.metrics),
@@ -274,8 +332,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         image=metrics["image"], patient=metrics["patient"],
         calibration=metrics["calibration"], ci=ci, by_magnification=by_mag,
         by_subtype=by_subtype, split_counts=_split_counts(table), config=ckpt.config)
-    preds = _write_outputs(result, ev_pred, threshold, out_dir)
-    return Evaluation(out_dir, result, preds)
 
 
 def _data_root(checkpoint: Path, ckpt: Checkpoint, data: str | Path | None) -> Path:

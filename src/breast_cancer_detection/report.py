@@ -78,31 +78,50 @@ def _threshold_line(info: dict) -> str:
 
 def evaluation_report_md(r: EvaluationResult) -> str:
     """``report.md`` of one evaluation: headline table with intervals, breakdowns, plots."""
-    has_mag = bool(r.by_magnification)
-    lines: list[str] = []
-    if r.leakage:
-        lines.append("**LEAKAGE: " + " ".join(r.leakage) + " These numbers are NOT a "
-                     "held-out estimate." + (" (--allow-leakage was given.)"
-                                             if r.allow_leakage else "") + "**")
-        lines.append("")
+    lines = (_leakage_lines(r) + _header_lines(r) + _caveat_lines(r) + _results_lines(r)
+             + _image_lines(r) + _patient_lines(r) + _calibration_lines(r)
+             + _breakdown_lines(r) + _split_lines(r) + _config_lines(r))
+    return "\n".join(lines)
+
+
+def _leakage_lines(r: EvaluationResult) -> list[str]:
+    """The leakage warning that opens the report, when the evaluated images leaked."""
+    if not r.leakage:
+        return []
+    return ["**LEAKAGE: " + " ".join(r.leakage) + " These numbers are NOT a "
+            "held-out estimate." + (" (--allow-leakage was given.)"
+                                    if r.allow_leakage else "") + "**", ""]
+
+
+def _header_lines(r: EvaluationResult) -> list[str]:
+    """The title and what was evaluated how: protocol, threshold, TTA, data, checkpoint."""
     c = r.counts
     who = f"{c['images']} images" + (f", {c['patients']} patients" if c["patients"] else "")
-    lines += [f"# Evaluation: `{r.checkpoint.path}` on the {r.subset} subset ({who})",
-              "",
-              f"- **Protocol:** {r.protocol}",
-              f"- **Threshold:** {_threshold_line(r.threshold)}",
-              "- **Test-time augmentation:** " + ("the 8 flips/rotations averaged per image"
-                                                  if r.tta else "none"),
-              f"- **Data:** `{r.data}`; split: {r.split}"
-              + ("" if r.same_split_as_training is None else
-                 " (the split the checkpoint was trained with)" if r.same_split_as_training
-                 else " (NOT the split the checkpoint was trained with)"),
-              f"- **Checkpoint:** {r.checkpoint.arch}, epoch {r.checkpoint.epoch}"
-              f" (best epoch {r.checkpoint.best_epoch}), bcd {r.bcd_version}, "
-              f"{r.created}", ""]
-    if r.caveats or r.notes:
-        lines += ["## Caveats", ""] + [f"- **{s}**" for s in r.caveats] + [
-            f"- {s}" for s in r.notes] + [""]
+    return [f"# Evaluation: `{r.checkpoint.path}` on the {r.subset} subset ({who})",
+            "",
+            f"- **Protocol:** {r.protocol}",
+            f"- **Threshold:** {_threshold_line(r.threshold)}",
+            "- **Test-time augmentation:** " + ("the 8 flips/rotations averaged per image"
+                                                if r.tta else "none"),
+            f"- **Data:** `{r.data}`; split: {r.split}"
+            + ("" if r.same_split_as_training is None else
+               " (the split the checkpoint was trained with)" if r.same_split_as_training
+               else " (NOT the split the checkpoint was trained with)"),
+            f"- **Checkpoint:** {r.checkpoint.arch}, epoch {r.checkpoint.epoch}"
+            f" (best epoch {r.checkpoint.best_epoch}), bcd {r.bcd_version}, "
+            f"{r.created}", ""]
+
+
+def _caveat_lines(r: EvaluationResult) -> list[str]:
+    """The caveats (in bold) and notes, when there are any."""
+    if not (r.caveats or r.notes):
+        return []
+    return ["## Caveats", ""] + [f"- **{s}**" for s in r.caveats] + [
+        f"- {s}" for s in r.notes] + [""]
+
+
+def _results_lines(r: EvaluationResult) -> list[str]:
+    """The headline table (:data:`HEADLINE`) with its intervals and how they were made."""
     b = r.bootstrap
     if b["n"]:
         ci_note = (f"95% intervals: percentile bootstrap over {b['units']} "
@@ -120,52 +139,77 @@ def evaluation_report_md(r: EvaluationResult) -> str:
             rows.append([label, values[key], _ci(r.ci, section, key)])
     ci_label = f"{1 - b['alpha']:.0%} CI" if b["n"] else "CI"
     headline.append(_table(["Metric", "Value", ci_label], rows))
-    lines += headline + [""]
+    return headline + [""]
+
+
+def _image_lines(r: EvaluationResult) -> list[str]:
+    """The image-level confusion matrix and the ROC and precision-recall plots."""
     (tn, fp), (fn, tp) = r.image["confusion_matrix"]
-    lines += ["## Image level", "",
-              _table(["", "predicted benign", "predicted malignant"],
-                     [["true benign", tn, fp], ["true malignant", fn, tp]]), "",
-              "![Confusion matrix](confusion.png)", "", "![ROC curve](roc.png)", "",
-              "![Precision-recall curve](pr.png)", ""]
-    lines += ["## Patient level", ""]
+    return ["## Image level", "",
+            _table(["", "predicted benign", "predicted malignant"],
+                   [["true benign", tn, fp], ["true malignant", fn, tp]]), "",
+            "![Confusion matrix](confusion.png)", "", "![ROC curve](roc.png)", "",
+            "![Precision-recall curve](pr.png)", ""]
+
+
+def _patient_lines(r: EvaluationResult) -> list[str]:
+    """The patient-level result, or why there is none (no patient ids)."""
+    lines = ["## Patient level", ""]
     if "note" in r.patient:
-        lines += ["There are no patient ids in this data, so there is no patient-level "
-                  "result (the recognition rate and the per-patient decision need them).", ""]
-    else:
-        p = r.patient
-        (ptn, pfp), (pfn, ptp) = p["confusion_matrix"]
-        lines += [f"{p['patients']} patients ({p['malignant_patients']} malignant). The "
-                  "recognition rate is Spanhol et al.'s: per patient, the share of its images "
-                  "classified correctly, averaged over patients. The patient-level decision "
-                  "calls a patient malignant when the mean P(malignant) of its images reaches "
-                  "the threshold.", "",
-                  _table(["", "predicted benign", "predicted malignant"],
-                         [["benign patients", ptn, pfp], ["malignant patients", pfn, ptp]]),
-                  ""]
+        return lines + ["There are no patient ids in this data, so there is no patient-level "
+                        "result (the recognition rate and the per-patient decision need them).",
+                        ""]
+    p = r.patient
+    (ptn, pfp), (pfn, ptp) = p["confusion_matrix"]
+    return lines + [f"{p['patients']} patients ({p['malignant_patients']} malignant). The "
+                    "recognition rate is Spanhol et al.'s: per patient, the share of its images "
+                    "classified correctly, averaged over patients. The patient-level decision "
+                    "calls a patient malignant when the mean P(malignant) of its images reaches "
+                    "the threshold.", "",
+                    _table(["", "predicted benign", "predicted malignant"],
+                           [["benign patients", ptn, pfp], ["malignant patients", pfn, ptp]]),
+                    ""]
+
+
+def _calibration_lines(r: EvaluationResult) -> list[str]:
+    """Expected calibration error, Brier score and the reliability diagram."""
     cal = r.calibration
-    lines += ["## Calibration", "",
-              f"Expected calibration error {_f(cal['ece'])} ({cal['bins']} equal-width bins), "
-              f"Brier score {_f(cal['brier'])}.", "", "![Reliability diagram](reliability.png)",
-              ""]
-    if has_mag:
+    return ["## Calibration", "",
+            f"Expected calibration error {_f(cal['ece'])} ({cal['bins']} equal-width bins), "
+            f"Brier score {_f(cal['brier'])}.", "", "![Reliability diagram](reliability.png)",
+            ""]
+
+
+def _breakdown_lines(r: EvaluationResult) -> list[str]:
+    """The tables by magnification and by subtype, each when there is one."""
+    lines = []
+    if r.by_magnification:
         lines += ["## By magnification", "", _breakdown(r.by_magnification, "Magnification"),
                   "", "![Metrics by magnification](per_magnification.png)", ""]
     if r.by_subtype:
         lines += ["## By subtype", "", "Each subtype is one class, so accuracy there is the "
                   "share of its images put in that class; AUC needs both classes.", "",
                   _breakdown(r.by_subtype, "Subtype", ci=False), ""]
-    lines += ["## Split", "", f"From {r.split}.", "",
-              _table(["Subset", "Images", "Patients", "Benign images", "Malignant images",
-                      "Malignant patients"],
-                     [[s["subset"] + (" (evaluated)" if s["subset"] == r.subset else ""),
-                       s["images"], s["patients"], s["benign_images"], s["malignant_images"],
-                       s["malignant_patients"]] for s in r.split_counts]), ""]
-    lines += ["## Run config", "", "```yaml", yaml.safe_dump(r.config, sort_keys=False)
-              .rstrip(), "```", "", "## Files", "",
-              "`metrics.json` (every number above, with intervals), `predictions.csv` (one row "
-              "per image: path, patient, magnification, label, probability, prediction)"
-              + "".join(f", `{f}`" for f in r.files if f.endswith(".png")) + ".", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _split_lines(r: EvaluationResult) -> list[str]:
+    """Where the split came from and the size of each of its subsets."""
+    return ["## Split", "", f"From {r.split}.", "",
+            _table(["Subset", "Images", "Patients", "Benign images", "Malignant images",
+                    "Malignant patients"],
+                   [[s["subset"] + (" (evaluated)" if s["subset"] == r.subset else ""),
+                     s["images"], s["patients"], s["benign_images"], s["malignant_images"],
+                     s["malignant_patients"]] for s in r.split_counts]), ""]
+
+
+def _config_lines(r: EvaluationResult) -> list[str]:
+    """The run's config and the files written beside the report."""
+    return ["## Run config", "", "```yaml", yaml.safe_dump(r.config, sort_keys=False)
+            .rstrip(), "```", "", "## Files", "",
+            "`metrics.json` (every number above, with intervals), `predictions.csv` (one row "
+            "per image: path, patient, magnification, label, probability, prediction)"
+            + "".join(f", `{f}`" for f in r.files if f.endswith(".png")) + ".", ""]
 
 
 def _breakdown(groups: dict[str, dict], name: str, *, ci: bool = True) -> str:

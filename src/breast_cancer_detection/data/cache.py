@@ -170,8 +170,6 @@ def prepare_cache(root: str | Path, index: pd.DataFrame, size: int,
         DatasetError: an indexed file is missing.
         UserError: ``size`` is not positive, or no image could be read.
     """
-    from tqdm.auto import tqdm
-
     size = int(size)
     if size < 1:
         raise UserError(f"--size {size}: the cache's short side must be a positive number of "
@@ -193,39 +191,9 @@ def prepare_cache(root: str | Path, index: pd.DataFrame, size: int,
     out.mkdir(parents=True, exist_ok=True)
     # The old manifest goes first: from here until the new one is written, no cache is valid.
     (out / MANIFEST).unlink(missing_ok=True)
-    tmp = out / f"{ARRAY}.{os.getpid()}.partial"
-    start = time.perf_counter()
-    try:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        del arr  # the decoders map the file themselves; unwritten rows read as zeros
-        tasks = [(i, str(root / rel)) for i, rel in enumerate(paths) if rel not in bad]
-        init = (str(tmp), out_hw, ref_wh, max_pixels)
-        bar = tqdm(total=len(paths), desc="prepare", unit="img", disable=not progress,
-                   initial=len(paths) - len(tasks))
-        with bar:
-            if workers <= 1:
-                _init_worker(*init)
-                try:
-                    results = (_decode_one(t) for t in tasks)
-                    bad.update(_collect(results, paths, bar))
-                finally:
-                    _STATE.clear()
-            else:
-                import multiprocessing as mp
-
-                with mp.get_context().Pool(workers, _init_worker, init) as pool:
-                    results = pool.imap_unordered(_decode_one, tasks, chunksize=8)
-                    bad.update(_collect(results, paths, bar))
-        seconds = time.perf_counter() - start
-        if len(bad) == len(paths):
-            raise UserError(f"{root}: none of the {len(paths)} indexed images can be decoded; "
-                            "check them with `bcd index ROOT --verify`.")
-        np.load(tmp, mmap_mode="r+").flush()
-        os.replace(tmp, out / ARRAY)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    manifest = {
+    seconds = _write_array(out, root, paths, bad, shape, (out_hw, ref_wh, max_pixels),
+                           workers=workers, progress=progress)
+    _write_manifest(out, {
         "version": CACHE_VERSION,
         "size": size,
         "shape": list(shape),
@@ -235,11 +203,73 @@ def prepare_cache(root: str | Path, index: pd.DataFrame, size: int,
         "seconds": round(seconds, 3),
         "images": records,
         "bad": {p: bad[p] for p in paths if p in bad},
-    }
+    })
+    return out
+
+
+def _write_array(out: Path, root: Path, paths: list[str], bad: dict[str, str],
+                 shape: tuple[int, ...],
+                 geometry: tuple[tuple[int, int], tuple[int, int], int | None], *,
+                 workers: int, progress: bool) -> float:
+    """Decodes the images into the cache's array, written under a temporary name and renamed
+    when complete (removed when anything goes wrong). Adds the images that could not be
+    decoded to ``bad``; returns the seconds the decoding took.
+
+    Raises:
+        UserError: no image could be decoded.
+    """
+    tmp = out / f"{ARRAY}.{os.getpid()}.partial"
+    start = time.perf_counter()
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        del arr  # the decoders map the file themselves; unwritten rows read as zeros
+        bad.update(_decode_into(tmp, root, paths, bad, geometry, workers=workers,
+                                progress=progress))
+        seconds = time.perf_counter() - start
+        if len(bad) == len(paths):
+            raise UserError(f"{root}: none of the {len(paths)} indexed images can be decoded; "
+                            "check them with `bcd index ROOT --verify`.")
+        np.load(tmp, mmap_mode="r+").flush()
+        os.replace(tmp, out / ARRAY)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return seconds
+
+
+def _decode_into(npy: Path, root: Path, paths: list[str], bad: dict[str, str],
+                 geometry: tuple[tuple[int, int], tuple[int, int], int | None], *,
+                 workers: int, progress: bool) -> dict[str, str]:
+    """Decodes every image of ``paths`` not already ``bad`` into its row of the array file
+    ``npy``, in this process (``workers`` 0 or 1) or a pool; ``geometry`` is ``(out_hw,
+    ref_wh, max_pixels)``. Returns the images that could not be decoded, with the reason."""
+    from tqdm.auto import tqdm
+
+    tasks = [(i, str(root / rel)) for i, rel in enumerate(paths) if rel not in bad]
+    init = (str(npy), *geometry)
+    bar = tqdm(total=len(paths), desc="prepare", unit="img", disable=not progress,
+               initial=len(paths) - len(tasks))
+    with bar:
+        if workers <= 1:
+            _init_worker(*init)
+            try:
+                results = (_decode_one(t) for t in tasks)
+                return _collect(results, paths, bar)
+            finally:
+                _STATE.clear()
+        import multiprocessing as mp
+
+        with mp.get_context().Pool(workers, _init_worker, init) as pool:
+            results = pool.imap_unordered(_decode_one, tasks, chunksize=8)
+            return _collect(results, paths, bar)
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    """Writes the cache's manifest under a temporary name and renames it into place, last, so
+    that a cache is valid only once complete."""
     tmp_manifest = out / f"{MANIFEST}.{os.getpid()}.partial"
     tmp_manifest.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp_manifest, out / MANIFEST)
-    return out
 
 
 def _collect(results, paths: list[str], bar) -> dict[str, str]:

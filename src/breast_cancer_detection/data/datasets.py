@@ -80,34 +80,7 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
-    if isinstance(source, Image.Image):
-        im = source
-    else:
-        try:
-            with warnings.catch_warnings():
-                # PIL's own bomb warning fires at a fixed size; our limit is the one that counts.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(source, formats=ALLOWED_FORMATS)
-        except Image.UnidentifiedImageError as e:
-            kind = _looks_allowed(source)
-            if kind is not None:
-                raise ImageError(f"{_name(source)}: starts like a {kind} "
-                                 "file but cannot be read; it is damaged. Use the original "
-                                 "image.") from e
-            raise ImageFormatError(
-                f"{_name(source)}: not a {_FORMAT_NAMES} image, the formats accepted; convert "
-                "it to PNG or TIFF (other formats are refused unread, as some run external "
-                "programs when decoded).") from e
-        except FileNotFoundError as e:
-            raise ImageError(f"{_name(source)}: no such file.") from e
-        except Image.DecompressionBombError as e:
-            raise ImageError(
-                f"{_name(source)}: refused before decoding, its header claims more pixels than "
-                f"Pillow will ever decode ({e}). A genuine image this large must be cut into "
-                "tiles first.") from e
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-            raise ImageError(f"{_name(source)}: not a readable image ({type(e).__name__}: {e})"
-                             ) from e
+    im = source if isinstance(source, Image.Image) else _open_file(source)
     turn = None if im is source else _ORIENTATION.get(_orientation(im))
     w, h = im.size
     if turn in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270,
@@ -121,17 +94,64 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     # MPO: JPEG frames after a first one, which is what Pillow decodes; its scans count too.
     if im.format in ("JPEG", "MPO") and im is not source and (
             im.info.get("progressive") or im.info.get("progression")):
-        scans = _count_scans(im, MAX_JPEG_SCANS)
-        if scans > MAX_JPEG_SCANS:
-            raise ImageError(
-                f"{_name(source)}: a progressive JPEG of more than {MAX_JPEG_SCANS} scans "
-                f"(ordinary ones have about 10), refused before decoding: each scan is a pass "
-                "over the whole image, so it would hold the decoder for minutes. Re-save it as "
-                "a baseline (non-progressive) JPEG or as PNG.")
+        _refuse_too_many_scans(source, im)
     if reduced is not None and im.format == "JPEG" and im is not source:  # files only
         side = reduced(w, h)
         if side:
             im.draft(None, (side, side))  # the largest scale that keeps both sides >= side
+    rgb = _decode_rgb(source, im)
+    return rgb if turn is None else rgb.transpose(turn)
+
+
+def _open_file(source) -> Image.Image:
+    """Opens (without decoding) a path or file object in one of :data:`ALLOWED_FORMATS`.
+
+    Raises:
+        ImageFormatError: a file in another format or not an image at all.
+        ImageError: a damaged file of an allowed format, a missing file, a header of more
+            pixels than Pillow decodes, or any other reason it cannot be read.
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL's own bomb warning fires at a fixed size; our limit is the one that counts.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(source, formats=ALLOWED_FORMATS)
+    except Image.UnidentifiedImageError as e:
+        kind = _looks_allowed(source)
+        if kind is not None:
+            raise ImageError(f"{_name(source)}: starts like a {kind} "
+                             "file but cannot be read; it is damaged. Use the original "
+                             "image.") from e
+        raise ImageFormatError(
+            f"{_name(source)}: not a {_FORMAT_NAMES} image, the formats accepted; convert "
+            "it to PNG or TIFF (other formats are refused unread, as some run external "
+            "programs when decoded).") from e
+    except FileNotFoundError as e:
+        raise ImageError(f"{_name(source)}: no such file.") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(
+            f"{_name(source)}: refused before decoding, its header claims more pixels than "
+            f"Pillow will ever decode ({e}). A genuine image this large must be cut into "
+            "tiles first.") from e
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise ImageError(f"{_name(source)}: not a readable image ({type(e).__name__}: {e})"
+                         ) from e
+
+
+def _refuse_too_many_scans(source, im: Image.Image) -> None:
+    """Raises an :class:`ImageError` for a progressive JPEG of more than
+    :data:`MAX_JPEG_SCANS` scans, before it is decoded."""
+    scans = _count_scans(im, MAX_JPEG_SCANS)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(
+            f"{_name(source)}: a progressive JPEG of more than {MAX_JPEG_SCANS} scans "
+            f"(ordinary ones have about 10), refused before decoding: each scan is a pass "
+            "over the whole image, so it would hold the decoder for minutes. Re-save it as "
+            "a baseline (non-progressive) JPEG or as PNG.")
+
+
+def _decode_rgb(source, im: Image.Image) -> Image.Image:
+    """Decodes an opened image (a PNG on the fast path where it can) into 8-bit RGB."""
     fast = _decode_png(source, im)
     if fast is None:
         try:
@@ -139,8 +159,7 @@ def open_rgb(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         except Exception as e:  # noqa: BLE001
             raise ImageError(f"{_name(source)}: cannot decode ({type(e).__name__}: {e})"
                              ) from e
-    rgb = fast if fast is not None else _to_rgb(im)
-    return rgb if turn is None else rgb.transpose(turn)
+    return fast if fast is not None else _to_rgb(im)
 
 
 def _orientation(im: Image.Image) -> int:

@@ -404,9 +404,26 @@ def _fetch_once(
         _RetryableError: If the transfer broke after the server had answered.
         _SourceFailed: If the server answered with something that is not the file.
     """
-    from tqdm.auto import tqdm
-
     _raise_if_late(ends, deadline, part)
+    offset, headers = _resume_request(part)
+    with _open(session, url, headers, timeout=timeout, ends=ends) as resp:
+        if _check_answer(resp, part, offset):
+            return  # the previous call had already received every byte
+        offset, total = _announced_range(resp, part, offset)
+        _check_announced_size(part, total, size=size, max_bytes=max_bytes)
+        _receive(resp, part, offset, total, max_bytes=max_bytes, deadline=deadline, ends=ends,
+                 progress=progress, label=label)
+
+    received = part.path.stat().st_size
+    if total is not None and received < total:
+        raise _RetryableError(f"connection closed after {received} of {total} bytes")
+    if total is not None and received > total:
+        part.discard()
+        raise _SourceFailed(f"received {received} bytes but the server announced {total}")
+
+
+def _resume_request(part: _Partial) -> tuple[int, dict[str, str]]:
+    """The byte to resume from (0: the whole file) and the request headers that ask for it."""
     offset = part.path.stat().st_size if part.path.is_file() else 0
     if offset and part.validator is None:
         # Nothing proves the partial bytes come from the file the server has now, and a
@@ -418,73 +435,106 @@ def _fetch_once(
         headers["Range"] = f"bytes={offset}-"
         # The server sends the rest only if the file is unchanged, else the whole new file.
         headers["If-Range"] = part.validator or ""
-    with _open(session, url, headers, timeout=timeout, ends=ends) as resp:
-        if resp.status_code == 416 and offset:
-            total = _content_range(resp.headers.get("Content-Range", ""))[1]
-            if total == offset:
-                return  # the previous call had already received every byte
-            # The partial file is longer than the remote one, so it cannot be resumed.
-            part.discard()
-            raise _RetryableError("partial download did not match the remote file")
-        if resp.status_code >= 400:
-            raise _SourceFailed(f"HTTP {resp.status_code} {resp.reason}")
-        if resp.headers.get("Content-Type", "").lower().startswith("text/html"):
-            raise _SourceFailed("the server sent an HTML page instead of the file (an error "
-                                "or sign-in page?)")
+    return offset, headers
 
-        length = resp.headers.get("Content-Length")
-        current = _validator_of(resp.headers)
-        if resp.status_code == 206:
-            start, total = _content_range(resp.headers.get("Content-Range", ""))
-            if start != offset:
-                part.discard()
-                raise _RetryableError(f"server resumed at byte {start} instead of {offset}")
-            if offset and current is not None and current != part.validator:
-                # A server that ignores If-Range but reports the new version.
-                part.discard()
-                raise _RetryableError("the file changed on the server; starting over")
-            if total is None and length is not None:
-                total = offset + int(length)
-        else:
-            # The whole file (again): the server ignored Range, or If-Range saw a new version.
-            offset = 0
-            total = int(length) if length is not None else None
-        if offset == 0:
-            part.set_validator(current)
 
-        if total is not None and size is not None and total != size:
-            part.discard()
-            raise _SourceFailed(f"the server announces {total} bytes, expected {size}")
-        if total is not None and max_bytes is not None and total > max_bytes:
-            part.discard()
-            raise _SourceFailed(f"the server announces {total} bytes, more than the size cap "
-                                f"of {_bytes(max_bytes)}; nothing was kept")
+def _check_answer(resp: requests.Response, part: _Partial, offset: int) -> bool:
+    """Refuses an answer that is not the file; returns True when it says the partial file
+    already holds every byte (416 at its very end).
 
-        received, over_cap = offset, False
-        with (
-            part.path.open("ab" if offset else "wb") as f,
-            tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                 desc=label, disable=not progress) as bar,
-        ):
-            for chunk in _network_chunks(resp):
-                if max_bytes is not None and received + len(chunk) > max_bytes:
-                    over_cap = True
-                    break
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-                _raise_if_late(ends, deadline, part)
-        if over_cap:
-            part.discard()
-            raise _SourceFailed(f"the download passed the size cap of {_bytes(max_bytes)} and "
-                                "was stopped; the partial file was removed")
-
-    received = part.path.stat().st_size
-    if total is not None and received < total:
-        raise _RetryableError(f"connection closed after {received} of {total} bytes")
-    if total is not None and received > total:
+    Raises:
+        _RetryableError: The partial file is longer than the remote one (it is discarded).
+        _SourceFailed: An HTTP error, or an HTML page instead of the file.
+    """
+    if resp.status_code == 416 and offset:
+        total = _content_range(resp.headers.get("Content-Range", ""))[1]
+        if total == offset:
+            return True
+        # The partial file is longer than the remote one, so it cannot be resumed.
         part.discard()
-        raise _SourceFailed(f"received {received} bytes but the server announced {total}")
+        raise _RetryableError("partial download did not match the remote file")
+    if resp.status_code >= 400:
+        raise _SourceFailed(f"HTTP {resp.status_code} {resp.reason}")
+    if resp.headers.get("Content-Type", "").lower().startswith("text/html"):
+        raise _SourceFailed("the server sent an HTML page instead of the file (an error "
+                            "or sign-in page?)")
+    return False
+
+
+def _announced_range(resp: requests.Response, part: _Partial,
+                     offset: int) -> tuple[int, int | None]:
+    """Where the answer's bytes start (``offset``, or 0 for the whole file again) and the
+    file's total size where the server says it; a fresh start keeps the answer's validator.
+
+    Raises:
+        _RetryableError: The server resumed elsewhere, or the file changed on the server
+            (the partial file is discarded).
+    """
+    length = resp.headers.get("Content-Length")
+    current = _validator_of(resp.headers)
+    if resp.status_code == 206:
+        start, total = _content_range(resp.headers.get("Content-Range", ""))
+        if start != offset:
+            part.discard()
+            raise _RetryableError(f"server resumed at byte {start} instead of {offset}")
+        if offset and current is not None and current != part.validator:
+            # A server that ignores If-Range but reports the new version.
+            part.discard()
+            raise _RetryableError("the file changed on the server; starting over")
+        if total is None and length is not None:
+            total = offset + int(length)
+    else:
+        # The whole file (again): the server ignored Range, or If-Range saw a new version.
+        offset = 0
+        total = int(length) if length is not None else None
+    if offset == 0:
+        part.set_validator(current)
+    return offset, total
+
+
+def _check_announced_size(part: _Partial, total: int | None, *, size: int | None,
+                          max_bytes: int | None) -> None:
+    """Refuses (discarding the partial file) a file announced at another size than
+    expected, or over the size cap."""
+    if total is not None and size is not None and total != size:
+        part.discard()
+        raise _SourceFailed(f"the server announces {total} bytes, expected {size}")
+    if total is not None and max_bytes is not None and total > max_bytes:
+        part.discard()
+        raise _SourceFailed(f"the server announces {total} bytes, more than the size cap "
+                            f"of {_bytes(max_bytes)}; nothing was kept")
+
+
+def _receive(resp: requests.Response, part: _Partial, offset: int, total: int | None, *,
+             max_bytes: int | None, deadline: float | None, ends: float | None,
+             progress: bool, label: str) -> None:
+    """Appends the answer's bytes to the partial file (from ``offset``), with a progress bar.
+
+    Raises:
+        _SourceFailed: The download passed the size cap (the partial file is removed), or
+            the deadline passed.
+        _RetryableError: The transfer broke.
+    """
+    from tqdm.auto import tqdm
+
+    received, over_cap = offset, False
+    with (
+        part.path.open("ab" if offset else "wb") as f,
+        tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+             desc=label, disable=not progress) as bar,
+    ):
+        for chunk in _network_chunks(resp):
+            if max_bytes is not None and received + len(chunk) > max_bytes:
+                over_cap = True
+                break
+            f.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+            _raise_if_late(ends, deadline, part)
+    if over_cap:
+        part.discard()
+        raise _SourceFailed(f"the download passed the size cap of {_bytes(max_bytes)} and "
+                            "was stopped; the partial file was removed")
 
 
 def _network_chunks(resp: requests.Response) -> Iterator[bytes]:
@@ -601,14 +651,7 @@ def download_breakhis(
     downloaded = False
     if archive.is_file():
         _say(f"Found {archive}; extracting it instead of downloading.", progress)
-        try:
-            _check_file(archive, sha256=sha256, size=size, max_bytes=None, remove=False)
-        except _SourceFailed as exc:
-            raise DownloadError(
-                f"{archive} failed verification ({exc}). Replace it with a good copy of "
-                f"{_ARCHIVE_NAME} from {BREAKHIS_PAGE} , or delete it and run again to "
-                "download it."
-            ) from None
+        _verify_placed_archive(archive, sha256=sha256, size=size)
     else:
         downloaded = True
         _download(sources, dest, sha256=sha256, size=size, progress=progress, timeout=timeout,
@@ -625,6 +668,19 @@ def download_breakhis(
         archive.unlink(missing_ok=True)
         _say(f"BreakHis extracted to {root}; deleted {archive}.", progress)
     return root
+
+
+def _verify_placed_archive(archive: Path, *, sha256: str | None, size: int | None) -> None:
+    """Checks an archive found in place (not downloaded) against the expected SHA-256 and
+    size, leaving it where it is; a DownloadError says how to replace it."""
+    try:
+        _check_file(archive, sha256=sha256, size=size, max_bytes=None, remove=False)
+    except _SourceFailed as exc:
+        raise DownloadError(
+            f"{archive} failed verification ({exc}). Replace it with a good copy of "
+            f"{_ARCHIVE_NAME} from {BREAKHIS_PAGE} , or delete it and run again to "
+            "download it."
+        ) from None
 
 
 def _say(message: str, progress: bool) -> None:
