@@ -286,7 +286,7 @@ def pcam(tmp: Path, args) -> None:
 def jpeg(tmp: Path, args) -> None:
     from PIL import Image
 
-    import breast_cancer_detection.inference as inference
+    import breast_cancer_detection.inference.prepare as inference
     from breast_cancer_detection.inference import Predictor
 
     files = []

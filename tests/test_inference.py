@@ -157,7 +157,7 @@ def test_large_images_are_tiled_with_a_heat_map(predictor):
 
 def test_a_jpeg_predicted_whole_is_decoded_at_a_reduced_scale(predictor, tmp_path,
                                                               monkeypatch):
-    import breast_cancer_detection.inference as inference
+    import breast_cancer_detection.inference.prepare as inference
 
     decoded = []
 

@@ -575,7 +575,7 @@ def test_two_lanes_score_every_tile_as_one_lane_does(bundled, slides, tmp_path, 
 
     pytest.importorskip("onnxruntime")
     fast = bundled.on_backend("onnx", cache_dir=tmp_path)
-    import breast_cancer_detection.inference as inference_module
+    import breast_cancer_detection.inference.predictor as inference_module
 
     monkeypatch.setattr(inference_module.os, "cpu_count", lambda: 2)
     assert fast.lanes(0) == 2 and fast.lanes(1) == 1 and bundled.lanes(0) == 1
