@@ -5,7 +5,7 @@ around one loaded Predictor."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -34,6 +34,9 @@ __all__ = ["CONNECTION_HEADROOM", "MAX_FILES", "PREVIEW_SIDE", "REGIONS_MAX_BYTE
 
 STATIC = Path(__file__).with_name("static")
 """The page: plain HTML, JavaScript and CSS, served as they are."""
+
+_Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+"""What FastAPI runs around serving: here, the loading of a checkpoint at start-up."""
 
 
 def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | None = None,
@@ -116,8 +119,7 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
     return app
 
 
-def _app(lifespan: Callable[[FastAPI], AsyncIterator[None]], allowed_hosts: Iterable[str]
-         ) -> FastAPI:
+def _app(lifespan: _Lifespan, allowed_hosts: Iterable[str]) -> FastAPI:
     """The FastAPI app: its middleware, the API's routers and fallback, and the page at ``/``;
     ``app.state`` is the caller's to fill (:mod:`.dependencies` reads it)."""
     app = FastAPI(
@@ -166,7 +168,7 @@ def _checked(limits: ServeLimits) -> ServeLimits:
 
 
 def _loading(checkpoint: str | Path | None, *, device: str, max_pixels: int | None,
-             backend: str) -> Callable[[FastAPI], AsyncIterator[None]]:
+             backend: str) -> _Lifespan:
     """The app's lifespan: loads ``checkpoint`` when the server starts, unless a predictor was
     given."""
 

@@ -33,7 +33,6 @@ def _png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-
 class Service:
     """The loaded model and the work of one request, run in a worker thread."""
 
