@@ -611,7 +611,7 @@ def test_model_card_counts_the_patients_that_chose_the_threshold_never_names_the
 
 
 def test_paths_relative_to_a_parent_folder_are_cut_to_their_last_part_too():
-    from breast_cancer_detection.app.server import _without_local_paths
+    from breast_cancer_detection.app.card import without_local_paths as _without_local_paths
 
     card = {"data": "../shared/data/pcam-subset", "split": ["./runs/r/split.csv"],
             "here": "data/BreaKHis_v1", "home": "/home/someone/x", "win": "..\\w\\z"}

@@ -27,6 +27,8 @@ httpx = pytest.importorskip("httpx", reason="the API tests need httpx")
 
 from breast_cancer_detection.app import create_app  # noqa: E402
 from breast_cancer_detection.app import server as server_module  # noqa: E402
+from breast_cancer_detection.app import service as service_module  # noqa: E402
+from breast_cancer_detection.app import uploads as uploads_module  # noqa: E402
 from breast_cancer_detection.inference import Predictor  # noqa: E402
 
 with warnings.catch_warnings():
@@ -72,7 +74,7 @@ def no_decoding(monkeypatch):
         decoded.append(getattr(source, "name", source))
         raise RuntimeError("the server decoded an image that its budget should have refused")
 
-    monkeypatch.setattr(server_module, "open_rgb", refuse)
+    monkeypatch.setattr(service_module, "open_rgb", refuse)
     return decoded
 
 
@@ -182,7 +184,7 @@ def test_the_tile_budget_refuses_before_decoding(predictor, no_decoding):
 
 
 def test_the_bundled_models_small_tiles_count_by_their_area():
-    from breast_cancer_detection.app.server import _Upload
+    from breast_cancer_detection.app.uploads import Upload as _Upload
 
     service = create_app(Predictor.from_pretrained("pcam-patch-cnn", progress=False)).state.service
     # 2,704 tiles of 96 px: over 2000 by count, 497 by the work of 224 px tiles.
@@ -198,7 +200,7 @@ def test_default_budgets_admit_ordinary_requests(tmp_path):
     ordinary = [(f"b{i}.png", png_claiming(700, 460)) for i in range(8)] + [
         (f"w{i}.png", png_claiming(2000, 2000)) for i in range(4)]
     pixels, tiles = service.check_budget(
-        [server_module._Upload(name, data) for name, data in ordinary])
+        [uploads_module.Upload(name, data) for name, data in ordinary])
     assert tiles == 8 + 4 * 15 * 15 and pixels == pytest.approx(
         8 * (700 * 460 + 256 * 389) + 4 * (2000 * 2000 + 256 * 256))
     health = _client(create_app(predictor)).get(
@@ -420,8 +422,8 @@ class _GatedPredictor:
 def test_work_stops_when_the_client_has_left(predictor, monkeypatch):
     gated = _GatedPredictor(predictor)
     explained = []
-    real_explain = server_module.explain
-    monkeypatch.setattr(server_module, "explain",
+    real_explain = service_module.explain
+    monkeypatch.setattr(service_module, "explain",
                         lambda *a, **k: explained.append(1) or real_explain(*a, **k))
     app = create_app(gated)
     with _serving(app) as port:
@@ -550,7 +552,7 @@ def test_the_model_card_shows_no_local_paths(predictor, trained_run):
 
 
 def test_a_full_queue_refuses_before_the_body_is_read(predictor, monkeypatch):
-    from breast_cancer_detection.app import server
+    from breast_cancer_detection.app import routes_predict
 
     app = create_app(predictor, max_concurrency=1, max_queue=1)
     app.state.gate.admitted = 2  # one running, one waiting: full
@@ -558,7 +560,7 @@ def test_a_full_queue_refuses_before_the_body_is_read(predictor, monkeypatch):
     async def never(*args, **kwargs):
         raise AssertionError("the body was read although the queue was full")
 
-    monkeypatch.setattr(server, "_read_uploads", never)
+    monkeypatch.setattr(routes_predict, "read_uploads", never)
     r = _client(app).post("/api/predict", files=_files(("a.png", _png(Image.new("RGB", (64, 64))))))
     assert r.status_code == 503 and "Retry-After" in r.headers
     assert "queue limit 1" in r.json()["detail"]

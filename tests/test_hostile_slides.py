@@ -261,7 +261,7 @@ def test_a_table_dated_in_the_future_is_still_cached(model, good, tmp_path):
     import os
 
     pytest.importorskip("fastapi")
-    from breast_cancer_detection.app.server import _Slides
+    from breast_cancer_detection.app.slides import Slides as _Slides
 
     out = tmp_path / "out"
     _run(model, [good], out)
@@ -280,21 +280,21 @@ def test_requests_arriving_together_after_the_table_changes_cost_one_build(model
     import threading
 
     pytest.importorskip("fastapi")
-    from breast_cancer_detection.app import server
+    from breast_cancer_detection.app import slides as slides_module
 
     out = tmp_path / "out"
     _run(model, [good], out)
     builds = []
-    real = server._Slides._listing_now
+    real = slides_module.Slides._listing_now
 
     def slow(self):
         builds.append(1)
         time.sleep(0.5)  # a long listing being built
         return real(self)
 
-    monkeypatch.setattr(server._Slides, "_listing_now", slow)
-    monkeypatch.setattr(server._Slides, "SETTLED_NS", 10**15)  # slides.csv "just written"
-    slides = server._Slides(out)
+    monkeypatch.setattr(slides_module.Slides, "_listing_now", slow)
+    monkeypatch.setattr(slides_module.Slides, "SETTLED_NS", 10**15)  # slides.csv "just written"
+    slides = slides_module.Slides(out)
     first = threading.Thread(target=slides.listing)
     first.start()
     time.sleep(0.1)  # the first build is under way; eight more requests arrive

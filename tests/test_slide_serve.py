@@ -157,7 +157,7 @@ class _CountingRow(dict):
 @pytest.mark.slow
 def test_a_long_listing_costs_in_proportion_and_is_kept_until_the_table_changes(
         predictor, tmp_path, monkeypatch):
-    from breast_cancer_detection.app import server
+    from breast_cancer_detection.app import slides as slides_module
 
     root = tmp_path / "out"
     for i in range(3):
@@ -165,14 +165,14 @@ def test_a_long_listing_costs_in_proportion_and_is_kept_until_the_table_changes(
     n = 2000  # most of their folders are missing: a run under way, or cleaned up
     _write_table(root, [_row(f"/data/s{i}.svs", f"s{i}", score=0.5) for i in range(n)])
     reads = []
-    real_table = server._Slides.table
+    real_table = slides_module.Slides.table
 
     def counted(self):
         rows, message = real_table(self)
         reads.append(len(rows))
         return [_CountingRow(row) for row in rows], message
 
-    monkeypatch.setattr(server._Slides, "table", counted)
+    monkeypatch.setattr(slides_module.Slides, "table", counted)
     client = _client(create_app(predictor, slides=root))
     listing = client.get("/api/slides").json()["slides"]
     assert len(listing) == n and reads == [n]
@@ -184,7 +184,7 @@ def test_a_long_listing_costs_in_proportion_and_is_kept_until_the_table_changes(
     # the same time stamp); once settled, the listing is kept until the table changes.
     client.get("/api/slides")
     assert reads == [n, n]
-    monkeypatch.setattr(server._Slides, "SETTLED_NS", 0)
+    monkeypatch.setattr(slides_module.Slides, "SETTLED_NS", 0)
     first = client.get("/api/slides").json()
     assert client.get("/api/slides").json() == first and reads == [n, n, n]
     assert client.get("/api/slides/s1/heatmap.png").status_code == 200 and len(reads) == 3
