@@ -281,6 +281,15 @@ BACKENDS = ("auto", "torch", "onnx", "float32")
 """What ``Predictor.on_backend`` (and ``--backend``) accepts; here, where the CLI can read it
 without importing torch."""
 
+BACKEND_HELP = (
+    "auto runs PyTorch on a GPU or without onnxruntime, and on a CPU ONNX Runtime: the int8 "
+    "model when one for these weights passed its accuracy gate (the one the checkpoint "
+    "carries, as the bundled model does, or one `bcd export --int8` left in the cache), else "
+    "the float32 export (made once into the cache and checked against PyTorch), else PyTorch "
+    "when that export fails; a model without its checkpoint (an ONNX file) runs as it is.")
+"""The ``auto`` policy of :func:`bcd.inference.select_backend` in one sentence, for every
+door's help (``bcd predict/slide/serve --help``, :func:`bcd.app.create_app`)."""
+
 
 def check_backend(backend: str) -> None:
     """Raises UserError unless ``backend`` is one of :data:`BACKENDS`."""

@@ -94,9 +94,8 @@ def create_app(predictor: Predictor | None = None, *, checkpoint: str | Path | N
             answers any.
         slides: The folder ``bcd slide SLIDE... --out DIR`` writes, or None.
         backend: What scores the uploads: ``torch``, ``onnx``, ``float32`` (ONNX Runtime,
-            never int8), or ``auto`` (ONNX Runtime on a CPU when installed, int8 where a gated
-            int8 model exists: faster; ``bcd serve`` uses ``auto``). Grad-CAM runs on
-            PyTorch either way, when the model is a checkpoint.
+            never int8), or ``auto`` (:data:`bcd.config.BACKEND_HELP`; ``bcd serve`` uses
+            it). Grad-CAM runs on PyTorch either way, when the model is a checkpoint.
 
     Raises:
         UserError: neither or both of ``predictor`` and ``checkpoint``, a bad limit, a

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..data.datasets import ALLOWED_FORMATS, ImageError, ImageFormatError, open_rgb
 from ..explain import explain, overlay
-from ..inference import DEFAULT_TILE_FACTOR, NON_FINITE, Predictor, tile_starts
+from ..inference import NON_FINITE, Predictor, image_cost
 from ..plots import HEATMAP_CMAP
 from ..results import EvaluationResult
 from .card import model_card, without_local_paths
@@ -72,16 +72,8 @@ class Service:
 
     def _cost(self, width: int, height: int) -> tuple[int, int]:
         """Pixels held and model passes needed for one image, as ``predict`` and ``explain``
-        will treat it: decoded, resized whole (short side to the model's resize, the long side
-        in proportion, as torchvision does), and cut into tiles when large."""
-        pre = self.predictor.pre
-        short, long = max(1, min(width, height)), max(width, height)
-        view = pre.resize * int(pre.resize * long / short) if pre.resize else pre.size ** 2
-        tile = int(pre.resize or pre.size)
-        tiles = 1
-        if short > DEFAULT_TILE_FACTOR * tile:
-            tiles = len(tile_starts(height, tile)) * len(tile_starts(width, tile))
-        return width * height + view, tiles
+        will treat it (:func:`~breast_cancer_detection.inference.image_cost`)."""
+        return image_cost(self.predictor.pre, width, height)
 
     def check_budget(self, uploads: list[Upload]) -> tuple[int, int]:
         """Refuses a request whose images would cost too much, reading only their headers.

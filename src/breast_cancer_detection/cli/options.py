@@ -31,15 +31,11 @@ def sha256(p: argparse.ArgumentParser, help: str = "expected SHA-256 of the chec
 
 def backend(p: argparse.ArgumentParser) -> None:
     """``--backend``: which runtime scores (PyTorch, ONNX Runtime float32 or int8)."""
-    from ..config import BACKENDS
+    from ..config import BACKEND_HELP, BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (default): ONNX Runtime on a CPU when it is installed (the "
-                   "checkpoint is exported once into the cache and checked against PyTorch; "
-                   "an int8 model that passed its accuracy gate runs instead: the one the "
-                   "checkpoint carries, as the bundled model does, or one `bcd export --int8` "
-                   "left in the cache), else PyTorch; onnx: ONNX Runtime or an error; "
-                   "float32: ONNX Runtime, never int8; torch: PyTorch")
+                   help=f"{BACKEND_HELP[:-1]}. onnx: ONNX Runtime or an error; float32: ONNX "
+                   "Runtime, never int8; torch: PyTorch (default: auto)")
 
 
 def max_pixels(p: argparse.ArgumentParser) -> None:

@@ -14,8 +14,9 @@ The package's rooms, each importing only those above it in this list:
   index table.
 """
 
+from ..config import BACKEND_HELP
 from ..scope import BREAKHIS_MODEL
-from .backends import BACKEND_HELP, select_backend
+from .backends import select_backend
 from .predictor import Predictor
 from .prepare import (
     DEFAULT_TILE_FACTOR,

@@ -20,13 +20,6 @@ from ..hub import cache_root
 if TYPE_CHECKING:
     from ..export import OnnxModel
 
-BACKEND_HELP = (
-    "auto runs PyTorch on a GPU or without onnxruntime, and on a CPU ONNX Runtime: the int8 "
-    "model when one for these weights passed its accuracy gate (the one the checkpoint "
-    "carries, as the bundled model does, or one `bcd export --int8` left in the cache), else "
-    "the float32 export (made once into the cache and checked against PyTorch), else PyTorch "
-    "when that export fails; a model without its checkpoint (an ONNX file) runs as it is.")
-"""The ``auto`` policy of :func:`select_backend` in one sentence, for every door's help."""
 
 
 # ----------------------------------------------------------------------------- one backend each
