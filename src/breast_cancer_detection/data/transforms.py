@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import UserError
+from ..files import plain
 from .stain import HEDJitter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,14 +35,6 @@ def _float_tuple(value: Any, n: int, name: str) -> tuple[float, ...]:
     if len(out) != n:
         raise TransformConfigError(f"{name}={value!r}: expected {n} numbers, got {len(out)}.")
     return out
-
-
-def _plain(value: Any) -> Any:
-    # Tuples become lists so the dict loads with torch.load(weights_only=True) and dumps to
-    # YAML without python/tuple tags.
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
@@ -79,7 +72,7 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain lists, floats and ints."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
@@ -130,7 +123,7 @@ class Augmentation:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain lists, floats and bools."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Augmentation:
