@@ -9,7 +9,7 @@ A BreakHis-sized tree is made in a temporary folder: the 7,909 paths of
 real tissue. Then, on that tree, with the preset's own settings:
 
 1. ``bcd prepare`` (the decoded-image cache at 256 px that training reads): wall time.
-2. The engine's own timing of the first training steps and of validation (``_time_steps``,
+2. The engine's own timing of the first training steps and of validation (``time_steps``,
    what ``--time-budget`` plans with), on a patient-disjoint split of the whole tree (70/15/15):
    training images/s, the seconds of one epoch (training + validation), and the epochs that
    30 and 60 minutes of ``--time-budget`` buy (the budget keeps 5% and one final
@@ -72,7 +72,7 @@ def main() -> None:
     print(json.dumps({"what": "cpu", **cpu_info()}), flush=True)
 
     from breast_cancer_detection.config import TrainConfig, load_preset
-    from breast_cancer_detection.engine import _build_run, _fitting_epochs, _time_steps
+    from breast_cancer_detection.engine import build_run, fitting_epochs, time_steps
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -85,12 +85,12 @@ def main() -> None:
 
         settings = {**load_preset("breakhis-cpu"), "data": str(data), "cache": str(cache),
                     "runs_dir": str(tmp / "runs"), "name": "bench", "val": 0.15, "test": 0.15}
-        run = _build_run(TrainConfig.from_dict(settings), tmp / "runs" / "bench", None,
-                         progress=False)
+        run = build_run(TrainConfig.from_dict(settings), tmp / "runs" / "bench", None,
+                        progress=False)
         train_n, val_n = len(run.train_ds), len(run.val_ds)
         rates, epochs, val_times = [], [], []
         for rep in range(args.repeats):
-            step_s, val_s = _time_steps(run, args.steps, val_images=args.val)
+            step_s, val_s = time_steps(run, args.steps, val_images=args.val)
             epoch_s = run.opt.steps_per_epoch * step_s + val_s
             rates.append(run.cfg.batch_size / step_s)
             epochs.append(epoch_s)
@@ -118,7 +118,7 @@ def main() -> None:
         # As the engine plans: 95% of the budget, less one final validation pass, for epochs,
         # at most the preset's `epochs`.
         left = 0.95 * minutes * 60 - val_s
-        buys = _fitting_epochs(run.cfg, 0, run.cfg.epochs, left, {"whole": epoch, "window": epoch})
+        buys = fitting_epochs(run.cfg, 0, run.cfg.epochs, left, {"whole": epoch, "window": epoch})
         print(f"  --time-budget {minutes}m buys {buys} epoch(s) (the preset's most: "
               f"{run.cfg.epochs})")
     if seed_rates:

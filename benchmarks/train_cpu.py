@@ -16,7 +16,7 @@ whole-batch augmentation in the training process) and are timed in the same run,
   compiler at run time), to show what it would add (``--no-compile`` skips it).
 
 For each, ``--steps`` training steps are timed on a throwaway copy of the model (after one
-warm-up step; the engine's ``_time_steps``, which the time budget uses), then one validation
+warm-up step; the engine's ``time_steps``, which the time budget uses), then one validation
 pass over ``--val`` patches; the epoch estimate is
 steps_per_epoch x step time + the validation over all 3,000 valid patches. It prints JSON
 lines (CPU model and flags first), then each side's training images/s and epoch estimate, and
@@ -59,28 +59,28 @@ def cpu_line() -> dict:
 def build(data: Path, runs: Path, name: str, **overrides):
     """The run (datasets, model, optimiser) the preset builds, with ``overrides``."""
     from breast_cancer_detection.config import TrainConfig, load_preset
-    from breast_cancer_detection.engine import _build_run
+    from breast_cancer_detection.engine import build_run
 
     settings = {**load_preset("pcam-cpu"), "data": str(data), "runs_dir": str(runs),
                 "name": name, "amp": "off", "time_budget": None, **overrides}
-    return _build_run(TrainConfig.from_dict(settings), runs / name, None, progress=False)
+    return build_run(TrainConfig.from_dict(settings), runs / name, None, progress=False)
 
 
 def time_side(run, steps: int, n_val: int, tta: bool, compiled: bool) -> dict:
     """The engine's own timing of the first steps (the one the time budget uses); with early
     windows, the epoch is the mean over a 30-epoch schedule of windowed and whole epochs."""
-    from breast_cancer_detection.engine import _epoch_costs, _time_steps
+    from breast_cancer_detection.engine import epoch_costs, time_steps
 
-    step_s, val_s = _time_steps(run, steps, tta=tta, compiled=compiled, val_images=n_val)
+    step_s, val_s = time_steps(run, steps, tta=tta, compiled=compiled, val_images=n_val)
     steps_per_epoch = run.opt.steps_per_epoch
     out = {"train_img_per_s": run.cfg.batch_size / step_s, "step_s": step_s,
            "val_s_per_epoch": val_s, "epoch_s": steps_per_epoch * step_s + val_s}
     if run.cfg.early_crop:
-        window_s, _ = _time_steps(run, steps, window=run.cfg.early_crop, validate=False)
+        window_s, _ = time_steps(run, steps, window=run.cfg.early_crop, validate=False)
         # The schedule's epochs as the time budget costs them (validation left out for the
         # training rate, kept in for the epoch).
-        costs = _epoch_costs(run.cfg, 30, {"whole": steps_per_epoch * step_s,
-                                           "window": steps_per_epoch * window_s})
+        costs = epoch_costs(run.cfg, 30, {"whole": steps_per_epoch * step_s,
+                                          "window": steps_per_epoch * window_s})
         out.update(window_step_s=window_s,
                    window_img_per_s=run.cfg.batch_size / window_s,
                    epoch_s=sum(costs) / 30 + val_s,

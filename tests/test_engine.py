@@ -23,7 +23,16 @@ from breast_cancer_detection import checkpoint, engine
 from breast_cancer_detection.checkpoint import amp_dtype, load_checkpoint
 from breast_cancer_detection.cli import main
 from breast_cancer_detection.config import ConfigError, TrainConfig, load_preset
-from breast_cancer_detection.engine import TrainingError, fit, resume
+from breast_cancer_detection.engine import (
+    TrainingError,
+    budget,
+    epochs,
+    fit,
+    fitting,
+    processes,
+    resume,
+    setup,
+)
 from breast_cancer_detection.errors import UserError
 
 
@@ -69,7 +78,7 @@ def test_one_epoch_writes_every_file(fake_breakhis, tmp_path):
 
 def _interrupt_in_epoch(monkeypatch, epoch: int, after_batches: int):
     """Makes the next fit raise KeyboardInterrupt after some real batches of one epoch."""
-    real = engine.train_one_epoch
+    real = epochs.train_one_epoch
     seen = {"epochs": 0}
 
     def wrapped(model, loader, *args, **kwargs):
@@ -85,7 +94,7 @@ def _interrupt_in_epoch(monkeypatch, epoch: int, after_batches: int):
 
         return real(model, cut(), *args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", wrapped)
+    monkeypatch.setattr(epochs, "train_one_epoch", wrapped)
     return real
 
 
@@ -121,7 +130,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     assert f"bcd train --resume {run}" in capsys.readouterr().err
     ckpt = load_checkpoint(run / "last.pt")
     assert (ckpt.epoch, ckpt.resume.step) == (1, after_batches)
-    monkeypatch.setattr(engine, "train_one_epoch", real)
+    monkeypatch.setattr(epochs, "train_one_epoch", real)
     resumed = resume(run, progress=False)
     a, b = _weights(straight.run_dir / "last.pt"), _weights(resumed.run_dir / "last.pt")
     assert a.keys() == b.keys()
@@ -155,7 +164,7 @@ def test_an_epoch_resumed_part_way_goes_on_from_the_saved_generator(fake_breakhi
     with pytest.raises(KeyboardInterrupt):
         fit(_cfg(fake_breakhis, tmp_path / "b", model="tiny_dropout"), progress=False)
     assert load_checkpoint(run / "last.pt").resume.step == 2
-    monkeypatch.setattr(engine, "train_one_epoch", real)
+    monkeypatch.setattr(epochs, "train_one_epoch", real)
     torch.manual_seed(12345)  # the process's generator is elsewhere now, as after a restart
     resumed = resume(run, progress=False)
     a, b = _weights(straight.run_dir / "last.pt"), _weights(resumed.run_dir / "last.pt")
@@ -193,7 +202,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_breakhis, tmp_path, 
     cfg = _cfg(fake_breakhis, tmp_path, epochs=2)
     real_forward = torch.nn.CrossEntropyLoss.forward
     state = {"epoch2": False}
-    real_epoch = engine.train_one_epoch
+    real_epoch = epochs.train_one_epoch
 
     def epoch(*a, **k):
         if k["state"].step == 0 and state.get("done1"):
@@ -206,7 +215,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_breakhis, tmp_path, 
         loss = real_forward(self, input, target)
         return loss * float("nan") if state["epoch2"] and self.training else loss
 
-    monkeypatch.setattr(engine, "train_one_epoch", epoch)
+    monkeypatch.setattr(epochs, "train_one_epoch", epoch)
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
     with pytest.raises(TrainingError, match="loss became nan"):
         fit(cfg, progress=False)
@@ -340,7 +349,7 @@ def test_training_reads_the_prepared_cache(fake_breakhis, tmp_path, monkeypatch,
 
 @pytest.mark.slow
 def test_sigterm_saves_last_like_ctrl_c(fake_breakhis, tmp_path, monkeypatch):
-    real = engine.train_one_epoch
+    real = epochs.train_one_epoch
     seen = {"n": 0}
 
     def terminated(*args, **kwargs):
@@ -349,7 +358,7 @@ def test_sigterm_saves_last_like_ctrl_c(fake_breakhis, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", terminated)
+    monkeypatch.setattr(epochs, "train_one_epoch", terminated)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         fit(_cfg(fake_breakhis, tmp_path, epochs=3), progress=False)
@@ -405,12 +414,12 @@ class _Numbers(torch.utils.data.Dataset):
 
 def _slow_start(worker_id):
     time.sleep(0.5)  # a worker still starting up when the group's SIGTERM arrives
-    engine._ignore_sigterm(worker_id)
+    processes.ignore_sigterm(worker_id)
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
 def test_a_sigterm_while_workers_start_does_not_kill_them():
-    loader = engine._Loader(_Numbers(), batch_size=8, num_workers=2, worker_init_fn=_slow_start)
+    loader = processes.Loader(_Numbers(), batch_size=8, num_workers=2, worker_init_fn=_slow_start)
     it = iter(loader)
     for w in it._workers:
         os.kill(w.pid, signal.SIGTERM)  # before _ignore_sigterm ran in them
@@ -425,7 +434,8 @@ def test_a_run_ending_on_an_exception_does_not_wait_for_its_workers(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(textwrap.dedent("""
         import torch
-        from breast_cancer_detection import checkpoint, engine
+        from breast_cancer_detection import checkpoint
+        from breast_cancer_detection.engine import processes
 
         class Numbers(torch.utils.data.Dataset):
             def __len__(self):
@@ -434,8 +444,8 @@ def test_a_run_ending_on_an_exception_does_not_wait_for_its_workers(tmp_path):
             def __getitem__(self, i):
                 return torch.tensor([i])
 
-        it = iter(engine._Loader(Numbers(), batch_size=1, num_workers=2,
-                                 worker_init_fn=engine._ignore_sigterm))
+        it = iter(processes.Loader(Numbers(), batch_size=1, num_workers=2,
+                                   worker_init_fn=processes.ignore_sigterm))
         next(it)
         raise RuntimeError("boom")
     """))
@@ -462,7 +472,7 @@ def test_training_stores_the_threshold_chosen_on_val(fake_breakhis, tmp_path, ca
 @pytest.mark.slow
 def test_a_time_budget_sizes_the_epochs(fake_breakhis, tmp_path, capsys, monkeypatch):
     # 1 s per step and 2 s of validation: 60 s leave room for a few epochs of 4 steps, not 50.
-    monkeypatch.setattr(engine, "_time_steps", lambda run, steps, **kw: (1.0, 2.0))
+    monkeypatch.setattr(budget, "time_steps", lambda run, steps, **kw: (1.0, 2.0))
     cfg = _cfg(fake_breakhis, tmp_path, epochs=50, time_budget="60s", batch_size=8)
     result = fit(cfg, progress=False)
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
@@ -480,20 +490,20 @@ def test_a_time_budget_sizes_the_epochs(fake_breakhis, tmp_path, capsys, monkeyp
 
 def test_a_gpu_recipe_on_a_cpu_says_how_long_it_would_take(fake_breakhis, tmp_path, capsys,
                                                          monkeypatch):
-    monkeypatch.setattr(engine, "_time_steps", lambda run, steps, **kw: (2.0, 10.0))
+    monkeypatch.setattr(budget, "time_steps", lambda run, steps, **kw: (2.0, 10.0))
     fit(_cfg(fake_breakhis, tmp_path, epochs=1, expects_gpu=True), progress=False)
     out = capsys.readouterr().out
     assert "expects a CUDA GPU and there is none" in out and "--time-budget" in out
 
 
 def test_timing_the_first_steps_leaves_the_run_untouched(fake_breakhis, tmp_path):
-    from breast_cancer_detection.engine import _build_run, _time_steps
+    from breast_cancer_detection.engine import build_run, time_steps
 
     cfg = _cfg(fake_breakhis, tmp_path, epochs=1)
-    run = _build_run(cfg, tmp_path / "runs" / "t", None, progress=False)
+    run = build_run(cfg, tmp_path / "runs" / "t", None, progress=False)
     before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
     rng = torch.get_rng_state()
-    step_s, val_s = _time_steps(run, steps=2)
+    step_s, val_s = time_steps(run, steps=2)
     assert step_s > 0 and val_s > 0
     assert all(torch.equal(before[k], v) for k, v in run.raw_model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
@@ -501,12 +511,12 @@ def test_timing_the_first_steps_leaves_the_run_untouched(fake_breakhis, tmp_path
 
 def test_the_first_steps_are_timed_even_when_the_data_is_smaller_than_a_batch(fake_breakhis,
                                                                             tmp_path):
-    from breast_cancer_detection.engine import _build_run, _time_steps
+    from breast_cancer_detection.engine import build_run, time_steps
 
-    run = _build_run(_cfg(fake_breakhis, tmp_path, batch_size=64), tmp_path / "runs" / "t",
-                     None, progress=False)
+    run = build_run(_cfg(fake_breakhis, tmp_path, batch_size=64), tmp_path / "runs" / "t",
+                    None, progress=False)
     assert len(run.train_ds) < 64
-    step_s, val_s = _time_steps(run, steps=12)
+    step_s, val_s = time_steps(run, steps=12)
     assert step_s > 0 and val_s > 0
 
 
@@ -589,8 +599,8 @@ def test_amp_auto_trains_on_either_cpu_class_within_its_tolerance(native, fake_b
 def test_the_budget_shortens_the_schedule_when_epochs_run_slow(fake_breakhis, tmp_path, capsys,
                                                                monkeypatch):
     # The first steps claim to be nearly free, so the plan is the 50-epoch maximum...
-    monkeypatch.setattr(engine, "_time_steps", lambda run, steps, **kw: (0.001, 0.001))
-    real = engine._train_epoch
+    monkeypatch.setattr(budget, "time_steps", lambda run, steps, **kw: (0.001, 0.001))
+    real = fitting.train_epoch
 
     def slow(run, state):  # ...but every epoch takes at least 1 s.
         start = time.perf_counter()
@@ -598,7 +608,7 @@ def test_the_budget_shortens_the_schedule_when_epochs_run_slow(fake_breakhis, tm
         time.sleep(max(0.0, 1.0 - (time.perf_counter() - start)))
         return {**row, "seconds": time.perf_counter() - start}
 
-    monkeypatch.setattr(engine, "_train_epoch", slow)
+    monkeypatch.setattr(fitting, "train_epoch", slow)
     start = time.perf_counter()
     result = fit(_cfg(fake_breakhis, tmp_path, epochs=50, time_budget="15s", batch_size=8),
                  progress=False)
@@ -649,7 +659,7 @@ def test_early_epochs_train_on_windows_then_whole_images(fake_breakhis, tmp_path
                early_fraction=0.5, batch_augment=batch_augment, cache="auto")
     assert [cfg.window(e) for e in range(4)] == [32, 32, None, None]
     seen = []  # (training?, input side) of every forward pass of the network
-    real = engine._build_model
+    real = setup.build_model
 
     def build(cfg, dist_info):
         raw, model = real(cfg, dist_info)
@@ -657,7 +667,7 @@ def test_early_epochs_train_on_windows_then_whole_images(fake_breakhis, tmp_path
                                                                    args[0].shape[-1])))
         return raw, model
 
-    monkeypatch.setattr(engine, "_build_model", build)
+    monkeypatch.setattr(setup, "build_model", build)
     result = fit(cfg, progress=False)
     rows = pd.read_csv(result.run_dir / "metrics.csv")
     assert list(rows["train_size"]) == [32, 32, 48, 48]
@@ -682,26 +692,26 @@ def test_early_window_settings_are_checked():
 
 
 def test_the_budget_counts_window_epochs_at_their_own_pace():
-    from breast_cancer_detection.engine import _epoch_costs, _fitting_epochs
+    from breast_cancer_detection.engine import epoch_costs, fitting_epochs
 
     cfg = TrainConfig(size=96, resize=None, early_crop=64, early_fraction=0.5, epochs=40)
     pace = {"whole": 10.0, "window": 5.0}
-    assert _epoch_costs(cfg, 4, pace) == [5.0, 5.0, 10.0, 10.0]
+    assert epoch_costs(cfg, 4, pace) == [5.0, 5.0, 10.0, 10.0]
     # 10 epochs: 5 windowed (25 s) + 5 whole (50 s) = 75 s; 11 would be 6 x 5 + 5 x 10 = 80 s.
-    assert _fitting_epochs(cfg, 0, 40, 75.0, pace) == 10
-    assert _fitting_epochs(cfg, 0, 8, 75.0, pace) == 8  # never past the epochs given
+    assert fitting_epochs(cfg, 0, 40, 75.0, pace) == 10
+    assert fitting_epochs(cfg, 0, 8, 75.0, pace) == 8  # never past the epochs given
     # After 3 epochs, 45 s left: epochs 4..n of an n-epoch plan must fit.
-    assert _fitting_epochs(cfg, 3, 40, 45.0, pace) == 8  # 1 windowed + 4 whole = 45 s
+    assert fitting_epochs(cfg, 3, 40, 45.0, pace) == 8  # 1 windowed + 4 whole = 45 s
     assert TrainConfig.from_dict({**cfg.to_dict(), "epochs": 1}).early_epochs == 0
     whole = TrainConfig(size=96, resize=None, epochs=40)
-    assert _fitting_epochs(whole, 0, 40, 75.0, pace) == 7
+    assert fitting_epochs(whole, 0, 40, 75.0, pace) == 7
 
 
 def test_the_budget_grows_the_plan_only_with_half_an_epoch_to_spare(monkeypatch):
     import types
 
     changed = []
-    monkeypatch.setattr(engine, "_set_epochs",
+    monkeypatch.setattr(budget, "set_epochs",
                         lambda run, epochs, early=None: changed.append(epochs))
     cfg = TrainConfig(size=96, resize=None, epochs=10, time_budget="1000s")
     pace = {"whole": 10.0, "window": 10.0}
@@ -713,8 +723,8 @@ def test_the_budget_grows_the_plan_only_with_half_an_epoch_to_spare(monkeypatch)
                                     dist=types.SimpleNamespace(world=1), log=lambda msg: None)
         run.started = time.perf_counter() - (0.95 * 1000 - left)
         changed.clear()
-        engine._replan(run, pd.DataFrame(), {"epoch": done, "seconds": seconds,
-                                             "train_size": 96})
+        budget.replan(run, pd.DataFrame(), {"epoch": done, "seconds": seconds,
+                                            "train_size": 96})
         return changed[-1] if changed else cfg.epochs
 
     assert replan(85.0) == 10  # room for the 8 epochs left and half of one more: kept
@@ -733,7 +743,7 @@ def test_the_budget_grows_whole_epochs_once_their_pace_is_measured(monkeypatch):
     import types
 
     changed = []
-    monkeypatch.setattr(engine, "_set_epochs",
+    monkeypatch.setattr(budget, "set_epochs",
                         lambda run, epochs, early=None: changed.append((epochs, early)))
     # 20 epochs: 10 on 64 px windows (pace 5 s), 10 whole (predicted 20 s, measured 10 s).
     cfg = TrainConfig(size=96, resize=None, epochs=20, early_crop=64, early_fraction=0.5,
@@ -751,7 +761,7 @@ def test_the_budget_grows_whole_epochs_once_their_pace_is_measured(monkeypatch):
                                                   "train_size": 96}
                                                  for e in range(11, done)])])
         changed.clear()
-        engine._replan(run, rows, {"epoch": done, "seconds": seconds, "train_size": 96})
+        budget.replan(run, rows, {"epoch": done, "seconds": seconds, "train_size": 96})
         return changed[-1] if changed else (cfg.epochs, None)
 
     # After the first whole epoch (10 s, not 20): 9 whole epochs planned, 128 s left. At the

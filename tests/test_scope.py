@@ -268,12 +268,12 @@ def test_install_hints_name_our_pypi_distribution_and_the_clone_command():
 
 
 def test_an_undefined_auc_reads_as_such_not_as_zero():
-    from breast_cancer_detection.engine import _epoch_line
+    from breast_cancer_detection.engine import epoch_line
 
     row = {"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "val_loss": 0.69, "val_acc": 1.0,
            "val_auc": float("nan"), "images_per_s": 10.0, "seconds": 1.0}
-    assert "auc n/a: one class" in _epoch_line(row, 2, True)
-    assert "auc 0.000" in _epoch_line({**row, "val_auc": 0.0}, 2, True)
+    assert "auc n/a: one class" in epoch_line(row, 2, True)
+    assert "auc 0.000" in epoch_line({**row, "val_auc": 0.0}, 2, True)
 
 
 def test_a_file_name_a_spreadsheet_would_run_is_written_as_text(tmp_path, monkeypatch):
