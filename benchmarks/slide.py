@@ -36,8 +36,9 @@ Run by hand, not in CI; other load on the machine shows as spread between repeat
                                [--install-tiatoolbox] [--naive-tiles 300]
 
 TIAToolbox is never installed into this environment: ``--install-tiatoolbox`` creates a
-throwaway venv (``python -m venv --system-site-packages``) at the ``--tiatoolbox`` path's
-venv and pip-installs it there, within ``--install-timeout`` seconds.
+throwaway venv at the ``--tiatoolbox`` path's venv that sees this interpreter's packages
+(torch, this project, installed or editable; :func:`throwaway_venv`) behind its own, and
+pip-installs TIAToolbox there, within ``--install-timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def run_bcd(slide: Path, out: Path, args, cache: Path, backend: str = "auto") ->
 
 # ----------------------------------------------------------------------------- TIAToolbox
 
-# Runs in TIAToolbox's venv (which sees this package through --system-site-packages).
+# Runs in TIAToolbox's venv (which sees this package through throwaway_venv's .pth file).
 _TIA_DRIVER = r'''
 import json, sys, time
 t0 = time.perf_counter()
@@ -303,6 +304,32 @@ print(json.dumps({"tiles": int(len(prob)), "same_tiles": same, "max_abs_p_diff":
 '''
 
 
+def throwaway_venv(venv: Path, *, pip: bool = True) -> Path:
+    """Creates a venv at ``venv`` that sees every package this interpreter sees, behind its
+    own, and returns its Python.
+
+    ``python -m venv --system-site-packages`` is not enough: run from a venv (as users install
+    the project) it gives the *base* interpreter's site-packages, without the torch and the
+    ``breast_cancer_detection`` of the venv this script runs in. Here the new venv gets a
+    ``.pth`` file that adds this interpreter's own site-packages folders, in its order, with
+    ``site.addsitedir`` (so their ``.pth`` files, editable installs among them, work there too).
+    """
+    import site
+
+    subprocess.run([sys.executable, "-m", "venv", *([] if pip else ["--without-pip"]),
+                    str(venv)], check=True, capture_output=True)
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    own = subprocess.run([str(python), "-c", "import sysconfig; "
+                          "print(sysconfig.get_path('purelib'))"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    ours = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE
+                                       else [])]
+    lines = [f"import site; site.addsitedir({d!r})" for d in dict.fromkeys(ours)
+             if Path(d).is_dir()]
+    (Path(own) / "_bcd_parent_environment.pth").write_text("\n".join(lines) + "\n")
+    return python
+
+
 def tiatoolbox_python(args, tmp: Path) -> tuple[Path | None, str]:
     """The venv Python that imports TIAToolbox, or None and why not."""
     if args.tiatoolbox == "none":
@@ -312,8 +339,7 @@ def tiatoolbox_python(args, tmp: Path) -> tuple[Path | None, str]:
         venv = python.parent.parent
         start = time.perf_counter()
         try:
-            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                           check=True, capture_output=True)
+            python = throwaway_venv(venv)
             # tiatoolbox imports psutil without requiring it (2.1.3).
             subprocess.run([str(python), "-m", "pip", "install", "-q", "tiatoolbox", "psutil"],
                            check=True, capture_output=True, timeout=args.install_timeout)
