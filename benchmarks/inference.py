@@ -235,7 +235,8 @@ def breakhis(tmp: Path, args) -> None:
 def breakhis_model(tmp: Path, args) -> None:
     """The bundled BreakHis model (``bcd predict IMAGES`` with no model: its default) against
     the seed's DenseNet-121 predict(), on the same cycled BreakHis samples, interleaved."""
-    from breast_cancer_detection.inference import BREAKHIS_MODEL, Predictor
+    from breast_cancer_detection.inference import Predictor
+    from breast_cancer_detection.scope import BREAKHIS_MODEL
 
     folder = tmp / "images"
     files = (sorted(folder.rglob("*.png"), key=lambda p: (p.parent.name, p.name))

@@ -15,7 +15,6 @@ The package's rooms, each importing only those above it in this list:
 """
 
 from ..config import BACKEND_HELP
-from ..scope import BREAKHIS_MODEL
 from .backends import select_backend
 from .predictor import Predictor
 from .prepare import (
@@ -36,7 +35,6 @@ from .results import (
 
 __all__ = [
     "BACKEND_HELP",
-    "BREAKHIS_MODEL",
     "DEFAULT_TILE_FACTOR",
     "NON_FINITE",
     "PATCH_MODEL",
