@@ -102,3 +102,34 @@ def test_a_96_px_patch_given_to_the_breakhis_model_points_to_the_patch_model(tmp
     (pred,) = Predictor.from_pretrained("breakhis-patch-cnn", device="cpu").predict([patch])
     assert pred.error, "a 96 px patch must be refused, not answered"
     assert "96x96 pixels is too small" in pred.error and "--model pcam-patch-cnn" in pred.error
+
+
+MOBILENET = ROOT / "checkpoints" / "pcam-mobilenet-v2.pt"
+MOBILENET_CARD = ROOT / "checkpoints" / "pcam-mobilenet-v2.md"
+
+
+def test_the_pcam_mobilenet_is_the_registered_file_with_its_card():
+    entry = trained_model("pcam-mobilenet-v2")
+    assert entry.path == MOBILENET and MOBILENET.is_file()
+    assert entry.sha256 == sha256_of(MOBILENET) and entry.sha256 in MOBILENET_CARD.read_text()
+    assert MOBILENET.stat().st_size <= 16 * 1024 * 1024  # the limit for a committed model
+    assert not entry.default and not entry.slide_default  # pcam-patch-cnn stays the default
+    ckpt = load_checkpoint(MOBILENET)
+    assert ckpt.arch == "mobilenet_v2" and ckpt.pre().size == 96 and ckpt.mpp == 0.972
+    assert ckpt.config["pretrained"] and ckpt.resume is None
+    assert ckpt.threshold_info["chosen_on"] == "val"
+    assert f"{ckpt.threshold:.4f}" in MOBILENET_CARD.read_text()
+    assert not ckpt.int8_onnx  # its int8 export failed the gate: the card says so
+
+
+@pytest.mark.real_data("pcam-subset")
+@pytest.mark.slow
+def test_the_pcam_mobilenet_reproduces_its_validation_auc(shared_data):
+    root = shared_data / "pcam-subset"
+    valid = build_index(root)
+    valid = valid[valid["split"] == "val"]
+    predictor = Predictor.from_pretrained("pcam-mobilenet-v2", device="cpu")
+    out = predictor.predict_table(root, valid, batch_size=256, progress=False)
+    auc = roc_auc(out["target"].to_numpy(), out["probability"].to_numpy())
+    card = re.search(r"^\| ROC AUC, one view \| \*\*([0-9.]+)", MOBILENET_CARD.read_text(), re.M)
+    assert auc == pytest.approx(float(card[1]), abs=0.002)
