@@ -20,11 +20,22 @@ RELEASED = ROOT / "checkpoints" / "pcam-patch-cnn.pt"
 CARD = ROOT / "checkpoints" / "README.md"
 
 
-def _card_figure(label: str) -> float:
+def _card_figure(label: str, card: Path = CARD) -> float:
     """A number from the model card's table row that starts with ``label``."""
-    m = re.search(rf"^\| {re.escape(label)} \| \*?\*?([0-9.]+)", CARD.read_text(), re.M)
-    assert m, f"no '{label}' row in {CARD}"
+    m = re.search(rf"^\| {re.escape(label)} \| \*?\*?([0-9.]+)", card.read_text(), re.M)
+    assert m, f"no '{label}' row in {card}"
     return float(m[1])
+
+
+def _valid_auc(shared_data: Path, name: str) -> float:
+    """One-view ROC AUC of the registered model ``name`` on PCam's 3,000 valid patches."""
+    root = shared_data / "pcam-subset"
+    valid = build_index(root)
+    valid = valid[valid["split"] == "val"]
+    assert len(valid) == 3000
+    predictor = Predictor.from_pretrained(name, device="cpu")
+    out = predictor.predict_table(root, valid, batch_size=256, progress=False)
+    return roc_auc(out["target"].to_numpy(), out["probability"].to_numpy())
 
 
 def test_the_released_model_is_the_registered_file_and_fits_the_size_limit():
@@ -42,13 +53,7 @@ def test_the_released_model_is_the_registered_file_and_fits_the_size_limit():
 @pytest.mark.real_data("pcam-subset")
 @pytest.mark.slow
 def test_the_released_model_reproduces_its_validation_auc(shared_data):
-    root = shared_data / "pcam-subset"
-    valid = build_index(root)
-    valid = valid[valid["split"] == "val"]
-    assert len(valid) == 3000
-    predictor = Predictor.from_pretrained("pcam-patch-cnn", device="cpu")
-    out = predictor.predict_table(root, valid, batch_size=256, progress=False)
-    auc = roc_auc(out["target"].to_numpy(), out["probability"].to_numpy())
+    auc = _valid_auc(shared_data, "pcam-patch-cnn")
     assert auc == pytest.approx(_card_figure("ROC AUC, one view"), abs=0.002)
 
 
@@ -125,11 +130,5 @@ def test_the_pcam_mobilenet_is_the_registered_file_with_its_card():
 @pytest.mark.real_data("pcam-subset")
 @pytest.mark.slow
 def test_the_pcam_mobilenet_reproduces_its_validation_auc(shared_data):
-    root = shared_data / "pcam-subset"
-    valid = build_index(root)
-    valid = valid[valid["split"] == "val"]
-    predictor = Predictor.from_pretrained("pcam-mobilenet-v2", device="cpu")
-    out = predictor.predict_table(root, valid, batch_size=256, progress=False)
-    auc = roc_auc(out["target"].to_numpy(), out["probability"].to_numpy())
-    card = re.search(r"^\| ROC AUC, one view \| \*\*([0-9.]+)", MOBILENET_CARD.read_text(), re.M)
-    assert auc == pytest.approx(float(card[1]), abs=0.002)
+    auc = _valid_auc(shared_data, "pcam-mobilenet-v2")
+    assert auc == pytest.approx(_card_figure("ROC AUC, one view", MOBILENET_CARD), abs=0.002)
