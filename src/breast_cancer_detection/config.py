@@ -61,6 +61,10 @@ class TrainConfig:
     """Local state dict or checkpoint to start from instead of downloading."""
     freeze_backbone: bool = False
     """Train only the new head, as the original notebook did."""
+    freeze_early: int = 0
+    """Keep the ImageNet weights of the backbone's first N blocks (``model.features[:N]``)
+    for the whole run; their BatchNorm statistics still adapt. Their backward pass is skipped,
+    which is most of a step's cost at high resolution on a CPU (docs/training.md)."""
     size: int = 224
     """Side of the square the model sees."""
     resize: int | None = 256
@@ -193,6 +197,13 @@ class TrainConfig:
         if self.freeze_backbone and not (self.pretrained or self.weights):
             raise ConfigError("freeze_backbone trains only the head, which needs a pretrained "
                               "backbone: drop --freeze-backbone or give --weights PATH.")
+        if self.freeze_early < 0:
+            raise ConfigError(f"freeze_early={self.freeze_early} must be 0 (off) or a number of "
+                              "blocks, e.g. 4.")
+        if self.freeze_early and not (self.pretrained or self.weights):
+            raise ConfigError("freeze_early keeps the first blocks' pretrained weights, which "
+                              "needs a pretrained backbone: drop --freeze-early or give "
+                              "--pretrained or --weights PATH.")
         if self.resize is not None and self.resize < self.size:
             raise ConfigError(f"resize={self.resize} is smaller than size={self.size}; set "
                               f"resize >= size, or resize: null to resize straight to size.")

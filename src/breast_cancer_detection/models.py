@@ -12,7 +12,7 @@ from torch import nn
 from .errors import UserError
 from .imagenet import WeightsError
 
-__all__ = ["WeightsError", "create_model", "head_name", "list_models", "read_state_dict"]
+__all__ = ["WeightsError", "create_model", "freeze_early_blocks", "head_name", "list_models", "read_state_dict"]
 
 TORCHVISION_MODELS = (
     "densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v2",
@@ -181,7 +181,7 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], sour
 
 def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bool = False,
                  weights: str | Path | None = None, freeze_backbone: bool = False,
-                 **kwargs) -> nn.Module:
+                 freeze_early: int = 0, **kwargs) -> nn.Module:
     """Creates a classifier by name with a fresh ``num_classes`` head.
 
     Args:
@@ -192,6 +192,8 @@ def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bo
             checked by its SHA-256.
         weights: A local state dict or checkpoint to start from instead; nothing is fetched.
         freeze_backbone: Train only the head.
+        freeze_early: Keep the first this many blocks of the backbone as loaded
+            (:func:`freeze_early_blocks`).
         **kwargs: Passed to the architecture; ``None`` values are dropped so a CLI default
             never overrides the architecture's own.
 
@@ -237,11 +239,37 @@ def create_model(name: str = "densenet121", num_classes: int = 2, pretrained: bo
 
             verify(Path(weights), name)  # a known file under its own name: by its hash
         load_backbone_weights(model, read_state_dict(weights), str(weights))
+    if freeze_early:
+        freeze_early_blocks(model, freeze_early, name)
     if freeze_backbone:
         head = head_name(model)
         for pname, p in model.named_parameters():
             p.requires_grad = pname.startswith(head + ".")
     return model
+
+
+def freeze_early_blocks(model: nn.Module, blocks: int, name: str = "") -> None:
+    """Stops training the parameters of ``model.features[:blocks]``.
+
+    Their BatchNorm layers stay in training mode, so the running statistics still adapt to
+    the new images; autograd skips their backward pass, since nothing before them trains.
+
+    Raises:
+        UserError: the model has no ``features`` sequence of blocks, or ``blocks`` would
+            freeze all of it (``--freeze-backbone`` is that).
+    """
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        raise UserError(f"--freeze-early needs a backbone built as a sequence of blocks "
+                        f"(model.features), which {name or type(model).__name__} is not; "
+                        "mobilenet_v2, mobilenet_v3_*, efficientnet_b0, densenet121 and "
+                        "convnext_tiny are. Drop --freeze-early.")
+    if blocks >= len(features):
+        raise UserError(f"--freeze-early {blocks}: {name or type(model).__name__} has "
+                        f"{len(features)} blocks; freeze fewer, or use --freeze-backbone to "
+                        "train only the head.")
+    for p in features[:blocks].parameters():
+        p.requires_grad = False
 
 
 def why_unloadable(path: Path, e: Exception) -> str:

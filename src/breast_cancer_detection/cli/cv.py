@@ -7,7 +7,7 @@ import argparse
 from . import options
 
 _CV_TRAIN_KEYS = ("model", "epochs", "size", "batch_size", "lr", "pretrained", "freeze_backbone",
-                  "balance", "device", "workers", "magnification", "seed")
+                  "freeze_early", "balance", "device", "workers", "magnification", "seed")
 
 
 def add_parser(sub) -> None:

@@ -228,7 +228,8 @@ def build_model(cfg: TrainConfig, dist_info: DistInfo) -> tuple[nn.Module, nn.Mo
     device = dist_info.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every retry
     raw_model = create_model(cfg.model, num_classes=len(CLASSES), pretrained=cfg.pretrained,
-                             weights=cfg.weights, freeze_backbone=cfg.freeze_backbone)
+                             weights=cfg.weights, freeze_backbone=cfg.freeze_backbone,
+                             freeze_early=cfg.freeze_early)
     raw_model.to(device)
     # channels_last also speeds up oneDNN convolutions on CPUs (~1.1-2x measured here).
     if cfg.channels_last:
