@@ -6,21 +6,23 @@ Two demonstration slides (``bcd.slides.demo_slide``; real PatchCamelyon patches 
 the large one 4x the area of the small one. For each, interleaved ``--repeats`` times:
 
 - ``bcd``: ``python -m breast_cancer_detection.cli slide SLIDE --out FRESH --quiet --force``
-  with the bundled PCam model in a subprocess, with its default ``--backend auto`` (on a CPU,
-  the int8 model the bundled checkpoint carries) and with ``--backend float32`` (ONNX Runtime
+  with ``bcd slide``'s default model (``pcam-patch-cnn``) or ``--model NAME``, in a subprocess,
+  with its default ``--backend auto`` (on a CPU, the int8 model the checkpoint carries, else
+  float32 ONNX Runtime) and with ``--backend float32`` (ONNX Runtime
   in float32; ``--no-float32`` skips it): wall seconds, tiles, tiles/s over the whole
   command and the tile loop's tiles/s from slides.csv, and the peak resident memory of the
   process tree (the main process plus its DataLoader workers), sampled every 50 ms: the peak of
   the summed RSS, of the summed PSS (shared pages counted once) and of the main process.
 - ``tiatoolbox``: ``PatchPredictor.run(patch_mode=False)`` in its own virtual environment
   (``--tiatoolbox``), with the same model wrapped as a TIAToolbox ``ModelABC``, the same
-  preprocessing, batch size and workers, at 0.972 um/px, and a mask that selects exactly the
-  tiles ``bcd slide`` found (from its tiles.csv); the predictions are read back from its zarr
-  output and checked against bcd's (same tiles, largest probability difference). Its whole
-  command, its ``run()`` and its tile loop (``infer_wsi``) are timed.
+  preprocessing, batch size and workers, at the model's um/px (0.972 for both registered PCam
+  models), and a mask that selects exactly the tiles ``bcd slide`` found (from its
+  tiles.csv); the predictions are read back from its zarr output and checked against
+  bcd's (same tiles, largest probability difference). Its whole command, its ``run()`` and
+  its tile loop (``infer_wsi``) are timed.
 - ``naive``: one process, the first ``--naive-tiles`` tiles of tiles.csv, each read with
-  ``OpenSlide.read_region`` at level 0, converted to RGB, resized to 96 px and passed to
-  ``Predictor.predict`` alone (what a first script does).
+  ``OpenSlide.read_region`` at level 0, converted to RGB, resized to the model's input and
+  passed to ``Predictor.predict`` alone (what a first script does).
 
 - ``reading``: in this process, the tiles bcd read, read alone: one OpenSlide call a tile,
   OpenSlide in strips of side-by-side tiles, and strips cut from the TIFF's decoded tiles
@@ -201,10 +203,12 @@ def last_json(stdout: str) -> dict:
 
 def run_bcd(slide: Path, out: Path, args, cache: Path, backend: str = "auto") -> dict:
     """`bcd slide --backend BACKEND` with ``$BCD_CACHE`` at ``cache``, where the float32
-    ONNX export and the bundled int8 model were put ahead (no run pays for either)."""
+    ONNX export and the checkpoint's int8 model were put ahead (no run pays for either)."""
     cmd = [sys.executable, "-m", "breast_cancer_detection.cli", "slide", str(slide),
            "--out", str(out), "--quiet", "--force", "--workers", str(args.workers),
            "--batch-size", str(args.batch_size), "--device", "cpu", "--backend", backend]
+    if args.model:
+        cmd += ["--model", args.model]
     measured, _ = run_measured(cmd, "bcd slide", env={"BCD_CACHE": str(cache)})
     row = pd.read_csv(out / "slides.csv", keep_default_na=False).iloc[0]
     if row["error"]:
@@ -229,13 +233,15 @@ from tiatoolbox.models.models_abc import ModelABC
 import tiatoolbox
 import breast_cancer_detection as bcd
 
-slide, tiles_csv, out, workers, batch_size = sys.argv[1:6]
+slide, tiles_csv, out, workers, batch_size, model = sys.argv[1:7]
 t_import = time.perf_counter() - t0
-predictor = bcd.Predictor.from_pretrained(device="cpu", progress=False)
+predictor = bcd.Predictor.from_pretrained(model or None, device="cpu", progress=False,
+                                          slides=True)
+size, mpp = predictor.pre.size, predictor.checkpoint.mpp
 
 
 class BcdModel(ModelABC):
-    """The bundled model as TIAToolbox wants it: preprocessing per patch, a batch step."""
+    """bcd's model as TIAToolbox wants it: preprocessing per patch, a batch step."""
 
     def __init__(self, net, transform):
         super().__init__()
@@ -258,7 +264,7 @@ class BcdModel(ModelABC):
 
 
 # A mask with 4x4 pixels per tile whose centre 2x2 is set for each tile bcd read: TIAToolbox
-# then keeps exactly those tiles of its 96 px grid at 0.972 um/px.
+# then keeps exactly those tiles of its grid (the model's input side, at its um/px).
 tiles = pd.read_csv(tiles_csv)
 side = int(tiles["width"].iloc[0])
 assert ((tiles["x"] % side) == 0).all() and ((tiles["y"] % side) == 0).all()
@@ -282,8 +288,8 @@ def timed_infer_wsi(*a, **kw):
     finally:
         loop[0] += time.perf_counter() - t
 engine.infer_wsi = timed_infer_wsi
-ioconfig = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": 0.972}],
-                                  patch_input_shape=(96, 96), stride_shape=(96, 96))
+ioconfig = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": mpp}],
+                                  patch_input_shape=(size, size), stride_shape=(size, size))
 t1 = time.perf_counter()
 result = engine.run([Path(slide)], masks=[mask], ioconfig=ioconfig, patch_mode=False,
                     save_dir=Path(out), overwrite=True, output_type="zarr",
@@ -292,7 +298,7 @@ t_run = time.perf_counter() - t1
 group = zarr.open(str(next(iter(result.values()))), mode="r")
 prob = np.asarray(group["probabilities"][:])[:, 1]
 coords = np.asarray(group["coordinates"][:])
-level0 = coords[:, :2] * side // 96
+level0 = coords[:, :2] * side // size
 got = pd.DataFrame({"x": level0[:, 0], "y": level0[:, 1], "p": prob})
 merged = tiles.merge(got, on=["x", "y"], how="outer", indicator=True)
 same = bool((merged["_merge"] == "both").all())
@@ -371,7 +377,8 @@ def run_tiatoolbox(python: Path, slide: Path, tiles_csv: Path, out: Path, args) 
     if not link.exists():
         link.symlink_to(slide)
     measured, stdout = run_measured([str(python), str(driver), str(link), str(tiles_csv),
-                                     str(out), str(args.workers), str(args.batch_size)],
+                                     str(out), str(args.workers), str(args.batch_size),
+                                     args.model or ""],
                                     "tiatoolbox")
     r = last_json(stdout)
     return {**r, **measured, "tiles_per_s": r["tiles"] / measured["seconds"],
@@ -386,15 +393,17 @@ import json, sys, time
 import numpy as np, openslide, pandas as pd
 import breast_cancer_detection as bcd
 
-slide, tiles_csv, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-predictor = bcd.Predictor.from_pretrained(device="cpu", progress=False)
+slide, tiles_csv, n, model = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+predictor = bcd.Predictor.from_pretrained(model or None, device="cpu", progress=False,
+                                          slides=True)
+size = predictor.pre.size
 tiles = pd.read_csv(tiles_csv).head(n)
 t = time.perf_counter()
 s = openslide.OpenSlide(slide)
 probs = []
 for x, y, w, h in tiles[["x", "y", "width", "height"]].itertuples(index=False):
     image = s.read_region((int(x), int(y)), 0, (int(w), int(h))).convert("RGB")
-    image = image.resize((96, 96))
+    image = image.resize((size, size))
     probs.append(predictor.predict(image)[0].probabilities["malignant"])
 seconds = time.perf_counter() - t
 diff = float(np.abs(np.array(probs) - tiles["p_malignant"].to_numpy()).max())
@@ -406,15 +415,16 @@ def run_naive(slide: Path, tiles_csv: Path, work: Path, args) -> dict:
     driver = work / "naive_driver.py"
     driver.write_text(_NAIVE_DRIVER)
     measured, stdout = run_measured([sys.executable, str(driver), str(slide), str(tiles_csv),
-                                     str(args.naive_tiles)], "naive loop")
+                                     str(args.naive_tiles), args.model or ""], "naive loop")
     r = last_json(stdout)
     return {**r, **measured, "loop_tiles_per_s": r["tiles"] / r["loop_s"]}
 
 
-def run_reading(slide: Path, out: Path) -> dict:
+def run_reading(slide: Path, out: Path, size: int = 96) -> dict:
     """Reading alone, in this process: the tiles ``bcd slide`` read (its tiles.csv and
     slide.json in ``out``), one OpenSlide call a tile (``TileDataset[i]``) against strips of
-    tiles side by side (``TileDataset.read_batch``, what ``bcd slide`` does), batches of 64."""
+    tiles side by side (``TileDataset.read_batch``, what ``bcd slide`` does), batches of 64,
+    each tile resampled to ``size`` px (the model's input)."""
     import numpy as np
     import torch
 
@@ -427,7 +437,7 @@ def run_reading(slide: Path, out: Path) -> dict:
     handle.close()
     def dataset(direct: bool) -> TileDataset:
         return TileDataset(slide, tiles[["x", "y"]].to_numpy(), level,
-                           round(float(tiles["width"].iloc[0]) / downsample), 96, downsample,
+                           round(float(tiles["width"].iloc[0]) / downsample), size, downsample,
                            direct=direct)
 
     ds = dataset(False)
@@ -500,6 +510,9 @@ def main() -> int:
                     "tools (default: bcd slide's own default on this machine, "
                     "bcd.slides.run.default_workers())")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size, both tools")
+    ap.add_argument("--model", default=None, metavar="NAME",
+                    help="a registered model (`bcd models --trained`); default: the one "
+                    "`bcd slide` runs by default")
     ap.add_argument("--tiatoolbox", default=str(DEFAULT_TIA), metavar="PYTHON|none",
                     help=f"the Python of a venv with tiatoolbox (default {DEFAULT_TIA})")
     ap.add_argument("--install-tiatoolbox", action="store_true",
@@ -507,7 +520,7 @@ def main() -> int:
     ap.add_argument("--install-timeout", type=int, default=240, metavar="S")
     ap.add_argument("--float32", action=argparse.BooleanOptionalAction, default=True,
                     help="also time bcd slide --backend float32 (the default runs the int8 "
-                    "model the bundled checkpoint carries; default on)")
+                    "model the checkpoint carries, when it carries one; default on)")
     ap.add_argument("--naive-tiles", type=int, default=300, metavar="N",
                     help="tiles the naive loop reads per run (0: skip it; default 300)")
     args = ap.parse_args()
@@ -551,7 +564,7 @@ def main() -> int:
                   "megabytes": path.stat().st_size / 1e6,
                   "make_seconds": time.perf_counter() - t})
 
-        cache = prepare_cache(tmp)
+        cache, size = prepare_cache(tmp, args.model)
         runs: dict[str, dict[str, list[dict]]] = {
             n: {"bcd": [], "bcd_float32": [], "tiatoolbox": [], "naive": [], "reading": []}
             for n in slides}
@@ -569,7 +582,7 @@ def main() -> int:
                 tiles_csv = ((tmp / f"bcd32-{name}-{r}") if args.float32 else out) \
                     / slide.stem / "tiles.csv"
                 runs[name]["reading"].append(emit({"what": "reading", "size": name, "repeat": r,
-                                                   **run_reading(slide, out / slide.stem)}))
+                                                   **run_reading(slide, out / slide.stem, size)}))
                 if r == 0:
                     emit({"what": "tissue_check", "size": name,
                           **tissue_check(tiles_csv, truth[name])})
@@ -648,18 +661,18 @@ def main() -> int:
     return 0
 
 
-def prepare_cache(tmp: Path) -> Path:
+def prepare_cache(tmp: Path, model: str | None = None) -> tuple[Path, int]:
     """The model cache for the timed runs, filled ahead so that no run pays for an export:
-    the float32 ONNX export (``--backend float32``) and the int8 model the bundled
-    checkpoint carries (``--backend auto``, the default)."""
+    the float32 ONNX export (``--backend float32``) and the int8 model the checkpoint
+    carries, if it carries one (``--backend auto``, the default); and the model's input side."""
     from breast_cancer_detection.inference import Predictor
 
     cache = tmp / "cache"
-    torch_model = Predictor.from_pretrained(device="cpu", progress=False)
+    torch_model = Predictor.from_pretrained(model, device="cpu", progress=False, slides=True)
     notes = {b: torch_model.on_backend(b, cache_dir=cache).backend_note
              for b in ("float32", "auto")}
-    emit({"what": "backends", **notes})
-    return cache
+    emit({"what": "backends", "model": torch_model.model_name, **notes})
+    return cache, torch_model.pre.size
 
 
 def print_table(summary: dict, growth: dict) -> None:

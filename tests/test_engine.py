@@ -34,6 +34,7 @@ from breast_cancer_detection.engine import (
     setup,
 )
 from breast_cancer_detection.errors import UserError
+from breast_cancer_detection.models import create_model
 
 
 def _cfg(data: Path, tmp_path: Path, **kw) -> TrainConfig:
@@ -229,6 +230,10 @@ def test_config_rejects_bad_combinations():
         TrainConfig(val=0.6, test=0.5)
     with pytest.raises(ConfigError, match="--weights PATH"):
         TrainConfig(pretrained=False, freeze_backbone=True)
+    with pytest.raises(ConfigError, match="--pretrained or --weights PATH"):
+        TrainConfig(pretrained=False, freeze_early=4)
+    with pytest.raises(ConfigError, match="freeze_early=-1"):
+        TrainConfig(freeze_early=-1)
     with pytest.raises(ConfigError, match="unknown TrainConfig setting"):
         TrainConfig.from_dict({"epocs": 3})
     with pytest.raises(ConfigError, match="resize"):
@@ -248,6 +253,22 @@ def test_cli_train_with_preset_and_overrides(fake_breakhis, tmp_path, capsys):
     assert main(["train", "--preset", "cpu-smoke", "--data", str(fake_breakhis),
                  "--runs-dir", str(tmp_path), "--name", "cli", "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_train_freeze_early_keeps_the_first_blocks_of_the_weights_given(fake_breakhis,
+                                                                            tmp_path):
+    start = tmp_path / "start.pth"
+    torch.save(create_model("mobilenet_v2", num_classes=1000).state_dict(), start)
+    assert main(["train", "--preset", "cpu-smoke", "--data", str(fake_breakhis), "--size", "32",
+                 "--resize", "36", "--model", "mobilenet_v2", "--weights", str(start),
+                 "--freeze-early", "2", "--runs-dir", str(tmp_path), "--name", "f",
+                 "--quiet"]) == 0
+    trained = load_checkpoint(tmp_path / "f" / "last.pt").state_dict
+    given = torch.load(start, weights_only=True)
+    assert yaml.safe_load((tmp_path / "f" / "config.yaml").read_text())["freeze_early"] == 2
+    assert torch.equal(trained["features.1.conv.0.0.weight"], given["features.1.conv.0.0.weight"])
+    assert not torch.equal(trained["features.2.conv.0.0.weight"],
+                           given["features.2.conv.0.0.weight"])
 
 
 def test_amp_settings_per_device(monkeypatch):

@@ -14,6 +14,8 @@ from breast_cancer_detection.models import (
     list_models,
 )
 
+from breast_cancer_detection.errors import UserError
+
 from conftest import need_module
 
 
@@ -88,6 +90,38 @@ def test_freeze_backbone_trains_only_the_head(tmp_path):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["classifier.weight", "classifier.bias"]
     assert head_name(model) == "classifier"
+
+
+def test_freeze_early_keeps_the_first_blocks_and_lets_their_statistics_adapt(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(create_model("mobilenet_v2", num_classes=1000).state_dict(), path)
+    model = create_model("mobilenet_v2", weights=path, freeze_early=4).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01,
+                            weight_decay=0.05)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)),
+                                             torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    frozen = [n for n, p in model.named_parameters() if n.startswith(("features.0.",
+              "features.1.", "features.2.", "features.3."))]
+    assert frozen and all(not model.get_parameter(n).requires_grad for n in frozen)
+    assert all(model.get_parameter(n).grad is None for n in frozen)
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    # BatchNorm statistics of the frozen blocks follow the new images.
+    assert not torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"])
+    # The blocks after them and the head train.
+    assert not torch.equal(before["features.4.conv.0.0.weight"], after["features.4.conv.0.0.weight"])
+    assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
+
+
+@pytest.mark.parametrize("name, blocks, message", [
+    ("resnet18", 2, "model.features"), ("patch_cnn", 1, "model.features"),
+    ("mobilenet_v2", 19, "has 19 blocks")])
+def test_freeze_early_refuses_what_it_cannot_freeze(name, blocks, message):
+    with pytest.raises(UserError, match=message):
+        create_model(name, freeze_early=blocks)
 
 
 def test_unknown_model_is_a_clear_error():
