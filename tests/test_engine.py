@@ -22,7 +22,7 @@ import yaml
 from breast_cancer_detection import checkpoint, engine
 from breast_cancer_detection.checkpoint import amp_dtype, load_checkpoint
 from breast_cancer_detection.cli import main
-from breast_cancer_detection.config import ConfigError, TrainConfig, load_preset
+from breast_cancer_detection.config import ConfigError, TrainConfig, list_presets, load_preset
 from breast_cancer_detection.engine import (
     TrainingError,
     budget,
@@ -238,6 +238,29 @@ def test_config_rejects_bad_combinations():
         TrainConfig.from_dict({"epocs": 3})
     with pytest.raises(ConfigError, match="resize"):
         TrainConfig(size=224, resize=200)
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_bundled_preset_is_a_valid_config(name):
+    assert TrainConfig.from_dict(load_preset(name))
+
+
+def test_a_preset_starts_from_its_base_and_replaces_its_settings(tmp_path):
+    own = {"model": "mobilenet_v2", "pretrained": True, "lr": 0.001, "freeze_early": 4}
+    assert load_preset("pcam-mobilenet-cpu") == {**load_preset("pcam-cpu"), **own}
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nlr: 0.1\n")
+    (tmp_path / "b.yaml").write_text("base: cpu-smoke\nepochs: 2\nlr: 0.5\n")
+    assert load_preset(str(tmp_path / "a.yaml")) == {**load_preset("cpu-smoke"), "epochs": 2,
+                                                     "lr": 0.1}
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="lead back"):
+        load_preset(str(tmp_path / "a.yaml"))
+    (tmp_path / "b.yaml").write_text("base: [cpu-smoke]\n")
+    with pytest.raises(ConfigError, match="must name one preset"):
+        load_preset(str(tmp_path / "a.yaml"))
+    (tmp_path / "b.yaml").write_text("base: no-such-preset\n")
+    with pytest.raises(ConfigError, match="no preset 'no-such-preset'"):
+        load_preset(str(tmp_path / "a.yaml"))
 
 
 def test_cli_train_with_preset_and_overrides(fake_breakhis, tmp_path, capsys):

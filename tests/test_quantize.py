@@ -137,10 +137,25 @@ def test_int8_passes_its_gate_and_the_auto_backend_runs_it(patches, cache, tmp_p
 
 @pytest.mark.slow
 def test_a_failing_gate_writes_nothing(patches, cache, tmp_path, monkeypatch):
+    import onnxruntime.quantization as ort_quantization
+
     monkeypatch.setattr(quantize, "AUC_TOLERANCE", -1.0)  # no int8 model can pass this
-    with pytest.raises(ExportError, match="fails the accuracy gate.*ROC AUC"):
+    seen = {}
+    real = ort_quantization.quantize_static
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort_quantization, "quantize_static", spy)
+    with pytest.raises(ExportError, match="fails the accuracy gate.*ROC AUC") as e:
         quantize.export_int8(resolve_trained("pcam-patch-cnn"), tmp_path / "m.onnx",
-                             calibration=patches, gate=patches, progress=False)
+                             calibration=patches, gate=patches, progress=False,
+                             settings={"reduce_range": True})
+    # The settings given replace the defaults, which stay otherwise; the error says how far.
+    assert seen["reduce_range"] is True and seen["per_channel"] is True
+    assert isinstance(e.value, quantize.GateFailed) and not e.value.gate.passed
+    assert e.value.gate.images == 2 * PER_CLASS
     assert not (tmp_path / "m.onnx").exists()
     assert not list(cache.rglob("*.int8.onnx"))
 

@@ -269,8 +269,12 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(name_or_path: str) -> dict[str, Any]:
-    """Reads a preset by name (``cpu-smoke``) or from a YAML file path."""
+def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Reads a preset by name (``cpu-smoke``) or from a YAML file path.
+
+    A preset may start from another: ``base: NAME`` (a bundled name or a path) takes that
+    preset's settings, and its own settings replace those (``augment`` as a whole).
+    """
     p = Path(name_or_path)
     if not p.suffix:
         p = PRESET_DIR / f"{name_or_path}.yaml"
@@ -280,7 +284,16 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     d = yaml.safe_load(p.read_text()) or {}
     if not isinstance(d, dict):
         raise ConfigError(f"{p}: a preset must be a mapping of setting: value.")
-    return d
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: base: must name one preset, e.g. base: pcam-cpu.")
+    if str(p.resolve()) in _seen:
+        raise ConfigError(f"{p}: its base presets lead back to it ({' -> '.join(_seen)}).")
+    if Path(base).suffix and not Path(base).is_absolute():
+        base = str(p.parent / base)  # a file, named from this one's folder (else bundled)
+    return {**load_preset(base, (*_seen, str(p.resolve()))), **d}
 
 
 def load_config(path: str | Path) -> TrainConfig:

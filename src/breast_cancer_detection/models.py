@@ -12,7 +12,8 @@ from torch import nn
 from .errors import UserError
 from .imagenet import WeightsError
 
-__all__ = ["WeightsError", "create_model", "freeze_early_blocks", "head_name", "list_models", "read_state_dict"]
+__all__ = ["WeightsError", "create_model", "freeze_early_blocks", "head_name", "list_models",
+           "read_state_dict"]
 
 TORCHVISION_MODELS = (
     "densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v2",

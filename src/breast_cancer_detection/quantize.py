@@ -166,11 +166,19 @@ def _ends(model: Path) -> list[str]:
     return sorted({names[0], names[-1]}) if names else []
 
 
+class GateFailed(ExportError):
+    """The int8 model failed its accuracy gate; ``gate`` holds by how much."""
+
+    def __init__(self, message: str, gate: Gate):
+        super().__init__(message)
+        self.gate = gate
+
+
 def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
                 calibration: str | Path, gate: str | Path, calibration_images: int = 256,
                 gate_images: int | None = None, cache_dir: str | Path | None = None,
-                all_layers: bool = False, seed: int = 0, progress: bool = True
-                ) -> tuple[Path, Gate]:
+                all_layers: bool = False, seed: int = 0, progress: bool = True,
+                settings: dict | None = None) -> tuple[Path, Gate]:
     """Writes an int8 ONNX model of a checkpoint if it passes the accuracy gate.
 
     Args:
@@ -185,13 +193,16 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
         all_layers: Quantize the first and last weighted layers too (see :func:`_ends`).
         seed: Which images are sampled.
         progress: Progress bars while the gate images are scored.
+        settings: Keyword arguments for ONNX Runtime's ``quantize_static`` that replace
+            these defaults (e.g. ``{"calibrate_method": CalibrationMethod.Percentile}``,
+            ``{"reduce_range": True}``); ``benchmarks/int8_variants.py`` compares some.
 
     Returns:
         The path written and the gate's result.
 
     Raises:
-        ExportError: the int8 model failed the gate (nothing is written), or quantization
-            failed.
+        GateFailed: the int8 model failed the gate (nothing is written); an ExportError.
+        ExportError: quantization failed.
         UserError: onnx/onnxruntime missing, or no images in a folder.
     """
     import_optional("onnxruntime")
@@ -220,11 +231,12 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
         # ONNX Runtime's quantizer logs a warning on the root logger for every normalisation
         # layer it cannot fold (DenseNet has 120): not the user's concern.
         root.setLevel(logging.ERROR)
+        options = {"quant_format": QuantFormat.QDQ, "per_channel": True,
+                   "weight_type": QuantType.QInt8, "activation_type": QuantType.QUInt8,
+                   "nodes_to_exclude": [] if all_layers else _ends(source), **(settings or {})}
         try:
             quantize_static(str(source), str(tmp / "int8.onnx"), _Calibration("image", cal),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            nodes_to_exclude=[] if all_layers else _ends(source))
+                            **options)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many kinds
             raise ExportError(f"int8 quantization failed: {type(e).__name__}: {e}") from e
         finally:
@@ -232,10 +244,12 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
         result = run_gate(tmp / "float32.onnx", tmp / "int8.onnx", gate_dir, gate_table,
                           progress=progress)
         if not result.passed:
-            raise ExportError(f"int8 model not written: it fails the accuracy gate ("
-                              f"{result.rule}): {result.summary()}. Use the float32 export.")
+            raise GateFailed(f"int8 model not written: it fails the accuracy gate ("
+                             f"{result.rule}): {result.summary()}. Use the float32 export.",
+                             result)
         info = {**asdict(result), "calibration_images": int(sum(len(b) for b in cal)),
                 "calibration": cal_dir.name, "gate": gate_dir.name,
+                "settings": {k: str(v) for k, v in (settings or {}).items()},
                 "weights": weights_digest(ckpt)}
         write_onnx_metadata(tmp / "int8.onnx", int8=info)
         data = (tmp / "int8.onnx").read_bytes()

@@ -42,9 +42,9 @@ _TRAIN_GROUPS = {"data": "data", "model": "model", "epochs": "optimisation",
 
 
 def _add_train_options(t: argparse.ArgumentParser) -> None:
-    from ..config import TrainConfig
+    from ..config import TrainConfig, list_presets
 
-    options.preset(t, "bundled preset (cpu-smoke, breakhis-gpu, pcam-cpu) or a YAML file; "
+    options.preset(t, f"bundled preset ({', '.join(list_presets())}) or a YAML file; "
                    "options given here override it")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last.pt")
     group: argparse.ArgumentParser | argparse._ArgumentGroup = t
