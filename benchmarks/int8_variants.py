@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import SHARED, cpu_info, emit  # noqa: E402
 
-PCAM = SHARED / "pcam-subset"
+PCAM = SHARED / "data" / "pcam-subset"
 
 
 def variants() -> dict[str, dict]:

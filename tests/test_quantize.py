@@ -218,6 +218,9 @@ def test_cli_int8_needs_calibration_and_gate(tmp_path, capsys):
     assert main(["export", ckpt, "--onnx", str(tmp_path / "m.onnx"), "--int8",
                  "--no-verify"]) == 2
     assert "drop --no-verify" in capsys.readouterr().err
+    assert main(["export", ckpt, "--onnx", str(tmp_path / "m.onnx"), "--int8",
+                 "--calibration", str(tmp_path / "typo"), "--gate", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'typo'}: no such folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

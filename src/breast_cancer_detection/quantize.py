@@ -70,6 +70,9 @@ def _table(folder: str | Path, limit: int | None, seed: int) -> pd.DataFrame:
     from .inference import collect_images
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; give a folder of images (0/ and 1/, or "
+                        "benign/ and malignant/, for the gate's labels).")
     try:
         table = build_index(folder)[["path", "target"]]
     except (DatasetError, KeyError, ValueError):
