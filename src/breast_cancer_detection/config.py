@@ -63,9 +63,8 @@ class TrainConfig:
     """Train only the new head, as the original notebook did."""
     freeze_early: int = 0
     """Keep the ImageNet weights of the backbone's first N blocks (``model.features[:N]``)
-    for the whole run; their BatchNorm statistics still adapt. Their backward pass is skipped
-    (MobileNetV2, 4 blocks: whole 96 px epochs about a fifth shorter on 2 CPU cores,
-    docs/results.md)."""
+    for the whole run; their BatchNorm statistics still adapt. Their backward pass is skipped,
+    and so is keeping their activations for it (docs/results.md: less memory)."""
     size: int = 224
     """Side of the square the model sees."""
     resize: int | None = 256
