@@ -177,6 +177,34 @@ class GateFailed(ExportError):
         self.gate = gate
 
 
+def _quantize(tmp: Path, cal: list[np.ndarray], all_layers: bool, settings: dict | None
+              ) -> None:
+    """``tmp/float32.onnx`` quantized into ``tmp/int8.onnx`` (see :func:`export_int8`)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(tmp / "float32.onnx"), str(tmp / "pre.onnx"))
+        source = tmp / "pre.onnx"
+    except Exception:  # noqa: BLE001 - optional graph clean-up; quantize without it
+        source = tmp / "float32.onnx"
+    root = logging.getLogger()
+    level = root.level
+    # ONNX Runtime's quantizer logs a warning on the root logger for every normalisation
+    # layer it cannot fold (DenseNet has 120): not the user's concern.
+    root.setLevel(logging.ERROR)
+    options = {"quant_format": QuantFormat.QDQ, "per_channel": True,
+               "weight_type": QuantType.QInt8, "activation_type": QuantType.QUInt8,
+               "nodes_to_exclude": [] if all_layers else _ends(source), **(settings or {})}
+    try:
+        quantize_static(str(source), str(tmp / "int8.onnx"), _Calibration("image", cal),
+                        **options)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises many kinds
+        raise ExportError(f"int8 quantization failed: {type(e).__name__}: {e}") from e
+    finally:
+        root.setLevel(level)
+
+
 def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
                 calibration: str | Path, gate: str | Path, calibration_images: int = 256,
                 gate_images: int | None = None, cache_dir: str | Path | None = None,
@@ -209,9 +237,6 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
         UserError: onnx/onnxruntime missing, or no images in a folder.
     """
     import_optional("onnxruntime")
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     from .hub import cache_root
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -224,26 +249,7 @@ def export_int8(checkpoint: str | Path | Checkpoint, out: str | Path, *,
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         export_onnx(ckpt, tmp / "float32.onnx", verify=True)
-        try:
-            quant_pre_process(str(tmp / "float32.onnx"), str(tmp / "pre.onnx"))
-            source = tmp / "pre.onnx"
-        except Exception:  # noqa: BLE001 - optional graph clean-up; quantize without it
-            source = tmp / "float32.onnx"
-        root = logging.getLogger()
-        level = root.level
-        # ONNX Runtime's quantizer logs a warning on the root logger for every normalisation
-        # layer it cannot fold (DenseNet has 120): not the user's concern.
-        root.setLevel(logging.ERROR)
-        options = {"quant_format": QuantFormat.QDQ, "per_channel": True,
-                   "weight_type": QuantType.QInt8, "activation_type": QuantType.QUInt8,
-                   "nodes_to_exclude": [] if all_layers else _ends(source), **(settings or {})}
-        try:
-            quantize_static(str(source), str(tmp / "int8.onnx"), _Calibration("image", cal),
-                            **options)
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises many kinds
-            raise ExportError(f"int8 quantization failed: {type(e).__name__}: {e}") from e
-        finally:
-            root.setLevel(level)
+        _quantize(tmp, cal, all_layers, settings)
         result = run_gate(tmp / "float32.onnx", tmp / "int8.onnx", gate_dir, gate_table,
                           progress=progress)
         if not result.passed:
