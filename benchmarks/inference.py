@@ -53,10 +53,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import SEED, SHARED, cpu_info, emit  # noqa: E402
+from machine import PCAM, SEED, SHARED, cpu_info, emit  # noqa: E402
 
 SAMPLES = SHARED / "data" / "breakhis-samples"
-PCAM = SHARED / "data" / "pcam-subset"
 
 
 def spread(values: list[float]) -> dict:

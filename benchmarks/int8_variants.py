@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import SHARED, cpu_info, emit  # noqa: E402
-
-PCAM = SHARED / "data" / "pcam-subset"
+from machine import PCAM, cpu_info, emit  # noqa: E402
 
 
 def variants() -> dict[str, dict]:

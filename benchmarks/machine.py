@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 """The repository."""
 SHARED = ROOT.parent / "shared"
 """The real data and the frozen seed pipeline, beside the clone."""
+PCAM = SHARED / "data" / "pcam-subset"
+"""PatchCamelyon's train/ and valid/ folders (0/ and 1/ each)."""
 SEED = SHARED / "baseline" / "seed_pipeline.py"
 """The seed notebook's pipeline: the yardstick of every ratio."""
 

@@ -59,9 +59,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import SHARED, cpu_info, emit  # noqa: E402
+from machine import PCAM, cpu_info, emit  # noqa: E402
 
-PCAM = SHARED / "data" / "pcam-subset" / "valid"
 DEFAULT_TIA = Path("/tmp/tiavenv/bin/python")
 
 
@@ -504,8 +503,8 @@ def main() -> int:
     ap.add_argument("--compression", default="zlib", choices=["zlib", "jpeg"],
                     help="the slides' TIFF tile compression (default zlib; jpeg, as scanners "
                     "write, needs imagecodecs)")
-    ap.add_argument("--patches", default=str(PCAM), help="PatchCamelyon 0/ and 1/ folders "
-                    "for the slides; 'none' or a missing folder: synthetic textures")
+    ap.add_argument("--patches", default=str(PCAM / "valid"), help="PatchCamelyon 0/ and 1/ "
+                    "folders for the slides; 'none' or a missing folder: synthetic textures")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers, both "
                     "tools (default: bcd slide's own default on this machine, "
                     "bcd.slides.run.default_workers())")
